@@ -1,0 +1,1 @@
+"""Baseline agents: random, the scripted workflow teacher (TaskAgent + MetaAgent)."""

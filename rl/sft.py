@@ -1,0 +1,183 @@
+"""Supervised fine-tuning and PST (progressive specialisation) on chat trajectories.
+
+Data: JSONL files, one trajectory per line, ``{"messages": [{"role": ..., "content": ...}, ...]}``
+with roles ``system`` (optional, first), ``user`` or ``tool`` (the environment's turns) and
+``assistant`` (the policy's turns, the only tokens trained on). Each message is encoded as its own
+segment exactly as a rollout would encode it (:meth:`~rl.hf.CausalLMPolicy.encode` for environment
+turns; the assistant text plus the end token for policy turns), so SFT and RL see the same tokens.
+
+PST (PAPER.md section 4): stage after stage, each mixing ``general_count`` trajectories of a general
+tool-use dataset with ``visual_weight`` (lambda) times the visual-creation dataset; later stages use
+fewer general trajectories, so the visual data weighs more.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rl import core
+from rl.hf import CausalLMPolicy
+from rl.policy import ENV, POLICY, Segment, TokenBatch
+
+ENV_ROLES = ("user", "tool")
+
+
+def load_chat_jsonl(path: str) -> list[list[dict[str, str]]]:
+    """The trajectories of a JSONL file; the error names the file, line and what is wrong."""
+    examples = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: expected a JSON object with a 'messages' list ({exc}).") from None
+            check_messages(messages, f"{path}:{number}")
+            examples.append(messages)
+    return examples
+
+
+def check_messages(messages: Any, where: str) -> None:
+    """Raise ValueError unless ``messages`` is a trajectory this module can train on."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list.")
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "assistant", *ENV_ROLES) or not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: message {i} must have a role in system/user/tool/assistant and a "
+                             f"string content; got {message!r:.80}.")
+        if role == "system" and i:
+            raise ValueError(f"{where}: a system message may only come first (message {i}).")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the trajectory has no assistant message to learn from.")
+
+
+def chat_segments(policy: CausalLMPolicy, messages: Sequence[dict[str, str]]) -> list[Segment]:
+    """A trajectory as segments: environment messages merged per turn; assistant text + end token."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else policy.system_prompt
+    segments: list[Segment] = []
+    pending: list[str] = []
+    for message in messages:
+        if message["role"] in ENV_ROLES:
+            pending.append(message["content"])
+        elif message["role"] == "assistant":
+            if pending:
+                text = policy.chat.render("\n".join(pending), not segments, system)
+                segments.append(Segment(ENV, text, policy.tokenizer.encode(text, add_special_tokens=False)))
+                pending = []
+            ids = policy.tokenizer.encode(message["content"], add_special_tokens=False) + [policy.stop_id]
+            segments.append(Segment(POLICY, message["content"], ids))
+    return segments
+
+
+def mix(general: Sequence[Any], visual: Sequence[Any], general_count: int, visual_weight: float,
+        rng: random.Random) -> list[Any]:
+    """One PST stage's data: ``general_count`` general examples + ``visual_weight`` x the visual set.
+
+    ``general_count`` are drawn without replacement (all of them when it exceeds the set). The visual
+    set is repeated ``floor(visual_weight)`` times, plus a random ``frac(visual_weight)`` share of it.
+    The result is shuffled.
+    """
+    if general_count < 0 or visual_weight < 0:
+        raise ValueError(f"general_count ({general_count}) and visual_weight ({visual_weight}) must be >= 0.")
+    mixed = rng.sample(list(general), min(general_count, len(general)))
+    whole = math.floor(visual_weight)
+    mixed += list(visual) * whole
+    mixed += rng.sample(list(visual), round((visual_weight - whole) * len(visual)))
+    rng.shuffle(mixed)
+    return mixed
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding), batches in random order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class SFTStage:
+    """One SFT stage.
+
+    Attributes:
+        visual: JSONL path of the visual-creation trajectories (D_vis).
+        general: JSONL path of the general tool-use trajectories (D_gen), or None.
+        general_count: general trajectories in this stage (the paper: 500K, then 200K).
+        visual_weight: lambda, copies of D_vis in this stage.
+        epochs: passes over the stage's mixture.
+        batch_size: trajectories per optimizer step.
+        learning_rate: AdamW learning rate.
+    """
+
+    visual: str
+    general: str | None = None
+    general_count: int = 0
+    visual_weight: float = 1.0
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.general is None and self.general_count:
+            raise ValueError(f"general_count ({self.general_count}) needs a general dataset path: set general.")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be at least 1.")
+        if self.visual_weight <= 0 and not self.general_count:
+            raise ValueError("The stage is empty: set visual_weight > 0 or general_count > 0.")
+
+    def examples(self, rng: random.Random) -> list[list[dict[str, str]]]:
+        general = load_chat_jsonl(self.general) if self.general else []
+        return mix(general, load_chat_jsonl(self.visual), self.general_count, self.visual_weight, rng)
+
+
+def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]]], epochs: int,
+              batch_size: int, learning_rate: float, seed: int,
+              on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    """Minimise the mean negative log-likelihood of the assistant tokens, in length-bucketed batches.
+
+    Returns:
+        ``loss`` (the last epoch's mean), ``steps``, ``tokens_per_second``.
+    """
+    encoded = [chat_segments(policy, messages) for messages in examples]
+    lengths = [sum(len(s.token_ids) for s in segments) for segments in encoded]
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
+    policy.model.train()
+    step, tokens, start = 0, 0, time.perf_counter()
+    for _ in range(epochs):
+        losses = []
+        for index in length_batches(lengths, batch_size, rng):
+            batch = TokenBatch.from_segments([encoded[i] for i in index], policy.pad_id)
+            mask = batch.loss_mask.to(policy.device)
+            loss = -core.masked_mean(policy.score(batch).logprobs, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            tokens += int(batch.attention_mask.sum())
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, {"sft_loss": losses[-1]})
+    return {"loss": sum(losses) / len(losses), "steps": float(step),
+            "tokens_per_second": tokens / (time.perf_counter() - start)}
+
+
+def run_pst(policy: CausalLMPolicy, stages: Sequence[SFTStage], seed: int,
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Run the PST stages in order on ``policy``; one metrics dict per stage."""
+    rng = random.Random(seed)
+    results = []
+    for number, stage in enumerate(stages):
+        examples = stage.examples(rng)
+        results.append(train_sft(policy, examples, stage.epochs, stage.batch_size, stage.learning_rate,
+                                 seed + number, on_step))
+    return results

@@ -1,0 +1,128 @@
+"""Record a VisGen episode through [exact_cache, real], replay it from the cache alone, exactly.
+
+Also: training with [exact_cache, nearest, attribute] serves neighbours and falls back to the
+simulation, and the observation says when an output is a neighbour.
+"""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visenv.envs.visgen import VisGenEnv
+from visenv.error import BackendMiss
+from visenv.protocol import parse_tool_response
+from visenv.tasks import make_suite
+from visenv.tools.attribute import AttributeBackend
+from visenv.tools.backends import BackendChain
+from visenv.tools.cache import ExactCacheBackend, ToolCache
+from visenv.tools.fidelity import TierCounter
+from visenv.tools.nearest import MiniLMEmbedder, NearestBackend
+from visenv.tools.real import GeneratedMedia, Generation, RealBackend
+
+
+def unrepeatable_generator(request):
+    """A 'real tool' that never gives the same output twice: replay must come from the cache."""
+    spec = request.spec
+    if spec.output.kind == "text":
+        return Generation(text=f"{spec.name} says {os.urandom(6).hex()}")
+    if spec.group == "image_edit":
+        source = request.inputs["image"][0].attributes
+        size = (source["width"], source["height"])
+    else:
+        size = spec.output.resolutions[request.arguments.get("aspect_ratio", "1:1")]
+    media = []
+    for _ in range(request.arguments.get("n", 1)):
+        colour = np.frombuffer(os.urandom(3), np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(np.broadcast_to(colour, (size[1], size[0], 3)).copy()).save(buffer, format="PNG")
+        media.append(GeneratedMedia(buffer.getvalue(), ".png"))
+    return Generation(media=tuple(media))
+
+
+def scripted_turns(observation):
+    """A fixed little workflow: refine, generate two images, edit the second, answer."""
+    yield ("<think>A fox picture is wanted.</think><plan>1. tool_prompt_refine\n2. tool_text2image_qwen\n"
+           "3. tool_image_edit_qwen\n4. answer</plan>"
+           '<tool_call>{"name": "tool_prompt_refine", "arguments": {"prompt": "a red fox"}}</tool_call>')
+    yield ('<tool_call>{"name": "tool_text2image_qwen", "arguments": '
+           '{"prompt": "a red fox in the snow", "n": 2}}</tool_call>')
+    image = observation()["artifacts"][-1]
+    yield ('<tool_call>{"name": "tool_image_edit_qwen", "arguments": '
+           f'{{"image": "{image}", "prompt": "make it night"}}}}</tool_call>')
+    yield f"<answer>Here is the picture: {observation()['artifacts'][-1]}</answer>"
+
+
+def play(env, seed, task):
+    obs, info = env.reset(seed=seed, options={"task": task})
+    steps = [(obs, info)]
+    for action in scripted_turns(lambda: steps[-1][0]):
+        obs, reward, terminated, truncated, info = env.step(action)
+        steps.append((obs, info | {"reward": reward, "terminated": terminated, "truncated": truncated}))
+        if terminated or truncated:
+            break
+    return steps
+
+
+def comparable(steps):
+    """The episode as JSON, with the serving tier's name masked (it is the one thing that differs)."""
+    text = json.dumps([[{k: v for k, v in obs.items() if k != "pixels"}, info] for obs, info in steps],
+                      sort_keys=True, default=str)
+    return text.replace('\\"backend\\": \\"exact_cache\\"', '\\"backend\\": \\"real\\"').replace(
+        '"backend": "exact_cache"', '"backend": "real"')
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_suite(1, 0, modality="image")[0]
+
+
+def test_a_recorded_episode_replays_exactly_from_a_strict_cache(tmp_path, task):
+    cache = ToolCache(tmp_path / "cache")
+    record = VisGenEnv(tasks=[task], backends={"*": [ExactCacheBackend(cache), RealBackend(unrepeatable_generator,
+                                                                                          cache=cache)]})
+    recorded = play(record, 11, task)
+    calls = [info["tool_result"] for _, info in recorded[1:] if info["tool_result"]]
+    assert [c["backend"] for c in calls] == ["real"] * 3 and all(c["status"] == "ok" for c in calls)
+    assert recorded[-1][1]["terminated"]
+    assert len(cache) == 3
+
+    replay = VisGenEnv(tasks=[task], backends={"*": BackendChain([ExactCacheBackend(cache)], strict=True)})
+    replayed = play(replay, 11, task)
+    assert [info["tool_result"]["backend"] for _, info in replayed[1:] if info["tool_result"]] == ["exact_cache"] * 3
+    assert comparable(replayed) == comparable(recorded)
+    assert comparable(play(replay, 11, task)) == comparable(recorded)  # and again
+
+    rerecord = play(record, 11, task)  # the record chain now hits its own cache
+    assert comparable(rerecord) == comparable(recorded)
+
+    with pytest.raises(BackendMiss, match="strict chain"):
+        play(replay, 12, task)  # another seed: calls the cache never saw
+
+
+def test_training_chain_serves_neighbours_and_falls_back_to_simulation(tmp_path, task, media_db):
+    cache = ToolCache(tmp_path / "cache")
+    play(VisGenEnv(tasks=[task], backends={"*": [RealBackend(unrepeatable_generator, cache=cache)]}), 5, task)
+    # the cache now holds "a red fox in the snow" (n=2) among the episode's calls
+    chain = [ExactCacheBackend(cache), NearestBackend(cache, threshold=0.7, embedder=MiniLMEmbedder()),
+             AttributeBackend(media_db)]
+    env = VisGenEnv(tasks=[task], backends={"*": chain})
+    obs, _ = env.reset(seed=99, options={"task": task})
+    obs, _, _, _, info = env.step(
+        "<think>fox</think><plan>1. tool_text2image_qwen\n2. answer</plan>"
+        '<tool_call>{"name": "tool_text2image_qwen", "arguments": {"prompt": "a red fox standing in snow", '
+        '"n": 2}}</tool_call>')
+    response = parse_tool_response(obs["text"])
+    assert info["tool_result"]["backend"] == "nearest" and response["backend"] == "nearest"
+    assert 0.7 <= response["similarity"] < 1.0 and "most similar" in response["note"]
+    obs, _, _, _, info = env.step('<tool_call>{"name": "tool_text2image_qwen", "arguments": '
+                                  '{"prompt": "a spreadsheet of tax figures", "n": 2}}</tool_call>')
+    assert info["tool_result"]["backend"] == "attribute"
+    counter = TierCounter()
+    counter.add_episode(env.record)
+    summary = counter.summary()
+    assert summary["tiers"]["nearest"]["calls"] == 1 and summary["tiers"]["attribute"]["calls"] == 1
+    assert summary["gpu_seconds_avoided"] == pytest.approx(2 * 2 * 9.0)

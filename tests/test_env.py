@@ -1,0 +1,194 @@
+"""The VisGen and ToolEcho environments: the gymnasium contract, determinism, info, budgets, pixels."""
+
+from __future__ import annotations
+
+import pickle
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import visenv
+from baselines.workflow_agent import WorkflowAgent
+from visenv.envs.visgen import VisGenEnv
+from visenv.error import ConfigError, ResetNeeded
+from visenv.protocol import format_turn, parse_tool_response
+from visenv.tasks import SCENARIOS, make_suite
+
+
+def play(env, agent, seed, task=None):
+    """Play one episode; returns the list of (action, obs, reward, terminated, truncated, info)."""
+    obs, info = env.reset(seed=seed, options=None if task is None else {"task": task})
+    agent.reset(obs, seed=seed)
+    steps, done = [], False
+    while not done:
+        action = agent.act(obs)
+        obs, reward, terminated, truncated, info = env.step(action)
+        steps.append((action, obs, reward, terminated, truncated, info))
+        done = terminated or truncated
+    return steps
+
+
+@pytest.mark.parametrize("env_id", visenv.ENV_IDS)
+def test_check_env_passes_on_every_registered_id(env_id):
+    env = gym.make(env_id)
+    check_env(env.unwrapped, skip_render_check=True)
+
+
+@pytest.mark.parametrize("env_id", visenv.ENV_IDS)
+def test_registered_env_pickles_mid_episode_and_continues_identically(env_id):
+    env = gym.make(env_id).unwrapped
+    env.reset(seed=3)
+    clone = pickle.loads(pickle.dumps(env))
+    turn = format_turn(think="t", tool_call={"name": "tool_text2image_qwen", "arguments": {"prompt": "cat"}})
+    a, b = env.step(turn), clone.step(turn)
+    assert a[0] == b[0] and a[1] == b[1]
+
+
+def test_variants_draw_only_their_modality():
+    for env_id, modality in (("visenv/VisGenImage-v0", "image"), ("visenv/VisGenVideo-v0", "video")):
+        env = gym.make(env_id).unwrapped
+        assert {t.requirements.modality for t in env.tasks} == {modality}
+    assert len({t.scenario for t in gym.make("visenv/VisGen-v0").unwrapped.tasks}) == 42
+
+
+def test_rllib_style_config_dict_constructor():
+    env = VisGenEnv({"tasks": "image", "max_turns": 5, "num_tasks": 21})
+    assert env.config.max_turns == 5 and len(env.tasks) == 21
+    with pytest.raises(ConfigError, match="Unknown VisGen option"):
+        VisGenEnv({"max_turn": 5})
+    with pytest.raises(ConfigError, match=r"max_turns \(0\) must be a positive integer"):
+        VisGenEnv(max_turns=0)
+
+
+def test_same_seed_same_actions_identical_episodes_byte_for_byte():
+    tasks = make_suite(6, 1)
+    runs = []
+    for _ in range(2):
+        env = VisGenEnv(tasks=tasks)
+        runs.append(pickle.dumps([play(env, WorkflowAgent(), seed) for seed in range(6)]))
+    assert runs[0] == runs[1]
+
+
+def test_different_seeds_give_different_artifacts():
+    env = VisGenEnv()
+    task = SCENARIOS["product_images"].make(1)
+    a = play(env, WorkflowAgent(), 1, task)[-1][1]["artifacts"]
+    b = play(env, WorkflowAgent(), 2, task)[-1][1]["artifacts"]
+    assert a and b and a != b
+
+
+def test_info_holds_turn_tool_result_artifacts_components_and_cost():
+    env = VisGenEnv()
+    steps = play(env, WorkflowAgent(), 0, SCENARIOS["product_marketing"].make(0))
+    first_info = steps[0][5]
+    assert first_info["turn"]["plan_steps"] and first_info["turn"]["tool_call"]["name"].startswith("tool_")
+    media = next(s[5] for s in steps if s[5]["tool_result"] and s[5]["tool_result"]["outputs"])
+    assert media["tool_result"]["status"] == "ok"
+    assert media["cost"]["gpu_seconds"] > 0 and media["cost"]["latency_seconds"] > 0
+    assert media["artifacts"] and {"id", "kind"} <= set(media["artifacts"][0])
+    last = steps[-1][5]
+    assert steps[-1][3] is True and steps[-1][4] is False
+    assert {"R_plan", "R_format", "R_tool", "R_result", "R_traj", "R_cons", "R_fine", "total"} <= set(
+        last["reward_components"])
+    assert last["cost"]["episode_gpu_seconds"] == pytest.approx(sum(s[5]["cost"]["gpu_seconds"] for s in steps))
+    assert last["checks"]["s_rate"] is True
+    assert last["reward_valid"] is True
+
+
+def test_video_gpu_cost_follows_the_cost_model():
+    env = VisGenEnv()
+    env.reset(seed=0)
+    image = env.step(format_turn(think="t", tool_call={"name": "tool_text2image_qwen",
+                                                       "arguments": {"prompt": "a cat", "aspect_ratio": "16:9"}}))
+    image_id = image[4]["tool_result"]["outputs"][0]
+    video = env.step(format_turn(think="t", tool_call={"name": "tool_image2video_keling",
+                                                       "arguments": {"image": image_id, "prompt": "walks", "duration": 10}}))
+    assert video[4]["tool_result"]["status"] == "ok"
+    assert video[4]["cost"]["gpu_seconds"] == pytest.approx(48.0 * 10)
+    assert video[4]["artifacts"][-1]["duration"] == 10
+
+
+def test_turn_limit_truncates_and_still_scores():
+    env = VisGenEnv(max_turns=2)
+    env.reset(seed=0)
+    call = format_turn(think="t", tool_call={"name": "tool_search_inspire", "arguments": {"query": "cats"}})
+    _, _, terminated, truncated, _ = env.step(call)
+    assert not terminated and not truncated
+    obs, reward, terminated, truncated, info = env.step(call)
+    assert truncated and not terminated
+    assert "truncated" in parse_tool_response(obs["text"])
+    assert info["reward_components"]["R_result"] == 0.0 and np.isfinite(reward)
+
+
+def test_character_budget_truncates():
+    env = VisGenEnv(max_episode_chars=100)
+    env.reset(seed=0)
+    _, _, terminated, truncated, _ = env.step("<think>" + "x" * 200 + "</think>")
+    assert truncated and not terminated
+
+
+def test_step_order_errors():
+    env = VisGenEnv()
+    with pytest.raises(ResetNeeded, match=r"step\(\) was called before reset\(\)"):
+        env.step("<answer>done</answer>")
+    env.reset(seed=0)
+    env.step("<answer>done</answer>")
+    with pytest.raises(ResetNeeded, match="after the episode ended"):
+        env.step("<answer>done</answer>")
+
+
+def test_task_selection_by_option():
+    env = VisGenEnv()
+    _, info = env.reset(seed=0, options={"task": env.tasks[5].task_id})
+    assert info["task_id"] == env.tasks[5].task_id
+    _, info = env.reset(seed=0, options={"task": 7})
+    assert info["task_id"] == env.tasks[7].task_id
+    with pytest.raises(ConfigError, match="options\\['task'\\]"):
+        env.reset(seed=0, options={"task": "no-such-task"})
+
+
+def test_pixels_show_the_latest_images_when_enabled():
+    env = VisGenEnv(observe_pixels=True, pixel_size=16, max_pixel_images=2)
+    obs, _ = env.reset(seed=0)
+    assert obs["pixels"].shape == (2, 16, 16, 3) and not obs["pixels"].any()
+    obs, *_ = env.step(format_turn(think="t", tool_call={"name": "tool_text2image_qwen",
+                                                         "arguments": {"prompt": "a cat", "n": 1}}))
+    assert obs["pixels"][0].any() and not obs["pixels"][1].any()
+    assert env.observation_space.contains(obs)
+
+
+def test_default_observations_have_no_pixels():
+    obs, _ = VisGenEnv().reset(seed=0)
+    assert set(obs) == {"text", "artifacts"}
+
+
+def test_sync_and_async_vector_envs_step_together():
+    turn = format_turn(think="t", tool_call={"name": "tool_text2image_qwen", "arguments": {"prompt": "cat"}})
+    sync = gym.vector.SyncVectorEnv([lambda: gym.make("visenv/VisGen-v0")] * 2)
+    obs, _ = sync.reset(seed=0)
+    obs, rewards, *_ = sync.step((turn, turn))
+    assert len(obs["text"]) == 2 and all("tool_response" in t for t in obs["text"])
+    sync.close()
+    vec = gym.vector.AsyncVectorEnv([lambda: gym.make("visenv/VisGen-v0")] * 2, shared_memory=False)
+    obs_async, _ = vec.reset(seed=0)
+    obs_async, rewards_async, *_ = vec.step((turn, turn))
+    vec.close()
+    assert obs_async["text"] == obs["text"] and np.array_equal(rewards, rewards_async)
+
+
+def test_tool_echo_rewards_the_exact_call():
+    env = gym.make("visenv/ToolEcho-v0").unwrapped
+    obs, info = env.reset(seed=0)
+    target = info["target"]
+    assert target["name"] in obs["text"] and repr(target["arguments"]["prompt"]) in obs["text"]
+    _, reward, terminated, _, info = env.step(format_turn(tool_call=target))
+    assert terminated and reward == pytest.approx(1.0)
+    env.reset(seed=0)
+    wrong = {"name": target["name"], "arguments": {"prompt": "nothing", "n": target["arguments"]["n"]}}
+    _, reward, *_ = env.step(format_turn(tool_call=wrong))
+    assert reward == pytest.approx(0.2 + 0.3 + 0.25)
+    env.reset(seed=0)
+    _, reward, *_ = env.step("no tags at all")
+    assert reward == 0.0

@@ -1,0 +1,104 @@
+"""rl.core: every function against a case computed by hand (the numbers in the comments)."""
+
+import math
+
+import pytest
+import torch
+
+from rl import core
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                          atol=tol, rtol=0)
+
+
+def test_group_advantages_by_hand():
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1, 0.5, nan, 1.5, 0.5])
+    adv, keep = core.group_advantages(rewards, 4, eps=0.0)
+    # group 1: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    assert close(adv[:4], [1.5, -0.5, -0.5, -0.5])
+    # group 2: zero variance -> skipped
+    assert not keep[4:8].any() and close(adv[4:8], [0, 0, 0, 0])
+    # group 3: NaN left out; mean 5/6, deviations -1/3, 2/3, -1/3, unbiased var 1/3
+    s = math.sqrt(1 / 3)
+    assert close(adv[8:], [-1 / 3 / s, 0, 2 / 3 / s, -1 / 3 / s])
+    assert keep.tolist() == [True] * 4 + [False] * 4 + [True, False, True, True]
+
+
+def test_group_advantages_unscaled_and_singletons():
+    adv, keep = core.group_advantages(torch.tensor([1.0, 0, 0, 0]), 4, scale=False)
+    assert close(adv, [0.75, -0.25, -0.25, -0.25]) and keep.all()
+    adv, keep = core.group_advantages(torch.tensor([1.0, float("nan")]), 2)
+    assert not keep.any() and close(adv, [0, 0])
+    with pytest.raises(ValueError, match="divisible by group_size"):
+        core.group_advantages(torch.zeros(5), 2)
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 1.0], [0.5, 9.0]])
+    values = torch.tensor([[0.5, 0.8], [0.2, 7.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv, ret = core.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # row 0: t1 delta = 1 - 0.8 = 0.2; t0 delta = 0.8 - 0.5 = 0.3, adv 0.3 + 0.2 = 0.5
+    # row 1: one turn: 0.5 - 0.2 = 0.3; the padded turn is ignored
+    assert close(adv, [[0.5, 0.2], [0.3, 0.0]]) and close(ret, [[1.0, 1.0], [0.5, 0.0]])
+    adv, ret = core.gae(rewards[:1], values[:1], mask[:1], gamma=0.9, lam=0.5)
+    # t0 delta = 0.9 * 0.8 - 0.5 = 0.22; adv = 0.22 + 0.9 * 0.5 * 0.2 = 0.31
+    assert close(adv, [[0.31, 0.2]]) and close(ret, [[0.81, 1.0]])
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25]))
+    # d = ref - logp = log(0.5)
+    d = math.log(0.5)
+    assert close(core.kl_penalty(logp, ref, "k1"), [-d])
+    assert close(core.kl_penalty(logp, ref, "k2"), [0.5 * d * d])
+    assert close(core.kl_penalty(logp, ref, "k3"), [0.5 - d - 1])
+    assert close(core.kl_penalty(logp, logp, "k3"), [0.0])
+    with pytest.raises(ValueError, match="must be one of"):
+        core.kl_penalty(logp, ref, "k4")
+
+
+def test_clipped_surrogate_by_hand():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, clipped = core.clipped_surrogate(logp, old, adv, clip=0.2)
+    # r=1.5,A=1: min(1.5, 1.2); A=-1: min(-1.5,-1.2); r=0.5,A=1: min(0.5, 0.8); A=-1: min(-0.5,-0.8)
+    assert close(loss, [-1.2, 1.5, -0.5, 0.8])
+    assert clipped.tolist() == [True, False, False, True]
+
+
+def test_clipped_value_loss_by_hand():
+    loss = core.clipped_value_loss(torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.9]),
+                                   torch.tensor([2.0, 2.0]), clip=0.2)
+    # first: clipped v 0.7 -> 0.5 * 1.3^2 = 0.845 > 0.5 * 1^2; second: |1 - 0.9| < clip -> 0.5
+    assert close(loss, [0.845, 0.5])
+
+
+def test_aggregate_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    assert close(core.aggregate(x, mask, "token"), 2.5)  # (1 + 2 + 3 + 4) / 4
+    assert close(core.aggregate(x, mask, "sequence"), 3.0)  # (2 + 4) / 2, the empty row left out
+    with pytest.raises(ValueError, match="must be one of"):
+        core.aggregate(x, mask, "batch")
+
+
+def test_masked_mean_and_whiten_by_hand():
+    x = torch.tensor([1.0, 3.0, 100.0])
+    mask = torch.tensor([1, 1, 0])
+    assert close(core.masked_mean(x, mask), 2.0)
+    assert close(core.masked_whiten(x, mask), [-1.0, 1.0, 0.0], tol=1e-4)  # mean 2, population std 1
+    assert close(core.masked_mean(x, torch.zeros(3)), 0.0)
+
+
+def test_token_logprobs_and_entropy_by_hand():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # probabilities 0.25, 0.75
+    assert close(core.token_logprobs(logits, torch.tensor([[1]])), [[math.log(0.75)]])
+    assert close(core.entropy(logits), [[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
+    # temperature 2 halves the logits: probabilities 1 / (1 + sqrt 3) and sqrt 3 / (1 + sqrt 3)
+    p1 = math.sqrt(3) / (1 + math.sqrt(3))
+    assert close(core.token_logprobs(logits, torch.tensor([[1]]), temperature=2.0), [[math.log(p1)]])

@@ -1,0 +1,28 @@
+"""visenv: gymnasium environments for training visual-creation agents with virtual tools.
+
+Importing the package registers the environments with gymnasium::
+
+    import gymnasium, visenv
+    env = gymnasium.make("visenv/VisGen-v0")
+"""
+
+from gymnasium.envs.registration import register, registry
+
+__version__ = "0.1.0"
+
+ENV_IDS = ("visenv/VisGen-v0", "visenv/VisGenImage-v0", "visenv/VisGenVideo-v0", "visenv/ToolEcho-v0")
+
+
+def _register() -> None:
+    specs = {
+        "visenv/VisGen-v0": ("visenv.envs.visgen:VisGenEnv", {}),
+        "visenv/VisGenImage-v0": ("visenv.envs.visgen:VisGenEnv", {"tasks": "image"}),
+        "visenv/VisGenVideo-v0": ("visenv.envs.visgen:VisGenEnv", {"tasks": "video"}),
+        "visenv/ToolEcho-v0": ("visenv.envs.toy:ToolEchoEnv", {}),
+    }
+    for env_id, (entry_point, kwargs) in specs.items():
+        if env_id not in registry:
+            register(id=env_id, entry_point=entry_point, kwargs=kwargs)
+
+
+_register()

@@ -1,0 +1,188 @@
+"""``visenv cache ...``: build, fill, inspect, check and export a tool cache.
+
+    visenv cache import CACHE FOLDER [--calls FILE]     # outputs you already have (calls.jsonl)
+    visenv cache build CACHE CALLS --url URL --model M   # run a real backend, resumable
+    visenv cache build CACHE CALLS --callable pkg.mod:generate
+    visenv cache stats CACHE [--json]                    # entries per tool, size, hit rates
+    visenv cache verify CACHE [--no-hash]                # quarantine missing or corrupt files
+    visenv cache export CACHE OUT [--tool NAME]          # calls.jsonl + media/, re-importable
+    visenv cache fidelity CACHE HELDOUT.jsonl [--media DIR]  # C_tool per tier (perceptual-hash proxy)
+
+Calls files are described in :mod:`visenv.tools.cache_io`. Register the commands on a parser
+with :func:`add_cache_commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from visenv.error import ConfigError
+from visenv.tools.cache import ToolCache
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import a folder of outputs described by a calls file."""
+    from visenv.tools.cache_io import import_calls
+
+    calls = Path(args.calls) if args.calls else Path(args.folder) / "calls.jsonl"
+    imported, skipped = import_calls(ToolCache(args.cache), calls, progress=not args.quiet)
+    print(f"imported {imported} entries into {args.cache} ({skipped} already cached)")
+    return 0
+
+
+def _generator(spec: str):
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ConfigError(f"--callable ({spec!r}) must be 'package.module:function'.")
+    return getattr(importlib.import_module(module), name)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Run a real backend over a calls file, recording into the cache; resumes where it stopped."""
+    from visenv.tools.cache_io import read_calls
+    from visenv.tools.real import OpenAIImagesBackend, RealBackend, record_calls
+
+    cache = ToolCache(args.cache)
+    if args.callable:
+        backend = RealBackend(_generator(args.callable), cache=cache)
+    else:
+        api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        backend = OpenAIImagesBackend(args.url, args.model, cache=cache, api_key=api_key, send_seed=args.send_seed,
+                                      timeout=args.timeout, max_retries=args.retries,
+                                      max_concurrency=args.concurrency)
+    calls = read_calls(args.calls, cache=cache, outputs=False)
+    report = record_calls(backend, [(c.request(), c.seed) for c in calls], concurrency=args.concurrency,
+                          progress=not args.quiet)
+    cache.close()
+    print(f"recorded {report.recorded}, already cached {report.skipped}, failed {len(report.failed)}")
+    for position, reason in report.failed:
+        print(f"  line {calls[position].line}: {reason}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print entries per tool, media size and hit rates."""
+    stats = ToolCache(args.cache).stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"{stats['entries']} entries, {stats['blobs']} files, {_size(stats['bytes'])} in {args.cache}")
+    print(f"{'tool':32} {'entries':>8} {'exact hits':>11} {'exact rate':>11} {'nearest hits':>13} {'nearest rate':>13}")
+    for tool, row in stats["tools"].items():
+        print(f"{tool:32} {row['entries']:>8} {row.get('exact_hit', 0):>11} {_rate(row['exact_hit_rate']):>11} "
+              f"{row.get('nearest_hit', 0):>13} {_rate(row['nearest_hit_rate']):>13}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every file; quarantine missing or corrupt ones. Exit status 1 when any was found."""
+    report = ToolCache(args.cache).verify(check_hashes=not args.no_hash, progress=not args.quiet)
+    print(f"checked {report.checked} files: {len(report.missing)} missing, {len(report.corrupt)} corrupt, "
+          f"{report.quarantined_entries} entries quarantined, {report.orphans} unreferenced files, "
+          f"{report.temporary_removed} stale temporary files removed")
+    return 0 if report.ok else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write calls.jsonl and media/ (re-importable with `visenv cache import`)."""
+    from visenv.tools.cache_io import export_cache
+
+    count = export_cache(ToolCache(args.cache), args.out, tool=args.tool, progress=not args.quiet)
+    print(f"exported {count} entries to {args.out}")
+    return 0
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    """Compare each tier's outputs with held-out real outputs (C_tool, perceptual-hash proxy)."""
+    from visenv.mediadb import MediaDatabase
+    from visenv.tools.attribute import AttributeBackend
+    from visenv.tools.cache import ExactCacheBackend
+    from visenv.tools.cache_io import read_calls
+    from visenv.tools.fidelity import fidelity_report
+    from visenv.tools.nearest import NearestBackend
+
+    cache = ToolCache(args.cache)
+    tiers = {"exact_cache": ExactCacheBackend(cache), "nearest": NearestBackend(cache, threshold=args.threshold),
+             "attribute": AttributeBackend(MediaDatabase.from_folder(args.media) if args.media else None)}
+    report = fidelity_report(read_calls(args.heldout, outputs=True), tiers)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    chance = "-" if report["chance"] is None else f"{report['chance']:.3f}"
+    print(f"{report['metric']} (chance level {chance}): {report['note']}")
+    print(f"{'tier':12} {'served':>7} {'passed':>7} {'failed':>7} {'C_tool':>7}")
+    for name, row in report["tiers"].items():
+        c_tool = "-" if row["c_tool"] is None else f"{row['c_tool']:.3f}"
+        print(f"{name:12} {row['served']:>7} {row['passed']:>7} {row['failed']:>7} {c_tool:>7}")
+    return 0
+
+
+def add_cache_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``cache import|build|stats|verify|export|fidelity`` on a subparsers object.
+
+    Each command sets ``func`` (taking the parsed namespace, returning an exit status).
+
+    Returns:
+        The ``cache`` parser.
+    """
+    cache = subparsers.add_parser("cache", help="build, inspect, verify and export a tool-output cache",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = cache.add_subparsers(dest="cache_command", required=True)
+
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=func.__doc__)
+        p.add_argument("cache", help="the cache directory")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("import", cmd_import, "import outputs you already generated")
+    p.add_argument("folder", help="the folder holding the outputs and calls.jsonl")
+    p.add_argument("--calls", help="the calls file (default FOLDER/calls.jsonl)")
+
+    p = command("build", cmd_build, "generate outputs with a real backend (resumable)")
+    p.add_argument("calls", help="JSONL of calls: tool, arguments, optional seed")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", help="OpenAI-compatible service root, e.g. http://127.0.0.1:8000/v1")
+    source.add_argument("--callable", help="a Python generator 'package.module:function'")
+    p.add_argument("--model", default="", help="model name sent to the service")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; unset: none)")
+    p.add_argument("--send-seed", action="store_true", help="send each call's seed to the service")
+    p.add_argument("--concurrency", type=int, default=4, help="calls in flight at once (default 4)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per attempt (default 120)")
+    p.add_argument("--retries", type=int, default=4, help="retries per call (default 4)")
+
+    p = command("stats", cmd_stats, "entries per tool, size and hit rates")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("verify", cmd_verify, "check files; quarantine missing or corrupt ones")
+    p.add_argument("--no-hash", action="store_true", help="check presence and size only (fast)")
+
+    p = command("export", cmd_export, "write calls.jsonl and media/")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--tool", help="export only this tool's entries")
+
+    p = command("fidelity", cmd_fidelity, "compare tiers with held-out real outputs")
+    p.add_argument("heldout", help="calls file of held-out calls and their real outputs")
+    p.add_argument("--threshold", type=float, default=0.8, help="nearest similarity threshold (default 0.8)")
+    p.add_argument("--media", help="media folder of the attribute tier (default: the procedural database)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return cache

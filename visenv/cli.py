@@ -1,0 +1,108 @@
+"""The `visenv` command line: the main job, evaluation, and task-suite files.
+
+    visenv main                      # the main job on embedded defaults (prints a results table)
+    visenv eval --agent teacher      # evaluate a baseline on a suite, write results.json
+    visenv tasks --n 100 --out t.jsonl        # write a task suite
+    visenv tasks --bench --out bench.jsonl    # write the 1,200-task VisGenBench-shaped suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from visenv.evaluation import evaluate, format_table, write_results
+from visenv.tasks import load_tasks, make_suite, save_tasks, visgenbench
+
+
+def _agent_factory(name: str, seed: int):
+    from baselines.random_agent import RandomAgent
+    from baselines.workflow_agent import WorkflowAgent
+
+    factories = {"teacher": lambda: WorkflowAgent(seed=seed), "random": lambda: RandomAgent(seed=seed)}
+    return factories[name]
+
+
+def _suite(args: argparse.Namespace):
+    if args.tasks:
+        return load_tasks(args.tasks)
+    modality = None if args.suite == "all" else args.suite
+    return make_suite(args.n, args.task_seed, modality=modality)
+
+
+def cmd_main(args: argparse.Namespace) -> int:
+    """Seeded evaluation of the scripted teacher and the random agent on held-out built-in tasks."""
+    tasks = make_suite(args.n, args.task_seed)
+    start = time.perf_counter()
+    for name in ("teacher", "random"):
+        results, summary = evaluate(_agent_factory(name, args.seed), tasks, seed=args.seed)
+        print(format_table(summary, title=f"== {name} on {len(tasks)} held-out tasks (seed {args.seed}) =="))
+        print()
+        if args.out:
+            write_results(f"{args.out}/{name}.json", results, summary)
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    tasks = _suite(args)
+    results, summary = evaluate(_agent_factory(args.agent, args.seed), tasks, seed=args.seed,
+                                keep_trajectories=args.trajectories)
+    print(format_table(summary, title=f"== {args.agent} on {len(tasks)} tasks =="))
+    write_results(args.out, results, summary)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    tasks = visgenbench(args.task_seed) if args.bench else _suite(args)
+    save_tasks(tasks, args.out)
+    print(f"wrote {len(tasks)} tasks to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visenv", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def suite_options(p: argparse.ArgumentParser, n: int) -> None:
+        p.add_argument("--suite", choices=("all", "image", "video"), default="all",
+                       help="built-in scenarios to draw tasks from (default: all 42)")
+        p.add_argument("--n", type=int, default=n, help=f"number of built-in tasks (default {n})")
+        p.add_argument("--task-seed", type=int, default=10_000,
+                       help="seed of the task suite; the default differs from the training suite's (0)")
+        p.add_argument("--tasks", help="a JSONL task file instead of the built-in suite")
+
+    p = sub.add_parser("main", help="the main job on embedded defaults")
+    p.add_argument("--n", type=int, default=84, help="held-out tasks (default 84: two per scenario)")
+    p.add_argument("--task-seed", type=int, default=10_000, help="seed of the held-out suite")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    p.add_argument("--out", default="runs/main", help="folder for results JSON ('' to skip)")
+    p.set_defaults(func=cmd_main)
+
+    p = sub.add_parser("eval", help="evaluate a baseline agent and write results.json")
+    p.add_argument("--agent", choices=("teacher", "random"), default="teacher")
+    suite_options(p, 84)
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    p.add_argument("--out", default="results.json", help="where to write the results")
+    p.add_argument("--trajectories", action="store_true", help="keep every turn in results.json")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tasks", help="write a task suite as JSONL")
+    suite_options(p, 420)
+    p.add_argument("--bench", action="store_true", help="the 1,200-task VisGenBench-shaped suite")
+    p.add_argument("--out", required=True, help="the JSONL file to write")
+    p.set_defaults(func=cmd_tasks)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""What every visenv environment shares: text spaces, observation rendering and call-order checks.
+
+Observations are a ``Dict`` with the text message and the ids of the episode's artifacts (and,
+when asked for, small pixel arrays of the latest images and video frames). Actions are text: one
+model turn. Text spaces use :data:`CHARSET` (printable ASCII); observation text outside it is
+replaced by ``?`` so that every observation is inside the space, while actions may be any string.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from visenv.error import ResetNeeded
+
+CHARSET = "".join(sorted(set(string.printable) - {"\x0b", "\x0c"}))
+ID_CHARSET = "".join(sorted(set("0123456789abcdef_imgvdu")))
+ID_LENGTH = 16
+_DELETE_CONTROLS = {i: None for i in range(32) if chr(i) not in "\t\n\r"}
+_DELETE_CONTROLS[127] = None
+
+
+def fit_text(text: str, max_chars: int) -> str:
+    """``text`` made to fit a :data:`CHARSET` space of ``max_chars``: non-ASCII -> '?', cut with a marker."""
+    text = text.encode("ascii", "replace").decode("ascii").translate(_DELETE_CONTROLS)
+    if len(text) > max_chars:
+        marker = "\n[... cut to fit the observation ...]"
+        text = text[: max_chars - len(marker)] + marker
+    return text
+
+
+def observation_space(max_chars: int, pixels: tuple[int, int] | None = None) -> spaces.Dict:
+    """The observation space: text, artifact ids, and optionally (max_images, size, size, 3) pixels."""
+    entries: dict[str, spaces.Space] = {
+        "text": spaces.Text(max_length=max_chars, min_length=0, charset=CHARSET),
+        "artifacts": spaces.Sequence(spaces.Text(ID_LENGTH, min_length=ID_LENGTH, charset=ID_CHARSET)),
+    }
+    if pixels is not None:
+        count, size = pixels
+        entries["pixels"] = spaces.Box(0, 255, (count, size, size, 3), dtype=np.uint8)
+    return spaces.Dict(entries)
+
+
+def action_space(max_chars: int) -> spaces.Text:
+    """The action space: one model turn of at most ``max_chars`` characters (longer turns are cut)."""
+    return spaces.Text(max_length=max_chars, min_length=0, charset=CHARSET)
+
+
+def coerce_action(action: Any) -> str:
+    """Any action as text: bytes are decoded as UTF-8 with replacement, other objects str()-ed."""
+    if isinstance(action, str):
+        return action
+    if isinstance(action, (bytes, bytearray)):
+        return bytes(action).decode("utf-8", errors="replace")
+    if isinstance(action, np.ndarray) and action.shape == ():
+        return str(action.item())
+    return str(action)
+
+
+class TextEnv(gym.Env):
+    """Base class: call-order checks shared by the text environments.
+
+    Subclasses call :meth:`_begin_episode` in ``reset`` and :meth:`_check_can_step` at the top of
+    ``step``, and set ``self._ended`` when an episode terminates or is truncated.
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    _started = False
+    _ended = False
+
+    def _begin_episode(self) -> None:
+        self._started = True
+        self._ended = False
+
+    def _check_can_step(self) -> None:
+        if not self._started:
+            raise ResetNeeded(f"{type(self).__name__}.step() was called before reset(): "
+                              "call env.reset(seed=...) first.")
+        if self._ended:
+            raise ResetNeeded(f"{type(self).__name__}.step() was called after the episode ended "
+                              "(terminated or truncated): call env.reset() to start a new one.")

@@ -1,0 +1,124 @@
+"""The configuration of the VisGen environments: one self-validating dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from visenv.error import ConfigError
+from visenv.tools.backends import Backend, BackendChain
+from visenv.tools.spec import GROUPS
+from visenv.tools.specs import TOOLS
+
+TASK_SUITES = ("all", "image", "video")
+
+
+@dataclass
+class VisGenConfig:
+    """Settings of a :class:`~visenv.envs.visgen.VisGenEnv`.
+
+    Attributes:
+        tasks: "all", "image" or "video" (the built-in scenarios), a path to a JSONL task file, or
+            a sequence of :class:`~visenv.tasks.Task`.
+        num_tasks: how many tasks the built-in suite holds (it cycles through the scenarios).
+        task_seed: the seed of the built-in suite.
+        max_turns: turns after which the episode is truncated.
+        max_turn_chars: characters kept from one turn; longer turns are cut (a format problem).
+        max_episode_chars: characters of all turns together after which the episode is truncated.
+        max_observation_chars: most characters in one observation's text.
+        backends: None (the attribute tier alone), a :class:`BackendChain`, a list of backends, or a
+            mapping from a tool name, a tool group or "*" to a list of backends or a chain.
+        media: a folder of your own media for the attribute tier (None: the procedural database).
+        rubric: "ltr" (LtrReward, R_plan x R_fine), "r1" (additive) or a rubric object.
+        error_penalty: reward subtracted on a step whose turn or call failed.
+        observe_pixels: add a "pixels" array of the latest images and video frames to observations.
+        pixel_size: side of each pixel thumbnail.
+        max_pixel_images: how many thumbnails the "pixels" array holds.
+    """
+
+    tasks: Any = "all"
+    num_tasks: int = 420
+    task_seed: int = 0
+    max_turns: int = 30
+    max_turn_chars: int = 8192
+    max_episode_chars: int = 262144
+    max_observation_chars: int = 8192
+    backends: Any = None
+    media: str | None = None
+    rubric: Any = "ltr"
+    error_penalty: float = 0.05
+    observe_pixels: bool = False
+    pixel_size: int = 64
+    max_pixel_images: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("num_tasks", "max_turns", "max_turn_chars", "max_episode_chars",
+                     "max_observation_chars", "pixel_size", "max_pixel_images"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} ({value!r}) must be a positive integer.")
+        if self.max_observation_chars < 256:
+            raise ConfigError(f"max_observation_chars ({self.max_observation_chars}) must be at least 256 "
+                              "so that tool responses fit.")
+        if isinstance(self.tasks, str) and self.tasks not in TASK_SUITES and not os.path.exists(self.tasks):
+            raise ConfigError(f"tasks ({self.tasks!r}) must be one of {TASK_SUITES}, a path to an existing "
+                              "JSONL task file, or a list of Task objects.")
+        if not isinstance(self.error_penalty, (int, float)) or self.error_penalty < 0:
+            raise ConfigError(f"error_penalty ({self.error_penalty!r}) must be a number >= 0.")
+        if isinstance(self.rubric, str) and self.rubric not in ("ltr", "r1"):
+            raise ConfigError(f"rubric ({self.rubric!r}) must be 'ltr', 'r1' or a rubric object.")
+        if self.media is not None and not os.path.isdir(self.media):
+            raise ConfigError(f"media ({self.media!r}) must be a folder of images, videos and audio.")
+        if isinstance(self.backends, Mapping):
+            for key in self.backends:
+                if key != "*" and key not in TOOLS and key not in GROUPS:
+                    raise ConfigError(f"backends key {key!r} must be '*', a tool name or a group {GROUPS}.")
+
+    @classmethod
+    def from_any(cls, config: Any = None, **overrides: Any) -> "VisGenConfig":
+        """Build from None, a VisGenConfig, or a mapping (RLlib passes an EnvContext dict)."""
+        if config is None:
+            values: dict[str, Any] = {}
+        elif isinstance(config, cls):
+            values = dataclasses.asdict(config) | {"backends": config.backends, "rubric": config.rubric,
+                                                   "tasks": config.tasks}
+        elif isinstance(config, Mapping):
+            values = dict(config)
+        else:
+            raise ConfigError(f"config must be a VisGenConfig or a dict, not {type(config).__name__}.")
+        values.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown VisGen option(s) {unknown}; the options are {sorted(known)}.")
+        return cls(**values)
+
+
+def build_chains(backends: Any, default: Sequence[Backend]) -> dict[str, BackendChain]:
+    """One chain per tool name, from the ``backends`` setting (see :class:`VisGenConfig`)."""
+
+    def as_chain(value: Any) -> BackendChain:
+        if isinstance(value, BackendChain):
+            return value
+        if isinstance(value, (list, tuple)):
+            return BackendChain(list(value))
+        raise ConfigError(f"backends entry {value!r} must be a BackendChain or a list of backends.")
+
+    if backends is None:
+        chain = BackendChain(list(default))
+        return {name: chain for name in TOOLS}
+    if not isinstance(backends, Mapping):
+        chain = as_chain(backends)
+        return {name: chain for name in TOOLS}
+    fallback = as_chain(backends["*"]) if "*" in backends else BackendChain(list(default))
+    chains = {}
+    for name, spec in TOOLS.items():
+        if name in backends:
+            chains[name] = as_chain(backends[name])
+        elif spec.group in backends:
+            chains[name] = as_chain(backends[spec.group])
+        else:
+            chains[name] = fallback
+    return chains

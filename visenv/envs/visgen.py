@@ -1,0 +1,244 @@
+"""VisGen: the virtual visual-creation environment of VisionCreator, as a gymnasium environment."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from visenv.envs.base import TextEnv, action_space, coerce_action, fit_text, observation_space
+from visenv.envs.config import VisGenConfig, build_chains
+from visenv.episode import EpisodeRecord, TurnRecord
+from visenv.error import ConfigError
+from visenv.media import ArtifactRegistry
+from visenv.mediadb import MediaDatabase, thumbnail
+from visenv.protocol import Turn, parse_turn, render_error, render_tool_response
+from visenv.rewards import deliverables, make_rubric, run_checks
+from visenv.tasks import Task, load_tasks, make_suite
+from visenv.tools.attribute import AttributeBackend
+from visenv.tools.calls import execute_call
+from visenv.tools.specs import TOOLS
+
+PROTOCOL_HELP = (
+    "Work in turns. First turn: <think>what is needed</think><plan>numbered steps, one tool each</plan> "
+    "and one <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>. Then one <tool_call> per turn, "
+    "refer to artifacts by their ids. Finish with <answer> citing the ids you deliver.")
+
+
+def load_suite(config: VisGenConfig) -> list[Task]:
+    """The tasks an environment draws from, as configured."""
+    tasks = config.tasks
+    if tasks in ("all", "image", "video"):
+        modality = None if tasks == "all" else tasks
+        suite = make_suite(config.num_tasks, config.task_seed, modality=modality)
+    elif isinstance(tasks, str):
+        suite = load_tasks(tasks)
+    else:
+        suite = list(tasks)
+        bad = [t for t in suite if not isinstance(t, Task)]
+        if bad:
+            raise ConfigError(f"tasks must hold Task objects; got {type(bad[0]).__name__}.")
+    if not suite:
+        raise ConfigError(f"The task suite {tasks!r} is empty; give at least one task.")
+    return suite
+
+
+def turn_summary(turn: Turn) -> dict[str, Any]:
+    """The parsed turn as plain data (for info dicts and trajectory files)."""
+    return {"think": turn.think, "plan": turn.plan, "plan_steps": list(turn.plan_steps),
+            "reflection": turn.reflection, "answer": turn.answer,
+            "tool_call": None if turn.tool_call is None else
+            {"name": turn.tool_call.name, "arguments": turn.tool_call.arguments},
+            "tool_call_error": turn.tool_call_error,
+            "problems": [{"code": p.code, "message": p.message} for p in turn.problems]}
+
+
+class VisGenEnv(TextEnv):
+    """A visual-creation request, 36 virtual tools, and a plan-aware reward.
+
+    ## Description
+    Each episode draws a task (one of 42 scenarios: 21 image, 21 video) whose request states its
+    requirements: modality, amount, duration, storyboard shots, consistency, style, audio. The agent
+    answers in UTPC turns (``<think>``, ``<plan>``, ``<tool_call>``, ``<answer>``, optional
+    ``<reflection>``); each tool call is validated against the tool's JSON Schema and artifact
+    references, served by the tool's backend chain (by default the attribute tier: media of the
+    right resolution, duration and count drawn from a media database), and answered with a
+    ``<tool_response>`` observation.
+
+    ## Spaces
+    Action: ``Text`` (one model turn; any string is accepted, longer than ``max_turn_chars`` is cut).
+    Observation: ``Dict(text=Text, artifacts=Sequence(Text))`` plus ``pixels`` (uint8
+    ``(max_pixel_images, pixel_size, pixel_size, 3)``, the latest images and video middle frames,
+    newest first) when ``observe_pixels=True``. Text spaces have dynamic shapes: use
+    ``AsyncVectorEnv(..., shared_memory=False)``.
+
+    ## Rewards
+    0 on intermediate steps, minus ``error_penalty`` on a step whose turn or call failed; on the last
+    step, plus the rubric's total (``ltr``: R_plan x R_fine; ``r1``: additive). An invalid total
+    (a required judge failed under the "invalid" policy) is returned as NaN with
+    ``info["reward_valid"] = False``. ``info["reward_components"]`` names every component.
+
+    ## Episode end
+    Terminated on ``<answer>``; truncated after ``max_turns`` turns or ``max_episode_chars``
+    characters.
+
+    ## Info
+    ``turn`` (the parsed turn), ``tool_result`` (the call record), ``artifacts`` (all so far),
+    ``reward_components``, ``cost`` (GPU-seconds and latency the real tool would have taken, for the
+    step and the episode), ``task_id``; on the last step also ``checks`` and ``deliverables``.
+
+    ## Arguments
+    ``VisGenEnv(config=None, **options)`` where ``config`` is a :class:`VisGenConfig` or a dict
+    (RLlib passes its env_config) and ``options`` override it; see :class:`VisGenConfig`.
+
+    ## Version history
+    * v0: initial release.
+    """
+
+    def __init__(self, config: Any = None, **options: Any):
+        self.config = VisGenConfig.from_any(config, **options)
+        cfg = self.config
+        self.tasks = load_suite(cfg)
+        self.rubric = make_rubric(cfg.rubric)
+        media = MediaDatabase.from_folder(cfg.media) if cfg.media else None
+        self.chains = build_chains(cfg.backends, [AttributeBackend(media)])
+        pixels = (cfg.max_pixel_images, cfg.pixel_size) if cfg.observe_pixels else None
+        self.observation_space = observation_space(cfg.max_observation_chars, pixels)
+        self.action_space = action_space(cfg.max_turn_chars)
+        self.registry = ArtifactRegistry()
+        self.record: EpisodeRecord | None = None
+        self._episode_seed = 0
+        self._state: dict[str, Any] = {}
+        self._chars = 0
+        self._gpu_seconds = 0.0
+        self._latency_seconds = 0.0
+
+    @property
+    def system_prompt(self) -> str:
+        """The tool documentation and protocol, for a policy's system message."""
+        tools = "\n".join(json.dumps(spec.to_prompt(), sort_keys=True) for spec in TOOLS.values())
+        return f"You are a visual-creation agent with these tools:\n{tools}\n\n{PROTOCOL_HELP}"
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        task = self._choose_task(options or {})
+        self._episode_seed = int(self.np_random.integers(2**62))
+        self.registry.new_episode(f"ep{self._episode_seed:016x}")
+        self.record = EpisodeRecord(task=task)
+        self._state, self._chars = {}, 0
+        self._gpu_seconds = self._latency_seconds = 0.0
+        self._begin_episode()
+        text = f"Request: {task.request}\n\n{PROTOCOL_HELP}"
+        info = {"task_id": task.task_id, "task": task.to_dict(), "episode_id": self.registry.episode_id}
+        return self._observation(text), info
+
+    def _choose_task(self, options: dict[str, Any]) -> Task:
+        choice = options.get("task")
+        if choice is None:
+            return self.tasks[int(self.np_random.integers(len(self.tasks)))]
+        if isinstance(choice, Task):
+            return choice
+        if isinstance(choice, (int, np.integer)) and not isinstance(choice, bool):
+            if not 0 <= choice < len(self.tasks):
+                raise ConfigError(f"options['task'] index {choice} is outside the suite of {len(self.tasks)} tasks.")
+            return self.tasks[int(choice)]
+        for task in self.tasks:
+            if task.task_id == choice:
+                return task
+        raise ConfigError(f"options['task'] ({choice!r}) must be a Task, an index, or a task_id of the suite.")
+
+    def step(self, action: Any):
+        self._check_can_step()
+        record = self.record
+        text = coerce_action(action)
+        self._chars += len(text)
+        turn = parse_turn(text, max_chars=self.config.max_turn_chars)
+        call, failed, terminated = None, False, False
+        extra_info: dict[str, Any] = {}
+        if turn.tool_call is not None:
+            seed = (self._episode_seed * 6364136223846793005 + len(record.calls)) % 2**63
+            call = execute_call(turn.tool_call, len(record.calls), self.registry, self.chains, seed, self._state)
+            for artifact_id in call.outputs:
+                record.artifacts[artifact_id] = self.registry.get(artifact_id)
+            self._gpu_seconds += call.gpu_seconds
+            self._latency_seconds += call.latency_seconds
+            payload = self._call_payload(call)
+            failed = not call.ok
+        elif turn.tool_call_error is not None:
+            payload, failed = {"status": "error", "error": turn.tool_call_error}, True
+        elif turn.answer is not None:
+            terminated = True
+            record.answered = True
+            record.deliverables, record.answer_problems = deliverables(record, turn.answer)
+            payload = {"status": "done", "delivered": list(record.deliverables)}
+            if record.answer_problems:
+                payload["problems"] = list(record.answer_problems)
+                failed = True
+        else:
+            payload, failed = {"status": "error", "error": turn.feedback() or "The turn has no action."}, True
+        if turn.problems and "error" not in payload:
+            payload["format"] = turn.feedback()
+        record.turns.append(TurnRecord(turn, call))
+        truncated = not terminated and (len(record.turns) >= self.config.max_turns
+                                        or self._chars > self.config.max_episode_chars)
+        reward = -float(self.config.error_penalty) if failed else 0.0
+        components: dict[str, Any] = {"step_format": float(turn.well_formed),
+                                      "step_call": None if call is None else float(call.ok)}
+        if terminated or truncated:
+            self._ended = True
+            record.truncated = truncated
+            breakdown = self.rubric([record])[0]
+            components = breakdown.components
+            reward = reward + breakdown.total if breakdown.valid else float("nan")
+            extra_info = {"checks": run_checks(record), "deliverables": list(record.deliverables),
+                          "reward_valid": breakdown.valid, "reward_dropped": list(breakdown.dropped)}
+            if truncated:
+                payload["truncated"] = (f"The episode ran out of budget ({len(record.turns)} turns, "
+                                        f"{self._chars} characters).")
+        info = {"task_id": record.task.task_id, "turn": turn_summary(turn),
+                "tool_result": None if call is None else call.to_dict(),
+                "artifacts": [a.describe() for a in record.artifacts.values()],
+                "reward_components": components,
+                "cost": {"gpu_seconds": 0.0 if call is None else call.gpu_seconds,
+                         "latency_seconds": 0.0 if call is None else call.latency_seconds,
+                         "episode_gpu_seconds": round(self._gpu_seconds, 3),
+                         "episode_latency_seconds": round(self._latency_seconds, 3)},
+                **extra_info}
+        body = render_error(payload.pop("error"), **payload) if "error" in payload else render_tool_response(payload)
+        return self._observation(body), reward, terminated, truncated, info
+
+    def _call_payload(self, call) -> dict[str, Any]:
+        if not call.ok:
+            return {"status": "error", "tool": call.tool, "error": call.error}
+        payload: dict[str, Any] = {"status": "ok", "tool": call.tool, "backend": call.backend,
+                                   "artifacts": [self.registry.get(i).describe() for i in call.outputs]}
+        if call.text:
+            payload["text"] = call.text
+        if call.similarity is not None:
+            payload["similarity"] = round(call.similarity, 4)
+            payload["note"] = "Served from the cached output of the most similar earlier prompt."
+        return payload
+
+    def _observation(self, text: str) -> dict[str, Any]:
+        obs: dict[str, Any] = {"text": fit_text(text, self.config.max_observation_chars),
+                               "artifacts": tuple(self.registry.all_ids())}
+        if self.config.observe_pixels:
+            size, count = self.config.pixel_size, self.config.max_pixel_images
+            pixels = np.zeros((count, size, size, 3), dtype=np.uint8)
+            visual = [a for a in reversed(self.registry.all()) if a.kind in ("image", "video")][:count]
+            for row, artifact in enumerate(visual):
+                pixels[row] = thumbnail(artifact.path, artifact.kind, size)
+            obs["pixels"] = pixels
+        return obs
+
+    def render(self) -> str:
+        """The episode so far as text (render_mode "ansi")."""
+        if self.record is None:
+            return ""
+        lines = [f"Task {self.record.task.task_id}: {self.record.task.request}"]
+        for i, step in enumerate(self.record.turns):
+            lines.append(f"--- turn {i} ---\n{step.turn.raw}")
+            if step.call is not None:
+                lines.append(f"=> {step.call.status} {step.call.tool} {step.call.outputs or step.call.error}")
+        return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Every user-facing exception of visenv, in one place.
+
+Each message says what was expected, what was received, and how to fix it. A policy's mistake
+(unknown tool, bad argument, missing artifact) is never an exception: the environment turns it into
+an observation. These exceptions are for the library's users: bad configuration, misuse of call
+order, missing optional dependencies, corrupt data files.
+"""
+
+from __future__ import annotations
+
+
+class VisenvError(Exception):
+    """Base class of every exception raised on purpose by visenv."""
+
+
+class ConfigError(VisenvError, ValueError):
+    """A configuration value is invalid; the message names the value and the fix."""
+
+
+class ResetNeeded(VisenvError, RuntimeError):
+    """An environment method was called in the wrong order (step() before reset(), or after the end)."""
+
+
+class DependencyNotInstalled(VisenvError, ImportError):
+    """An optional dependency is missing; the message gives the exact `pip install` extra."""
+
+    def __init__(self, package: str, extra: str, purpose: str):
+        super().__init__(
+            f"{purpose} needs the package {package!r}, which is not installed. "
+            f"Install it with: pip install 'visenv[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+
+class UnknownToolError(VisenvError, KeyError):
+    """A tool name that is not in the registry was looked up by library code."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else ""
+
+
+class MediaDatabaseError(VisenvError):
+    """The media database folder is missing, empty, or holds a file that cannot be read."""
+
+
+class ArtifactError(VisenvError, KeyError):
+    """Library code asked the artifact store for an id or blob that it does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class TaskFormatError(VisenvError, ValueError):
+    """A task file (JSONL) holds a line that is not a valid task; the message names the line."""
+
+
+class BackendMiss(VisenvError, LookupError):
+    """No backend in a strict chain could answer a tool call."""
+
+
+class BackendError(VisenvError, RuntimeError):
+    """A backend failed in a way that is not the policy's fault (e.g. a real tool's server is down)."""

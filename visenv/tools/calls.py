@@ -1,0 +1,99 @@
+"""Validation and execution of one tool call: the single place where a call meets its spec.
+
+:func:`execute_call` checks the tool name, the arguments (JSON Schema) and every artifact reference
+(exists in this episode, right kind), asks the tool's backend chain, registers the produced media
+as artifacts and prices the call with the tool's cost model. Every policy mistake becomes a
+:class:`~visenv.episode.CallRecord` with status "error" and an agent-readable message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Mapping
+
+from visenv.episode import CALL_ERROR, CALL_OK, CallRecord
+from visenv.media import Artifact, ArtifactRegistry
+from visenv.protocol import ToolCall
+from visenv.tools.backends import BackendChain, ToolFailure, ToolRequest
+from visenv.tools.spec import ToolSpec
+from visenv.tools.specs import TOOLS
+
+
+def _refuse(index: int, call: ToolCall, kind: str, message: str, inputs: tuple[str, ...] = ()) -> CallRecord:
+    return CallRecord(index=index, tool=call.name, arguments=call.arguments, status=CALL_ERROR,
+                      error=message, error_kind=kind, inputs=inputs)
+
+
+def _resolve_inputs(spec: ToolSpec, arguments: Mapping[str, Any], registry: ArtifactRegistry
+                    ) -> tuple[dict[str, tuple[Artifact, ...]], list[str]]:
+    """Artifact argument -> artifacts, and the problems found (unknown ids, wrong kinds)."""
+    resolved: dict[str, tuple[Artifact, ...]] = {}
+    problems: list[str] = []
+    for inp in spec.inputs:
+        if inp.argument not in arguments:
+            continue
+        value = arguments[inp.argument]
+        refs = value if inp.many else [value]
+        found = []
+        for ref in refs:
+            if ref not in registry:
+                problems.append(f"{inp.argument}: {registry.explain_missing(ref)}")
+                continue
+            artifact = registry.get(ref)
+            if artifact.kind not in inp.kinds:
+                problems.append(f"{inp.argument}: {ref} is a {artifact.kind}, but {spec.name} needs "
+                                f"{' or '.join(inp.kinds)} here.")
+                continue
+            found.append(artifact)
+        resolved[inp.argument] = tuple(found)
+    return resolved, problems
+
+
+def _units(spec: ToolSpec, outputs: list[Artifact]) -> float:
+    unit = spec.cost.unit
+    if unit == "image":
+        return float(len(outputs))
+    if unit in ("video_second", "audio_second"):
+        return float(sum(a.attributes.get("duration", 0.0) for a in outputs))
+    return 1.0
+
+
+def execute_call(call: ToolCall, index: int, registry: ArtifactRegistry, chains: Mapping[str, BackendChain],
+                 seed: int, state: dict[str, Any]) -> CallRecord:
+    """Validate and run ``call``; returns its record (the new artifacts are in ``registry``).
+
+    Args:
+        call: the parsed tool call.
+        index: the call's index in the episode (also names the call's outputs' lineage).
+        registry: the episode's artifacts; produced media are added to it.
+        chains: tool name -> backend chain.
+        seed: the per-call seed handed to the backend.
+        state: the episode's scratch state (for stateful tools such as the to-do list).
+    """
+    spec = TOOLS.get(call.name)
+    if spec is None:
+        close = difflib.get_close_matches(call.name, TOOLS, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else " Tool names start with 'tool_'."
+        return _refuse(index, call, "unknown_tool", f"There is no tool named {call.name!r}.{hint}")
+    problems = spec.validate(call.arguments)
+    if problems:
+        return _refuse(index, call, "bad_arguments",
+                       f"Invalid arguments for {spec.name}: " + "; ".join(problems))
+    inputs, problems = _resolve_inputs(spec, call.arguments, registry)
+    input_ids = tuple(a.id for arts in inputs.values() for a in arts)
+    if problems:
+        return _refuse(index, call, "bad_artifact", "; ".join(problems), input_ids)
+    request = ToolRequest(spec=spec, arguments=call.arguments, inputs=inputs, seed=seed, state=state)
+    answer = chains[spec.name].answer(request)
+    if isinstance(answer, ToolFailure):
+        return dataclasses.replace(_refuse(index, call, "tool_failure", answer.message, input_ids),
+                                   backend=answer.backend)
+    outputs = [registry.add(out.kind, out.sha256, out.attributes, spec.name, prompt=out.prompt,
+                            sources=input_ids, backend=answer.backend, call_index=index, path=out.path)
+               for out in answer.outputs]
+    gpu_seconds, latency_seconds = spec.cost.estimate(_units(spec, outputs))
+    return CallRecord(index=index, tool=spec.name, arguments=call.arguments, status=CALL_OK,
+                      outputs=tuple(a.id for a in outputs), inputs=input_ids, text=answer.text,
+                      backend=answer.backend, similarity=answer.similarity,
+                      gpu_seconds=round(gpu_seconds, 3), latency_seconds=round(latency_seconds, 3))

@@ -1,0 +1,166 @@
+"""Typed tool specifications: the contract between a policy's tool call and a backend.
+
+A :class:`ToolSpec` says what a tool accepts (a JSON Schema for its arguments, validated by the
+``jsonschema`` library), which artifacts it consumes (an edit needs an image, a composite needs
+clips), what it produces (modality, count, resolution and duration rules) and what one real call
+would cost (GPU-seconds and latency). The 36 specs of the VisGen environment live in
+:mod:`visenv.tools.specs`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import fastjsonschema
+import jsonschema
+
+MEDIA_KINDS = ("image", "video", "audio")
+OUTPUT_KINDS = MEDIA_KINDS + ("text",)
+GROUPS = ("text", "text2image", "image_edit", "video_generation", "audio", "video_editing",
+          "understanding", "search")
+COST_UNITS = ("call", "image", "video_second", "audio_second")
+
+
+@dataclass(frozen=True)
+class ArtifactInput:
+    """One argument of a tool that names artifacts by id.
+
+    Attributes:
+        argument: the argument's name in the call.
+        kinds: the artifact kinds it accepts.
+        many: True when the argument is a list of ids.
+        required: whether the argument must be present (the JSON Schema says the same).
+    """
+
+    argument: str
+    kinds: tuple[str, ...]
+    many: bool = False
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kinds if k not in MEDIA_KINDS]
+        if bad:
+            raise ValueError(f"ArtifactInput.kinds {bad} must be among {MEDIA_KINDS}")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What a tool produces and how the simulation derives the output's attributes.
+
+    Attributes:
+        kind: "image", "video", "audio" or "text".
+        derive: the rule family used by the attribute tier (see :mod:`visenv.tools.attribute`):
+            "generate", "edit", "animate", "concat", "slideshow", "trim", "speed", "same",
+            "voiceover", "subtitle", "soundtrack", "music", "tts", "cut", or "text".
+        resolutions: aspect ratio -> (width, height) for generated images or videos.
+        fps: frames per second of produced video.
+        max_count: most outputs one call may return (images).
+    """
+
+    kind: str
+    derive: str
+    resolutions: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    fps: int | None = None
+    max_count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in OUTPUT_KINDS:
+            raise ValueError(f"OutputSpec.kind {self.kind!r} must be one of {OUTPUT_KINDS}")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What one real call would cost, per unit of output.
+
+    Attributes:
+        unit: "call", "image", "video_second" or "audio_second".
+        gpu_seconds: GPU-seconds per unit on the real tool's serving hardware.
+        latency_seconds: wall-clock seconds per unit seen by the caller.
+    """
+
+    unit: str
+    gpu_seconds: float
+    latency_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.unit not in COST_UNITS:
+            raise ValueError(f"CostModel.unit {self.unit!r} must be one of {COST_UNITS}")
+
+    def estimate(self, units: float) -> tuple[float, float]:
+        """(GPU-seconds, latency seconds) for ``units`` of output (a call counts 1)."""
+        units = 1.0 if self.unit == "call" else float(units)
+        return self.gpu_seconds * units, self.latency_seconds * units
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A virtual tool: its name, documentation, argument schema, inputs, output and cost.
+
+    Attributes:
+        name: the name a policy calls, e.g. "tool_text2image_qwen".
+        group: one of :data:`GROUPS`.
+        description: one paragraph shown to the agent.
+        parameters: JSON Schema (draft 2020-12) of the arguments object.
+        inputs: the arguments that name artifacts.
+        output: the output rule.
+        cost: the real-world cost model.
+        version: bump when the tool's dynamics change (it is part of the cache key).
+    """
+
+    name: str
+    group: str
+    description: str
+    parameters: Mapping[str, Any]
+    inputs: tuple[ArtifactInput, ...]
+    output: OutputSpec
+    cost: CostModel
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise ValueError(f"ToolSpec {self.name}: group {self.group!r} must be one of {GROUPS}")
+        jsonschema.Draft202012Validator.check_schema(self.parameters)
+        props = self.parameters.get("properties", {})
+        for inp in self.inputs:
+            if inp.argument not in props:
+                raise ValueError(f"ToolSpec {self.name}: input {inp.argument!r} is not a parameter")
+
+    @functools.cached_property
+    def _validator(self) -> jsonschema.Draft202012Validator:
+        return jsonschema.Draft202012Validator(self.parameters)
+
+    @functools.cached_property
+    def _fast_check(self) -> Any:
+        return fastjsonschema.compile(dict(self.parameters), use_default=False)
+
+    def validate(self, arguments: Any) -> list[str]:
+        """Agent-readable problems with ``arguments``; empty when they satisfy the schema.
+
+        Valid arguments are accepted by a compiled validator (fastjsonschema, a few microseconds);
+        invalid ones are explained by ``jsonschema``, which lists every problem with its path.
+        """
+        try:
+            self._fast_check(arguments)
+            return []
+        except fastjsonschema.JsonSchemaException:
+            pass
+        problems = []
+        for err in sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path)):
+            where = "/".join(str(p) for p in err.path) or "arguments"
+            problems.append(f"{where}: {err.message}")
+        return problems
+
+    def to_prompt(self) -> dict[str, Any]:
+        """The OpenAI/Hermes function description of this tool, for system prompts."""
+        return {"name": self.name, "description": self.description, "parameters": dict(self.parameters)}
+
+    def __getstate__(self) -> dict[str, Any]:  # the cached validators are rebuilt after unpickling
+        state = dict(self.__dict__)
+        state.pop("_validator", None)
+        state.pop("_fast_check", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "__dict__", state)
