@@ -14,6 +14,7 @@ an end token; its ids go back into the conversation unchanged.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -293,3 +294,37 @@ class VisionLMPolicy(CausalLMPolicy):
         images = torch.nn.functional.interpolate(images, size=(self.image_size, self.image_size),
                                                  mode="bilinear", align_corners=False)
         return {"pixel_values": images.to(self.device)}
+
+
+class AdapterOffReference:
+    """A LoRA policy's base model (adapters switched off) as the KL reference, without a weight copy."""
+
+    def __init__(self, policy: CausalLMPolicy):
+        self.policy = policy
+
+    def score(self, batch: TokenBatch, with_hidden: bool = False) -> Scores:
+        with self.policy.model.disable_adapter():
+            return self.policy.score(batch, with_hidden)
+
+
+def reference_policy(policy: CausalLMPolicy) -> CausalLMPolicy | AdapterOffReference:
+    """The frozen KL reference: the policy as it is now (the PST policy when RL starts)."""
+    if hasattr(policy.model, "disable_adapter"):
+        return AdapterOffReference(policy)
+    reference = copy.copy(policy)
+    reference.model = copy.deepcopy(policy.model).eval()
+    reference.model.requires_grad_(False)
+    return reference
+
+
+def add_lora(policy: CausalLMPolicy, rank: int, alpha: float, dropout: float,
+             target_modules: Sequence[str]) -> CausalLMPolicy:
+    """Wrap the policy's model with LoRA adapters (peft); only the adapters stay trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("LoRA needs the package 'peft', which is not installed. Install it with: "
+                          "pip install peft") from None
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    policy.model = get_peft_model(policy.model, config)
+    return policy

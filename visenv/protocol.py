@@ -809,9 +809,8 @@ def format_turn(*, think: str | None = None, plan: str | None = None, reflection
     """The canonical text of a well-formed turn.
 
     Elements are written as ``<tag>\\ncontent\\n</tag>``, joined by newlines, in the order think,
-    reflection, plan, then the action.
-    Content is stripped, as :func:`parse_turn` strips it, so for stripped content
-    ``parse_turn(format_turn(...))`` returns exactly the given fields, with no problem.
+    reflection, plan, then the action. Content is stripped, as :func:`parse_turn` strips it, so
+    ``parse_turn(format_turn(...))`` is well-formed and returns exactly the given fields (stripped).
 
     Args:
         think: the ``<think>`` content, or None to leave it out.

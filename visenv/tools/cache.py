@@ -22,6 +22,8 @@ few seconds, so lookups stay read-only and fast.
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -184,6 +186,7 @@ class ToolCache:
         self._pid = os.getpid()
         self._pending: collections.Counter = collections.Counter()
         self._pending_lock = threading.Lock()
+        self._thread_write_lock = threading.Lock()
         self._last_flush = time.monotonic()
         self._finalizer = weakref.finalize(self, _flush_counts, str(self.index_path), self._pending)
         self._create_schema()
@@ -330,34 +333,56 @@ class ToolCache:
             rows.append((spec, key, self.store_media(outputs), text, source))
         conn = self._conn()
         now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for spec, key, outputs, text, source in rows:
-                self._insert(conn, spec, key, outputs, text, source, now)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return [self.get(key) for _, key, *_ in rows]
+        with self._writing():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                stored = [self._insert(conn, *row, now) for row in rows]
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return [entry if entry is not None else self.get(key) for entry, (_, key, *_) in zip(stored, rows)]
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Serialise writers: a thread lock, then an flock that the OS releases if the process dies.
+
+        SQLite alone would also serialise them, but its busy handler polls with growing sleeps;
+        a blocked flock wakes as soon as the holder lets go.
+        """
+        with self._thread_write_lock:
+            fd = os.open(self.root / "write.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing releases the flock
 
     def _insert(self, conn: sqlite3.Connection, spec: ToolSpec, key: CallKey, outputs: Sequence[MediaOutput],
-                text: str, source: str, now: float) -> None:
+                text: str, source: str, now: float) -> CacheEntry | None:
+        """Insert one entry; returns it, or None when another writer stored the key first."""
         args = key.arguments
         shape = shape_of(spec, args) if nearest_eligible(spec, args) else None
+        prompt = query_text(spec, args)
         cursor = conn.execute(
             "INSERT INTO entries (key, tool, tool_version, seed, arguments, shape, prompt, text, source, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-            (key.digest, key.tool, key.version, key.seed, canonical_json(args), shape, query_text(spec, args),
-             text, source, now))
+            (key.digest, key.tool, key.version, key.seed, canonical_json(args), shape, prompt, text, source, now))
         if cursor.rowcount == 0:  # another writer stored this key first: theirs stands
-            return
+            return None
         entry_id = cursor.lastrowid
+        cached = []
         for position, out in enumerate(outputs):
+            attributes = canonical_json(dict(out.attributes))
             conn.execute("INSERT INTO blobs (sha256, suffix, kind, size) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT (sha256) DO NOTHING",
-                         (out.sha256, Path(out.path).suffix, out.kind, os.path.getsize(out.path)))
+                         (out.sha256, os.path.splitext(out.path)[1], out.kind, os.path.getsize(out.path)))
             conn.execute("INSERT INTO outputs VALUES (?, ?, ?, ?, ?, ?)",
-                         (entry_id, position, out.sha256, out.kind, canonical_json(dict(out.attributes)), out.prompt))
+                         (entry_id, position, out.sha256, out.kind, attributes, out.prompt))
+            cached.append(CachedOutput(out.kind, out.sha256, out.path, json.loads(attributes), out.prompt))
+        return CacheEntry(id=entry_id, key=key.digest, tool=key.tool, tool_version=key.version, seed=key.seed,
+                          arguments=args, prompt=prompt, text=text, source=source, created=now,
+                          outputs=tuple(cached))
 
     # ---- counters ----------------------------------------------------------------------------
 
@@ -461,8 +486,15 @@ class ToolCache:
                 os.replace(path, self.root / "quarantine" / path.name)
             entry_ids = [r[0] for r in conn.execute("SELECT DISTINCT entry_id FROM outputs WHERE sha256 = ?", (sha,))]
             entries = [e for e in map(self.get_by_id, entry_ids) if e is not None]
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._writing():
+                self._remove(conn, sha, entries, reason)
+            removed += len(entries)
+        return removed
+
+    def _remove(self, conn: sqlite3.Connection, sha: str, entries: Sequence[CacheEntry], reason: str) -> None:
+        """Move ``entries`` to the quarantine table and forget the blob ``sha``, in one transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
                 for entry in entries:
                     record = {"seed": entry.seed, "arguments": entry.arguments, "text": entry.text,
                               "source": entry.source, "version": entry.tool_version,

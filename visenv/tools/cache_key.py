@@ -26,6 +26,7 @@ calls of the same shape.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -133,7 +134,7 @@ class CallKey:
         """The same call with another seed (None: the seedless entry)."""
         return CallKey(self.tool, self.version, self.arguments, seed)
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
         """The 32-byte SHA-256 that indexes the entry."""
         record = {"format": KEY_FORMAT, "tool": self.tool, "version": self.version,

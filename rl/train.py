@@ -1,0 +1,165 @@
+"""The training loop both algorithms share: sync weights, roll out, update, log, checkpoint.
+
+An *algorithm* is any object with ``update(episodes, iteration) -> metrics`` and
+``state_dict()`` / ``load_state_dict()`` (:class:`~rl.grpo.GRPO`, :class:`~rl.ppo.PPO`); the
+loop owns everything around it. Four callbacks are the extension points (:class:`Callback`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from typing import Any, Protocol, Sequence
+
+from rl import checkpoint
+from rl.policy import TrainablePolicy
+from rl.rollout import Episode, RolloutStats, make_specs
+
+
+class Algorithm(Protocol):
+    def update(self, episodes: Sequence[Episode], iteration: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Callback:
+    """Hooks into :class:`Trainer`; override the ones you need."""
+
+    def on_start(self, trainer: "Trainer") -> None:
+        """Before the first iteration (after a resume, if any)."""
+
+    def on_rollout_end(self, iteration: int, episodes: Sequence[Episode], stats: RolloutStats) -> None:
+        """After an iteration's episodes came back, before the update."""
+
+    def on_step(self, iteration: int, metrics: dict[str, float]) -> bool:
+        """After an iteration's update and logging; return True to stop training."""
+        return False
+
+    def on_end(self, history: list[dict[str, float]]) -> None:
+        """After the last iteration; ``history`` holds every iteration's metrics of this run."""
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def episode_metrics(episodes: Sequence[Episode], stats: RolloutStats) -> dict[str, float]:
+    """Rewards (total and by component), lengths, throughput, tool tiers and costs of a rollout."""
+    rewards = [e.reward for e in episodes]
+    valid = [r for r in rewards if not math.isnan(r)]
+    mean = _nanmean(rewards)
+    metrics = {
+        "reward": mean,
+        "reward_std": (sum((r - mean) ** 2 for r in valid) / len(valid)) ** 0.5 if valid else float("nan"),
+        "invalid_episodes": 1.0 - len(valid) / len(episodes),
+        "turns": sum(len(e.rewards) for e in episodes) / len(episodes),
+        "policy_tokens": sum(e.policy_tokens for e in episodes) / len(episodes),
+        "truncated": sum(e.truncated for e in episodes) / len(episodes),
+        "gpu_seconds_avoided": sum(e.gpu_seconds for e in episodes),
+        "tokens_per_second": sum(e.policy_tokens for e in episodes) / max(stats.wall_seconds, 1e-9),
+        "env_steps_per_second": stats.env_steps / max(stats.wall_seconds, 1e-9),
+        "time/rollout": stats.wall_seconds,
+        "time/generate": stats.generate_seconds,
+        "time/env": stats.env_seconds,
+        "worker_restarts": float(stats.worker_restarts),
+    }
+    components: dict[str, list[float]] = {}
+    for episode in episodes:
+        for name, value in episode.components.items():
+            if value is not None:
+                components.setdefault(name, []).append(float(value))
+    metrics |= {f"reward/{name}": _nanmean(values) for name, values in components.items()}
+    tiers = Counter()
+    for episode in episodes:
+        tiers.update(episode.backends)
+    total = sum(tiers.values())
+    metrics |= {f"tier/{name}": count / total for name, count in tiers.items()}
+    return metrics
+
+
+class Trainer:
+    """Runs iterations of roll out -> update, with weight sync, logging and checkpoints.
+
+    Args:
+        policy: the learner's policy.
+        algorithm: the update (GRPO or PPO).
+        rollout: a :class:`~rl.rollout.SerialRollout` or :class:`~rl.rollout.RayRollout`.
+        iterations: the last iteration (exclusive) to run to; a resumed run continues to it.
+        num_groups: tasks per iteration.
+        group_size: rollouts per task.
+        seed: seeds every iteration's tasks and sampling noise (with the iteration number).
+        max_staleness: iterations the rollout workers' weights may lag behind the learner's
+            (0: sync before every iteration, exact on-policy).
+        logger: a :class:`~rl.logging.MetricsLogger`, or None.
+        checkpoint_dir: where checkpoints go, or None for none.
+        checkpoint_every: save every this many iterations (and at the end); 0 only at the end.
+        callbacks: :class:`Callback` objects, called in order.
+    """
+
+    def __init__(self, policy: TrainablePolicy, algorithm: Algorithm, rollout: Any, *, iterations: int,
+                 num_groups: int, group_size: int, seed: int = 0, max_staleness: int = 0, logger: Any = None,
+                 checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+                 callbacks: Sequence[Callback] = ()):
+        self.policy = policy
+        self.algorithm = algorithm
+        self.rollout = rollout
+        self.iterations = iterations
+        self.num_groups = num_groups
+        self.group_size = group_size
+        self.seed = seed
+        self.max_staleness = max_staleness
+        self.logger = logger
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.callbacks = list(callbacks)
+        self.iteration = 0
+        self.synced_version: int | None = None
+
+    def save(self) -> str:
+        """Write a checkpoint of the current iteration; returns its folder."""
+        path = os.path.join(self.checkpoint_dir, f"iter_{self.iteration:06d}")
+        checkpoint.save(path, self.policy, self.algorithm.state_dict(), self.iteration)
+        return path
+
+    def resume(self, path: str) -> None:
+        """Continue from a checkpoint folder: weights, optimizer and iteration are restored."""
+        state, self.iteration = checkpoint.load(path, self.policy)
+        self.algorithm.load_state_dict(state)
+
+    def run(self) -> list[dict[str, float]]:
+        """Train to ``iterations``; returns the metrics of every iteration run."""
+        history: list[dict[str, float]] = []
+        for callback in self.callbacks:
+            callback.on_start(self)
+        while self.iteration < self.iterations:
+            it = self.iteration
+            if self.synced_version is None or it - self.synced_version > self.max_staleness:
+                self.rollout.set_weights(self.policy.get_weights(), it)
+                self.synced_version = it
+            episodes, stats = self.rollout.sample(make_specs(self.seed, it, self.num_groups, self.group_size))
+            for callback in self.callbacks:
+                callback.on_rollout_end(it, episodes, stats)
+            start = time.perf_counter()
+            metrics = self.algorithm.update(episodes, it)
+            metrics["time/update"] = time.perf_counter() - start
+            metrics |= episode_metrics(episodes, stats)
+            metrics["weight_lag"] = float(it - min(e.weight_version for e in episodes))
+            history.append(metrics)
+            self.iteration = it + 1
+            if self.logger is not None:
+                self.logger.log(it, metrics)
+            stop = any([callback.on_step(it, metrics) for callback in self.callbacks])
+            last = stop or self.iteration == self.iterations
+            if self.checkpoint_dir and (last or (self.checkpoint_every and self.iteration % self.checkpoint_every == 0)):
+                self.save()
+            if stop:
+                break
+        for callback in self.callbacks:
+            callback.on_end(history)
+        return history
+
