@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -157,29 +156,35 @@ def bench_nearest(cache: ToolCache, n: int, queries: int, rng: np.random.Generat
             "answer": percentiles(samples), "recall_at_1": recall, "query_embedding": percentiles(embed)}, backend
 
 
-def write_worker(root: str, worker: int, count: int, start_at: float) -> int:
+def write_worker(root: str, worker: int, count: int, ready, done) -> None:
     cache = ToolCache(root)
     blobs = [png(1_000_000 * (worker + 1) + i) for i in range(count)]
-    while time.time() < start_at:
-        time.sleep(0.001)
+    ready.wait()  # every process has started and made its files: the clock starts now
     for i, data in enumerate(blobs):
         sha, path = cache.blobs.put_bytes(data, ".png")
         out = MediaOutput("image", sha, str(path), {"width": 8, "height": 8})
         cache.put(SPEC, CallKey.of(SPEC, {"prompt": f"writer {worker} call {i}"}, seed=i), [out])
-    return count
+    done.put(count)
 
 
 def bench_writes(root: Path, writers: int, count: int) -> dict[str, float]:
+    context = multiprocessing.get_context("spawn")
     results = {}
     for procs in sorted({1, writers}):
         folder = root / f"writes-{procs}"
         shutil.rmtree(folder, ignore_errors=True)
         ToolCache(folder)
-        start_at = time.time() + 3.0  # let every process start and prepare its files first
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            pending = pool.starmap_async(write_worker, [(str(folder), w, count, start_at) for w in range(procs)])
-            total = sum(pending.get())
-        seconds = time.time() - start_at
+        ready, done = context.Barrier(procs + 1), context.Queue()
+        workers = [context.Process(target=write_worker, args=(str(folder), w, count, ready, done))
+                   for w in range(procs)]
+        for worker in workers:
+            worker.start()
+        ready.wait()
+        start = time.perf_counter()
+        total = sum(done.get() for _ in workers)
+        seconds = time.perf_counter() - start
+        for worker in workers:
+            worker.join()
         assert len(ToolCache(folder)) == total
         results[f"{procs}_process"] = {"entries": total, "seconds": seconds, "entries_per_s": total / seconds}
     return results
@@ -223,6 +228,9 @@ def main() -> None:
     parser.add_argument("--root", help="where to build the synthetic cache (default: a temporary folder)")
     parser.add_argument("--out", default="benchmarks/results/cache_lookup.json")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # MiniLM queries one at a time: one thread is fastest and leaves cores to others
     root = Path(args.root or tempfile.mkdtemp(prefix="visenv-cache-bench-"))
     rng = np.random.default_rng(0)
     cache = ToolCache(root / "cache")
@@ -237,7 +245,10 @@ def main() -> None:
     print("env steps ...")
     results["env_step"] = bench_env(cache, nearest, args.env_steps)
     results["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+                          "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                          "load_average": os.getloadavg()}
+    results["command"] = "python benchmarks/cache_lookup.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
     results["index_bytes"] = os.path.getsize(cache.index_path)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -4,7 +4,8 @@ latency of a memo hit.
 The model has random weights (``pretrained=None``): the compute is the same as with trained ones
 and nothing is downloaded. Images are 512 x 512 procedural PNGs; a timing covers the whole
 :meth:`~visenv.rewards.clip.ClipScorer.picture_embeddings` call (decode, preprocess, forward,
-normalise, memo write), with the memo emptied before each timed pass. Memo hits are read from a
+normalise, memo write), with the memo emptied before each timed pass; ``forward_only`` times the
+image tower alone on already preprocessed batches, to show what decoding and resizing cost. Memo hits are read from a
 warm SQLite memo by a fresh (unpickled) scorer, which never loads the model.
 
     python benchmarks/clip_throughput.py [--images 64] [--texts 256] [--batch 32] [--repeats 3]
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from visenv.media import Artifact
 from visenv.procedural_media import png_image
@@ -70,7 +72,13 @@ def main() -> None:
         single = ClipScorer(model="ViT-B-32", pretrained=None, device="cpu", batch_size=1)
         batched.text_embeddings(["warm up"])
         single.text_embeddings(["warm up"])
+        tensors = torch.stack([batched._preprocess(Image.open(a.path).convert("RGB")) for a in images])
+        with torch.inference_mode():
+            start = time.perf_counter()
+            for first in range(0, len(tensors), args.batch):
+                batched._net.encode_image(tensors[first:first + args.batch])
         results = {
+            "forward_only_images_per_s_batched": len(tensors) / (time.perf_counter() - start),
             "images_per_s_batched": rate(batched, lambda: batched.picture_embeddings(images), len(images), args.repeats),
             "images_per_s_one_by_one": rate(single, lambda: [single.picture_embeddings([a]) for a in images],
                                             len(images), args.repeats),

@@ -1,7 +1,8 @@
 """Judge throughput against a loopback OpenAI-compatible server, and judge-cache hit latency.
 
-A scripted server on 127.0.0.1 (the one the tests use) answers every request with a valid plan
-judgement after ``--latency-ms`` (a stand-in for the model's generation time; 0 measures the
+A scripted server on 127.0.0.1 (the one the tests use, in its own process so that it does not
+share the client's interpreter lock) answers every request with a valid plan judgement after
+``--latency-ms`` (a stand-in for the model's generation time; 0 measures the
 client and server overhead alone). :class:`~visenv.rewards.judges.PlanJudge` scores distinct
 episodes end to end (prompt rendering, HTTP, strict parsing, cache write) with the backend's
 concurrency limit at 1, 8 and 32. Cache hits are read from a warm SQLite judge cache by a fresh
@@ -14,7 +15,9 @@ concurrency limit at 1, 8 and 32. Cache hits are read from a warm SQLite judge c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import pickle
 import platform
@@ -35,6 +38,36 @@ ANSWER = json.dumps({"fulfilment": 1, "coherence": 8, "executability": 6, "atomi
 CONCURRENCY = (1, 8, 32)
 
 
+def plan_reply(latency_s: float, payload: dict, number: int) -> Reply:
+    return Reply(content=ANSWER, delay_s=latency_s)
+
+
+def serve(latency_s: float, connection) -> None:
+    """Run a server in this (child) process: send its URL, wait for "stop", send its statistics."""
+    with JudgeServer(functools.partial(plan_reply, latency_s)) as server:
+        connection.send(server.url)
+        connection.recv()
+        connection.send({"requests": len(server.requests), "max_in_flight": server.max_in_flight})
+
+
+class ServerProcess:
+    """A loopback judge server in a child process, as a context manager yielding its URL."""
+
+    def __init__(self, latency_s: float):
+        self.connection, child = multiprocessing.Pipe()
+        self.process = multiprocessing.Process(target=serve, args=(latency_s, child), daemon=True)
+        self.stats: dict = {}
+
+    def __enter__(self) -> str:
+        self.process.start()
+        return self.connection.recv()
+
+    def __exit__(self, *exc) -> None:
+        self.connection.send("stop")
+        self.stats = self.connection.recv()
+        self.process.join(timeout=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=128)
@@ -47,21 +80,21 @@ def main() -> None:
         records = [episode(task(seed=i), [image], plan=f"{PLAN}\n3. tool_prompt_refine: variant {i}")
                    for i in range(args.episodes)]
         for latency in args.latency_ms:
-            with JudgeServer(lambda payload, n: Reply(content=ANSWER, delay_s=latency / 1e3)) as server:
-                for concurrency in CONCURRENCY:
-                    judge = PlanJudge(OpenAIChatBackend(server.url, "bench", concurrency=concurrency))
+            for concurrency in CONCURRENCY:
+                server = ServerProcess(latency / 1e3)
+                with server as url:
+                    judge = PlanJudge(OpenAIChatBackend(url, "bench", concurrency=concurrency))
                     start = time.perf_counter()
                     scores = judge(records)
                     elapsed = time.perf_counter() - start
-                    assert None not in scores and judge.requests_sent == len(records)
-                    rows.append({"server_latency_ms": latency, "concurrency": concurrency,
-                                 "requests_per_s": len(records) / elapsed, "max_in_flight": server.max_in_flight})
-                    server.max_in_flight = 0
-        with JudgeServer(lambda payload, n: Reply(content=ANSWER)) as server:
-            warm = PlanJudge(OpenAIChatBackend(server.url, "bench"), cache_path=str(Path(tmp) / "judge.sqlite"))
+                assert None not in scores and server.stats["requests"] == len(records)
+                rows.append({"server_latency_ms": latency, "concurrency": concurrency,
+                             "requests_per_s": len(records) / elapsed, "max_in_flight": server.stats["max_in_flight"]})
+        server = ServerProcess(0.0)
+        with server as url:
+            warm = PlanJudge(OpenAIChatBackend(url, "bench"), cache_path=str(Path(tmp) / "judge.sqlite"))
             warm(records)
             fresh = pickle.loads(pickle.dumps(warm))
-            sent = len(server.requests)
             start = time.perf_counter()
             fresh(records)
             batch_hit = (time.perf_counter() - start) / len(records)
@@ -70,7 +103,7 @@ def main() -> None:
                 start = time.perf_counter()
                 fresh([record])
                 singles.append(time.perf_counter() - start)
-            assert len(server.requests) == sent, "cache hits must not send requests"
+        assert server.stats["requests"] == len(records), "cache hits must not send requests"
     hits = {"cache_hit_ms_per_episode_in_batch": batch_hit * 1e3,
             "cache_hit_ms_single_episode_median": statistics.median(singles) * 1e3}
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other jobs",

@@ -1,9 +1,9 @@
 """Policies on transformers models: a causal LM and a VLM (image-text-to-text) that sees tool images.
 
 Both implement :class:`~rl.policy.TrainablePolicy`. Generation is a plain KV-cached decoding loop
-over a left-padded batch with sampling by the Gumbel-max trick: each row draws its noise from its own
-generator seeded by :meth:`~rl.policy.Conversation.turn_seed`, so a sample does not depend on which
-other conversations share the batch (the serial and Ray backends give the same samples). Scoring
+over a left-padded batch with inverse-CDF sampling: each row draws its uniforms for the whole turn
+from its own generator seeded by :meth:`~rl.policy.Conversation.turn_seed`, so a sample does not
+depend on which other conversations share the batch (the serial and Ray backends give the same samples). Scoring
 recomputes log-probs of a :class:`~rl.policy.TokenBatch` with position ids taken from the attention
 mask, so left padding does not shift positions.
 
@@ -102,6 +102,9 @@ def tiny_vlm(vocab_size: int, image_token_id: int, hidden_size: int = 64, num_la
 class CausalLMPolicy:
     """A transformers causal LM as a trainable policy.
 
+    The model is kept in eval mode (no dropout), so the log-probs the trainer recomputes are the ones
+    the sampler drew with; gradients flow all the same.
+
     Args:
         model: a ``*ForCausalLM`` model (any architecture that takes ``position_ids``).
         tokenizer: its fast tokenizer; must know the chat format's tokens.
@@ -113,7 +116,7 @@ class CausalLMPolicy:
 
     def __init__(self, model, tokenizer, chat: ChatFormat | str = "plain", max_new_tokens: int = 64,
                  temperature: float = 1.0, system_prompt: str | None = None):
-        self.model = model
+        self.model = model.eval()  # dropout off for good: sampled and recomputed log-probs must agree
         self.tokenizer = tokenizer
         self.chat = ChatFormat.named(chat) if isinstance(chat, str) else chat
         self.max_new_tokens = max_new_tokens
@@ -131,9 +134,12 @@ class CausalLMPolicy:
         return cls(model, PreTrainedTokenizerFast.from_pretrained(path), **options)
 
     def save(self, path: str) -> None:
-        """Save the model (adapters merged into the file layout peft uses) and the tokenizer."""
+        """Save the model (LoRA adapters merged in, so the folder loads as a plain model) and tokenizer."""
         os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(path)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     def _token_id(self, token: str) -> int:
@@ -157,7 +163,12 @@ class CausalLMPolicy:
         return Segment(ENV, text, ids, observation=observation)
 
     def _model_inputs(self, batch: TokenBatch) -> dict[str, Any]:
+        """Extra model inputs of a batch (the VLM's pixel values)."""
         return {}
+
+    def _restrict(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with the tokens a policy may never write removed (sampling and scoring alike)."""
+        return logits
 
     def generate(self, conversations: Sequence[Conversation]) -> list[Segment]:
         prompts = [conv.token_ids for conv in conversations]
@@ -165,7 +176,8 @@ class CausalLMPolicy:
         if any(s.images is not None for conv in conversations for s in conv.segments):
             batch.pixel_values = np.concatenate([s.images for conv in conversations for s in conv.segments
                                                  if s.images is not None])
-        generators = [torch.Generator().manual_seed(conv.turn_seed()) for conv in conversations]
+        uniforms = torch.stack([torch.rand(self.max_new_tokens, generator=torch.Generator().manual_seed(c.turn_seed()))
+                                for c in conversations])
         rows = len(conversations)
         device = self.device
         sampled = torch.full((rows, self.max_new_tokens), self.pad_id, dtype=torch.long)
@@ -174,14 +186,12 @@ class CausalLMPolicy:
         done = torch.zeros(rows, dtype=torch.bool)
         mask = batch.attention_mask.to(device)
         positions = batch.position_ids.to(device)
-        was_training = self.model.training
-        self.model.eval()
         with torch.inference_mode():
             out = self.model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1, **self._model_inputs(batch))
             for step in range(self.max_new_tokens):
-                logits = out.logits[:, -1].float().cpu()
-                tokens, token_logprobs = self._sample(logits, generators, done)
+                logits = self._restrict(out.logits[:, -1].float()).cpu()
+                tokens, token_logprobs = self._sample(logits, uniforms[:, step])
                 sampled[:, step] = torch.where(done, self.pad_id, tokens)
                 logprobs[:, step] = torch.where(done, 0.0, token_logprobs)
                 stopped = ~done & (tokens == self.stop_id)
@@ -193,7 +203,6 @@ class CausalLMPolicy:
                 positions = positions[:, -1:] + 1
                 out = self.model(input_ids=sampled[:, step:step + 1].to(device), attention_mask=mask,
                                  position_ids=positions, cache=out.cache, use_cache=True)
-        self.model.train(was_training)
         turns = []
         for row in range(rows):
             ids = sampled[row, : lengths[row]].tolist()
@@ -202,31 +211,37 @@ class CausalLMPolicy:
             turns.append(Segment(POLICY, text, ids, logprobs[row, : lengths[row]].tolist()))
         return turns
 
-    def _sample(self, logits: torch.Tensor, generators: list[torch.Generator],
-                done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row (Gumbel-max with the row's own noise) and its log-prob."""
+    def _sample(self, logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row (inverse CDF at the row's own uniform) and its log-prob."""
         temperature = self.temperature or 1.0
         logp = torch.log_softmax(logits / temperature, dim=-1)
         if self.temperature == 0:
             tokens = logp.argmax(-1)
         else:
-            noise = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators])
-            gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)))
-            tokens = (logp + gumbel).argmax(-1)
+            cdf = logp.exp().cumsum(-1)  # first token whose cdf exceeds u: never one of probability 0
+            tokens = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], side="right").squeeze(-1)
+            tokens = tokens.clamp(max=logits.shape[-1] - 1)  # float rounding of u * cdf[-1] at the top
         return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
     def score(self, batch: TokenBatch, with_hidden: bool = False) -> Scores:
+        """Log-probs and entropies at the trained tokens (``batch.loss_mask``; 0 elsewhere).
+
+        Logits are computed only at the positions that predict a trained token of some row.
+        """
         device = self.device
         ids = batch.input_ids.to(device)
-        out = self.model(input_ids=ids, attention_mask=batch.attention_mask.to(device),
-                         position_ids=batch.position_ids.to(device), output_hidden_states=with_hidden,
-                         **self._model_inputs(batch))
+        mask = batch.attention_mask.to(device)
+        predictors = batch.loss_mask[:, 1:].bool().any(0).nonzero().flatten().to(device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=batch.position_ids.to(device),
+                         output_hidden_states=with_hidden, logits_to_keep=predictors, **self._model_inputs(batch))
         temperature = self.temperature or 1.0
-        logits = out.logits[:, :-1]
-        pad = torch.zeros(ids.shape[0], 1, device=device)
-        real = batch.attention_mask.to(device)[:, 1:]
-        logprobs = torch.cat([pad, core.token_logprobs(logits, ids[:, 1:], temperature) * real], 1)
-        entropy = torch.cat([pad, core.entropy(logits, temperature) * real], 1)
+        logits = self._restrict(out.logits)
+        targets = predictors + 1
+        trained = batch.loss_mask.to(device)[:, targets] * mask[:, predictors]
+        logprobs = torch.zeros(ids.shape, device=device)
+        entropy = torch.zeros(ids.shape, device=device)
+        logprobs[:, targets] = core.token_logprobs(logits, ids[:, targets], temperature) * trained
+        entropy[:, targets] = core.entropy(logits, temperature) * trained
         return Scores(logprobs, entropy, out.hidden_states[-1] if with_hidden else None)
 
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -286,6 +301,10 @@ class VisionLMPolicy(CausalLMPolicy):
                                 self.system_prompt)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return Segment(ENV, text, ids, images=images, observation=observation)
+
+    def _restrict(self, logits: torch.Tensor) -> torch.Tensor:
+        """The image placeholder is the environment's to write: never sampled, never scored."""
+        return logits.index_fill(-1, torch.tensor([self.image_id], device=logits.device), float("-inf"))
 
     def _model_inputs(self, batch: TokenBatch) -> dict[str, Any]:
         if batch.pixel_values is None:

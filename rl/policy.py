@@ -97,7 +97,7 @@ class TrainablePolicy(Policy, Protocol):
     """A policy the trainers can update and ship to rollout workers."""
 
     def score(self, batch: "TokenBatch", with_hidden: bool = False) -> "Scores":
-        """Log-probs (with gradients) of ``batch.input_ids`` under the current weights."""
+        """Log-probs (with gradients) of the tokens ``batch.loss_mask`` marks, under the current weights."""
         ...
 
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -114,7 +114,7 @@ class Scores:
     """What :meth:`TrainablePolicy.score` returns, aligned with ``TokenBatch.input_ids`` (B, L).
 
     Attributes:
-        logprobs: ``log p(input_ids[:, t] | input_ids[:, :t])``; 0 at ``t = 0`` and at padding.
+        logprobs: ``log p(input_ids[:, t] | input_ids[:, :t])`` where ``loss_mask`` is set, else 0.
         entropy: the entropy of the distribution that predicted position ``t``; 0 likewise.
         hidden: the last hidden state at each position ``(B, L, H)`` when asked for (value heads).
     """

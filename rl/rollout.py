@@ -89,6 +89,12 @@ class Episode:
         """The episode return (NaN when any step's reward is invalid)."""
         return float(sum(self.rewards))
 
+    def messages(self) -> list[dict[str, str]]:
+        """The episode as chat messages (observations as "user"), the format :mod:`rl.sft` reads."""
+        return [{"role": "assistant", "content": s.text} if s.role == POLICY else
+                {"role": "user", "content": s.observation["text"] if s.observation else s.text}
+                for s in self.segments]
+
     @property
     def policy_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.segments if s.role == POLICY)

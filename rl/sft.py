@@ -151,7 +151,6 @@ def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]
     lengths = [sum(len(s.token_ids) for s in segments) for segments in encoded]
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
-    policy.model.train()
     step, tokens, start = 0, 0, time.perf_counter()
     for _ in range(epochs):
         losses = []

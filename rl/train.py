@@ -154,8 +154,8 @@ class Trainer:
             if self.logger is not None:
                 self.logger.log(it, metrics)
             stop = any([callback.on_step(it, metrics) for callback in self.callbacks])
-            last = stop or self.iteration == self.iterations
-            if self.checkpoint_dir and (last or (self.checkpoint_every and self.iteration % self.checkpoint_every == 0)):
+            due = self.checkpoint_every and self.iteration % self.checkpoint_every == 0
+            if self.checkpoint_dir and (stop or due or self.iteration == self.iterations):
                 self.save()
             if stop:
                 break

@@ -11,6 +11,8 @@ import pytest
 
 from visenv.mediadb import MediaDatabase
 
+pytest_plugins = ["conftest_ray"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -32,6 +32,11 @@ def completion(content: str) -> bytes:
                                     "finish_reason": "stop"}]}).encode()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default listen backlog (5) drops bursts of connections
+
+
 class JudgeServer:
     """A loopback chat server in a background thread; use as a context manager."""
 
@@ -46,6 +51,9 @@ class JudgeServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+            disable_nagle_algorithm = True  # headers and body go out at once, no delayed-ACK stall
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -77,8 +85,7 @@ class JudgeServer:
                     with server._lock:
                         server.in_flight -= 1
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cache_fixtures import image_artifact, image_output, request, write_png
-from visenv.error import BackendError, BackendMiss, VisenvError
+from visenv.error import BackendError, BackendMiss, CacheFormatError, CacheSchemaError
 from visenv.tools.backends import BackendChain, ToolFailure
 from visenv.tools.cache import ExactCacheBackend, ToolCache
 from visenv.tools.cache_io import export_cache, import_calls, read_calls
@@ -163,7 +163,7 @@ def test_a_cache_from_another_schema_version_is_refused(cache):
     conn.execute("UPDATE meta SET value = '99' WHERE name = 'schema'")
     conn.commit()
     conn.close()
-    with pytest.raises(BackendError, match="schema version 99"):
+    with pytest.raises(CacheSchemaError, match="schema version 99"):
         ToolCache(cache.root)
 
 
@@ -223,7 +223,7 @@ def test_import_export_round_trip(cache, tmp_path):
 def test_bad_calls_lines_name_the_file_and_line(tmp_path, line, message):
     write_png(tmp_path, "a.png", 1)
     path = write_calls(tmp_path, [{"tool": T2I.name, "arguments": {"prompt": "fine"}, "file": "a.png"}, line])
-    with pytest.raises(VisenvError, match=rf"calls.jsonl:2: .*{message}"):
+    with pytest.raises(CacheFormatError, match=rf"calls.jsonl:2: .*{message}"):
         read_calls(path)
 
 

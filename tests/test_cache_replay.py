@@ -68,7 +68,7 @@ def play(env, seed, task):
 
 
 def comparable(steps):
-    """The episode as JSON, with the serving tier's name masked (it is the one thing that differs)."""
+    """The episode as JSON, with the serving tier's name in info masked (the one thing that differs)."""
     text = json.dumps([[{k: v for k, v in obs.items() if k != "pixels"}, info] for obs, info in steps],
                       sort_keys=True, default=str)
     return text.replace('\\"backend\\": \\"exact_cache\\"', '\\"backend\\": \\"real\\"').replace(
@@ -94,6 +94,7 @@ def test_a_recorded_episode_replays_exactly_from_a_strict_cache(tmp_path, task):
     replayed = play(replay, 11, task)
     assert [info["tool_result"]["backend"] for _, info in replayed[1:] if info["tool_result"]] == ["exact_cache"] * 3
     assert comparable(replayed) == comparable(recorded)
+    assert [obs for obs, _ in replayed] == [obs for obs, _ in recorded]  # what the agent sees: identical
     assert comparable(play(replay, 11, task)) == comparable(recorded)  # and again
 
     rerecord = play(record, 11, task)  # the record chain now hits its own cache

@@ -3,7 +3,9 @@
 import dataclasses
 import json
 import logging
+import multiprocessing
 import pickle
+import threading
 import time
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 
 from reward_episodes import TINY_CLIP, episode, media, task, tiny_clip
 from visenv.error import ConfigError
+from visenv.rewards.cache import MemoCache
 from visenv.rewards.clip import ClipAlignment, ClipConsistency, ClipScorer, video_frames
 
 
@@ -239,3 +242,27 @@ def test_offline_missing_tag_fails_fast_and_says_how_to_supply_weights(monkeypat
                                           r".*local-dir:"):
         clip.picture_embeddings(files["images"][:1])
     assert time.perf_counter() - start < 5.0
+
+
+def _write_keys(path, start):
+    memo = MemoCache(path)
+    for i in range(start, start + 150, 10):
+        memo.put_many({f"key-{j}": str(j).encode() for j in range(i, i + 10)})
+
+
+def test_memo_file_is_shared_by_concurrent_processes_and_threads(tmp_path):
+    path = str(tmp_path / "memo.sqlite")
+    memo = MemoCache(path)
+    memo.put_many({"key-0": b"first"})
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_write_keys, args=(path, start)) for start in (0, 100)]
+    workers.append(threading.Thread(target=_write_keys, args=(path, 200)))
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert [getattr(w, "exitcode", 0) for w in workers] == [0, 0, 0]
+    assert len(memo) == 350
+    found = memo.get_many([f"key-{i}" for i in range(360)])
+    assert len(found) == 350 and found["key-0"] == b"first" and found["key-349"] == b"349"
+    assert memo.hits == 350 and memo.misses == 10

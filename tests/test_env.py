@@ -30,20 +30,34 @@ def play(env, agent, seed, task=None):
     return steps
 
 
+def made(env_id):
+    """The registered environment without gymnasium's own checking wrappers (our wrappers kept)."""
+    env = gym.make(env_id, disable_env_checker=True)
+    while isinstance(env, gym.wrappers.OrderEnforcing):
+        env = env.env
+    return env
+
+
+def an_action(env):
+    if isinstance(env.action_space, gym.spaces.Text):
+        return format_turn(think="t", tool_call={"name": "tool_text2image_qwen", "arguments": {"prompt": "cat"}})
+    env.action_space.seed(0)
+    return env.action_space.sample()
+
+
 @pytest.mark.parametrize("env_id", visenv.ENV_IDS)
 def test_check_env_passes_on_every_registered_id(env_id):
-    env = gym.make(env_id)
-    check_env(env.unwrapped, skip_render_check=True)
+    check_env(made(env_id), skip_render_check=True)
 
 
 @pytest.mark.parametrize("env_id", visenv.ENV_IDS)
 def test_registered_env_pickles_mid_episode_and_continues_identically(env_id):
-    env = gym.make(env_id).unwrapped
+    env = made(env_id)
     env.reset(seed=3)
     clone = pickle.loads(pickle.dumps(env))
-    turn = format_turn(think="t", tool_call={"name": "tool_text2image_qwen", "arguments": {"prompt": "cat"}})
-    a, b = env.step(turn), clone.step(turn)
-    assert a[0] == b[0] and a[1] == b[1]
+    action = an_action(env)
+    a, b = env.step(action), clone.step(action)
+    assert pickle.dumps(a[:2]) == pickle.dumps(b[:2])
 
 
 def test_variants_draw_only_their_modality():

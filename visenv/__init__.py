@@ -10,7 +10,8 @@ from gymnasium.envs.registration import register, registry
 
 __version__ = "0.1.0"
 
-ENV_IDS = ("visenv/VisGen-v0", "visenv/VisGenImage-v0", "visenv/VisGenVideo-v0", "visenv/ToolEcho-v0")
+ENV_IDS = ("visenv/VisGen-v0", "visenv/VisGenImage-v0", "visenv/VisGenVideo-v0", "visenv/ToolEcho-v0",
+           "visenv/VisGenStructured-v0")
 
 
 def _register() -> None:
@@ -19,6 +20,7 @@ def _register() -> None:
         "visenv/VisGenImage-v0": ("visenv.envs.visgen:VisGenEnv", {"tasks": "image"}),
         "visenv/VisGenVideo-v0": ("visenv.envs.visgen:VisGenEnv", {"tasks": "video"}),
         "visenv/ToolEcho-v0": ("visenv.envs.toy:ToolEchoEnv", {}),
+        "visenv/VisGenStructured-v0": ("visenv.wrappers.structured:make_structured", {}),
     }
     for env_id, (entry_point, kwargs) in specs.items():
         if env_id not in registry:

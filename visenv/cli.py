@@ -1,9 +1,12 @@
 """The `visenv` command line: the main job, evaluation, and task-suite files.
 
     visenv main                      # the main job on embedded defaults (prints a results table)
-    visenv eval --agent teacher      # evaluate a baseline on a suite, write results.json
+    visenv eval --agent teacher      # evaluate a baseline on a suite, write results.json + report.html
     visenv tasks --n 100 --out t.jsonl        # write a task suite
     visenv tasks --bench --out bench.jsonl    # write the 1,200-task VisGenBench-shaped suite
+    visenv cache import|build|stats|verify|export|fidelity ...   # the tool-output cache
+    visenv data build --n 200 --out data.jsonl    # teacher trajectories for SFT
+    visenv report results.json                    # the HTML benchmark report
 """
 
 from __future__ import annotations
@@ -11,9 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
+from visenv.cache_cli import add_cache_commands
+from visenv.data import add_data_commands
 from visenv.evaluation import evaluate, format_table, write_results
+from visenv.report.cli import add_report_commands
+from visenv.report.collect import evaluate_with_report
 from visenv.tasks import load_tasks, make_suite, save_tasks, visgenbench
 
 
@@ -48,11 +56,14 @@ def cmd_main(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     tasks = _suite(args)
-    results, summary = evaluate(_agent_factory(args.agent, args.seed), tasks, seed=args.seed,
-                                keep_trajectories=args.trajectories)
+    factory = _agent_factory(args.agent, args.seed)
+    if args.no_report:
+        results, summary = evaluate(factory, tasks, seed=args.seed, keep_trajectories=args.trajectories)
+    else:
+        results, summary = evaluate_with_report(factory, tasks, Path(args.out).parent, seed=args.seed)
     print(format_table(summary, title=f"== {args.agent} on {len(tasks)} tasks =="))
     write_results(args.out, results, summary)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + ("" if args.no_report else f" and {Path(args.out).parent / 'report.html'}"))
     return 0
 
 
@@ -88,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     suite_options(p, 84)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
     p.add_argument("--out", default="results.json", help="where to write the results")
-    p.add_argument("--trajectories", action="store_true", help="keep every turn in results.json")
+    p.add_argument("--trajectories", action="store_true",
+                   help="keep every turn in results.json (always kept when the report is written)")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip report.html (written beside results.json by default)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tasks", help="write a task suite as JSONL")
@@ -96,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="the 1,200-task VisGenBench-shaped suite")
     p.add_argument("--out", required=True, help="the JSONL file to write")
     p.set_defaults(func=cmd_tasks)
+    add_cache_commands(sub)
+    add_data_commands(sub)
+    add_report_commands(sub)
     return parser
 
 

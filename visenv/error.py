@@ -61,3 +61,11 @@ class BackendMiss(VisenvError, LookupError):
 
 class BackendError(VisenvError, RuntimeError):
     """A backend failed in a way that is not the policy's fault (e.g. a real tool's server is down)."""
+
+
+class CacheFormatError(VisenvError, ValueError):
+    """A line of a calls file (JSONL of tool, arguments, file) is invalid; the message names the line."""
+
+
+class CacheSchemaError(VisenvError):
+    """A tool cache was written by another schema version of visenv."""

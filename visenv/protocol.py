@@ -346,8 +346,8 @@ def _as_text(text: object, max_chars: int | None, log: _ProblemLog) -> str:
         try:
             data = bytes(text)
         except (TypeError, ValueError) as exc:  # a released or exotic buffer
-            log.add("not_text", "", lambda: (
-                f"Expected the turn as text (str); got {kind} that could not be read ({exc})."))
+            message = f"Expected the turn as text (str); got {kind} that could not be read ({exc})."
+            log.add("not_text", "", lambda: message)
             return ""
         if max_chars is not None:
             data = data[: 4 * max_chars + 4]
@@ -356,8 +356,8 @@ def _as_text(text: object, max_chars: int | None, log: _ProblemLog) -> str:
     try:
         converted = str(text)
     except Exception as exc:  # foreign code: any __str__ may fail, and parse_turn must not
-        log.add("not_text", "", lambda: (
-            f"Expected the turn as text (str); got {kind}, and str() of it failed ({exc!r})."))
+        message = f"Expected the turn as text (str); got {kind}, and str() of it failed ({exc!r})."
+        log.add("not_text", "", lambda: message)
         return ""
     log.add("not_text", "", lambda: f"Expected the turn as text (str); got {kind}, read through str().")
     return converted
@@ -658,10 +658,11 @@ def _parse_call(raw: str, start: int, end: int, log: _ProblemLog) -> tuple[ToolC
         value = _CALL_DECODER.decode(body)
     except json.JSONDecodeError as exc:
         at = offset + exc.pos
-        return None, log.add("bad_json", "", lambda: (
-            f"The <tool_call> does not hold valid JSON: {exc.msg} at char {at} (line {exc.lineno}, "
-            f"column {exc.colno} of the call), where it reads {_quote(raw[at:at + 20])}. "
-            'Write one JSON object: {"name": "...", "arguments": {...}}.'))
+        message = (f"The <tool_call> does not hold valid JSON: {exc.msg} at char {at} (line "
+                   f"{exc.lineno}, column {exc.colno} of the call), where it reads "
+                   f"{_quote(raw[at:at + 20])}. Write one JSON object: "
+                   '{"name": "...", "arguments": {...}}.')
+        return None, log.add("bad_json", "", lambda: message)
     except (ValueError, RecursionError) as exc:  # NaN, digit-count limit, or nesting too deep
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         return None, log.add("bad_json", "", lambda: (

@@ -64,7 +64,9 @@ class VisGenEnv(TextEnv):
     ``<reflection>``); each tool call is validated against the tool's JSON Schema and artifact
     references, served by the tool's backend chain (by default the attribute tier: media of the
     right resolution, duration and count drawn from a media database), and answered with a
-    ``<tool_response>`` observation.
+    ``<tool_response>`` observation. The observation names the serving tier only for a
+    nearest-neighbour answer (with its similarity), so that a replay from the exact cache shows the
+    agent exactly what the recorded run showed; ``info["tool_result"]["backend"]`` always names it.
 
     ## Spaces
     Action: ``Text`` (one model turn; any string is accepted, longer than ``max_turn_chars`` is cut).
@@ -211,11 +213,12 @@ class VisGenEnv(TextEnv):
     def _call_payload(self, call) -> dict[str, Any]:
         if not call.ok:
             return {"status": "error", "tool": call.tool, "error": call.error}
-        payload: dict[str, Any] = {"status": "ok", "tool": call.tool, "backend": call.backend,
+        payload: dict[str, Any] = {"status": "ok", "tool": call.tool,
                                    "artifacts": [self.registry.get(i).describe() for i in call.outputs]}
         if call.text:
             payload["text"] = call.text
         if call.similarity is not None:
+            payload["backend"] = call.backend
             payload["similarity"] = round(call.similarity, 4)
             payload["note"] = "Served from the cached output of the most similar earlier prompt."
         return payload

@@ -51,6 +51,10 @@ def lineage(artifact: Artifact, artifacts: Mapping[str, Artifact]) -> Iterable[A
         stack.extend(artifacts[s] for s in current.sources if s in artifacts)
 
 
+def _videos(record: EpisodeRecord) -> list[Artifact]:
+    return [a for a in record.delivered() if a.kind == "video"]
+
+
 class ModalityCheck:
     """S-Rate: the agent answered and delivered at least one output of the requested modality."""
 
@@ -80,7 +84,7 @@ class DurationCheck:
         req = record.task.requirements
         if req.modality != "video" or req.duration is None:
             return None
-        videos = [a for a in record.delivered() if a.kind == "video"]
+        videos = _videos(record)
         tolerance = req.duration * req.duration_tolerance
         return bool(videos) and all(abs(a.attributes.get("duration", 0.0) - req.duration) <= tolerance
                                     for a in videos)
@@ -95,7 +99,7 @@ class StoryboardCheck:
         req = record.task.requirements
         if req.modality != "video" or req.shots is None:
             return None
-        videos = [a for a in record.delivered() if a.kind == "video"]
+        videos = _videos(record)
         return bool(videos) and all(a.attributes.get("shots", 1) == req.shots for a in videos)
 
 
@@ -108,7 +112,7 @@ class AudioCheck:
         req = record.task.requirements
         if req.modality != "video" or not req.audio:
             return None
-        videos = [a for a in record.delivered() if a.kind == "video"]
+        videos = _videos(record)
         if not videos:
             return False
         for video in videos:

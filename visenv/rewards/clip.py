@@ -38,6 +38,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from visenv.episode import EpisodeRecord
 from visenv.error import ConfigError, DependencyNotInstalled
 from visenv.media import Artifact, sha256_file
 from visenv.rewards.cache import MemoCache
@@ -275,29 +276,32 @@ class ClipScorer:
                 for a in artifacts]
         found = {k: _decode_array(v) for k, v in self.cache.get_many(keys).items()}
         missing = {k: a for k, a in zip(keys, artifacts) if k not in found}
-        pictures: list[Any] = []
-        owners: list[str] = []
         failed: set[str] = set()
-        if missing:
-            self._load()
-            for key, artifact in missing.items():
-                try:
-                    frames = self._pictures(artifact)
-                except (OSError, ValueError, av.FFmpegError) as err:
-                    logger.warning("CLIP cannot read %s %s (%s): %s", artifact.kind, artifact.id, artifact.path, err)
-                    failed.add(key)
-                    continue
+        group: list[tuple[str, int]] = []  # (key, pictures), decoded but not yet encoded
+        pictures: list[Any] = []
+        for i, (key, artifact) in enumerate(missing.items()):
+            try:
+                frames = self._pictures(artifact)
+            except (OSError, ValueError, av.FFmpegError) as err:
+                logger.warning("CLIP cannot read %s %s (%s): %s", artifact.kind, artifact.id, artifact.path, err)
+                failed.add(key)
+            else:
+                self._load()
                 pictures += [self._preprocess(frame) for frame in frames]
-                owners += [key] * len(frames)
-        if pictures:
-            rows = self._forward(lambda net, x: net.encode_image(x), pictures)
-            with self._lock:
-                self.images_encoded += len(pictures)
-            fresh = {key: rows[[i for i, owner in enumerate(owners) if owner == key]]
-                     for key in dict.fromkeys(owners)}
-            self.cache.put_many({k: _encode_array(v) for k, v in fresh.items()})
-            found.update(fresh)
+                group.append((key, len(frames)))
+            if pictures and (len(pictures) >= self.batch_size or i == len(missing) - 1):
+                found.update(self._encode_pictures(group, pictures))  # bounded memory: one batch at a time
+                group, pictures = [], []
         return [None if k in failed else found[k] for k in keys]
+
+    def _encode_pictures(self, group: list[tuple[str, int]], pictures: list[Any]) -> dict[str, np.ndarray]:
+        rows = self._forward(lambda net, x: net.encode_image(x), pictures)
+        with self._lock:
+            self.images_encoded += len(pictures)
+        bounds = np.cumsum([0] + [count for _, count in group])
+        fresh = {key: rows[bounds[j]:bounds[j + 1]] for j, (key, _) in enumerate(group)}
+        self.cache.put_many({k: _encode_array(v) for k, v in fresh.items()})
+        return fresh
 
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         """Unit embeddings of ``texts``, shape (len(texts), dim); CLIP truncates long texts."""
@@ -340,7 +344,7 @@ def mean_pairwise_cosine(embeddings: Sequence[np.ndarray | None]) -> float | Non
     return float(np.mean([a @ b for a, b in itertools.combinations(rows, 2)]))
 
 
-def visual_deliverables(episode: Any) -> list[Artifact]:
+def visual_deliverables(episode: EpisodeRecord) -> list[Artifact]:
     """The delivered images and videos of an episode, in the order cited."""
     return [a for a in episode.delivered() if a.kind in VISUAL_KINDS]
 
@@ -380,7 +384,7 @@ class ClipAlignment:
         """The model and the scoring rule, logged with every score."""
         return f"{self.scorer.model_id}|alignment:{self.text}:x{self.scale:g}"
 
-    def _text(self, episode: Any, artifact: Artifact) -> str:
+    def _text(self, episode: EpisodeRecord, artifact: Artifact) -> str:
         if self.text == "prompt":
             return artifact.prompt
         if self.text == "keywords":
@@ -388,7 +392,7 @@ class ClipAlignment:
             return ", ".join((*req.keywords, *([f"{req.style} style"] if req.style else ())))
         return episode.task.request
 
-    def __call__(self, episodes: Sequence[Any]) -> list[float | None]:
+    def __call__(self, episodes: Sequence[EpisodeRecord]) -> list[float | None]:
         pairs = [[(a, self._text(e, a)) for a in visual_deliverables(e)] for e in episodes]
         pairs = [[(a, t) for a, t in p if t] for p in pairs]
         flat = [pair for p in pairs for pair in p]
@@ -437,7 +441,7 @@ class ClipConsistency:
         """The model and the scoring rule, logged with every score."""
         return f"{self.scorer.model_id}|consistency"
 
-    def __call__(self, episodes: Sequence[Any]) -> list[float | None]:
+    def __call__(self, episodes: Sequence[EpisodeRecord]) -> list[float | None]:
         media = [visual_deliverables(e) if e.task.requirements.consistency else [] for e in episodes]
         embeddings = iter(self.scorer.picture_embeddings([a for m in media for a in m]))
         scores, self.last_details = [], []

@@ -60,6 +60,11 @@ class Entry:
             raise ConfigError(f"Rubric weight ({self.weight}) of {self.component!r} must be >= 0.")
 
 
+def _check_policy(none_policy: str) -> None:
+    if none_policy not in NONE_POLICIES:
+        raise ConfigError(f"none_policy ({none_policy!r}) must be one of {NONE_POLICIES}.")
+
+
 def _weighted_mean(scores: Mapping[str, float | None], entries: Mapping[str, Entry], policy: str
                    ) -> tuple[float | None, tuple[str, ...]]:
     dropped = tuple(name for name, value in scores.items() if value is None)
@@ -92,8 +97,7 @@ class AdditiveReward:
     none_policy: str = "renormalize"
 
     def __post_init__(self) -> None:
-        if self.none_policy not in NONE_POLICIES:
-            raise ConfigError(f"none_policy ({self.none_policy!r}) must be one of {NONE_POLICIES}.")
+        _check_policy(self.none_policy)
         if not self.entries:
             raise ConfigError("AdditiveReward needs at least one entry.")
 
@@ -116,8 +120,7 @@ class LtrReward:
     none_policy: str = "renormalize"
 
     def __post_init__(self) -> None:
-        if self.none_policy not in NONE_POLICIES:
-            raise ConfigError(f"none_policy ({self.none_policy!r}) must be one of {NONE_POLICIES}.")
+        _check_policy(self.none_policy)
         if not self.fine:
             raise ConfigError("LtrReward needs at least one fine-grained entry.")
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from visenv.error import BackendError
+from visenv.error import BackendError, CacheSchemaError
 from visenv.media import BlobStore, sha256_file
 from visenv.tools.backends import BackendAnswer, MediaOutput, ToolRequest
 from visenv.tools.cache_key import STATEFUL_TOOLS, CallKey, canonical_json, nearest_eligible, query_text, shape_of
@@ -235,7 +235,7 @@ class ToolCache:
             if found is None:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             elif int(found[0]) != SCHEMA_VERSION:
-                raise BackendError(f"The cache {str(self.root)!r} has schema version {found[0]}, but this "
+                raise CacheSchemaError(f"The cache {str(self.root)!r} has schema version {found[0]}, but this "
                                    f"visenv reads version {SCHEMA_VERSION}; export it with the visenv that "
                                    "wrote it and import the export here.")
             conn.execute("COMMIT")
@@ -495,22 +495,20 @@ class ToolCache:
         """Move ``entries`` to the quarantine table and forget the blob ``sha``, in one transaction."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-                for entry in entries:
-                    record = {"seed": entry.seed, "arguments": entry.arguments, "text": entry.text,
-                              "source": entry.source, "version": entry.tool_version,
-                              "outputs": [{"kind": o.kind, "sha256": o.sha256, "attributes": o.attributes}
-                                          for o in entry.outputs]}
-                    conn.execute("INSERT INTO quarantine (key, tool, record, reason, at) VALUES (?, ?, ?, ?, ?)",
-                                 (entry.key, entry.tool, canonical_json(record), f"{reason} {sha}", time.time()))
-                    conn.execute("DELETE FROM outputs WHERE entry_id = ?", (entry.id,))
-                    conn.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
-                conn.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            removed += len(entries)
-        return removed
+            for entry in entries:
+                record = {"seed": entry.seed, "arguments": entry.arguments, "text": entry.text,
+                          "source": entry.source, "version": entry.tool_version,
+                          "outputs": [{"kind": o.kind, "sha256": o.sha256, "attributes": o.attributes}
+                                      for o in entry.outputs]}
+                conn.execute("INSERT INTO quarantine (key, tool, record, reason, at) VALUES (?, ?, ?, ?, ?)",
+                             (entry.key, entry.tool, canonical_json(record), f"{reason} {sha}", time.time()))
+                conn.execute("DELETE FROM outputs WHERE entry_id = ?", (entry.id,))
+                conn.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
+            conn.execute("DELETE FROM blobs WHERE sha256 = ?", (sha,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 def open_cache(cache: ToolCache | str | os.PathLike) -> ToolCache:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from visenv.error import UnknownToolError, VisenvError
+from visenv.error import CacheFormatError, UnknownToolError
 from visenv.media import ID_PREFIX, Artifact, sha256_file
 from visenv.mediadb import MEDIA_SUFFIXES, probe
 from visenv.tools.backends import MediaOutput, ToolRequest
@@ -78,8 +78,8 @@ class CallLine:
         return CallKey(key.tool, self.version, key.arguments, key.seed)
 
 
-def _fail(path: Path, line: int, message: str) -> VisenvError:
-    return VisenvError(f"{path}:{line}: {message}")
+def _fail(path: Path, line: int, message: str) -> CacheFormatError:
+    return CacheFormatError(f"{path}:{line}: {message}")
 
 
 def _artifact(file: Path, kinds: tuple[str, ...], where: str) -> Artifact:
@@ -171,7 +171,7 @@ def read_calls(path: str | os.PathLike, cache: ToolCache | None = None, outputs:
         outputs: whether lines must name their outputs (import) or only the call (build).
 
     Raises:
-        VisenvError: a line is not a valid call; the message names the file and line.
+        CacheFormatError: a line is not a valid call; the message names the file and line.
     """
     path = Path(path)
     calls = []

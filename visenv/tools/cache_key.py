@@ -37,11 +37,12 @@ from typing import Any, Mapping
 
 from visenv.media import Artifact
 from visenv.tools.spec import ToolSpec
+from visenv.tools.specs import TOOLS
 
 KEY_FORMAT = 1
 """Bump when the normalisation below changes: every earlier key then misses (and so bump the env id)."""
 HASH_PREFIX = "sha256:"
-STATEFUL_TOOLS = frozenset({"tool_task_manager"})
+STATEFUL_TOOLS = frozenset(name for name, spec in TOOLS.items() if spec.stateful)
 """Tools whose answer depends on episode state, not only on the call: never cached."""
 
 _WHITESPACE = re.compile(r"\s+")

@@ -238,10 +238,11 @@ class NearestBackend:
         self._last_id = 0
         self._refreshed_at = -math.inf
         self._conn: sqlite3.Connection | None = None
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in ("_groups", "_last_id", "_refreshed_at", "_conn"):
+        for name in ("_groups", "_last_id", "_refreshed_at", "_conn", "_pid"):
             del state[name]
         return state
 
@@ -250,6 +251,8 @@ class NearestBackend:
         self._reset_index()
 
     def _connection(self) -> sqlite3.Connection:
+        if self._pid != os.getpid():  # forked: the parent's connection is not ours to use
+            self._reset_index()
         if self._conn is None:
             conn = sqlite3.connect(self.cache.root / EMBEDDINGS_NAME, timeout=self.cache.timeout,
                                    isolation_level=None, check_same_thread=False)

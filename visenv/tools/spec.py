@@ -107,6 +107,7 @@ class ToolSpec:
         output: the output rule.
         cost: the real-world cost model.
         version: bump when the tool's dynamics change (it is part of the cache key).
+        stateful: the result depends on episode state (never cached or served by a neighbour).
     """
 
     name: str
@@ -117,6 +118,7 @@ class ToolSpec:
     output: OutputSpec
     cost: CostModel
     version: int = 1
+    stateful: bool = False
 
     def __post_init__(self) -> None:
         if self.group not in GROUPS:

@@ -134,10 +134,12 @@ _SPECS: tuple[ToolSpec, ...] = (
               "Summarise content into key points.",
               ["content"], content=_text("the text to summarise", 20000),
               max_words={"type": "integer", "minimum": 10, "maximum": 1000}),
-    _llm_tool("tool_task_manager",
-              "Keep the episode's to-do list: add an item, complete an item, or list the items.",
-              ["action"], action={"type": "string", "enum": ["add", "complete", "list"]},
-              item=_text("the to-do item (for add and complete)", 300)),
+    ToolSpec(
+        name="tool_task_manager", group="text",
+        description="Keep the episode's to-do list: add an item, complete an item, or list the items.",
+        parameters=_schema(["action"], action={"type": "string", "enum": ["add", "complete", "list"]},
+                           item=_text("the to-do item (for add and complete)", 300)),
+        inputs=(), output=OutputSpec("text", "text"), cost=CostModel("call", 0.0, 0.1), stateful=True),
     ToolSpec(
         name="tool_html_builder", group="text",
         description="Build an HTML page (landing page, H5, detail page) from a title, sections and images.",

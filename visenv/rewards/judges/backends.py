@@ -344,6 +344,8 @@ class TransformersChatBackend:
         gives a BackendError for that prompt or batch)."""
         import torch
 
+        if not prompts:
+            return []
         with self._lock:
             if self._net is None:
                 self._load()

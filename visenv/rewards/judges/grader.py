@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+from visenv.episode import EpisodeRecord
 from visenv.rewards.checks import run_checks
 from visenv.rewards.judges.judges import BenchmarkGrader
 from visenv.rewards.judges.templates import GRADER
@@ -43,8 +44,8 @@ def _block(rows: Sequence[dict[str, Any]], graded: bool, metric_names: Sequence[
             **{name: _mean([r[name] for r in rows]) for name in metric_names}}
 
 
-def grade_benchmark(records: Sequence[Any], grader: BenchmarkGrader | None = None,
-                    metrics: Mapping[str, Callable[[Sequence[Any]], list[float | None]]] | None = None
+def grade_benchmark(records: Sequence[EpisodeRecord], grader: BenchmarkGrader | None = None,
+                    metrics: Mapping[str, Callable[[Sequence[EpisodeRecord]], list[float | None]]] | None = None
                     ) -> dict[str, Any]:
     """Score finished episodes on VisGenBench.
 

@@ -29,13 +29,14 @@ from typing import Any, Mapping, Sequence
 import av
 from PIL import Image
 
+from visenv.episode import CallRecord, EpisodeRecord
 from visenv.error import ConfigError, MediaDatabaseError
 from visenv.media import Artifact
 from visenv.mediadb import thumbnail
 from visenv.rewards.judges.backends import ChatBackend, ChatPrompt
 from visenv.rewards.judges.cache import JudgeCache, judge_key
 from visenv.rewards.judges.templates import GRADER, PLAN, REFLECTION, TRAJECTORY, PromptTemplate
-from visenv.tasks import WORKFLOWS
+from visenv.tasks import WORKFLOWS, Requirements, Workflow
 from visenv.tools.specs import TOOLS
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class JudgeRequest:
     media: tuple[Artifact, ...] = ()
 
 
-def requirements_text(req: Any) -> str:
+def requirements_text(req: Requirements) -> str:
     """A task's requirements, one per line."""
     lines = [f"- deliver: {req.amount} {req.modality}{'s' if req.amount > 1 else ''}, aspect ratio {req.aspect_ratio}"]
     if req.duration is not None:
@@ -85,7 +86,7 @@ def tools_text() -> str:
     return "\n".join(f"- {s.name} ({s.group}): {s.description}" for s in TOOLS.values())
 
 
-def workflow_text(workflow: Any) -> str:
+def workflow_text(workflow: Workflow) -> str:
     """A reference workflow's steps, numbered, with tools, repetition, inputs and conditions."""
     lines = []
     for i, step in enumerate(workflow.steps, 1):
@@ -100,7 +101,7 @@ def workflow_text(workflow: Any) -> str:
     return "\n".join(lines)
 
 
-def calls_text(calls: Sequence[Any], limit: int = 300) -> str:
+def calls_text(calls: Sequence[CallRecord], limit: int = 300) -> str:
     """The executed calls, one per line: index, tool, arguments (cut at ``limit`` chars) and result."""
     lines = []
     for call in calls:
@@ -164,11 +165,11 @@ class Judge:
         digest = hashes if len(self.templates) == 1 else hashlib.sha256(hashes.encode()).hexdigest()[:12]
         return f"{self.backend.model_id}|{self.name}:{digest}"
 
-    def requests(self, episode: Any) -> list[JudgeRequest]:
+    def requests(self, episode: EpisodeRecord) -> list[JudgeRequest]:
         """The questions to ask about ``episode`` (may be empty: :meth:`combine` then decides)."""
         raise NotImplementedError
 
-    def combine(self, episode: Any, answers: list[dict[str, float]]) -> float | None:
+    def combine(self, episode: EpisodeRecord, answers: list[dict[str, float]]) -> float | None:
         """The episode's score from the parsed answers of its requests, in order."""
         raise NotImplementedError
 
@@ -194,7 +195,8 @@ class Judge:
                 results[key] = {"error": f"cannot render media: {err}"}
         self.requests_sent += len(prompts)
         fresh = {}
-        for key, answer in zip(prompts, self.backend.complete_many(list(prompts.values()))):
+        answers = self.backend.complete_many(list(prompts.values())) if prompts else []
+        for key, answer in zip(prompts, answers):
             if not isinstance(answer, str):
                 results[key] = {"error": str(answer)}
                 continue
@@ -207,7 +209,7 @@ class Judge:
         self.cache.put_many(fresh)
         return [results[k] for k in keys]
 
-    def __call__(self, episodes: Sequence[Any]) -> list[float | None]:
+    def __call__(self, episodes: Sequence[EpisodeRecord]) -> list[float | None]:
         per_episode = [self.requests(e) for e in episodes]
         answers = iter(self._answer([r for rs in per_episode for r in rs]))
         scores, self.last_details = [], []
@@ -242,7 +244,7 @@ class PlanJudge(Judge):
     name = "R_plan"
     templates = (PLAN,)
 
-    def requests(self, episode: Any) -> list[JudgeRequest]:
+    def requests(self, episode: EpisodeRecord) -> list[JudgeRequest]:
         turn = episode.plan_turn
         if turn is None:
             return []
@@ -252,7 +254,7 @@ class PlanJudge(Judge):
             "tools": tools_text(), "workflow": f"{workflow.name}. {workflow.description}",
             "workflow_steps": workflow_text(workflow), "plan": turn.plan})]
 
-    def combine(self, episode: Any, answers: list[dict[str, float]]) -> float | None:
+    def combine(self, episode: EpisodeRecord, answers: list[dict[str, float]]) -> float | None:
         if not answers:
             return 0.0
         f = answers[0]
@@ -268,7 +270,7 @@ class TrajectoryJudge(Judge):
     name = "R_traj"
     templates = (TRAJECTORY,)
 
-    def requests(self, episode: Any) -> list[JudgeRequest]:
+    def requests(self, episode: EpisodeRecord) -> list[JudgeRequest]:
         turn = episode.plan_turn
         if turn is None or not episode.calls:
             return []
@@ -277,11 +279,11 @@ class TrajectoryJudge(Judge):
         return [JudgeRequest(TRAJECTORY, {"request": episode.task.request, "plan": turn.plan,
                                           "calls": calls_text(episode.calls), "ending": ending})]
 
-    def combine(self, episode: Any, answers: list[dict[str, float]]) -> float | None:
+    def combine(self, episode: EpisodeRecord, answers: list[dict[str, float]]) -> float | None:
         return answers[0]["agreement"] if answers else 0.0
 
 
-def checkpoints(episode: Any) -> list[tuple[Any, tuple[Artifact, ...], str | None]]:
+def checkpoints(episode: EpisodeRecord) -> list[tuple[CallRecord, tuple[Artifact, ...], str | None]]:
     """VisionCreator-R1 reflection checkpoints: each successful call that produced images or
     videos, as (call, its visual outputs, the reflection of the next turn or None)."""
     found = []
@@ -310,7 +312,7 @@ class ReflectionJudge(Judge):
     templates = (REFLECTION,)
     shows_media = True
 
-    def requests(self, episode: Any) -> list[JudgeRequest]:
+    def requests(self, episode: EpisodeRecord) -> list[JudgeRequest]:
         out = []
         for call, media, reflection in checkpoints(episode):
             if reflection is None:
@@ -322,7 +324,7 @@ class ReflectionJudge(Judge):
                                     media[:self.max_images]))
         return out
 
-    def combine(self, episode: Any, answers: list[dict[str, float]]) -> float | None:
+    def combine(self, episode: EpisodeRecord, answers: list[dict[str, float]]) -> float | None:
         total = len(checkpoints(episode))
         return sum(a["satisfied"] for a in answers) / total if total else None
 
@@ -340,14 +342,14 @@ class BenchmarkGrader(Judge):
     templates = tuple(GRADER.values())
     shows_media = True
 
-    def requests(self, episode: Any) -> list[JudgeRequest]:
+    def requests(self, episode: EpisodeRecord) -> list[JudgeRequest]:
         template = GRADER.get(episode.task.dimension)
         media = [a for a in episode.delivered() if a.kind in VISUAL_KINDS][:self.max_images]
         if template is None or not media:
             return []
         return [JudgeRequest(template, {"request": episode.task.request, "count": str(len(media))}, tuple(media))]
 
-    def combine(self, episode: Any, answers: list[dict[str, float]]) -> float | None:
+    def combine(self, episode: EpisodeRecord, answers: list[dict[str, float]]) -> float | None:
         if episode.task.dimension not in GRADER:
             return None
         if not answers:

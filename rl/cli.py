@@ -1,0 +1,161 @@
+"""The ``rl`` command: ``rl sft``, ``rl train`` and ``rl eval``, each from a YAML file plus overrides.
+
+Examples::
+
+    rl sft   --config configs/sft_toolecho.yaml
+    rl train --config configs/grpo_toolecho.yaml --grpo.group_size 4 --rollout.backend ray
+    rl eval  --config configs/eval_toolecho.yaml --policy.model runs/grpo/checkpoints/iter_000100/policy
+
+Every option of the YAML file is also a ``--section.field`` option; ``rl <command> --help`` lists
+them with their meaning and default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+from rl import checkpoint
+from rl.config import EvalConfig, SFTConfig, TrainConfig, add_options, load, overrides_from, to_dict
+from rl.logging import MetricsLogger
+from rl.rollout import SerialRollout, make_specs
+from rl.train import Trainer, episode_metrics
+
+
+def run_sft(config: SFTConfig, progress: bool = True) -> str:
+    """Run the PST stages; returns the folder of the fine-tuned policy."""
+    import random
+
+    from rl.hf import CausalLMPolicy, tiny_causal_lm
+    from rl.sft import run_pst
+    from rl.tokenizer import train_tokenizer
+
+    if config.model == "tiny":
+        texts = [m["content"] for stage in config.stages for example in stage.examples(random.Random(config.seed))
+                 for m in example]
+        tokenizer = train_tokenizer(texts, config.tiny.vocab_size)
+        model = tiny_causal_lm(len(tokenizer), config.tiny.hidden_size, config.tiny.num_layers,
+                               config.tiny.num_heads, config.tiny.intermediate_size, seed=config.seed)
+        policy = CausalLMPolicy(model, tokenizer, chat=config.chat)
+    else:
+        policy = CausalLMPolicy.from_pretrained(config.model, chat=config.chat)
+    logger = MetricsLogger(config.output_dir, tensorboard=False, total=None)
+    results = run_pst(policy, config.stages, config.seed, on_step=logger.log)
+    logger.close()
+    path = os.path.join(config.output_dir, "policy")
+    policy.save(path)
+    if progress:
+        for number, result in enumerate(results):
+            print(f"stage {number}: loss {result['loss']:.4f}, {result['steps']:.0f} steps, "
+                  f"{result['tokens_per_second']:.0f} tokens/s")
+        print(f"policy saved to {path}")
+    return path
+
+
+def run_train(config: TrainConfig) -> list[dict[str, float]]:
+    """PST (when configured) then GRPO or PPO; resumes from the newest checkpoint when asked."""
+    from rl.grpo import GRPO
+    from rl.hf import reference_policy
+    from rl.ppo import PPO
+
+    if config.sft is not None:
+        sft_policy = os.path.join(config.sft.output_dir, "policy")
+        if not (config.resume and os.path.exists(os.path.join(sft_policy, "config.json"))):
+            run_sft(config.sft, progress=config.progress)
+        config.policy.model = sft_policy
+    policy = config.policy.build()
+    settings = config.grpo if config.algorithm == "grpo" else config.ppo
+    reference = reference_policy(policy) if settings.kl_coef > 0 else None
+    algorithm = (GRPO if config.algorithm == "grpo" else PPO)(policy, reference, settings)
+    rollout = config.rollout.build(policy, config.policy.build, config.env.make)
+    checkpoints = os.path.join(config.output_dir, "checkpoints")
+    num_groups, group_size = config.groups
+    trainer = Trainer(policy, algorithm, rollout, iterations=config.iterations, num_groups=num_groups,
+                      group_size=group_size, seed=config.seed, max_staleness=config.rollout.max_staleness,
+                      checkpoint_dir=checkpoints, checkpoint_every=config.checkpoint_every)
+    latest = checkpoint.latest(checkpoints) if config.resume else None
+    if latest is not None:
+        trainer.resume(latest)
+    trainer.logger = MetricsLogger(config.output_dir, config.tensorboard, config.wandb_project,
+                                   total=config.iterations if config.progress else None,
+                                   initial=trainer.iteration, config=to_dict(config))
+    try:
+        return trainer.run()
+    finally:
+        trainer.logger.close()
+        rollout.close()
+
+
+def _import(spec: str) -> Any:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_eval(config: EvalConfig) -> dict[str, float]:
+    """Run ``episodes`` fresh tasks; write summary.json and trajectories.jsonl; return the summary."""
+    from rl.api import ApiPolicy
+    from rl.policy import AgentPolicy
+
+    if config.agent:
+        policy = AgentPolicy(_import(config.agent))
+    elif config.api_base_url:
+        policy = ApiPolicy(config.api_base_url, config.api_model)
+    else:
+        policy = config.policy.build()
+    rollout = SerialRollout(policy, config.env.make, config.num_envs)
+    episodes, stats = rollout.sample(make_specs(config.seed, 0, config.episodes, 1))
+    rollout.close()
+    summary = {"episodes": len(episodes), **episode_metrics(episodes, stats)}
+    os.makedirs(config.output_dir, exist_ok=True)
+    with open(os.path.join(config.output_dir, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    with open(os.path.join(config.output_dir, "trajectories.jsonl"), "w", encoding="utf-8") as handle:
+        for episode in episodes:
+            if config.min_reward is None or episode.reward >= config.min_reward:
+                handle.write(json.dumps({"messages": episode.messages(), "reward": episode.reward,
+                                         "task_seed": episode.spec.task_seed}) + "\n")
+    return summary
+
+
+COMMANDS = {
+    "sft": (SFTConfig, "Supervised fine-tuning in PST stages (optionally a tiny model from scratch)."),
+    "train": (TrainConfig, "RL: optional PST, then GRPO or PPO, serial or on Ray, with checkpoints."),
+    "eval": (EvalConfig, "Evaluate a policy, baseline agent or API endpoint; save trajectories."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=f"{help_text}\n\n{cls.__doc__.split(chr(10))[0]}")
+        sub.add_argument("--config", metavar="YAML", help="YAML file of options; the options below override it.")
+        add_options(sub, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(COMMANDS[args.command][0], args.config, overrides_from(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"rl {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "sft":
+        run_sft(config)
+    elif args.command == "train":
+        history = run_train(config)
+        if history:
+            print(json.dumps({k: round(v, 4) for k, v in history[-1].items() if not k.startswith("time/")}))
+    else:
+        print(json.dumps(run_eval(config), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""Run configurations: small self-validating dataclasses, YAML files, and command-line overrides.
+
+A run is one :class:`TrainConfig` (``rl train``), :class:`SFTConfig` (``rl sft``) or
+:class:`EvalConfig` (``rl eval``). Each section is a dataclass whose docstring documents every field;
+``__post_init__`` rejects a bad value with a message naming it and the fix. YAML files mirror the
+nesting (``grpo: {group_size: 8}``); on the command line every field is an option
+``--section.field VALUE`` whose help is the field's docstring (values are read as YAML: ``true``,
+``3e-4``, ``[a, b]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from rl.grpo import GRPOConfig
+from rl.ppo import PPOConfig
+from rl.sft import SFTStage
+
+
+@dataclass
+class EnvConfig:
+    """The environment.
+
+    Attributes:
+        id: a gymnasium id of a visenv environment, e.g. "visenv/VisGen-v0" or "visenv/ToolEcho-v0".
+        options: keyword options of the environment (e.g. max_turns, observe_pixels).
+    """
+
+    id: str = "visenv/ToolEcho-v0"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import gymnasium
+
+        import visenv  # noqa: F401  (registers the ids)
+
+        if self.id not in gymnasium.envs.registry:
+            raise ValueError(f"env.id ({self.id!r}) is not a registered environment; "
+                             f"use one of {list(visenv.ENV_IDS)}.")
+
+    def make(self):
+        """A new environment (picklable: Ray workers call it)."""
+        import gymnasium
+
+        import visenv  # noqa: F401
+
+        return gymnasium.make(self.id, **self.options)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (needs peft).
+
+    Attributes:
+        rank: adapter rank r.
+        alpha: LoRA alpha (scale alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: names of the linear layers that get adapters.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or not self.target_modules:
+            raise ValueError(f"lora.rank ({self.rank}) must be >= 1 and lora.target_modules non-empty.")
+
+
+@dataclass
+class PolicyConfig:
+    """The policy.
+
+    Attributes:
+        model: folder (or hub id) of the model and its tokenizer, e.g. the "policy" folder that
+            ``rl sft`` writes.
+        kind: "causal_lm" (text) or "vlm" (Llava-style image-text-to-text; sees tool images).
+        chat: chat format: "plain" (tokenizers trained by rl) or "chatml" (Qwen and similar).
+        system_prompt: text of the system segment that opens each episode, or null.
+        max_new_tokens: most tokens in one policy turn.
+        temperature: sampling temperature (0: greedy).
+        dtype: "float32", "bfloat16" or "float16".
+        device: "cpu", "cuda", or "auto" (cuda when available).
+        images_per_turn: (vlm) most images shown per observation.
+        lora: LoRA adapters, or null to train all weights.
+    """
+
+    model: str = ""
+    kind: str = "causal_lm"
+    chat: str = "plain"
+    system_prompt: str | None = None
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    dtype: str = "float32"
+    device: str = "auto"
+    images_per_turn: int = 1
+    lora: LoraConfig | None = None
+
+    def __post_init__(self) -> None:
+        choices = {"kind": ("causal_lm", "vlm"), "chat": ("plain", "chatml"),
+                   "dtype": ("float32", "bfloat16", "float16"), "device": ("cpu", "cuda", "auto")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"policy.{name} ({getattr(self, name)!r}) must be one of {allowed}.")
+        if self.max_new_tokens < 1 or self.temperature < 0:
+            raise ValueError(f"policy.max_new_tokens ({self.max_new_tokens}) must be >= 1 and "
+                             f"policy.temperature ({self.temperature}) >= 0.")
+
+    def build(self):
+        """Load the policy (picklable: Ray workers call it)."""
+        import torch
+
+        from rl.hf import CausalLMPolicy, VisionLMPolicy, add_lora
+
+        if not self.model:
+            raise ValueError("policy.model is empty: give the folder of a model (e.g. the policy folder "
+                             "written by `rl sft`) or a hub id.")
+        options = dict(chat=self.chat, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                       system_prompt=self.system_prompt)
+        if self.kind == "vlm":
+            policy = VisionLMPolicy.from_pretrained(self.model, self.dtype, images_per_turn=self.images_per_turn,
+                                                    **options)
+        else:
+            policy = CausalLMPolicy.from_pretrained(self.model, self.dtype, **options)
+        if self.lora is not None:
+            add_lora(policy, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.target_modules)
+        device = "cuda" if self.device == "auto" and torch.cuda.is_available() else self.device
+        policy.model.to("cpu" if device == "auto" else device)
+        return policy
+
+
+@dataclass
+class RolloutConfig:
+    """Where and how episodes run.
+
+    Attributes:
+        backend: "serial" (this process, the debugging twin) or "ray" (rollout worker actors).
+        num_envs: environments per process: the batch size of each generate call (per worker on Ray).
+        num_workers: (ray) rollout worker actors.
+        placement: (ray) "colocate" keeps a GRPO group on one worker; "spread" splits it.
+        worker_num_cpus: (ray) CPUs each worker reserves (fractions allowed).
+        worker_num_gpus: (ray) GPUs each worker reserves (fractions allowed; 0 without GPUs).
+        torch_threads: (ray) torch threads per worker.
+        max_restarts: (ray) worker deaths tolerated per iteration before the run stops.
+        max_staleness: (ray) iterations the workers' weights may lag the learner's (0: on-policy;
+            more saves weight transfers and makes GRPO use the sampler's log-probs).
+        ray_address: (ray) null starts a local Ray; "auto" or "host:port" joins a cluster.
+    """
+
+    backend: str = "serial"
+    num_envs: int = 64
+    num_workers: int = 2
+    placement: str = "colocate"
+    worker_num_cpus: float = 1.0
+    worker_num_gpus: float = 0.0
+    torch_threads: int = 1
+    max_restarts: int = 3
+    max_staleness: int = 0
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("serial", "ray"):
+            raise ValueError(f"rollout.backend ({self.backend!r}) must be 'serial' or 'ray'.")
+        if self.placement not in ("colocate", "spread"):
+            raise ValueError(f"rollout.placement ({self.placement!r}) must be 'colocate' or 'spread'.")
+        if self.num_envs < 1 or self.num_workers < 1 or self.torch_threads < 1:
+            raise ValueError(f"rollout.num_envs ({self.num_envs}), num_workers ({self.num_workers}) and "
+                             f"torch_threads ({self.torch_threads}) must be at least 1.")
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness ({self.max_staleness}) must be >= 0.")
+        if self.max_staleness and self.backend == "serial":
+            raise ValueError(f"rollout.max_staleness ({self.max_staleness}) needs backend 'ray': the serial "
+                             "backend always samples with the learner's latest weights. Set it to 0.")
+
+    def build(self, policy, make_policy: Callable[[], Any], make_env: Callable[[], Any]):
+        """The rollout backend; Ray is started (or joined) here when needed."""
+        from rl.rollout import RayRollout, SerialRollout
+
+        if self.backend == "serial":
+            return SerialRollout(policy, make_env, self.num_envs)
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.ray_address, include_dashboard=False)
+        return RayRollout(make_policy, make_env, self.num_workers, self.num_envs, self.placement,
+                          self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts)
+
+
+@dataclass
+class TinyModelConfig:
+    """A Llama built from scratch, with a BPE tokenizer trained on the SFT data.
+
+    Attributes:
+        vocab_size: tokenizer vocabulary size (special tokens and 256 bytes included).
+        hidden_size: model width.
+        num_layers: transformer layers.
+        num_heads: attention heads.
+        intermediate_size: MLP width.
+    """
+
+    vocab_size: int = 1000
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 352
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"tiny.hidden_size ({self.hidden_size}) must be divisible by tiny.num_heads "
+                             f"({self.num_heads}).")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning in PST stages (``rl sft``, or before RL in ``rl train``).
+
+    Attributes:
+        model: "tiny" (train a tokenizer on the data and build a small Llama) or a model folder/hub id.
+        tiny: the tiny model's size (used when model is "tiny").
+        chat: chat format ("plain" for tiny models).
+        stages: the PST stages, in order.
+        seed: seeds data mixing, batching and the tiny model's initialisation.
+        output_dir: where the fine-tuned policy folder ("policy") and metrics go.
+    """
+
+    model: str = "tiny"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    chat: str = "plain"
+    stages: list[SFTStage] = field(default_factory=list)
+    seed: int = 0
+    output_dir: str = "runs/sft"
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("sft.stages is empty: give at least one stage with a 'visual' JSONL path.")
+
+
+@dataclass
+class TrainConfig:
+    """An RL run (``rl train``): optional PST, then GRPO or PPO.
+
+    Attributes:
+        algorithm: "grpo" or "ppo".
+        env: the environment.
+        policy: the policy to train (its model is replaced by the SFT result when sft is set).
+        rollout: rollout backend and layout.
+        grpo: GRPO hyperparameters (algorithm "grpo").
+        ppo: PPO hyperparameters (algorithm "ppo").
+        sft: PST stages to run first, or null.
+        iterations: RL iterations.
+        seed: seeds tasks and sampling of every iteration.
+        output_dir: checkpoints ("checkpoints/iter_*"), metrics.jsonl and TensorBoard files.
+        checkpoint_every: save every this many iterations (and at the end); 0 only at the end.
+        resume: continue from the newest checkpoint in output_dir when there is one.
+        tensorboard: write TensorBoard scalars.
+        wandb_project: also log to this W&B project, or null.
+        progress: show a progress bar with the live reward.
+    """
+
+    algorithm: str = "grpo"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    sft: SFTConfig | None = None
+    iterations: int = 100
+    seed: int = 0
+    output_dir: str = "runs/train"
+    checkpoint_every: int = 10
+    resume: bool = True
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("grpo", "ppo"):
+            raise ValueError(f"algorithm ({self.algorithm!r}) must be 'grpo' or 'ppo'.")
+        if self.iterations < 1 or self.checkpoint_every < 0:
+            raise ValueError(f"iterations ({self.iterations}) must be >= 1 and checkpoint_every "
+                             f"({self.checkpoint_every}) >= 0.")
+        if self.algorithm == "grpo" and self.rollout.max_staleness and not self.grpo.off_policy:
+            raise ValueError(f"rollout.max_staleness ({self.rollout.max_staleness}) > 0 needs grpo.off_policy: "
+                             "true (the old log-probs must come from the stale sampler).")
+        if self.algorithm == "ppo" and self.rollout.max_staleness:
+            raise ValueError(f"rollout.max_staleness ({self.rollout.max_staleness}) must be 0 with ppo.")
+        if self.sft is None and not self.policy.model:
+            raise ValueError("policy.model is empty and there is no sft section: give a model folder, or an "
+                             "sft section to build one first.")
+
+    @property
+    def groups(self) -> tuple[int, int]:
+        """(tasks per iteration, rollouts per task)."""
+        if self.algorithm == "grpo":
+            return self.grpo.tasks_per_iteration, self.grpo.group_size
+        return self.ppo.episodes_per_iteration, 1
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation (``rl eval``): run a policy on fresh tasks, report rewards, save trajectories.
+
+    Attributes:
+        env: the environment.
+        policy: the policy, when neither agent nor api is set.
+        agent: a baseline agent as "module:Class" (e.g. "baselines.random_agent:RandomAgent"), or null.
+        api_base_url: an OpenAI-compatible endpoint to evaluate instead (e.g. "http://127.0.0.1:8000/v1").
+        api_model: the model name the endpoint serves.
+        episodes: episodes to run (one per task seed).
+        seed: seeds the tasks (use a seed never used in training).
+        num_envs: environments run together (the batch size of each generate call).
+        output_dir: where summary.json and trajectories.jsonl go.
+        min_reward: only episodes with at least this reward go to trajectories.jsonl (SFT data), or null for all.
+    """
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    agent: str | None = None
+    api_base_url: str | None = None
+    api_model: str = ""
+    episodes: int = 256
+    seed: int = 12345
+    num_envs: int = 64
+    output_dir: str = "runs/eval"
+    min_reward: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1 or self.num_envs < 1:
+            raise ValueError(f"episodes ({self.episodes}) and num_envs ({self.num_envs}) must be at least 1.")
+        if self.agent is not None and not re.fullmatch(r"[\w.]+:\w+", self.agent):
+            raise ValueError(f"agent ({self.agent!r}) must look like 'module:Class', e.g. "
+                             "'baselines.random_agent:RandomAgent'.")
+        if self.api_base_url and not self.api_model:
+            raise ValueError("api_base_url is set but api_model is empty: name the model the endpoint serves.")
+
+
+# ---------------------------------------------------------------- dicts, YAML and command lines
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds (also inside ``X | None``), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts; unknown keys are an error naming the valid ones."""
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"Unknown option(s) {[where + k for k in unknown]}; the options of "
+                         f"{where.rstrip('.') or cls.__name__} are {sorted(names)}.")
+    hints = _hints(cls)
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        inner = _dataclass_in(hint)
+        if inner is not None and isinstance(value, dict):
+            value = from_dict(inner, value, f"{where}{name}.")
+        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            if not isinstance(value, list):
+                raise ValueError(f"{where}{name} must be a list, not {type(value).__name__}.")
+            item_cls = typing.get_args(hint)[0]
+            value = [from_dict(item_cls, item, f"{where}{name}[{i}].") for i, item in enumerate(value)]
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ValueError(f"{where.rstrip('.') or cls.__name__}: {exc}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML and logging)."""
+    return dataclasses.asdict(config)
+
+
+def load(cls: type, path: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """Build ``cls`` from a YAML file (or defaults) with dotted-key overrides (``{"grpo.group_size": 4}``)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a YAML mapping of options, not {type(data).__name__}.")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return from_dict(cls, data)
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description, from the "Attributes:" section of the class docstring."""
+    docs: dict[str, str] = {}
+    text = inspect.getdoc(cls) or ""
+    if "Attributes:" not in text:
+        return docs
+    current = None
+    for line in text.split("Attributes:", 1)[1].splitlines():
+        match = re.match(r"^    (\w+): (.*)$", line)
+        if match:
+            current = match.group(1)
+            docs[current] = match.group(2)
+        elif current and line.startswith("        "):
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """One ``--prefix.field`` option per leaf field of ``cls`` (nested dataclasses recurse)."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        inner = _dataclass_in(_hints(cls)[f.name])
+        if inner is not None:
+            add_options(parser, inner, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{prefix}{f.name}", dest=f"set:{prefix}{f.name}", metavar="VALUE", default=None,
+                            help=f"{docs.get(f.name, '')} (default: {default!r})")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--section.field`` options given on the command line, values parsed as YAML."""
+    return {key[4:]: yaml.safe_load(value) for key, value in vars(args).items()
+            if key.startswith("set:") and value is not None}

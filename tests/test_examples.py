@@ -1,0 +1,50 @@
+"""Every example runs (as a user would run it, in a subprocess) with small settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, *args: str, timeout: int = 300) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_step_by_hand():
+    out = run_example("step_by_hand.py", "--seed", "0")
+    assert out.startswith("Request: ")
+    assert re.search(r"--- answer: terminated=True reward=1\.000", out)
+    assert "'s_rate': True, 'amount': True" in out
+
+
+def test_custom_policy():
+    out = run_example("custom_policy.py", "--n", "6")
+    rewards = dict(re.findall(r"(one-tool policy|random|workflow teacher) (-?\d\.\d+)", out.splitlines()[-1]))
+    assert float(rewards["workflow teacher"]) > float(rewards["one-tool policy"]) > float(rewards["random"])
+
+
+def test_build_cache(tmp_path):
+    out = run_example("build_cache.py", "--cache", str(tmp_path / "cache"), "--n", "3")
+    assert re.search(r"record: \d+ text-to-image outputs, by backend \{'real': \d+\}", out)
+    assert "all from the exact cache: True, identical to the recording: True" in out
+    again = run_example("build_cache.py", "--cache", str(tmp_path / "cache"), "--n", "3")
+    assert re.search(r"by backend \{'exact_cache': \d+\}", again)  # a second build finds everything cached
+
+
+@pytest.mark.slow
+def test_rllib_ppo(tmp_path):
+    out = run_example("rllib_ppo.py", "--iterations", "1", "--batch", "200", "--eval-episodes", "5",
+                      "--json", str(tmp_path / "rllib.json"))
+    figures = json.loads((tmp_path / "rllib.json").read_text())
+    assert figures["iterations"] == 1 and len(figures["sampled_returns"]) == 1
+    assert f"PPO (greedy) {figures['ppo_greedy']:.3f}, random {figures['random']:.3f}" in out

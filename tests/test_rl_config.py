@@ -1,0 +1,65 @@
+"""Configs: validation messages name the value and the fix; YAML, overrides and --help."""
+
+import glob
+import os
+
+import pytest
+
+from rl.cli import build_parser, main
+from rl.config import (EnvConfig, EvalConfig, PolicyConfig, RolloutConfig, SFTConfig, TinyModelConfig,
+                       TrainConfig, load, to_dict)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: RolloutConfig(backend="mpi"), r"rollout.backend \('mpi'\) must be 'serial' or 'ray'"),
+    (lambda: RolloutConfig(max_staleness=2), r"max_staleness \(2\) needs backend 'ray'"),
+    (lambda: PolicyConfig(dtype="int8"), r"policy.dtype \('int8'\) must be one of"),
+    (lambda: TrainConfig(algorithm="dqn", policy=PolicyConfig(model="m")), r"algorithm \('dqn'\)"),
+    (lambda: TrainConfig(), r"policy.model is empty and there is no sft section"),
+    (lambda: TrainConfig(policy=PolicyConfig(model="m"), rollout=RolloutConfig(backend="ray", max_staleness=1)),
+     r"needs grpo.off_policy: true"),
+    (lambda: TinyModelConfig(hidden_size=100, num_heads=3), r"tiny.hidden_size \(100\) must be divisible"),
+    (lambda: SFTConfig(), r"sft.stages is empty"),
+    (lambda: EvalConfig(agent="baselines.random_agent"), r"must look like 'module:Class'"),
+    (lambda: EnvConfig("Nope-v0"), r"env.id \('Nope-v0'\) is not a registered environment"),
+])
+def test_validation_messages(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_yaml_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("algorithm: ppo\npolicy: {model: m}\nppo: {epochs: 3}\n")
+    config = load(TrainConfig, str(path), {"ppo.gamma": 0.9, "rollout.num_envs": 8})
+    assert (config.algorithm, config.ppo.epochs, config.ppo.gamma, config.rollout.num_envs) == ("ppo", 3, 0.9, 8)
+    assert config.groups == (64, 1)
+    assert to_dict(config)["ppo"]["gamma"] == 0.9
+    path.write_text("policy: {model: m, tempreature: 0.5}\n")
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['policy.tempreature'\]; the options of policy"):
+        load(TrainConfig, str(path))
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="must hold a YAML mapping"):
+        load(TrainConfig, str(path))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_example_configs_load(path):
+    cls = EvalConfig if os.path.basename(path).startswith(("eval", "teacher")) else TrainConfig
+    load(cls, path)
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--grpo.kl_estimator VALUE" in text and '"k1", "k2" or "k3"' in text
+    assert "--rollout.max_staleness VALUE" in text and "(default: 0)" in text
+    assert "--sft.tiny.hidden_size" in text
+
+
+def test_cli_reports_bad_values_without_a_traceback(capsys):
+    assert main(["train", "--policy.model", "m", "--grpo.group_size", "1"]) == 2
+    assert "group_size (1) must be at least 2" in capsys.readouterr().err

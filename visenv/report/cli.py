@@ -1,0 +1,63 @@
+"""``visenv report``: the HTML report of a results.json written by ``visenv eval``.
+
+    visenv eval --agent teacher --trajectories --out runs/eval/results.json
+    visenv report runs/eval/results.json          # runs/eval/report.html + runs/eval/media/
+
+The pictures come from re-playing the recorded actions on the same suite and seed (defaults: those
+of ``visenv eval``); pass the same ``--suite/--n/--task-seed`` (or ``--tasks``) and ``--seed`` that
+the evaluation used, or ``--no-media`` for the tables, plots and turns without pictures. Register
+the command on a parser with :func:`add_report_commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from visenv.envs.config import TASK_SUITES
+from visenv.error import ConfigError
+from visenv.report.collect import replay_captures
+from visenv.report.page import write_report
+from visenv.tasks import load_tasks, make_suite
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write report.html (and media/) for a results.json."""
+    try:
+        payload = json.loads(Path(args.results).read_text(encoding="utf-8"))
+        episodes, summary = payload["episodes"], payload["summary"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{args.results} is not a results.json written by `visenv eval` ({err}).") from None
+    out = Path(args.out) if args.out else Path(args.results).parent
+    captures = None
+    if not args.no_media:
+        if args.tasks:
+            tasks = load_tasks(args.tasks)
+        else:
+            tasks = make_suite(args.n, args.task_seed, modality=None if args.suite == "all" else args.suite)
+        captures, _ = replay_captures(episodes, tasks, out, seed=args.seed)
+    path = write_report(out, episodes, summary, captures, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_report_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``report`` on a subparsers object; it sets ``func`` (namespace -> exit status).
+
+    Returns:
+        The ``report`` parser.
+    """
+    p = subparsers.add_parser("report", help="write the HTML report of a results.json", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="results.json written by `visenv eval --trajectories`")
+    p.add_argument("--out", help="the report folder (default: the folder of RESULTS)")
+    p.add_argument("--suite", choices=TASK_SUITES, default="all", help="the evaluated built-in suite (default all)")
+    p.add_argument("--n", type=int, default=84, help="number of built-in tasks evaluated (default 84)")
+    p.add_argument("--task-seed", type=int, default=10_000, help="seed of the evaluated suite (default 10000)")
+    p.add_argument("--tasks", help="the evaluated JSONL task file, instead of the built-in suite")
+    p.add_argument("--seed", type=int, default=0, help="the evaluation seed (default 0)")
+    p.add_argument("--no-media", action="store_true", help="no pictures: skip the replay")
+    p.add_argument("--title", default="visenv benchmark report", help="the page title")
+    p.set_defaults(func=cmd_report)
+    return p

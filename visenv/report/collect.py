@@ -1,0 +1,107 @@
+"""Gather what the report shows: run an evaluation with pictures, or replay a results.json for them.
+
+Both paths reuse :func:`visenv.evaluation.run_episode` semantics exactly: one environment over the
+suite, episode ``i`` reset with seed ``seed + i``. :func:`evaluate_with_report` plays the agent and
+captures each episode's artifacts right after its last step; :func:`replay_captures` re-plays the
+recorded actions of a results.json in a fresh environment, which reproduces the same artifacts
+(the tools are seeded by the episode seed and call index), and checks that every replayed reward
+equals the recorded one, so a wrong suite, seed or environment setting is reported, never drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from tqdm import tqdm
+
+from visenv.envs.visgen import VisGenEnv
+from visenv.episode import EpisodeRecord
+from visenv.error import ConfigError
+from visenv.evaluation import EpisodeResult, run_episode, summarize
+from visenv.report.media import EpisodeCapture, capture_episode
+from visenv.report.page import write_report
+from visenv.tasks import Task
+
+
+def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task], report_dir: str | Path, *,
+                         seed: int = 0, env_config: Mapping[str, Any] | None = None, grader: Any = None,
+                         progress: bool = True, title: str = "visenv benchmark report"
+                         ) -> tuple[list[EpisodeResult], dict[str, Any]]:
+    """:func:`visenv.evaluation.evaluate` with trajectories kept, plus ``report.html`` and its pictures.
+
+    Write results.json beside the page with :func:`visenv.evaluation.write_results`, as ``visenv eval`` does.
+
+    Args:
+        agent_factory: makes the agent (any object with ``reset(observation, seed)`` and ``act(observation)``).
+        tasks: the suite; one episode per task.
+        report_dir: where report.html and media/ are written.
+        seed: episode ``i`` is reset with ``seed + i`` (as in ``evaluate``).
+        env_config: options of the :class:`~visenv.envs.visgen.VisGenEnv`.
+        grader: a :class:`~visenv.rewards.judges.BenchmarkGrader` for the subjective dimensions, or None.
+        progress: show a progress bar.
+        title: the page title.
+
+    Returns:
+        The episode results and the summary, the same as ``evaluate(..., keep_trajectories=True)``.
+    """
+    env = VisGenEnv(dict(env_config or {}), tasks=list(tasks))
+    agent = agent_factory()
+    results, captures, records = [], [], []
+    for i, task in enumerate(tqdm(tasks, desc="evaluate", disable=not progress, leave=False)):
+        results.append(run_episode(env, agent, task, seed + i, keep_trajectory=True))
+        records.append(env.record)
+        captures.append(capture_episode(env.record, report_dir))
+    summary = summarize(results)
+    grades = grader(records) if grader is not None else None
+    write_report(report_dir, results, summary, captures, grades, title)
+    return results, summary
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def replay_captures(episodes: Sequence[Mapping[str, Any]], tasks: Sequence[Task], report_dir: str | Path, *,
+                    seed: int = 0, env_config: Mapping[str, Any] | None = None
+                    ) -> tuple[list[EpisodeCapture], list[EpisodeRecord]]:
+    """Re-play recorded episodes to recover their artifacts; write their pictures under ``report_dir``.
+
+    Args:
+        episodes: the ``episodes`` of a results.json written with trajectories.
+        tasks: the suite the evaluation used, in its order.
+        report_dir: the report folder.
+        seed: the evaluation's seed.
+        env_config: the evaluation's environment options.
+
+    Returns:
+        Per episode its capture and its replayed record (for a grader).
+
+    Raises:
+        ConfigError: the episodes do not match the suite, hold no trajectory, or replay to another
+            reward (another seed or environment setting was used).
+    """
+    if len(episodes) != len(tasks):
+        raise ConfigError(f"results hold {len(episodes)} episodes but the suite has {len(tasks)} tasks: pass the "
+                          "suite the evaluation used (same --suite/--n/--task-seed or --tasks).")
+    env = VisGenEnv(dict(env_config or {}), tasks=list(tasks))
+    captures, records = [], []
+    for i, (episode, task) in enumerate(zip(episodes, tasks)):
+        if episode["task_id"] != task.task_id:
+            raise ConfigError(f"episode {i} played task {episode['task_id']!r} but task {i} of the suite is "
+                              f"{task.task_id!r}: pass the suite the evaluation used.")
+        if not episode["trajectory"]:
+            raise ConfigError(f"episode {i} ({task.task_id}) has no trajectory: evaluate with "
+                              "keep_trajectories=True (`visenv eval --trajectories`).")
+        env.reset(seed=seed + i, options={"task": task})
+        total = 0.0
+        for step in episode["trajectory"]:
+            total += env.step(step["action"])[1]
+        if not _same(total, float(episode["reward"])):
+            raise ConfigError(f"episode {i} ({task.task_id}) replays to reward {total:.6f}, not the recorded "
+                              f"{float(episode['reward']):.6f}: pass the seed and environment options the "
+                              "evaluation used.")
+        records.append(env.record)
+        captures.append(capture_episode(env.record, report_dir))
+    return captures, records

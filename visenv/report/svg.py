@@ -1,0 +1,105 @@
+"""Inline SVG charts for the report: no JavaScript, no fonts or files from the network.
+
+Each chart is a standalone ``<svg>`` string. Every bar carries ``data-series``, ``data-label`` and
+``data-value`` attributes (the exact value it draws), so tests and scripts can read the numbers
+back from the page.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Mapping, Sequence
+
+PALETTE = ("#3b6fd8", "#e07b39", "#3aa070", "#b04fb6", "#c9a227", "#d24d57", "#5fb3c9", "#7a7a7a")
+_FONT = 'font-family="sans-serif" font-size="11"'
+
+
+def _number(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _legend(names: Sequence[str], x: float, y: float) -> list[str]:
+    parts = []
+    for i, name in enumerate(names):
+        left = x + 130 * i
+        parts.append(f'<rect x="{left}" y="{y - 9}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>')
+        parts.append(f'<text x="{left + 14}" y="{y}" {_FONT}>{escape(name)}</text>')
+    return parts
+
+
+def grouped_bars(title: str, categories: Sequence[str], series: Mapping[str, Sequence[float | None]],
+                 low: float = 0.0, high: float = 1.0) -> str:
+    """Vertical bars: one group per category, one bar per series (None: no bar, "n/a" written).
+
+    Args:
+        title: the chart's title.
+        categories: the group labels along the x axis.
+        series: series name -> one value per category.
+        low: the value at the bottom of the axis (values below are clipped to it).
+        high: the value at the top of the axis.
+    """
+    names = list(series)
+    group_width = max(24, 14 * len(names) + 10)
+    label_width = 6 * max([len(c) for c in categories] + [1])  # labels are turned 60 degrees
+    left, top, plot = max(40, label_width // 2), 40, 160
+    width, height = left + 20 + group_width * len(categories), top + plot + 20 + int(0.87 * label_width)
+    scale = plot / (high - low)
+    zero = top + plot - ((0.0 if low <= 0.0 <= high else low) - low) * scale
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+             f'role="img" aria-label="{escape(title)}">',
+             f'<text x="{left}" y="16" {_FONT} font-weight="bold">{escape(title)}</text>']
+    parts += _legend(names, left, 32)
+    for tick in (low, (low + high) / 2, high):
+        y = top + plot - (tick - low) * scale
+        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" {_FONT} text-anchor="end">{tick:g}</text>')
+    for c, category in enumerate(categories):
+        x0 = left + 6 + c * group_width
+        for s, name in enumerate(names):
+            value = series[name][c]
+            x = x0 + 14 * s
+            label = f'data-series="{escape(name)}" data-label="{escape(category)}"'
+            if value is None:
+                parts.append(f'<text x="{x + 5}" y="{zero - 3:.1f}" {_FONT} font-size="7" text-anchor="middle" '
+                             f'{label} data-value="n/a">n/a</text>')
+                continue
+            y = top + plot - (min(max(value, low), high) - low) * scale
+            y_top, bar = min(y, zero), abs(zero - y)
+            parts.append(f'<rect x="{x}" y="{y_top:.1f}" width="11" height="{max(bar, 0.5):.1f}" '
+                         f'fill="{PALETTE[s % len(PALETTE)]}" {label} data-value="{_number(value)}">'
+                         f'<title>{escape(name)} {escape(category)}: {_number(value)}</title></rect>')
+        anchor = f"{x0 + group_width / 2:.1f} {top + plot + 12}"
+        parts.append(f'<text x="{x0 + group_width / 2:.1f}" y="{top + plot + 12}" {_FONT} text-anchor="end" '
+                     f'transform="rotate(-60 {anchor})">{escape(category)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def histogram(title: str, values: Sequence[float], bins: int = 10, low: float = 0.0, high: float = 1.0) -> str:
+    """Counts of ``values`` in ``bins`` equal bins over [low, high] (values outside go to the end bins).
+
+    Each bar's ``data-value`` is its count and ``data-label`` its bin, e.g. ``"0.90-1.00"``.
+    """
+    counts = [0] * bins
+    for value in values:
+        position = int((value - low) / (high - low) * bins)
+        counts[min(max(position, 0), bins - 1)] += 1
+    width, height, left, top, plot = 60 + 34 * bins, 230, 40, 30, 160
+    peak = max(counts + [1])
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+             f'role="img" aria-label="{escape(title)}">',
+             f'<text x="{left}" y="16" {_FONT} font-weight="bold">{escape(title)}</text>',
+             f'<line x1="{left}" x2="{left + 34 * bins}" y1="{top + plot}" y2="{top + plot}" stroke="#999"/>']
+    for b, count in enumerate(counts):
+        edge = low + (high - low) * b / bins
+        label = f"{edge:.2f}-{edge + (high - low) / bins:.2f}"
+        bar = plot * count / peak
+        x = left + 34 * b
+        parts.append(f'<rect x="{x + 2}" y="{top + plot - bar:.1f}" width="30" height="{max(bar, 0.5):.1f}" '
+                     f'fill="{PALETTE[0]}" data-series="episodes" data-label="{label}" data-value="{count}">'
+                     f'<title>{label}: {count}</title></rect>')
+        parts.append(f'<text x="{x + 17}" y="{top + plot - bar - 3:.1f}" {_FONT} text-anchor="middle">{count}</text>')
+        parts.append(f'<text x="{x + 2}" y="{top + plot + 13}" {_FONT} font-size="9">{edge:.1f}</text>')
+    parts.append(f'<text x="{left + 34 * bins}" y="{top + plot + 13}" {_FONT} font-size="9">{high:.1f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
