@@ -8,7 +8,8 @@ KL weight (k3 estimator, reference = the warm start) and token-level loss. One i
 runs ``--iterations`` timed iterations after ``--warmup`` untimed ones; blocks alternate so that
 load drift on a shared machine hits both. Needs TRL (benchmark-only): ``pip install trl``.
 
-    python benchmarks/grpo_vs_trl.py [--iterations 10] [--blocks 2] [--threads 2] [--out benchmarks/results/grpo_vs_trl.json]
+    python benchmarks/grpo_vs_trl.py [--iterations 10] [--blocks 2] [--threads 2]
+        [--out benchmarks/results/grpo_vs_trl.json]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -107,7 +109,8 @@ def run_trl(policy, weights, args, iterations, seed):
     policy.model.generation_config.pad_token_id = policy.pad_id
     policy.tokenizer.eos_token = policy.chat.stop  # TRL stops generation at the tokenizer's eos
     policy.save(folder)
-    config = TRLConfig(output_dir=os.path.join(args.scratch, "trl"), per_device_train_batch_size=args.prompts * args.group,
+    config = TRLConfig(output_dir=os.path.join(args.scratch, "trl"),
+                       per_device_train_batch_size=args.prompts * args.group,
                        num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0,
                        learning_rate=args.lr, beta=args.beta, loss_type="dapo", num_iterations=1,
                        steps_per_generation=1, gradient_accumulation_steps=1, max_steps=iterations,
@@ -118,7 +121,8 @@ def run_trl(policy, weights, args, iterations, seed):
     trainer = GRPOTrainer(model=folder, reward_funcs=[echo_reward], args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=policy.tokenizer, callbacks=[timer])
     trainer.train()
-    lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history if "completions/mean_length" in entry]
+    lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history
+               if "completions/mean_length" in entry]
     return timer, lengths
 
 
@@ -138,6 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    import transformers
     import trl
 
     policy = warm_policy(args.max_new_tokens)
@@ -157,9 +162,9 @@ def main() -> None:
     generate, env, update = (sum(s[i] for s in shares) for i in range(3))
     total = sum(ours)
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), torch threads {args.threads}",
-        "command": "python " + " ".join(sys.argv),
-        "versions": {"torch": torch.__version__, "trl": trl.__version__},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch threads {args.threads}",
+        "command": shlex.join(["python", *sys.argv]),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "setup": {"prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens,
                   "model": "Llama hidden 128 x 2 layers, tied, vocab %d" % len(policy.tokenizer)},
         "ours_samples_per_s": round(ours_rate, 1), "trl_samples_per_s": round(trl_rate, 1),

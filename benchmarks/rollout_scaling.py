@@ -1,7 +1,8 @@
 """Rollout throughput: the serial backend, and the Ray backend with 1 and 2 workers.
 
 Each configuration samples the same ``--episodes`` episodes (same specs, so the same samples) with a
-tiny policy (Llama hidden 128 x 2 layers) after one untimed warm-up round; Ray workers reserve one CPU
+tiny random policy (Llama hidden 128 x 2 layers, a BPE trained on the environment's observations)
+after one untimed warm-up round; Ray workers reserve one CPU
 and one torch thread each. Reported: episodes/s, policy tokens/s, env steps/s, the scaling efficiency
 of 2 workers over 1, and where the workers' time went (generation vs environment).
 
@@ -16,7 +17,7 @@ import functools
 import json
 import os
 import platform
-import statistics
+import shlex
 import sys
 import tempfile
 import time
@@ -24,12 +25,10 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-from rl.config import EnvConfig  # noqa: E402
-from rl.hf import CausalLMPolicy, tiny_causal_lm  # noqa: E402
-from rl.rollout import RayRollout, SerialRollout, make_specs  # noqa: E402
-from rl_helpers import echo_tokenizer  # noqa: E402
+from rl.config import EnvConfig
+from rl.hf import CausalLMPolicy, tiny_causal_lm
+from rl.rollout import RayRollout, SerialRollout, make_specs
+from rl.tokenizer import train_tokenizer
 
 
 def measure(rollout, weights, specs, repeats):
@@ -62,7 +61,8 @@ def main() -> None:
     import ray
 
     env = EnvConfig(args.env, json.loads(args.env_options))
-    tokenizer = echo_tokenizer()
+    probe = env.make()  # a BPE trained on the environment's own observations keeps prompts short
+    tokenizer = train_tokenizer([probe.reset(seed=i)[0]["text"] for i in range(200)], 2000)
     policy = CausalLMPolicy(tiny_causal_lm(len(tokenizer)), tokenizer, max_new_tokens=args.max_new_tokens)
     folder = tempfile.mkdtemp(prefix="rollout_scaling_")
     policy.save(folder)
@@ -85,8 +85,8 @@ def main() -> None:
         print(f"{name:22}{r['episodes_per_s']:12.1f}{r['tokens_per_s']:10.0f}{r['env_steps_per_s']:9.1f}"
               f"{r['generate_share']:10.2f}{r['env_share']:10.2f}")
     print(f"scaling efficiency 2 workers vs 1: {efficiency:.2f}")
-    output = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
-              "command": "python " + " ".join(sys.argv), "env": args.env, "episodes": args.episodes,
+    output = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+              "command": shlex.join(["python", *sys.argv]), "env": args.env, "episodes": args.episodes,
               "results": results, "scaling_efficiency": round(efficiency, 3)}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:

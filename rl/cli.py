@@ -2,9 +2,10 @@
 
 Examples::
 
-    rl sft   --config configs/sft_toolecho.yaml
-    rl train --config configs/grpo_toolecho.yaml --grpo.group_size 4 --rollout.backend ray
-    rl eval  --config configs/eval_toolecho.yaml --policy.model runs/grpo/checkpoints/iter_000100/policy
+    rl eval  --config configs/teacher_visgen.yaml          # teacher trajectories -> SFT data
+    rl sft   --config configs/sft_visgen.yaml
+    rl train --config configs/visgen_pst_grpo.yaml --grpo.group_size 4 --rollout.backend ray
+    rl eval  --config configs/eval_visgen.yaml --policy.model runs/visgen/grpo/checkpoints/iter_000200/policy
 
 Every option of the YAML file is also a ``--section.field`` option; ``rl <command> --help`` lists
 them with their meaning and default.

@@ -64,13 +64,11 @@ class LoraConfig:
     Attributes:
         rank: adapter rank r.
         alpha: LoRA alpha (scale alpha / r).
-        dropout: dropout on the adapter input.
         target_modules: names of the linear layers that get adapters.
     """
 
     rank: int = 16
     alpha: float = 32.0
-    dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self) -> None:
@@ -134,7 +132,7 @@ class PolicyConfig:
         else:
             policy = CausalLMPolicy.from_pretrained(self.model, self.dtype, **options)
         if self.lora is not None:
-            add_lora(policy, self.lora.rank, self.lora.alpha, self.lora.dropout, self.lora.target_modules)
+            add_lora(policy, self.lora.rank, self.lora.alpha, self.lora.target_modules)
         device = "cuda" if self.device == "auto" and torch.cuda.is_available() else self.device
         policy.model.to("cpu" if device == "auto" else device)
         return policy

@@ -116,8 +116,10 @@ class GRPO:
             return metrics
         size = cfg.minibatch_size or len(rows)
         shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + iteration)
-        minibatches = [rows[torch.randperm(len(rows), generator=shuffle)][i:i + size]
-                       for _ in range(cfg.epochs) for i in range(0, len(rows), size)]
+        minibatches = []
+        for _ in range(cfg.epochs):
+            order = rows[torch.randperm(len(rows), generator=shuffle)]
+            minibatches += [order[i:i + size] for i in range(0, len(order), size)]
         batches = {}
 
         def batch_of(index: torch.Tensor) -> TokenBatch:

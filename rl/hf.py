@@ -176,22 +176,20 @@ class CausalLMPolicy:
         if any(s.images is not None for conv in conversations for s in conv.segments):
             batch.pixel_values = np.concatenate([s.images for conv in conversations for s in conv.segments
                                                  if s.images is not None])
+        rows, device = len(conversations), self.device
         uniforms = torch.stack([torch.rand(self.max_new_tokens, generator=torch.Generator().manual_seed(c.turn_seed()))
-                                for c in conversations])
-        rows = len(conversations)
-        device = self.device
-        sampled = torch.full((rows, self.max_new_tokens), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros(rows, self.max_new_tokens)
-        lengths = torch.full((rows,), self.max_new_tokens, dtype=torch.long)
-        done = torch.zeros(rows, dtype=torch.bool)
+                                for c in conversations]).to(device)
+        sampled = torch.full((rows, self.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, self.max_new_tokens, device=device)
+        lengths = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
         mask = batch.attention_mask.to(device)
         positions = batch.position_ids.to(device)
         with torch.inference_mode():
             out = self.model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1, **self._model_inputs(batch))
             for step in range(self.max_new_tokens):
-                logits = self._restrict(out.logits[:, -1].float()).cpu()
-                tokens, token_logprobs = self._sample(logits, uniforms[:, step])
+                tokens, token_logprobs = self._sample(self._restrict(out.logits[:, -1].float()), uniforms[:, step])
                 sampled[:, step] = torch.where(done, self.pad_id, tokens)
                 logprobs[:, step] = torch.where(done, 0.0, token_logprobs)
                 stopped = ~done & (tokens == self.stop_id)
@@ -201,8 +199,9 @@ class CausalLMPolicy:
                     break
                 mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], 1)
                 positions = positions[:, -1:] + 1
-                out = self.model(input_ids=sampled[:, step:step + 1].to(device), attention_mask=mask,
+                out = self.model(input_ids=sampled[:, step:step + 1], attention_mask=mask,
                                  position_ids=positions, cache=out.cache, use_cache=True)
+        sampled, logprobs, lengths = sampled.cpu(), logprobs.cpu(), lengths.tolist()
         turns = []
         for row in range(rows):
             ids = sampled[row, : lengths[row]].tolist()
@@ -336,14 +335,13 @@ def reference_policy(policy: CausalLMPolicy) -> CausalLMPolicy | AdapterOffRefer
     return reference
 
 
-def add_lora(policy: CausalLMPolicy, rank: int, alpha: float, dropout: float,
-             target_modules: Sequence[str]) -> CausalLMPolicy:
+def add_lora(policy: CausalLMPolicy, rank: int, alpha: float, target_modules: Sequence[str]) -> CausalLMPolicy:
     """Wrap the policy's model with LoRA adapters (peft); only the adapters stay trainable."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ImportError("LoRA needs the package 'peft', which is not installed. Install it with: "
                           "pip install peft") from None
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
-    policy.model = get_peft_model(policy.model, config)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
+    policy.model = get_peft_model(policy.model, config).eval()  # no dropout, as for the base model
     return policy

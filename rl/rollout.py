@@ -17,6 +17,7 @@ or counted twice.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -221,8 +222,6 @@ class RolloutWorker:
         return run_episodes(self.policy, self.envs, specs, self.weight_version)
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
 

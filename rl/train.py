@@ -15,7 +15,7 @@ from typing import Any, Protocol, Sequence
 
 from rl import checkpoint
 from rl.policy import TrainablePolicy
-from rl.rollout import Episode, RolloutStats, make_specs
+from rl.rollout import Episode, RolloutStats, SerialRollout, make_specs
 
 
 class Algorithm(Protocol):
@@ -139,7 +139,8 @@ class Trainer:
         while self.iteration < self.iterations:
             it = self.iteration
             if self.synced_version is None or it - self.synced_version > self.max_staleness:
-                self.rollout.set_weights(self.policy.get_weights(), it)
+                shared = isinstance(self.rollout, SerialRollout)  # it samples with the learner's own weights
+                self.rollout.set_weights(None if shared else self.policy.get_weights(), it)
                 self.synced_version = it
             episodes, stats = self.rollout.sample(make_specs(self.seed, it, self.num_groups, self.group_size))
             for callback in self.callbacks:

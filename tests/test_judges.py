@@ -381,6 +381,8 @@ def test_grade_benchmark_counts_failed_gradings(folder):
         graded = grade_benchmark(records, BenchmarkGrader(backend(srv.url)),
                                  metrics={"R_format": FormatReward()})
     assert graded["grader_failures"] == 1 and graded["overall"]["o_score"] is None
+    plain = grade_benchmark([episode(task(), [media(folder, "image", 14)])], BenchmarkGrader(backend(srv.url)))
+    assert plain["overall"]["dimensions"] == {} and plain["overall"]["o_score"] is None  # no benchmark task
     assert graded["overall"]["R_format"] == pytest.approx(FormatReward()(records)[0])
 
 

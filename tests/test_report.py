@@ -133,6 +133,8 @@ def test_dimension_scores_follow_the_benchmark_rule():
 class FixedGrader:
     """Grades the episodes 0.25, 0.75, ... and remembers which tasks it saw."""
 
+    judge_id = "fixed|test-grader"
+
     def __init__(self):
         self.seen = []
 

@@ -47,7 +47,8 @@ def test_yaml_overrides_and_unknown_keys(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
 def test_example_configs_load(path):
-    cls = EvalConfig if os.path.basename(path).startswith(("eval", "teacher")) else TrainConfig
+    name = os.path.basename(path)
+    cls = EvalConfig if name.startswith(("eval", "teacher")) else SFTConfig if name.startswith("sft") else TrainConfig
     load(cls, path)
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 
 def test_lora_trains_only_adapters_against_the_base_model(tmp_path):
-    policy = add_lora(tiny_policy(echo_tokenizer(), max_new_tokens=8), rank=4, alpha=8, dropout=0.0,
+    policy = add_lora(tiny_policy(echo_tokenizer(), max_new_tokens=8), rank=4, alpha=8,
                       target_modules=["q_proj", "v_proj"])
     weights = policy.get_weights()
     assert weights and all("lora_" in name for name in weights)

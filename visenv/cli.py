@@ -21,6 +21,7 @@ from visenv.cache_cli import add_cache_commands
 from visenv.data import add_data_commands
 from visenv.evaluation import evaluate, format_table, write_results
 from visenv.report.cli import add_report_commands
+from visenv.rewards.judges.grader import format_benchmark
 from visenv.report.collect import evaluate_with_report
 from visenv.tasks import load_tasks, make_suite, save_tasks, visgenbench
 
@@ -62,6 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         results, summary = evaluate_with_report(factory, tasks, Path(args.out).parent, seed=args.seed)
     print(format_table(summary, title=f"== {args.agent} on {len(tasks)} tasks =="))
+    print(format_benchmark(summary["visgenbench"]))
     write_results(args.out, results, summary)
     print(f"wrote {args.out}" + ("" if args.no_report else f" and {Path(args.out).parent / 'report.html'}"))
     return 0

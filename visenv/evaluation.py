@@ -13,11 +13,12 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
 from visenv.envs.visgen import VisGenEnv
+from visenv.episode import EpisodeRecord
 from visenv.tasks import Task
 
 OBJECTIVE_METRICS = ("s_rate", "amount", "duration", "storyboard", "audio")
@@ -94,16 +95,43 @@ def run_episode(env: VisGenEnv, agent: Any, task: Task, seed: int, keep_trajecto
 
 def evaluate(agent_factory: Callable[[], Any], tasks: Sequence[Task], *, seed: int = 0,
              env_config: dict[str, Any] | None = None, progress: bool = True,
-             keep_trajectories: bool = False) -> tuple[list[EpisodeResult], dict[str, Any]]:
+             keep_trajectories: bool = False, grader: Any = None,
+             metrics: Mapping[str, Callable] | None = None,
+             on_episode: Callable[[EpisodeRecord], None] | None = None
+             ) -> tuple[list[EpisodeResult], dict[str, Any]]:
     """Evaluate a fresh agent from ``agent_factory`` on every task, one episode each.
 
     Episode ``i`` uses seed ``seed + i``, so an evaluation is reproducible.
+
+    Args:
+        agent_factory: makes the agent (``reset(observation, seed)`` and ``act(observation)``).
+        tasks: the suite.
+        seed: the base seed.
+        env_config: options of the :class:`VisGenEnv`.
+        progress: show a progress bar.
+        keep_trajectories: keep every turn in the results.
+        grader: a :class:`~visenv.rewards.judges.BenchmarkGrader` scoring the six subjective
+            VisGenBench dimensions; without one they (and the paper's O-Score) are None.
+        metrics: extra batched components to average in the VisGenBench block (e.g. CLIP alignment).
+        on_episode: called with each finished episode's record (its media files still exist).
+
+    Returns:
+        The episode results and the summary; ``summary["visgenbench"]`` holds the nine dimensions,
+        S-Rate and O-Score (see :func:`visenv.rewards.judges.grade_benchmark`).
     """
+    from visenv.rewards.judges.grader import grade_benchmark
+
     env = VisGenEnv(env_config or {}, tasks=list(tasks))
     agent = agent_factory()
-    results = [run_episode(env, agent, task, seed + i, keep_trajectories)
-               for i, task in enumerate(tqdm(tasks, desc="evaluate", disable=not progress, leave=False))]
-    return results, summarize(results)
+    results, records = [], []
+    for i, task in enumerate(tqdm(tasks, desc="evaluate", disable=not progress, leave=False)):
+        results.append(run_episode(env, agent, task, seed + i, keep_trajectories))
+        records.append(env.record)
+        if on_episode is not None:
+            on_episode(env.record)
+    summary = summarize(results)
+    summary["visgenbench"] = grade_benchmark(records, grader=grader, metrics=metrics)
+    return results, summary
 
 
 def format_table(summary: dict[str, Any], title: str = "") -> str:

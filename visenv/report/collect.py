@@ -1,6 +1,6 @@
 """Gather what the report shows: run an evaluation with pictures, or replay a results.json for them.
 
-Both paths reuse :func:`visenv.evaluation.run_episode` semantics exactly: one environment over the
+Both paths follow :func:`visenv.evaluation.evaluate` exactly: one environment over the
 suite, episode ``i`` reset with seed ``seed + i``. :func:`evaluate_with_report` plays the agent and
 captures each episode's artifacts right after its last step; :func:`replay_captures` re-plays the
 recorded actions of a results.json in a fresh environment, which reproduces the same artifacts
@@ -14,12 +14,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from tqdm import tqdm
-
 from visenv.envs.visgen import VisGenEnv
 from visenv.episode import EpisodeRecord
 from visenv.error import ConfigError
-from visenv.evaluation import EpisodeResult, run_episode, summarize
+from visenv.evaluation import EpisodeResult, evaluate
 from visenv.report.media import EpisodeCapture, capture_episode
 from visenv.report.page import write_report
 from visenv.tasks import Task
@@ -46,15 +44,13 @@ def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task]
     Returns:
         The episode results and the summary, the same as ``evaluate(..., keep_trajectories=True)``.
     """
-    env = VisGenEnv(dict(env_config or {}), tasks=list(tasks))
-    agent = agent_factory()
-    results, captures, records = [], [], []
-    for i, task in enumerate(tqdm(tasks, desc="evaluate", disable=not progress, leave=False)):
-        results.append(run_episode(env, agent, task, seed + i, keep_trajectory=True))
-        records.append(env.record)
-        captures.append(capture_episode(env.record, report_dir))
-    summary = summarize(results)
-    grades = grader(records) if grader is not None else None
+    captures: list[EpisodeCapture] = []
+    results, summary = evaluate(agent_factory, tasks, seed=seed, env_config=dict(env_config or {}),
+                                progress=progress, keep_trajectories=True, grader=grader,
+                                on_episode=lambda record: captures.append(capture_episode(record, report_dir)))
+    grades = None
+    if grader is not None:
+        grades = [row["score"] for row in summary["visgenbench"]["episodes"]]
     write_report(report_dir, results, summary, captures, grades, title)
     return results, summary
 

@@ -371,5 +371,5 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise DependencyNotInstalled("transformers", "rl", "The local transformers judge backend") from None
+        raise DependencyNotInstalled("transformers", "judge-local", "The local transformers judge backend") from None
     return transformers

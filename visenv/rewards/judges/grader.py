@@ -9,9 +9,9 @@ S-Rate is the share of episodes that delivered an output of the requested modali
 
 O-Score is the mean of the dimension scores and S-Rate, over the dimensions the suite holds tasks
 for (all nine on the full benchmark; seven on an image-only suite, which has no video duration or
-storyboard tasks). It is None without a grader, or when a dimension has tasks but no score
-(every grading request failed). A single failed grading (None) is left out of its dimension's
-mean and counted in ``grader_failures``.
+storyboard tasks). It is None without a grader, on a suite without benchmark tasks (no task has a
+dimension), or when a dimension has tasks but no score (every grading request failed). A single
+failed grading (None) is left out of its dimension's mean and counted in ``grader_failures``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _block(rows: Sequence[dict[str, Any]], graded: bool, metric_names: Sequence[
     dimensions = {d: _mean([r["score"] for r in rows if r["dimension"] == d]) for d in DIMENSIONS
                   if any(r["dimension"] == d for r in rows)}
     s_rate = _mean([r["s_rate"] for r in rows])
-    complete = graded and s_rate is not None and all(v is not None for v in dimensions.values())
+    complete = graded and bool(dimensions) and s_rate is not None and all(v is not None for v in dimensions.values())
     return {"episodes": len(rows), "s_rate": s_rate, "dimensions": dimensions,
             "o_score": _mean([s_rate, *dimensions.values()]) if complete else None,
             **{name: _mean([r[name] for r in rows]) for name in metric_names}}
