@@ -94,7 +94,11 @@ class Policy(Protocol):
 
 @runtime_checkable
 class TrainablePolicy(Policy, Protocol):
-    """A policy the trainers can update and ship to rollout workers."""
+    """A policy the trainers can update and ship to rollout workers.
+
+    The trainers also read ``parameters()`` (what the optimizer updates), ``save(path)`` (checkpoints),
+    ``pad_id`` and ``device``, as :class:`~rl.hf.CausalLMPolicy` provides them.
+    """
 
     def score(self, batch: "TokenBatch", with_hidden: bool = False) -> "Scores":
         """Log-probs (with gradients) of the tokens ``batch.loss_mask`` marks, under the current weights."""

@@ -15,7 +15,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray, started for the session (or the instance already running), shut down at the end."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     started = not ray.is_initialized()
     if started:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

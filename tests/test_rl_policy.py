@@ -203,3 +203,14 @@ def test_api_policy_against_a_loopback_endpoint():
     assert [e.reward for e in episodes] == [1.0] * 4
     first = FakeChatServer.requests[0]
     assert first["model"] == "fake" and first["messages"][0] == {"role": "system", "content": "Be exact."}
+
+
+def test_policy_config_builds_a_saved_vlm_that_sees_images(tokenizer, tmp_path):
+    from rl.config import PolicyConfig
+
+    model = tiny_vlm(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"), image_size=16)
+    VisionLMPolicy(model, tokenizer).save(str(tmp_path))
+    policy = PolicyConfig(model=str(tmp_path), kind="vlm", max_new_tokens=6, device="cpu").build()
+    assert isinstance(policy, VisionLMPolicy)
+    episodes, _ = run_episodes(policy, [LetterEnv(turns=2, pixels=True)], make_specs(0, 0, 2, 1))
+    assert all(s.images is not None for e in episodes for s in e.segments if s.role != POLICY)
