@@ -100,3 +100,21 @@ def test_fidelity_report_ranks_the_tiers(tmp_path, media_db):
     assert nearest["c_tool"] > attribute["c_tool"] + 0.2
     assert report["chance"] < 0.8
     assert nearest["tools"][T2I]["n"] == 6
+
+
+def test_fidelity_report_with_clip_image_similarity(tmp_path, media_db):
+    from reward_episodes import tiny_clip
+
+    from visenv.rewards.clip import ClipScorer
+    from visenv.tools.fidelity import ClipImageSimilarity
+
+    (tmp_path / "heldout").mkdir()
+    (tmp_path / "clip").mkdir()
+    heldout = read_calls(write_pairs(tmp_path / "heldout", [(b, i) for i, (_, b) in enumerate(SUBJECTS)], noise=0.0))
+    metric = ClipImageSimilarity(ClipScorer(model=tiny_clip(tmp_path / "clip"), pretrained=None))
+    same = str(heldout[0].files[0])
+    assert metric.similarity(metric.embed(same, "image"), metric.embed(same, "image")) == pytest.approx(1.0)
+    report = fidelity_report(heldout, {"attribute": AttributeBackend(media_db)}, metric)
+    assert report["metric"] == "clip_image_similarity" and "CLIP" in report["note"]
+    attribute = report["tiers"]["attribute"]
+    assert attribute["served"] == len(heldout) and -1.0 <= attribute["c_tool"] <= 1.0

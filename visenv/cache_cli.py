@@ -6,7 +6,7 @@
     visenv cache stats CACHE [--json]                    # entries per tool, size, hit rates
     visenv cache verify CACHE [--no-hash]                # quarantine missing or corrupt files
     visenv cache export CACHE OUT [--tool NAME]          # calls.jsonl + media/, re-importable
-    visenv cache fidelity CACHE HELDOUT.jsonl [--media DIR]  # C_tool per tier (perceptual-hash proxy)
+    visenv cache fidelity CACHE HELDOUT.jsonl [--clip MODEL:TAG]  # C_tool per tier (CLIP or pHash proxy)
 
 Calls files are described in :mod:`visenv.tools.cache_io`. Register the commands on a parser
 with :func:`add_cache_commands`.
@@ -110,7 +110,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
-    """Compare each tier's outputs with held-out real outputs (C_tool, perceptual-hash proxy)."""
+    """Compare each tier's outputs with held-out real outputs (C_tool: CLIP or the perceptual-hash proxy)."""
     from visenv.mediadb import MediaDatabase
     from visenv.tools.attribute import AttributeBackend
     from visenv.tools.cache import ExactCacheBackend
@@ -121,7 +121,14 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     cache = ToolCache(args.cache)
     tiers = {"exact_cache": ExactCacheBackend(cache), "nearest": NearestBackend(cache, threshold=args.threshold),
              "attribute": AttributeBackend(MediaDatabase.from_folder(args.media) if args.media else None)}
-    report = fidelity_report(read_calls(args.heldout, outputs=True), tiers)
+    metric = None
+    if args.clip:
+        from visenv.rewards.clip import ClipScorer
+        from visenv.tools.fidelity import ClipImageSimilarity
+
+        model, _, pretrained = args.clip.partition(":")
+        metric = ClipImageSimilarity(ClipScorer(model, pretrained or None))
+    report = fidelity_report(read_calls(args.heldout, outputs=True), tiers, metric)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -184,5 +191,8 @@ def add_cache_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("heldout", help="calls file of held-out calls and their real outputs")
     p.add_argument("--threshold", type=float, default=0.8, help="nearest similarity threshold (default 0.8)")
     p.add_argument("--media", help="media folder of the attribute tier (default: the procedural database)")
+    p.add_argument("--clip", metavar="MODEL[:PRETRAINED]",
+                   help="score with CLIP image-image similarity, e.g. ViT-B-32:laion2b_s34b_b79k or "
+                        "local-dir:/path/to/weights:local (default: the perceptual-hash proxy)")
     p.add_argument("--json", action="store_true", help="print JSON")
     return cache

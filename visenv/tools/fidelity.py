@@ -7,10 +7,11 @@ merge.
 
 :func:`fidelity_report` measures the paper's C_tool as a number: given held-out calls with the
 real tool's outputs, it asks each tier for its answer and compares the answer's media with the real
-media. Until the CLIP reward lands, the comparison is a clearly named proxy,
-:data:`PROXY_METRIC` = ``"phash_similarity"``: one minus the Hamming distance of 64-bit DCT
-perceptual hashes over 64 (1.0 identical pictures; near 0.5 for unrelated ones). Video is compared
-on its middle frame. The report also gives the chance level: the same metric between the real
+media with a picture similarity: :class:`ClipImageSimilarity` (CLIP image-image cosine, the
+issue's definition of C_tool; needs the ``clip`` extra and weights) or, by default, a clearly
+named proxy that needs no model, :data:`PROXY_METRIC` = ``"phash_similarity"``: one minus the
+Hamming distance of 64-bit DCT perceptual hashes over 64 (1.0 identical pictures; near 0.5 for
+unrelated ones; video on its middle frame). The report also gives the chance level: the same metric between the real
 outputs of *different* held-out calls of one tool, so that a tier's score can be read against it.
 """
 
@@ -23,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from visenv.media import Artifact, sha256_file
 from visenv.mediadb import thumbnail
 from visenv.tools.backends import Backend, BackendAnswer, ToolFailure
 from visenv.tools.cache_io import CallLine
@@ -137,42 +139,84 @@ def phash_similarity(a: int, b: int) -> float:
     return 1.0 - bin(a ^ b).count("1") / 64.0
 
 
-def fidelity_report(calls: Sequence[CallLine], tiers: Mapping[str, Backend]) -> dict[str, Any]:
-    """How close each tier's outputs come to the real ones, per tier and per tool (C_tool, proxied).
+class PerceptualHashSimilarity:
+    """The proxy metric: pHash similarity (cheap, no model; see :data:`PROXY_NOTE`)."""
+
+    name = PROXY_METRIC
+    note = PROXY_NOTE
+
+    def embed(self, path: str, kind: str) -> int:
+        return perceptual_hash(path, kind)
+
+    def similarity(self, a: int, b: int) -> float:
+        return phash_similarity(a, b)
+
+
+class ClipImageSimilarity:
+    """CLIP image-image cosine similarity (a video: the mean over its sampled frames).
+
+    Args:
+        scorer: a :class:`visenv.rewards.clip.ClipScorer`; its memo cache makes reruns cheap.
+    """
+
+    name = "clip_image_similarity"
+
+    def __init__(self, scorer: Any):
+        self.scorer = scorer
+        self.note = f"CLIP image-image cosine similarity with {scorer.model_id}."
+
+    def embed(self, path: str, kind: str) -> np.ndarray | None:
+        artifact = Artifact(id="img_000000000000", kind=kind, sha256=sha256_file(path), attributes={},
+                            producer="", path=path)
+        rows = self.scorer.picture_embeddings([artifact])[0]
+        return None if rows is None else rows.mean(axis=0)
+
+    def similarity(self, a: np.ndarray | None, b: np.ndarray | None) -> float:
+        if a is None or b is None:
+            raise ValueError("CLIP could not read one of the pictures (see the log).")
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def fidelity_report(calls: Sequence[CallLine], tiers: Mapping[str, Backend], metric: Any = None) -> dict[str, Any]:
+    """How close each tier's outputs come to the real ones, per tier and per tool (C_tool).
 
     Args:
         calls: held-out calls with the real tool's output files (:func:`~visenv.tools.cache_io.read_calls`);
             they must not be in the cache that the tiers read, or the exact tier scores them as seen.
         tiers: name -> backend to evaluate, e.g. ``{"nearest": NearestBackend(cache),
             "attribute": AttributeBackend()}``.
+        metric: :class:`ClipImageSimilarity` (C_tool as CLIP sees it) or, by default,
+            :class:`PerceptualHashSimilarity` (a proxy that needs no model).
 
     Returns:
         ``{"metric", "note", "chance", "tiers": {name: {"served", "passed", "failed", "c_tool",
-        "tools": {tool: {"n", "mean"}}}}}``; ``c_tool`` is the mean proxy similarity over the
-        calls the tier served (None if it served none). Calls of text and audio tools are skipped.
+        "tools": {tool: {"n", "mean"}}}}}``; ``c_tool`` is the mean similarity over the calls the
+        tier served (None if it served none); ``chance`` is the similarity of two real outputs of
+        different calls of the same tool. Calls of text and audio tools are skipped.
     """
+    metric = metric or PerceptualHashSimilarity()
     calls = [c for c in calls if c.spec.output.kind in ("image", "video") and c.files]
-    real_hashes = [[perceptual_hash(str(f), c.spec.output.kind) for f in c.files] for c in calls]
+    real = [[metric.embed(str(f), c.spec.output.kind) for f in c.files] for c in calls]
     by_tool: dict[str, list[int]] = collections.defaultdict(list)
     for i, call in enumerate(calls):
         by_tool[call.spec.name].append(i)
-    chance = [phash_similarity(real_hashes[a][0], real_hashes[b][0])
+    chance = [metric.similarity(real[a][0], real[b][0])
               for indices in by_tool.values() for a, b in zip(indices, indices[1:])]
-    report: dict[str, Any] = {"metric": PROXY_METRIC, "note": PROXY_NOTE,
+    report: dict[str, Any] = {"metric": metric.name, "note": metric.note,
                               "chance": statistics.fmean(chance) if chance else None, "tiers": {}}
     for name, backend in tiers.items():
         scores: dict[str, list[float]] = collections.defaultdict(list)
         passed = failed = 0
-        for call, hashes in zip(calls, real_hashes):
+        for call, references in zip(calls, real):
             answer = backend.answer(call.request())
             if answer is None:
                 passed += 1
             elif isinstance(answer, ToolFailure) or not isinstance(answer, BackendAnswer) or not answer.outputs:
                 failed += 1
             else:
-                pairs = zip(answer.outputs, hashes)
+                pairs = zip(answer.outputs, references)
                 scores[call.spec.name].append(statistics.fmean(
-                    phash_similarity(perceptual_hash(out.path, out.kind), real) for out, real in pairs))
+                    metric.similarity(metric.embed(out.path, out.kind), ref) for out, ref in pairs))
         served = [s for values in scores.values() for s in values]
         report["tiers"][name] = {
             "served": len(served), "passed": passed, "failed": failed,

@@ -1,0 +1,473 @@
+"""The main job: teacher data -> tokenizer -> PST (two stages) -> GRPO on Ray -> held-out evaluation.
+
+``python -m visenv.cli main`` (``bash scripts/main.sh``) runs :func:`run_main_job` on the embedded
+defaults of :class:`MainJobConfig`, sized to finish within 15 minutes on a 2-core CPU machine:
+
+1. **Tasks.** A training suite and a held-out suite of the real VisGen environment (real tools'
+   attribute tier, real LtrReward rubric), drawn with different task seeds from the same scenarios;
+   the two are checked to share no task.
+2. **Data.** The scripted teacher (:class:`baselines.workflow_agent.WorkflowAgent`) plays the
+   training suite with a mistake rate, the funnel of :mod:`visenv.data` filters it (LtrReward below
+   ``min_reward`` dropped), and the rest is written as chat JSONL.
+3. **Tokenizer.** A byte-level BPE trained on the data's texts (:func:`rl.tokenizer.train_tokenizer`).
+4. **PST.** A tiny Llama from scratch, two SFT stages (:func:`rl.sft.train_sft`), each with a
+   wall-clock budget. This is the *SFT-only* policy.
+5. **GRPO** (:class:`rl.grpo.GRPO`) inside the environment, rollouts in Ray actors on a local Ray
+   (``ray.init(num_cpus=2)``), for a wall-clock budget.
+6. **Evaluation.** The SFT-only and the RL policy play the same held-out episodes (same task and
+   sampling seeds), sampled at temperature 1 and greedily; ``results.json`` holds both, and a
+   comparison table is printed.
+
+Why the default VisGen configuration is smaller than the full benchmark (docs/main-job.md): with a BPE
+tokenizer a full VisGen teacher trajectory averages ~1,700 tokens over ~9 turns (video scenarios
+2,000-3,300 tokens over 12-18 turns), which a 0.5M-parameter policy cannot learn and explore within 15
+minutes on two cores. The defaults keep the five image scenarios with the shortest workflows (3-4
+turns, ~570 tokens with the teacher's ``reflect=False``), which is the real environment and rubric on
+a subset of its scenarios.
+
+``visenv`` does not import ``rl`` at module import time; this module imports it lazily inside
+:func:`run_main_job`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from visenv.error import ConfigError
+
+#: The image scenarios whose teacher workflows are shortest (3-4 turns, ~490-670 BPE tokens a trajectory).
+SHORT_SCENARIOS = ("official_account_cover", "social_media_cover", "realistic_photography", "scene_design",
+                   "avatar")
+
+
+@dataclass
+class MainJobConfig:
+    """Settings of :func:`run_main_job`; the defaults are the main job (15 minutes on 2 CPU cores).
+
+    Attributes:
+        out: folder for everything the job writes (data, tokenizer, policies, metrics, results).
+        scenarios: VisGen scenario ids the tasks are drawn from (None: all 42).
+        train_tasks: tasks in the training suite (the teacher plays each once; GRPO samples from it).
+        train_task_seed: seed of the training suite.
+        eval_tasks: tasks in the held-out suite.
+        eval_task_seed: seed of the held-out suite (must differ from ``train_task_seed``).
+        eval_episodes: held-out episodes per policy and decoding mode (one per held-out task when
+            equal to ``eval_tasks``; otherwise tasks are drawn by the episode seeds).
+        eval_greedy: also evaluate both policies greedily (temperature 0).
+        max_turns: the environment's turn budget.
+        mistake_rate: probability that the teacher makes a mistake in an episode.
+        reflect: whether the teacher writes reflections (longer trajectories).
+        min_reward: teacher trajectories whose LtrReward is below this are dropped.
+        vocab_size: BPE vocabulary size.
+        hidden_size, num_layers, num_heads, intermediate_size: the tiny Llama.
+        sft_seconds: wall-clock budget of the two PST stages together.
+        sft_stage1_share: share of ``sft_seconds`` given to stage 1.
+        sft_batch_size: trajectories per SFT step.
+        sft_learning_rates: AdamW learning rates of stage 1 and stage 2.
+        sft_stage2_weight: lambda of stage 2 (copies of the visual set in its mixture).
+        grpo_seconds: wall-clock budget of GRPO (the iteration running when it runs out finishes).
+        grpo_max_iterations: upper bound on GRPO iterations.
+        tasks_per_iteration: GRPO groups per iteration.
+        group_size: samples per group.
+        learning_rate, clip, kl_coef: GRPO hyperparameters.
+        max_new_tokens: most tokens in one policy turn.
+        num_workers: Ray rollout workers.
+        worker_num_cpus: CPUs each worker reserves (num_workers x worker_num_cpus <= ray_num_cpus).
+        envs_per_worker: environments (episodes per chunk) per worker.
+        ray_num_cpus: CPUs of the local Ray (ray.init(num_cpus=...)).
+        torch_threads: torch threads of the learner process (SFT, updates, evaluation).
+        eval_envs: environments in the evaluation pool (generate batch size).
+        seed: seeds the data, model initialisation, GRPO tasks and evaluation sampling.
+        time_limit_seconds: the job's target wall time; the report says whether it was met.
+    """
+
+    out: str = "runs/main"
+    scenarios: tuple[str, ...] | None = SHORT_SCENARIOS
+    train_tasks: int = 400
+    train_task_seed: int = 0
+    eval_tasks: int = 256
+    eval_task_seed: int = 10_000
+    eval_episodes: int = 256
+    eval_greedy: bool = True
+    max_turns: int = 8
+    mistake_rate: float = 0.3
+    reflect: bool = False
+    min_reward: float = 0.5
+    vocab_size: int = 1000
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 352
+    sft_seconds: float = 300.0
+    sft_stage1_share: float = 0.6
+    sft_batch_size: int = 32
+    sft_learning_rates: tuple[float, float] = (2e-3, 1e-3)
+    sft_stage2_weight: float = 2.0
+    grpo_seconds: float = 360.0
+    grpo_max_iterations: int = 1000
+    tasks_per_iteration: int = 8
+    group_size: int = 8
+    learning_rate: float = 3e-4
+    clip: float = 0.2
+    kl_coef: float = 0.02
+    max_new_tokens: int = 200
+    num_workers: int = 2
+    worker_num_cpus: float = 1.0
+    envs_per_worker: int = 32
+    ray_num_cpus: int = 2
+    torch_threads: int = 2
+    eval_envs: int = 64
+    seed: int = 0
+    time_limit_seconds: float = 900.0
+
+    def __post_init__(self) -> None:
+        from visenv.tasks.scenarios import get_scenario
+
+        if self.scenarios is not None:
+            self.scenarios = tuple(self.scenarios)
+            if not self.scenarios:
+                raise ConfigError("scenarios is empty: give scenario ids or None for all 42.")
+            for name in self.scenarios:
+                get_scenario(name)  # raises ConfigError naming the unknown id
+        self.sft_learning_rates = tuple(self.sft_learning_rates)
+        positive_ints = ("train_tasks", "eval_tasks", "eval_episodes", "max_turns", "vocab_size", "hidden_size",
+                         "num_layers", "num_heads", "intermediate_size", "sft_batch_size", "grpo_max_iterations",
+                         "tasks_per_iteration", "max_new_tokens", "num_workers", "envs_per_worker",
+                         "ray_num_cpus", "torch_threads", "eval_envs")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} ({value!r}) must be a positive integer.")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size ({self.group_size}) must be at least 2: GRPO compares samples of a task.")
+        if self.train_task_seed == self.eval_task_seed:
+            raise ConfigError(f"eval_task_seed ({self.eval_task_seed}) must differ from train_task_seed: the "
+                              "evaluation is on held-out tasks.")
+        if not 0.0 <= self.mistake_rate <= 1.0:
+            raise ConfigError(f"mistake_rate ({self.mistake_rate}) must be in [0, 1], e.g. 0.3.")
+        if self.vocab_size < 300:
+            raise ConfigError(f"vocab_size ({self.vocab_size}) must be at least 300 (256 bytes + special tokens).")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
+        if self.sft_seconds <= 0 or self.grpo_seconds < 0:
+            raise ConfigError(f"sft_seconds ({self.sft_seconds}) must be > 0 and grpo_seconds "
+                              f"({self.grpo_seconds}) >= 0.")
+        if not 0.0 < self.sft_stage1_share < 1.0:
+            raise ConfigError(f"sft_stage1_share ({self.sft_stage1_share}) must be in (0, 1), e.g. 0.6.")
+        if len(self.sft_learning_rates) != 2 or any(lr <= 0 for lr in self.sft_learning_rates):
+            raise ConfigError(f"sft_learning_rates ({self.sft_learning_rates}) must be two positive numbers.")
+        if self.sft_stage2_weight <= 0:
+            raise ConfigError(f"sft_stage2_weight ({self.sft_stage2_weight}) must be > 0.")
+        if self.learning_rate <= 0 or self.kl_coef < 0 or not 0 < self.clip < 1:
+            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0, kl_coef ({self.kl_coef}) >= 0 "
+                              f"and clip ({self.clip}) in (0, 1).")
+        if self.worker_num_cpus <= 0 or self.num_workers * self.worker_num_cpus > self.ray_num_cpus:
+            raise ConfigError(f"num_workers x worker_num_cpus ({self.num_workers} x {self.worker_num_cpus}) must "
+                              f"be positive and at most ray_num_cpus ({self.ray_num_cpus}).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _OutOfTime(Exception):
+    """Raised from an SFT step callback when the stage's wall-clock budget is spent."""
+
+
+def _suite(config: MainJobConfig, n: int, task_seed: int):
+    from visenv.tasks import make_suite
+
+    return make_suite(n, task_seed, scenarios=config.scenarios)
+
+
+def _sft_stage(policy, examples, seconds: float, batch_size: int, learning_rate: float, seed: int,
+               log: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
+    """:func:`rl.sft.train_sft` for ``seconds`` of wall time (whole epochs are repeated until then)."""
+    from rl.sft import train_sft
+
+    start = time.perf_counter()
+    losses: list[float] = []
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        losses.append(metrics["sft_loss"])
+        log(step, metrics)
+        if time.perf_counter() - start >= seconds:
+            raise _OutOfTime
+
+    try:
+        train_sft(policy, examples, epochs=10_000, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                  on_step=on_step)
+    except _OutOfTime:
+        pass
+    tail = losses[-20:]
+    return {"steps": len(losses), "seconds": time.perf_counter() - start,
+            "loss_last20": sum(tail) / max(1, len(tail)), "loss_first": losses[0] if losses else float("nan")}
+
+
+def _evaluate(policy, make_env: Callable[[], Any], episodes: int, seed: int, num_envs: int,
+              temperature: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Play ``episodes`` held-out episodes; summary metrics and one row per episode."""
+    from rl.rollout import SerialRollout, make_specs
+    from rl.train import episode_metrics
+
+    saved = policy.temperature
+    policy.temperature = temperature
+    try:
+        rollout = SerialRollout(policy, make_env, num_envs)
+        specs = make_specs(seed, 0, episodes, 1)
+        found, stats = rollout.sample(specs)
+        rollout.close()
+    finally:
+        policy.temperature = saved
+    rows = []
+    for episode in found:
+        total = episode.components.get("total")
+        rows.append({"task_seed": episode.spec.task_seed, "reward": episode.reward,
+                     "rubric_total": None if total is None else float(total),
+                     "success": total is not None and not math.isnan(total) and total >= 0.999,
+                     "turns": len(episode.rewards), "terminated": episode.terminated, "truncated": episode.truncated,
+                     "components": {k: (None if v is None else float(v)) for k, v in episode.components.items()},
+                     "policy_tokens": episode.policy_tokens})
+    metrics = episode_metrics(found, stats)
+    valid = [r["reward"] for r in rows if not math.isnan(r["reward"])]
+    summary = {"episodes": len(rows), "temperature": temperature,
+               "reward": sum(valid) / len(valid) if valid else float("nan"),
+               "reward_stderr": _stderr(valid),
+               "success_rate": sum(r["success"] for r in rows) / len(rows),
+               "answered_rate": sum(r["terminated"] for r in rows) / len(rows),
+               "truncated_rate": sum(r["truncated"] for r in rows) / len(rows),
+               "invalid_rate": 1 - len(valid) / len(rows),
+               "turns": metrics["turns"], "policy_tokens": metrics["policy_tokens"],
+               "components": {k[len("reward/"):]: v for k, v in metrics.items() if k.startswith("reward/")},
+               "seconds": stats.wall_seconds}
+    return summary, rows
+
+
+def _stderr(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
+def format_comparison(results: dict[str, Any]) -> str:
+    """The SFT-only vs RL table of a results dict (``results.json``)."""
+    evaluations = results["evaluations"]
+    modes = [m for m in ("sampled", "greedy") if m in evaluations["sft"]]
+    lines = [f"== held-out: {results['eval']['episodes']} episodes on {results['eval']['tasks']} tasks "
+             f"(task seed {results['eval']['task_seed']}) ==",
+             f"{'policy':<10}{'mode':<9}{'reward':>14}{'success':>9}{'answered':>10}{'turns':>7}"]
+    for mode in modes:
+        for name in ("sft", "rl"):
+            s = evaluations[name][mode]
+            lines.append(f"{name:<10}{mode:<9}{s['reward']:>8.3f} ±{s['reward_stderr']:.3f}"
+                         f"{s['success_rate']:>9.1%}{s['answered_rate']:>10.1%}{s['turns']:>7.2f}")
+    for mode in modes:
+        m = results["margin"][mode]
+        lines.append(f"RL - SFT ({mode}): reward {m['reward']:+.3f} ({m['reward_relative']:+.1%}), "
+                     f"success {m['success_rate']:+.1%} points")
+    lines.append(f"wall time {results['timing']['total']:.0f} s (limit {results['time_limit_seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the main job (see the module docstring); writes ``<out>/results.json`` and returns its content."""
+    import ray
+    import torch
+
+    from rl.grpo import GRPO, GRPOConfig
+    from rl.hf import CausalLMPolicy, reference_policy, tiny_causal_lm
+    from rl.config import EnvConfig, PolicyConfig, RolloutConfig
+    from rl.logging import MetricsLogger
+    from rl.sft import chat_segments, load_chat_jsonl, mix
+    from rl.tokenizer import train_tokenizer
+    from rl.train import Callback, Trainer
+    from visenv.data import DataConfig, build_dataset
+    from visenv.tasks import save_tasks
+
+    config = config or MainJobConfig()
+    start = time.perf_counter()
+    timing: dict[str, float] = {}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.torch_threads)
+    torch.manual_seed(config.seed)
+
+    # 1. Tasks: a training suite and a disjoint held-out suite.
+    mark = time.perf_counter()
+    train_suite = _suite(config, config.train_tasks, config.train_task_seed)
+    eval_suite = _suite(config, config.eval_tasks, config.eval_task_seed)
+    overlap = {t.task_id for t in train_suite} & {t.task_id for t in eval_suite}
+    if overlap:
+        raise ConfigError(f"the held-out suite shares {len(overlap)} tasks with the training suite; change eval_task_seed.")
+    train_path, eval_path = str(out / "tasks_train.jsonl"), str(out / "tasks_heldout.jsonl")
+    save_tasks(train_suite, train_path)
+    save_tasks(eval_suite, eval_path)
+
+    # 2. Teacher data through the funnel.
+    data_path = str(out / "data" / "teacher.jsonl")
+    funnel = build_dataset(DataConfig(out=data_path, num_tasks=len(train_suite), tasks=train_path,
+                                      seed=config.seed, mistake_rate=config.mistake_rate, reflect=config.reflect,
+                                      min_reward=config.min_reward, env={"max_turns": config.max_turns}))
+    log(funnel.format())
+
+    # 3. Tokenizer from the data.
+    examples = load_chat_jsonl(data_path)
+    tokenizer = train_tokenizer([m["content"] for example in examples for m in example], config.vocab_size)
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    model = tiny_causal_lm(len(tokenizer), config.hidden_size, config.num_layers, config.num_heads,
+                           config.intermediate_size, seed=config.seed)
+    policy = CausalLMPolicy(model, tokenizer, chat="plain", max_new_tokens=config.max_new_tokens, temperature=1.0)
+    lengths = [sum(len(s.token_ids) for s in chat_segments(policy, example)) for example in examples]
+    policy_lengths = [max(len(tokenizer.encode(m["content"], add_special_tokens=False)) + 1
+                          for m in example if m["role"] == "assistant") for example in examples]
+    data_stats = {"trajectories": len(examples), "tokens_per_trajectory": sum(lengths) / len(lengths),
+                  "max_tokens_per_trajectory": max(lengths), "max_tokens_per_turn": max(policy_lengths),
+                  "turns_per_trajectory": sum(sum(m["role"] == "assistant" for m in e) for e in examples) / len(examples),
+                  "parameters": sum(p.numel() for p in model.parameters())}
+    if data_stats["max_tokens_per_turn"] > config.max_new_tokens:
+        log(f"warning: a teacher turn takes {data_stats['max_tokens_per_turn']} tokens, more than max_new_tokens "
+            f"({config.max_new_tokens}); such turns are cut when sampled.")
+    log(f"tokenizer: {len(tokenizer)} tokens; {data_stats['tokens_per_trajectory']:.0f} tokens per trajectory "
+        f"(max {data_stats['max_tokens_per_trajectory']}), {data_stats['turns_per_trajectory']:.1f} turns; "
+        f"policy {data_stats['parameters'] / 1e6:.2f}M parameters")
+    timing["data"] = time.perf_counter() - mark
+
+    # 4. PST: two stages, each for its share of the wall-clock budget.
+    mark = time.perf_counter()
+    sft_logger = MetricsLogger(str(out / "sft"), tensorboard=False, total=None)
+    stages = []
+    import random
+
+    rng = random.Random(config.seed)
+    budgets = (config.sft_seconds * config.sft_stage1_share, config.sft_seconds * (1 - config.sft_stage1_share))
+    weights = (1.0, config.sft_stage2_weight)
+    offset = 0
+    for number, (seconds, weight, lr) in enumerate(zip(budgets, weights, config.sft_learning_rates)):
+        stage_examples = mix([], examples, 0, weight, rng)
+        result = _sft_stage(policy, stage_examples, seconds, config.sft_batch_size, lr, config.seed + number,
+                            lambda step, m, o=offset: sft_logger.log(o + step, m))
+        offset += result["steps"]
+        stages.append({"visual_weight": weight, "learning_rate": lr, **result})
+        log(f"PST stage {number + 1}: {result['steps']} steps in {result['seconds']:.0f} s, "
+            f"loss {result['loss_first']:.3f} -> {result['loss_last20']:.3f}")
+    sft_logger.close()
+    sft_dir = str(out / "sft" / "policy")
+    policy.save(sft_dir)
+    timing["sft"] = time.perf_counter() - mark
+
+    # 5. Evaluate the SFT-only policy on held-out tasks (before GRPO changes the weights in place).
+    eval_env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": eval_path, "max_turns": config.max_turns})
+    modes = {"sampled": 1.0, **({"greedy": 0.0} if config.eval_greedy else {})}
+    eval_seed = config.seed + 777
+    evaluations: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
+    episodes: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
+    mark = time.perf_counter()
+    for mode, temperature in modes.items():
+        evaluations["sft"][mode], episodes["sft"][mode] = _evaluate(
+            policy, eval_env.make, config.eval_episodes, eval_seed, config.eval_envs, temperature)
+        s = evaluations["sft"][mode]
+        log(f"SFT-only held-out ({mode}): reward {s['reward']:.3f}, success {s['success_rate']:.1%} "
+            f"({s['seconds']:.0f} s)")
+    timing["eval_sft"] = time.perf_counter() - mark
+
+    # 6. GRPO in the environment, rollouts in Ray actors.
+    mark = time.perf_counter()
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+        started_ray = True
+    train_env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": train_path, "max_turns": config.max_turns})
+    policy_config = PolicyConfig(model=sft_dir, max_new_tokens=config.max_new_tokens, temperature=1.0, device="cpu")
+    rollout = RolloutConfig(backend="ray", num_workers=config.num_workers, num_envs=config.envs_per_worker,
+                            worker_num_cpus=config.worker_num_cpus, torch_threads=1).build(
+        policy, policy_config.build, train_env.make)
+    grpo_config = GRPOConfig(tasks_per_iteration=config.tasks_per_iteration, group_size=config.group_size,
+                             learning_rate=config.learning_rate, clip=config.clip, kl_coef=config.kl_coef,
+                             seed=config.seed)
+    reference = reference_policy(policy) if config.kl_coef > 0 else None
+    algorithm = GRPO(policy, reference, grpo_config)
+
+    class Budget(Callback):
+        def __init__(self) -> None:
+            self.start = time.perf_counter()
+
+        def on_step(self, iteration: int, metrics: dict[str, float]) -> bool:
+            return time.perf_counter() - self.start >= config.grpo_seconds
+
+    grpo_dir = out / "grpo"
+    trainer = Trainer(policy, algorithm, rollout, iterations=config.grpo_max_iterations,
+                      num_groups=config.tasks_per_iteration, group_size=config.group_size, seed=config.seed,
+                      logger=MetricsLogger(str(grpo_dir), tensorboard=False, total=None),
+                      callbacks=[Budget()] if config.grpo_seconds > 0 else [])
+    try:
+        history = trainer.run() if config.grpo_seconds > 0 else []
+    finally:
+        trainer.logger.close()
+        rollout.close()
+        if started_ray:
+            ray.shutdown()
+    rl_dir = str(out / "rl" / "policy")
+    policy.save(rl_dir)
+    timing["grpo"] = time.perf_counter() - mark
+    train_rewards = [h["reward"] for h in history]
+    grpo_summary = {"iterations": len(history), "seconds": timing["grpo"],
+                    "train_reward_first5": _head_mean(train_rewards, 5),
+                    "train_reward_last5": _head_mean(train_rewards[::-1], 5),
+                    "groups_skipped_mean": _head_mean([h.get("groups_skipped", float("nan")) for h in history],
+                                                      len(history)),
+                    "seconds_per_iteration": timing["grpo"] / max(1, len(history))}
+    log(f"GRPO: {len(history)} iterations in {timing['grpo']:.0f} s; training reward "
+        f"{grpo_summary['train_reward_first5']:.3f} (first 5) -> {grpo_summary['train_reward_last5']:.3f} (last 5)")
+
+    # 7. Evaluate the RL policy on the same held-out episodes.
+    mark = time.perf_counter()
+    for mode, temperature in modes.items():
+        evaluations["rl"][mode], episodes["rl"][mode] = _evaluate(
+            policy, eval_env.make, config.eval_episodes, eval_seed, config.eval_envs, temperature)
+    timing["eval_rl"] = time.perf_counter() - mark
+    timing["total"] = time.perf_counter() - start
+
+    margin = {}
+    for mode in modes:
+        sft, rl = evaluations["sft"][mode], evaluations["rl"][mode]
+        margin[mode] = {"reward": rl["reward"] - sft["reward"],
+                        "reward_relative": (rl["reward"] - sft["reward"]) / abs(sft["reward"]) if sft["reward"] else float("nan"),
+                        "success_rate": rl["success_rate"] - sft["success_rate"]}
+    results = {"config": config.to_dict(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                       "load_average": _load()},
+               "funnel": funnel.to_dict(), "data": data_stats, "sft": {"stages": stages},
+               "grpo": grpo_summary,
+               "eval": {"tasks": len(eval_suite), "task_seed": config.eval_task_seed,
+                        "episodes": config.eval_episodes, "seed": eval_seed},
+               "evaluations": evaluations, "margin": margin, "timing": timing,
+               "time_limit_seconds": config.time_limit_seconds,
+               "within_time_limit": timing["total"] <= config.time_limit_seconds}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    for name in ("sft", "rl"):
+        with open(out / f"episodes_{name}.jsonl", "w", encoding="utf-8") as handle:
+            for mode, rows in episodes[name].items():
+                for row in rows:
+                    handle.write(json.dumps({"mode": mode, **row}) + "\n")
+    log(format_comparison(results))
+    log(f"wrote {out / 'results.json'}")
+    return results
+
+
+def _head_mean(values: Sequence[float], n: int) -> float:
+    kept = [v for v in values[:n] if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def _load() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
