@@ -1,6 +1,7 @@
 """The `visenv` command line: the main job, evaluation, and task-suite files.
 
-    visenv main                      # the main job on embedded defaults (prints a results table)
+    visenv main                      # the main job: teacher data, PST, GRPO on Ray, SFT-only vs RL table
+    visenv main --baselines-only     # the scripted teacher and the random agent on held-out tasks
     visenv eval --agent teacher      # evaluate a baseline on a suite, write results.json + report.html
     visenv tasks --n 100 --out t.jsonl        # write a task suite
     visenv tasks --bench --out bench.jsonl    # write the 1,200-task VisGenBench-shaped suite
@@ -42,16 +43,29 @@ def _suite(args: argparse.Namespace):
 
 
 def cmd_main(args: argparse.Namespace) -> int:
-    """Seeded evaluation of the scripted teacher and the random agent on held-out built-in tasks."""
-    tasks = make_suite(args.n, args.task_seed)
-    start = time.perf_counter()
-    for name in ("teacher", "random"):
-        results, summary = evaluate(_agent_factory(name, args.seed), tasks, seed=args.seed)
-        print(format_table(summary, title=f"== {name} on {len(tasks)} held-out tasks (seed {args.seed}) =="))
-        print()
-        if args.out:
-            write_results(f"{args.out}/{name}.json", results, summary)
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    """The main job (visenv.main_job): teacher data -> PST -> GRPO on Ray -> SFT-only vs RL on held-out tasks.
+
+    ``--baselines-only`` prints the old table instead: the scripted teacher and the random agent.
+    """
+    if args.baselines_only:
+        tasks = make_suite(84 if args.n is None else args.n, args.task_seed)
+        start = time.perf_counter()
+        for name in ("teacher", "random"):
+            results, summary = evaluate(_agent_factory(name, args.seed), tasks, seed=args.seed)
+            print(format_table(summary, title=f"== {name} on {len(tasks)} held-out tasks (seed {args.seed}) =="))
+            print()
+            if args.out:
+                write_results(f"{args.out}/{name}.json", results, summary)
+        print(f"done in {time.perf_counter() - start:.1f} s")
+        return 0
+    from visenv.main_job import MainJobConfig, run_main_job
+
+    overrides = {"out": args.out or "runs/main", "seed": args.seed, "eval_task_seed": args.task_seed}
+    if args.n is not None:
+        overrides["eval_tasks"] = overrides["eval_episodes"] = args.n
+    if args.greedy:
+        overrides["eval_greedy"] = True
+    run_main_job(MainJobConfig(**overrides))
     return 0
 
 
@@ -89,11 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed of the task suite; the default differs from the training suite's (0)")
         p.add_argument("--tasks", help="a JSONL task file instead of the built-in suite")
 
-    p = sub.add_parser("main", help="the main job on embedded defaults")
-    p.add_argument("--n", type=int, default=84, help="held-out tasks (default 84: two per scenario)")
+    p = sub.add_parser("main", help="the main job on embedded defaults (teacher data, PST, GRPO, evaluation)")
+    p.add_argument("--n", type=int, default=None,
+                   help="held-out tasks (main job default 256; --baselines-only default 84, two per scenario)")
     p.add_argument("--task-seed", type=int, default=10_000, help="seed of the held-out suite")
-    p.add_argument("--seed", type=int, default=0, help="evaluation seed")
-    p.add_argument("--out", default="runs/main", help="folder for results JSON ('' to skip)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the job (data, model, GRPO, evaluation)")
+    p.add_argument("--out", default="runs/main", help="output folder ('' to skip the baselines' JSON)")
+    p.add_argument("--greedy", action="store_true", help="also evaluate both policies greedily (takes longer)")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="only evaluate the scripted teacher and the random agent (the old main table)")
     p.set_defaults(func=cmd_main)
 
     p = sub.add_parser("eval", help="evaluate a baseline agent and write results.json")

@@ -21,8 +21,8 @@ defaults of :class:`MainJobConfig`, sized to finish within 15 minutes on a 2-cor
 Why the default VisGen configuration is smaller than the full benchmark (docs/main-job.md): with a BPE
 tokenizer a full VisGen teacher trajectory averages ~1,700 tokens over ~9 turns (video scenarios
 2,000-3,300 tokens over 12-18 turns), which a 0.5M-parameter policy cannot learn and explore within 15
-minutes on two cores. The defaults keep the five image scenarios with the shortest workflows (3-4
-turns, ~570 tokens with the teacher's ``reflect=False``), which is the real environment and rubric on
+minutes on two cores. The defaults keep the three image scenarios with the shortest workflows (3
+turns, ~350 tokens with the teacher's ``reflect=False``), which is the real environment and rubric on
 a subset of its scenarios.
 
 ``visenv`` does not import ``rl`` at module import time; this module imports it lazily inside
@@ -43,9 +43,8 @@ from typing import Any, Callable, Sequence
 
 from visenv.error import ConfigError
 
-#: The image scenarios whose teacher workflows are shortest (3-4 turns, ~490-670 BPE tokens a trajectory).
-SHORT_SCENARIOS = ("official_account_cover", "social_media_cover", "realistic_photography", "scene_design",
-                   "avatar")
+#: The image scenarios whose teacher workflows are shortest (3 turns; ~350 BPE tokens a trajectory, docs/main-job.md).
+SHORT_SCENARIOS = ("official_account_cover", "social_media_cover", "realistic_photography")
 
 
 @dataclass
@@ -73,7 +72,10 @@ class MainJobConfig:
         sft_batch_size: trajectories per SFT step.
         sft_learning_rates: AdamW learning rates of stage 1 and stage 2.
         sft_stage2_weight: lambda of stage 2 (copies of the visual set in its mixture).
-        grpo_seconds: wall-clock budget of GRPO (the iteration running when it runs out finishes).
+        grpo_seconds: wall-clock budget of GRPO (the iteration running when it runs out finishes). GRPO
+            also stops early when the job would otherwise overrun ``time_limit_seconds``: it keeps
+            back the time the SFT-only evaluation took (the RL evaluation repeats it) plus
+            ``safety_seconds``.
         grpo_max_iterations: upper bound on GRPO iterations.
         tasks_per_iteration: GRPO groups per iteration.
         group_size: samples per group.
@@ -84,9 +86,12 @@ class MainJobConfig:
         envs_per_worker: environments (episodes per chunk) per worker.
         ray_num_cpus: CPUs of the local Ray (ray.init(num_cpus=...)).
         torch_threads: torch threads of the learner process (SFT, updates, evaluation).
-        eval_envs: environments in the evaluation pool (generate batch size).
+        eval_envs: environments in the evaluation pool (generate batch size; per worker on Ray).
+        eval_backend: "ray" (the evaluation episodes run in the Ray workers, both cores busy) or
+            "serial" (in this process).
         seed: seeds the data, model initialisation, GRPO tasks and evaluation sampling.
         time_limit_seconds: the job's target wall time; the report says whether it was met.
+        safety_seconds: slack kept back from ``time_limit_seconds`` when GRPO's budget is cut.
     """
 
     out: str = "runs/main"
@@ -96,8 +101,8 @@ class MainJobConfig:
     eval_tasks: int = 256
     eval_task_seed: int = 10_000
     eval_episodes: int = 256
-    eval_greedy: bool = True
-    max_turns: int = 8
+    eval_greedy: bool = False
+    max_turns: int = 5
     mistake_rate: float = 0.3
     reflect: bool = False
     min_reward: float = 0.5
@@ -106,14 +111,14 @@ class MainJobConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 352
-    sft_seconds: float = 300.0
+    sft_seconds: float = 270.0
     sft_stage1_share: float = 0.6
     sft_batch_size: int = 32
     sft_learning_rates: tuple[float, float] = (2e-3, 1e-3)
     sft_stage2_weight: float = 2.0
     grpo_seconds: float = 360.0
     grpo_max_iterations: int = 1000
-    tasks_per_iteration: int = 8
+    tasks_per_iteration: int = 4
     group_size: int = 8
     learning_rate: float = 3e-4
     clip: float = 0.2
@@ -125,8 +130,10 @@ class MainJobConfig:
     ray_num_cpus: int = 2
     torch_threads: int = 2
     eval_envs: int = 64
+    eval_backend: str = "ray"
     seed: int = 0
     time_limit_seconds: float = 900.0
+    safety_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         from visenv.tasks.scenarios import get_scenario
@@ -146,6 +153,8 @@ class MainJobConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} ({value!r}) must be a positive integer.")
+        if self.eval_backend not in ("ray", "serial"):
+            raise ConfigError(f"eval_backend ({self.eval_backend!r}) must be 'ray' or 'serial'.")
         if self.group_size < 2:
             raise ConfigError(f"group_size ({self.group_size}) must be at least 2: GRPO compares samples of a task.")
         if self.train_task_seed == self.eval_task_seed:
@@ -211,20 +220,23 @@ def _sft_stage(policy, examples, seconds: float, batch_size: int, learning_rate:
             "loss_last20": sum(tail) / max(1, len(tail)), "loss_first": losses[0] if losses else float("nan")}
 
 
-def _evaluate(policy, make_env: Callable[[], Any], episodes: int, seed: int, num_envs: int,
+def _evaluate(policy, make_rollout: Callable[[float], Any], episodes: int, seed: int,
               temperature: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Play ``episodes`` held-out episodes; summary metrics and one row per episode."""
-    from rl.rollout import SerialRollout, make_specs
+    """Play ``episodes`` held-out episodes with ``policy``'s weights; summary metrics and one row per episode.
+
+    ``make_rollout(temperature)`` builds the rollout (serial, or Ray workers that get the weights).
+    """
+    from rl.rollout import make_specs
     from rl.train import episode_metrics
 
     saved = policy.temperature
     policy.temperature = temperature
+    rollout = make_rollout(temperature)
     try:
-        rollout = SerialRollout(policy, make_env, num_envs)
-        specs = make_specs(seed, 0, episodes, 1)
-        found, stats = rollout.sample(specs)
-        rollout.close()
+        rollout.set_weights(policy.get_weights(), 0)
+        found, stats = rollout.sample(make_specs(seed, 0, episodes, 1))
     finally:
+        rollout.close()
         policy.temperature = saved
     rows = []
     for episode in found:
@@ -286,6 +298,7 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     from rl.hf import CausalLMPolicy, reference_policy, tiny_causal_lm
     from rl.config import EnvConfig, PolicyConfig, RolloutConfig
     from rl.logging import MetricsLogger
+    from rl.rollout import SerialRollout
     from rl.sft import chat_segments, load_chat_jsonl, mix
     from rl.tokenizer import train_tokenizer
     from rl.train import Callback, Trainer
@@ -364,75 +377,96 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     timing["sft"] = time.perf_counter() - mark
 
     # 5. Evaluate the SFT-only policy on held-out tasks (before GRPO changes the weights in place).
-    eval_env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": eval_path, "max_turns": config.max_turns})
-    modes = {"sampled": 1.0, **({"greedy": 0.0} if config.eval_greedy else {})}
-    eval_seed = config.seed + 777
-    evaluations: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
-    episodes: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
-    mark = time.perf_counter()
-    for mode, temperature in modes.items():
-        evaluations["sft"][mode], episodes["sft"][mode] = _evaluate(
-            policy, eval_env.make, config.eval_episodes, eval_seed, config.eval_envs, temperature)
-        s = evaluations["sft"][mode]
-        log(f"SFT-only held-out ({mode}): reward {s['reward']:.3f}, success {s['success_rate']:.1%} "
-            f"({s['seconds']:.0f} s)")
-    timing["eval_sft"] = time.perf_counter() - mark
-
-    # 6. GRPO in the environment, rollouts in Ray actors.
-    mark = time.perf_counter()
     started_ray = False
     if not ray.is_initialized():
-        ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+        # workers import visenv, rl and baselines from the same checkout as this process
+        root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
         started_ray = True
-    train_env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": train_path, "max_turns": config.max_turns})
-    policy_config = PolicyConfig(model=sft_dir, max_new_tokens=config.max_new_tokens, temperature=1.0, device="cpu")
-    rollout = RolloutConfig(backend="ray", num_workers=config.num_workers, num_envs=config.envs_per_worker,
-                            worker_num_cpus=config.worker_num_cpus, torch_threads=1).build(
-        policy, policy_config.build, train_env.make)
-    grpo_config = GRPOConfig(tasks_per_iteration=config.tasks_per_iteration, group_size=config.group_size,
-                             learning_rate=config.learning_rate, clip=config.clip, kl_coef=config.kl_coef,
-                             seed=config.seed)
-    reference = reference_policy(policy) if config.kl_coef > 0 else None
-    algorithm = GRPO(policy, reference, grpo_config)
-
-    class Budget(Callback):
-        def __init__(self) -> None:
-            self.start = time.perf_counter()
-
-        def on_step(self, iteration: int, metrics: dict[str, float]) -> bool:
-            return time.perf_counter() - self.start >= config.grpo_seconds
-
-    grpo_dir = out / "grpo"
-    trainer = Trainer(policy, algorithm, rollout, iterations=config.grpo_max_iterations,
-                      num_groups=config.tasks_per_iteration, group_size=config.group_size, seed=config.seed,
-                      logger=MetricsLogger(str(grpo_dir), tensorboard=False, total=None),
-                      callbacks=[Budget()] if config.grpo_seconds > 0 else [])
     try:
-        history = trainer.run() if config.grpo_seconds > 0 else []
-    finally:
-        trainer.logger.close()
-        rollout.close()
+        eval_env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": eval_path, "max_turns": config.max_turns})
+
+        def make_eval_rollout(temperature: float):
+            if config.eval_backend == "serial":
+                return SerialRollout(policy, eval_env.make, config.eval_envs)
+            make_policy = PolicyConfig(model=sft_dir, max_new_tokens=config.max_new_tokens, temperature=temperature,
+                                       device="cpu").build
+            return RolloutConfig(backend="ray", num_workers=config.num_workers, num_envs=config.eval_envs,
+                                 worker_num_cpus=config.worker_num_cpus, torch_threads=1).build(
+                policy, make_policy, eval_env.make)
+
+        modes = {"sampled": 1.0, **({"greedy": 0.0} if config.eval_greedy else {})}
+        eval_seed = config.seed + 777
+        evaluations: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
+        episodes: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
+        mark = time.perf_counter()
+        for mode, temperature in modes.items():
+            evaluations["sft"][mode], episodes["sft"][mode] = _evaluate(
+                policy, make_eval_rollout, config.eval_episodes, eval_seed, temperature)
+            s = evaluations["sft"][mode]
+            log(f"SFT-only held-out ({mode}): reward {s['reward']:.3f}, success {s['success_rate']:.1%} "
+                f"({s['seconds']:.0f} s)")
+        timing["eval_sft"] = time.perf_counter() - mark
+
+        # 6. GRPO in the environment, rollouts in Ray actors.
+        mark = time.perf_counter()
+        train_env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": train_path, "max_turns": config.max_turns})
+        policy_config = PolicyConfig(model=sft_dir, max_new_tokens=config.max_new_tokens, temperature=1.0, device="cpu")
+        rollout = RolloutConfig(backend="ray", num_workers=config.num_workers, num_envs=config.envs_per_worker,
+                                worker_num_cpus=config.worker_num_cpus, torch_threads=1).build(
+            policy, policy_config.build, train_env.make)
+        grpo_config = GRPOConfig(tasks_per_iteration=config.tasks_per_iteration, group_size=config.group_size,
+                                 learning_rate=config.learning_rate, clip=config.clip, kl_coef=config.kl_coef,
+                                 seed=config.seed)
+        reference = reference_policy(policy) if config.kl_coef > 0 else None
+        algorithm = GRPO(policy, reference, grpo_config)
+
+        class Budget(Callback):
+            def __init__(self) -> None:
+                self.start = time.perf_counter()
+
+            def on_step(self, iteration: int, metrics: dict[str, float]) -> bool:
+                now = time.perf_counter()
+                self.last = now - self.previous if hasattr(self, "previous") else now - self.start
+                self.previous = now
+                # stop before the next iteration would eat into the time the RL evaluation needs
+                deadline = start + config.time_limit_seconds - config.safety_seconds - timing["eval_sft"]
+                return now - self.start >= config.grpo_seconds or now + self.last > deadline
+
+        grpo_dir = out / "grpo"
+        trainer = Trainer(policy, algorithm, rollout, iterations=config.grpo_max_iterations,
+                          num_groups=config.tasks_per_iteration, group_size=config.group_size, seed=config.seed,
+                          logger=MetricsLogger(str(grpo_dir), tensorboard=False, total=None),
+                          callbacks=[Budget()] if config.grpo_seconds > 0 else [])
+        try:
+            history = trainer.run() if config.grpo_seconds > 0 else []
+        finally:
+            trainer.logger.close()
+            rollout.close()
+        rl_dir = str(out / "rl" / "policy")
+        policy.save(rl_dir)
+        timing["grpo"] = time.perf_counter() - mark
+        train_rewards = [h["reward"] for h in history]
+        grpo_summary = {"iterations": len(history), "seconds": timing["grpo"],
+                        "train_reward_first5": _head_mean(train_rewards, 5),
+                        "train_reward_last5": _head_mean(train_rewards[::-1], 5),
+                        "groups_skipped_mean": _head_mean([h.get("groups_skipped", float("nan")) for h in history],
+                                                          len(history)),
+                        "seconds_per_iteration": timing["grpo"] / max(1, len(history))}
+        log(f"GRPO: {len(history)} iterations in {timing['grpo']:.0f} s; training reward "
+            f"{grpo_summary['train_reward_first5']:.3f} (first 5) -> {grpo_summary['train_reward_last5']:.3f} (last 5)")
+
+        # 7. Evaluate the RL policy on the same held-out episodes.
+        mark = time.perf_counter()
+        for mode, temperature in modes.items():
+            evaluations["rl"][mode], episodes["rl"][mode] = _evaluate(
+                policy, make_eval_rollout, config.eval_episodes, eval_seed, temperature)
+        timing["eval_rl"] = time.perf_counter() - mark
+    finally:  # a failure after Ray started must not leave it running
         if started_ray:
             ray.shutdown()
-    rl_dir = str(out / "rl" / "policy")
-    policy.save(rl_dir)
-    timing["grpo"] = time.perf_counter() - mark
-    train_rewards = [h["reward"] for h in history]
-    grpo_summary = {"iterations": len(history), "seconds": timing["grpo"],
-                    "train_reward_first5": _head_mean(train_rewards, 5),
-                    "train_reward_last5": _head_mean(train_rewards[::-1], 5),
-                    "groups_skipped_mean": _head_mean([h.get("groups_skipped", float("nan")) for h in history],
-                                                      len(history)),
-                    "seconds_per_iteration": timing["grpo"] / max(1, len(history))}
-    log(f"GRPO: {len(history)} iterations in {timing['grpo']:.0f} s; training reward "
-        f"{grpo_summary['train_reward_first5']:.3f} (first 5) -> {grpo_summary['train_reward_last5']:.3f} (last 5)")
-
-    # 7. Evaluate the RL policy on the same held-out episodes.
-    mark = time.perf_counter()
-    for mode, temperature in modes.items():
-        evaluations["rl"][mode], episodes["rl"][mode] = _evaluate(
-            policy, eval_env.make, config.eval_episodes, eval_seed, config.eval_envs, temperature)
-    timing["eval_rl"] = time.perf_counter() - mark
     timing["total"] = time.perf_counter() - start
 
     margin = {}

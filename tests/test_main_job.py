@@ -1,0 +1,85 @@
+"""The main job (visenv.main_job) end to end on a small configuration, and its configuration checks.
+
+The small run only proves that every stage runs and that the outputs agree with each other; whether
+RL beats SFT-only within 15 minutes is measured by the full job (docs/main-job.md), not here.
+"""
+
+import json
+import math
+
+import pytest
+
+from visenv.error import ConfigError
+from visenv.main_job import MainJobConfig, format_comparison, run_main_job
+
+
+def small_config(out, **extra):
+    values = dict(out=str(out), train_tasks=24, eval_tasks=8, eval_episodes=8, eval_greedy=False, max_turns=3,
+                  vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                  sft_seconds=6.0, sft_batch_size=8, grpo_seconds=1.0, grpo_max_iterations=2,
+                  tasks_per_iteration=2, group_size=2, max_new_tokens=24, num_workers=2, worker_num_cpus=0.5,
+                  envs_per_worker=2, eval_envs=8, time_limit_seconds=900.0)
+    return MainJobConfig(**(values | extra))
+
+
+@pytest.mark.slow
+def test_main_job_small_end_to_end(ray_session, tmp_path):
+    lines = []
+    results = run_main_job(small_config(tmp_path / "job"), log=lines.append)
+    out = tmp_path / "job"
+    for name in ("results.json", "tasks_train.jsonl", "tasks_heldout.jsonl", "data/teacher.jsonl",
+                 "tokenizer/tokenizer.json", "sft/policy/config.json", "rl/policy/config.json",
+                 "grpo/metrics.jsonl", "episodes_sft.jsonl", "episodes_rl.jsonl"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    # held-out tasks are disjoint from the training tasks
+    train = {json.loads(line)["task_id"] for line in (out / "tasks_train.jsonl").read_text().splitlines()}
+    held = {json.loads(line)["task_id"] for line in (out / "tasks_heldout.jsonl").read_text().splitlines()}
+    assert len(train) == 24 and len(held) == 8 and not train & held
+    funnel = results["funnel"]
+    assert funnel["generated"] == 24 and funnel["kept"] + sum(funnel["dropped"].values()) == 24
+    assert results["data"]["trajectories"] == funnel["kept"]
+    assert [s["steps"] > 0 for s in results["sft"]["stages"]] == [True, True]
+    assert 1 <= results["grpo"]["iterations"] <= 2
+    # each evaluation's summary agrees with its episode rows, and the margin with the summaries
+    rows = {name: [json.loads(line) for line in (out / f"episodes_{name}.jsonl").read_text().splitlines()]
+            for name in ("sft", "rl")}
+    for name in ("sft", "rl"):
+        for mode in ("sampled",):
+            summary = results["evaluations"][name][mode]
+            mine = [r for r in rows[name] if r["mode"] == mode]
+            assert summary["episodes"] == len(mine) == 8
+            assert math.isclose(summary["reward"], sum(r["reward"] for r in mine) / 8, abs_tol=1e-9)
+            assert summary["success_rate"] == sum(r["success"] for r in mine) / 8
+            assert all(r["success"] == (r["rubric_total"] is not None and r["rubric_total"] >= 0.999) for r in mine)
+    # both policies played the same held-out tasks
+    assert ([r["task_seed"] for r in rows["sft"]] == [r["task_seed"] for r in rows["rl"]])
+    assert set(results["margin"]) == {"sampled"}
+    for mode in ("sampled",):
+        sft, rl = results["evaluations"]["sft"][mode], results["evaluations"]["rl"][mode]
+        assert math.isclose(results["margin"][mode]["reward"], rl["reward"] - sft["reward"])
+        assert math.isclose(results["margin"][mode]["success_rate"], rl["success_rate"] - sft["success_rate"])
+    assert results["timing"]["total"] >= sum(v for k, v in results["timing"].items() if k != "total") - 1e-6
+    table = format_comparison(results)
+    assert "RL - SFT (sampled)" in table and table in lines
+
+
+@pytest.mark.parametrize("bad, word", [
+    ({"eval_task_seed": 0}, "eval_task_seed"),
+    ({"scenarios": ("no_such_scenario",)}, "no_such_scenario"),
+    ({"num_workers": 3, "worker_num_cpus": 1.0}, "ray_num_cpus"),
+    ({"group_size": 1}, "group_size"),
+    ({"mistake_rate": 1.5}, "mistake_rate"),
+    ({"sft_stage1_share": 1.0}, "sft_stage1_share"),
+    ({"hidden_size": 130}, "num_heads"),
+])
+def test_main_job_config_rejects_bad_values(bad, word):
+    with pytest.raises(ConfigError, match=word):
+        MainJobConfig(**bad)
+
+
+def test_main_job_defaults_fit_two_cpus():
+    config = MainJobConfig()
+    assert config.num_workers * config.worker_num_cpus <= config.ray_num_cpus == 2
+    assert config.sft_seconds + config.grpo_seconds < config.time_limit_seconds
+    assert config.eval_task_seed != config.train_task_seed and config.mistake_rate > 0
