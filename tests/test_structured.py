@@ -12,6 +12,7 @@ from gymnasium.utils.env_checker import check_env
 from visenv.error import ConfigError, ResetNeeded
 from visenv.protocol import parse_turn
 from visenv.wrappers import StructuredVisGen, make_structured
+from visenv.wrappers.rllib_ppo import mean_return
 
 
 CALL, ANSWER = 0, 1
@@ -92,19 +93,9 @@ def test_a_good_script_beats_random_actions():
         consistent = f["consistency_object"] or f["consistency_scene"] or f["consistency_style"]
         return [CALL, GENERATE, ONE if consistent and not f["images"] else OWED, FIRST if consistent else NONE]
 
-    def mean(policy, episodes=40):
-        total = 0.0
-        for i in range(episodes):
-            observation, _ = env.reset(seed=i)
-            done = False
-            while not done:
-                observation, reward, terminated, truncated, _ = env.step(policy(observation))
-                total += reward
-                done = terminated or truncated
-        return total / episodes
-
     env.action_space.seed(0)
-    scripted, uniform = mean(script), mean(lambda _: env.action_space.sample())
+    scripted = mean_return(env, script, 40)
+    uniform = mean_return(env, lambda _: env.action_space.sample(), 40)
     assert scripted > 0.6 and uniform < 0.35 and scripted > uniform + 0.3
 
 
