@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from visenv.envs.visgen import VisGenEnv
 from visenv.episode import EpisodeRecord
+from visenv.rewards.judges.grader import grade_benchmark
 from visenv.tasks import Task
 
 OBJECTIVE_METRICS = ("s_rate", "amount", "duration", "storyboard", "audio")
@@ -119,8 +120,6 @@ def evaluate(agent_factory: Callable[[], Any], tasks: Sequence[Task], *, seed: i
         The episode results and the summary; ``summary["visgenbench"]`` holds the nine dimensions,
         S-Rate and O-Score (see :func:`visenv.rewards.judges.grade_benchmark`).
     """
-    from visenv.rewards.judges.grader import grade_benchmark
-
     env = VisGenEnv(env_config or {}, tasks=list(tasks))
     agent = agent_factory()
     results, records = [], []
