@@ -83,7 +83,9 @@ class PolicyConfig:
     Attributes:
         model: folder (or hub id) of the model and its tokenizer, e.g. the "policy" folder that
             ``rl sft`` writes.
-        kind: "causal_lm" (text) or "vlm" (Llava-style image-text-to-text; sees tool images).
+        kind: "causal_lm" (text) or "vlm" (image-text-to-text; sees tool images). The VLM policy
+            follows the model's model_type: "llava" (fixed tokens per image), "qwen2_vl" or
+            "qwen2_5_vl" (dynamic resolution; needs chat "chatml").
         chat: chat format: "plain" (tokenizers trained by rl) or "chatml" (Qwen and similar).
         system_prompt: text of the system segment that opens each episode, or null.
         max_new_tokens: most tokens in one policy turn.
@@ -119,7 +121,7 @@ class PolicyConfig:
         """Load the policy (picklable: Ray workers call it)."""
         import torch
 
-        from rl.hf import CausalLMPolicy, VisionLMPolicy, add_lora
+        from rl.hf import CausalLMPolicy, add_lora, vision_policy_class
 
         if not self.model:
             raise ValueError("policy.model is empty: give the folder of a model (e.g. the policy folder "
@@ -127,8 +129,8 @@ class PolicyConfig:
         options = dict(chat=self.chat, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                        system_prompt=self.system_prompt)
         if self.kind == "vlm":
-            policy = VisionLMPolicy.from_pretrained(self.model, self.dtype, images_per_turn=self.images_per_turn,
-                                                    **options)
+            policy = vision_policy_class(self.model).from_pretrained(self.model, self.dtype,
+                                                                     images_per_turn=self.images_per_turn, **options)
         else:
             policy = CausalLMPolicy.from_pretrained(self.model, self.dtype, **options)
         if self.lora is not None:

@@ -1,11 +1,14 @@
-"""Policies on transformers models: a causal LM and a VLM (image-text-to-text) that sees tool images.
+"""Policies on transformers models: a causal LM and VLMs (image-text-to-text) that see tool images.
 
-Both implement :class:`~rl.policy.TrainablePolicy`. Generation is a plain KV-cached decoding loop
+:class:`CausalLMPolicy` (text), :class:`VisionLMPolicy` (Llava-style: fixed tokens per image) and
+:class:`QwenVLPolicy` (Qwen2-VL / Qwen2.5-VL: dynamic resolution, multimodal RoPE) implement
+:class:`~rl.policy.TrainablePolicy`. Generation is a plain KV-cached decoding loop
 over a left-padded batch with inverse-CDF sampling: each row draws its uniforms for the whole turn
 from its own generator seeded by :meth:`~rl.policy.Conversation.turn_seed`, so a sample does not
 depend on which other conversations share the batch (the serial and Ray backends give the same samples). Scoring
 recomputes log-probs of a :class:`~rl.policy.TokenBatch` with position ids taken from the attention
-mask, so left padding does not shift positions.
+mask (for Qwen-VL, the model's 3-D RoPE index over the real tokens), so left padding does not shift
+positions.
 
 Conversations are written with a :class:`ChatFormat`: each observation becomes one environment
 segment (closing the previous turn and opening the next policy turn); the policy writes its turn and
@@ -26,6 +29,9 @@ from rl import core
 from rl.policy import ENV, POLICY, Conversation, Scores, Segment, TokenBatch
 
 PLAIN_SPECIAL_TOKENS = ("<|pad|>", "<|system|>", "<|env|>", "<|agent|>", "<|end|>", "<|image|>")
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                         "<|image_pad|>", "<|video_pad|>")
+"""The special tokens of Qwen's chat format and vision markers (for tokenizers trained in code)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,80 @@ def tiny_vlm(vocab_size: int, image_token_id: int, hidden_size: int = 64, num_la
     return LlavaForConditionalGeneration(config)
 
 
+def tiny_qwen_vl(tokenizer, model_type: str = "qwen2_vl", hidden_size: int = 64, num_layers: int = 2,
+                 patch_size: int = 4, max_pixels: int = 32 * 32, seed: int = 0):
+    """A randomly initialised Qwen2-VL or Qwen2.5-VL (1-block vision tower) and its image processor.
+
+    Args:
+        tokenizer: a tokenizer with the tokens of :data:`CHATML_SPECIAL_TOKENS` (the vision markers).
+        model_type: "qwen2_vl" or "qwen2_5_vl".
+        hidden_size: width of the language model (4 heads, 2 key-value heads).
+        num_layers: language model layers.
+        patch_size: side of a vision patch; 2 x 2 patches merge into one image token.
+        max_pixels: images larger than this many pixels are scaled down by the processor.
+        seed: seeds the initialisation.
+
+    Returns:
+        ``(model, image_processor)``, built from code (no files).
+    """
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)
+
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    half_head = hidden_size // 4 // 2
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                bos_token_id=None, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [half_head - 2 * (half_head // 3)] + [half_head // 3] * 2})
+    vision = dict(depth=1, num_heads=2, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    if model_type == "qwen2_vl":
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
+    elif model_type == "qwen2_5_vl":
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64,
+                      window_size=4 * patch_size, fullatt_block_indexes=[0])
+    else:
+        raise ValueError(f"model_type ({model_type!r}) must be 'qwen2_vl' or 'qwen2_5_vl'.")
+    config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+    torch.manual_seed(seed)
+    processor = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                      min_pixels=(2 * patch_size) ** 2, max_pixels=max_pixels)
+    return model_cls(config), processor
+
+
+def shown_images(observation: dict[str, Any], limit: int) -> np.ndarray | None:
+    """The images a VLM policy shows for an observation, or None when it has none.
+
+    The rows of ``observation["pixels"]`` (newest first, as VisGen writes them) that
+    ``observation["pixels_mask"]`` marks with 1, at most ``limit`` of them. An all-black image is
+    shown like any other; padding rows never are. An observation without a mask holds images only.
+    """
+    pixels = observation.get("pixels")
+    if pixels is None:
+        return None
+    mask = observation.get("pixels_mask")
+    images = np.asarray(pixels) if mask is None else np.asarray(pixels)[np.asarray(mask).astype(bool)]
+    return images[:limit] if len(images) and limit else None
+
+
+def vision_policy_class(model: str) -> type:
+    """The VLM policy class for a model folder (or hub id), chosen by its config's ``model_type``.
+
+    ``llava`` -> :class:`VisionLMPolicy`; ``qwen2_vl`` and ``qwen2_5_vl`` -> :class:`QwenVLPolicy`.
+    """
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(model).model_type
+    if model_type not in VISION_POLICIES:
+        raise ValueError(f"The model at {model!r} has model_type {model_type!r}; policy.kind 'vlm' supports "
+                         f"{sorted(VISION_POLICIES)}. Use kind 'causal_lm' for a text-only model.")
+    return VISION_POLICIES[model_type]
+
+
 class CausalLMPolicy:
     """A transformers causal LM as a trainable policy.
 
@@ -124,6 +204,7 @@ class CausalLMPolicy:
         self.system_prompt = system_prompt
         self.stop_id = self._token_id(self.chat.stop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_id
+        self.env_only_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", **options: Any) -> "CausalLMPolicy":
@@ -142,11 +223,15 @@ class CausalLMPolicy:
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
-    def _token_id(self, token: str) -> int:
+    def _token_id(self, token: str, expected: int | None = None) -> int:
+        """The id of a token the chat format needs; ``expected``: the id the model reserves for it."""
         ids = self.tokenizer.convert_tokens_to_ids([token])
         if ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no token {token!r}, which the chat format needs: train it "
                              "with rl.tokenizer.train_tokenizer or pick the chat format of the model family.")
+        if expected is not None and ids[0] != expected:
+            raise ValueError(f"The chat format's token {token!r} has id {ids[0]}, but the model expects id "
+                             f"{expected} for it: pick the chat format of the model family.")
         return ids[0]
 
     @property
@@ -158,17 +243,28 @@ class CausalLMPolicy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def encode(self, observation: dict[str, Any], first: bool) -> Segment:
-        text = self.chat.render(observation["text"], first, self.system_prompt)
+        return self._env_segment(observation, first)
+
+    def _env_segment(self, observation: dict[str, Any], first: bool, images: np.ndarray | None = None,
+                     placeholders: str = "") -> Segment:
+        """The environment segment of an observation: its text (after a VLM's image ``placeholders``)
+        in the chat format, encoded once, with the ``images`` the placeholders stand for."""
+        text = self.chat.render(placeholders + observation["text"], first, self.system_prompt)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return Segment(ENV, text, ids, observation=observation)
+        return Segment(ENV, text, ids, images=images, observation=observation)
 
     def _model_inputs(self, batch: TokenBatch) -> dict[str, Any]:
-        """Extra model inputs of a batch (the VLM's pixel values)."""
-        return {}
+        """The model inputs of a batch besides its ids and mask, on the policy's device: position
+        ids counted from the attention mask (and a VLM's images)."""
+        return {"position_ids": batch.position_ids.to(self.device)}
 
     def _restrict(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits with the tokens a policy may never write removed (sampling and scoring alike)."""
-        return logits
+        """Logits with the tokens a policy may never write removed (sampling and scoring alike): a
+        VLM's image placeholder (``env_only_ids``) is the environment's to write."""
+        if not self.env_only_ids:
+            return logits
+        banned = torch.tensor(self.env_only_ids, device=logits.device)
+        return logits.index_fill(-1, banned, float("-inf"))
 
     def generate(self, conversations: Sequence[Conversation]) -> list[Segment]:
         prompts = [conv.token_ids for conv in conversations]
@@ -184,10 +280,11 @@ class CausalLMPolicy:
         lengths = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         mask = batch.attention_mask.to(device)
-        positions = batch.position_ids.to(device)
         with torch.inference_mode():
+            inputs = self._model_inputs(batch)
+            positions = inputs.pop("position_ids")
             out = self.model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions,
-                             use_cache=True, logits_to_keep=1, **self._model_inputs(batch))
+                             use_cache=True, logits_to_keep=1, **inputs)
             for step in range(self.max_new_tokens):
                 tokens, token_logprobs = self._sample(self._restrict(out.logits[:, -1].float()), uniforms[:, step])
                 sampled[:, step] = torch.where(done, self.pad_id, tokens)
@@ -198,7 +295,7 @@ class CausalLMPolicy:
                 if bool(done.all()) or step + 1 == self.max_new_tokens:
                     break
                 mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], 1)
-                positions = positions[:, -1:] + 1
+                positions = positions[..., -1:] + 1  # (B, 1), or (3, B, 1) for multimodal RoPE
                 out = self.model(input_ids=sampled[:, step:step + 1], attention_mask=mask,
                                  position_ids=positions, cache=out.cache, use_cache=True)
         sampled, logprobs, lengths = sampled.cpu(), logprobs.cpu(), lengths.tolist()
@@ -231,8 +328,8 @@ class CausalLMPolicy:
         ids = batch.input_ids.to(device)
         mask = batch.attention_mask.to(device)
         predictors = batch.loss_mask[:, 1:].bool().any(0).nonzero().flatten().to(device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=batch.position_ids.to(device),
-                         output_hidden_states=with_hidden, logits_to_keep=predictors, **self._model_inputs(batch))
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=with_hidden,
+                         logits_to_keep=predictors, **self._model_inputs(batch))
         temperature = self.temperature or 1.0
         logits = self._restrict(out.logits)
         targets = predictors + 1
@@ -260,9 +357,10 @@ class CausalLMPolicy:
 class VisionLMPolicy(CausalLMPolicy):
     """A Llava-style image-text-to-text model that sees the tool outputs as images.
 
-    Observations with a ``"pixels"`` array (VisGen with ``observe_pixels=True``) get the newest
-    ``images_per_turn`` non-blank images as placeholder tokens (``image_tokens`` each) in front of their
-    text; the images travel with the segment, so scoring sees exactly what sampling saw.
+    Observations with a ``"pixels"`` array (VisGen with ``observe_pixels=True``) get their newest
+    ``images_per_turn`` real images (the rows ``"pixels_mask"`` marks; see :func:`shown_images`) as
+    placeholder tokens (``image_tokens`` each) in front of their text; the images travel with the
+    segment, so scoring sees exactly what sampling saw.
 
     Args:
         model: a ``LlavaForConditionalGeneration`` (fixed number of tokens per image).
@@ -276,10 +374,8 @@ class VisionLMPolicy(CausalLMPolicy):
         vision = model.config.vision_config
         self.image_size = vision.image_size
         self.image_tokens = (vision.image_size // vision.patch_size) ** 2
-        self.image_id = self._token_id(self.chat.image)
-        if self.image_id != model.config.image_token_index:
-            raise ValueError(f"The chat format's image token {self.chat.image!r} has id {self.image_id}, but the "
-                             f"model expects image_token_index {model.config.image_token_index}.")
+        self.image_id = self._token_id(self.chat.image, expected=model.config.image_token_id)
+        self.env_only_ids = (self.image_id,)
         self.images_per_turn = images_per_turn
 
     @classmethod
@@ -290,28 +386,104 @@ class VisionLMPolicy(CausalLMPolicy):
         return cls(model, PreTrainedTokenizerFast.from_pretrained(path), **options)
 
     def encode(self, observation: dict[str, Any], first: bool) -> Segment:
-        pixels = observation.get("pixels")
-        images = None
-        if pixels is not None:
-            shown = [image for image in pixels if image.any()][: self.images_per_turn]
-            images = np.stack(shown) if shown else None
+        images = shown_images(observation, self.images_per_turn)
         count = 0 if images is None else len(images)
-        text = self.chat.render(self.chat.image * (self.image_tokens * count) + observation["text"], first,
-                                self.system_prompt)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return Segment(ENV, text, ids, images=images, observation=observation)
-
-    def _restrict(self, logits: torch.Tensor) -> torch.Tensor:
-        """The image placeholder is the environment's to write: never sampled, never scored."""
-        return logits.index_fill(-1, torch.tensor([self.image_id], device=logits.device), float("-inf"))
+        return self._env_segment(observation, first, images, self.chat.image * (self.image_tokens * count))
 
     def _model_inputs(self, batch: TokenBatch) -> dict[str, Any]:
+        inputs = super()._model_inputs(batch)
         if batch.pixel_values is None:
-            return {}
+            return inputs
         images = torch.from_numpy(batch.pixel_values).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         images = torch.nn.functional.interpolate(images, size=(self.image_size, self.image_size),
                                                  mode="bilinear", align_corners=False)
-        return {"pixel_values": images.to(self.device)}
+        return inputs | {"pixel_values": images.to(self.device)}
+
+
+class QwenVLPolicy(CausalLMPolicy):
+    """A Qwen2-VL or Qwen2.5-VL model (dynamic resolution) that sees the tool outputs as images.
+
+    Each shown image (the newest ``images_per_turn`` real ones, see :func:`shown_images`) becomes
+    ``<|vision_start|>``, one ``<|image_pad|>`` per merged patch (``t * h * w / merge_size**2`` of the
+    grid the image processor resizes it to) and ``<|vision_end|>``, in front of the observation's
+    text. The raw images travel with the segment and are processed again (deterministically) for each
+    forward pass, so scoring sees exactly what sampling saw. Positions are the model's multimodal
+    RoPE index (``get_rope_index``: 3-D positions on image tokens, 1-D on text) over each row's real
+    tokens, so left padding does not shift them, and sampled tokens continue from the prompt's last
+    position, as the recomputation over the whole episode gives them.
+
+    The images of one batch must share a size (``TokenBatch.pixel_values`` is one array): VisGen's
+    thumbnails all have ``pixel_size``.
+
+    Args:
+        model: a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+        tokenizer: its fast tokenizer, with the vision start/end tokens and the chat format's image
+            token (``chat="chatml"``: ``<|image_pad|>``).
+        image_processor: a ``Qwen2VLImageProcessor`` whose patch, merge and temporal patch sizes are
+            the vision tower's; its ``min_pixels``/``max_pixels`` bound the tokens per image.
+        images_per_turn: most images shown per observation.
+        **options: as :class:`CausalLMPolicy`.
+    """
+
+    def __init__(self, model, tokenizer, image_processor, images_per_turn: int = 1, **options: Any):
+        super().__init__(model, tokenizer, **options)
+        config, vision = model.config, model.config.vision_config
+        for name, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                             ("temporal_patch_size", "temporal_patch_size")):
+            if getattr(image_processor, name) != getattr(vision, theirs):
+                raise ValueError(f"The image processor's {name} ({getattr(image_processor, name)}) differs from the "
+                                 f"vision tower's {theirs} ({getattr(vision, theirs)}): load the processor saved "
+                                 "with the model.")
+        self.image_processor = image_processor
+        self.merge_size = vision.spatial_merge_size
+        self.image_id = self._token_id(self.chat.image, expected=config.image_token_id)
+        self.env_only_ids = (self.image_id,)
+        self.vision_start, self.vision_end = tokenizer.convert_ids_to_tokens(
+            [config.vision_start_token_id, config.vision_end_token_id])
+        self.images_per_turn = images_per_turn
+        self._rope_index = model.model.get_rope_index  # reads only the config; survives LoRA wrapping
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str = "float32", **options: Any) -> "QwenVLPolicy":
+        """Load the model, tokenizer and image processor of a folder (a Qwen2-VL release or :meth:`save`)."""
+        from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2VLImageProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
+        return cls(model, PreTrainedTokenizerFast.from_pretrained(path), Qwen2VLImageProcessor.from_pretrained(path),
+                   **options)
+
+    def save(self, path: str) -> None:
+        """Save the model (LoRA adapters merged in), the tokenizer and the image processor."""
+        super().save(path)
+        self.image_processor.save_pretrained(path)
+
+    def encode(self, observation: dict[str, Any], first: bool) -> Segment:
+        images = shown_images(observation, self.images_per_turn)
+        if images is None:
+            return self._env_segment(observation, first)
+        counts = (self._process(images)["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+        placeholders = "".join(self.vision_start + self.chat.image * n + self.vision_end for n in counts)
+        return self._env_segment(observation, first, images, placeholders)
+
+    def _process(self, images: np.ndarray) -> dict[str, torch.Tensor]:
+        """``pixel_values`` (flattened patches) and ``image_grid_thw`` of ``(N, H, W, 3)`` uint8 images."""
+        return self.image_processor(images=list(images), return_tensors="pt", input_data_format="channels_last")
+
+    def _model_inputs(self, batch: TokenBatch) -> dict[str, Any]:
+        if batch.pixel_values is None:  # text only: 1-D positions, which the model repeats on its 3 axes
+            return super()._model_inputs(batch)
+        processed = self._process(batch.pixel_values)
+        grid = processed["image_grid_thw"]
+        token_types = (batch.input_ids == self.image_id).int()
+        positions, _ = self._rope_index(batch.input_ids, mm_token_type_ids=token_types, image_grid_thw=grid,
+                                        attention_mask=batch.attention_mask)
+        device = self.device
+        return {"position_ids": positions.to(device), "pixel_values": processed["pixel_values"].to(device),
+                "image_grid_thw": grid.to(device)}
+
+
+VISION_POLICIES = {"llava": VisionLMPolicy, "qwen2_vl": QwenVLPolicy, "qwen2_5_vl": QwenVLPolicy}
+"""The VLM policy class of each supported ``model_type``."""
 
 
 class AdapterOffReference:

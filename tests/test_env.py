@@ -163,14 +163,60 @@ def test_task_selection_by_option():
         env.reset(seed=0, options={"task": "no-such-task"})
 
 
+DRAW_ONE = format_turn(think="t", tool_call={"name": "tool_text2image_qwen", "arguments": {"prompt": "a cat", "n": 1}})
+
+
 def test_pixels_show_the_latest_images_when_enabled():
     env = VisGenEnv(observe_pixels=True, pixel_size=16, max_pixel_images=2)
     obs, _ = env.reset(seed=0)
     assert obs["pixels"].shape == (2, 16, 16, 3) and not obs["pixels"].any()
-    obs, *_ = env.step(format_turn(think="t", tool_call={"name": "tool_text2image_qwen",
-                                                         "arguments": {"prompt": "a cat", "n": 1}}))
-    assert obs["pixels"][0].any() and not obs["pixels"][1].any()
+    assert obs["pixels_mask"].tolist() == [0, 0] and obs["pixels_mask"].dtype == np.int8
     assert env.observation_space.contains(obs)
+    obs, *_ = env.step(DRAW_ONE)
+    assert obs["pixels"][0].any() and not obs["pixels"][1].any()
+    assert obs["pixels_mask"].tolist() == [1, 0]
+    assert env.observation_space.contains(obs)
+    obs, *_ = env.step(DRAW_ONE)
+    obs, *_ = env.step(DRAW_ONE)  # three images, two rows: the newest two, no padding
+    assert obs["pixels_mask"].tolist() == [1, 1] and obs["pixels"][1].any()
+
+
+def test_pixels_mask_tells_an_all_black_image_from_padding(monkeypatch):
+    monkeypatch.setattr("visenv.envs.visgen.thumbnail", lambda path, kind, size: np.zeros((size, size, 3), np.uint8))
+    env = VisGenEnv(observe_pixels=True, pixel_size=16, max_pixel_images=3)
+    env.reset(seed=0)
+    obs, *_ = env.step(DRAW_ONE)
+    assert not obs["pixels"].any()  # the pixels alone cannot tell the black image from the padding
+    assert obs["pixels_mask"].tolist() == [1, 0, 0]
+    assert env.observation_space.contains(obs)
+
+
+def test_check_env_and_pickling_with_pixels():
+    env = VisGenEnv(observe_pixels=True, pixel_size=16, max_pixel_images=2)
+    check_env(env, skip_render_check=True)
+    env.reset(seed=1)
+    clone = pickle.loads(pickle.dumps(env))
+    a, b = env.step(DRAW_ONE), clone.step(DRAW_ONE)
+    assert pickle.dumps(a[:2]) == pickle.dumps(b[:2]) and a[0]["pixels_mask"].tolist() == [1, 0]
+
+
+def test_vector_envs_batch_pixels_and_their_mask():
+    def make():
+        return gym.make("visenv/VisGen-v0", observe_pixels=True, pixel_size=16, max_pixel_images=2)
+
+    sync = gym.vector.SyncVectorEnv([make] * 2)
+    obs, _ = sync.reset(seed=0)
+    assert obs["pixels"].shape == (2, 2, 16, 16, 3) and obs["pixels_mask"].tolist() == [[0, 0], [0, 0]]
+    obs, *_ = sync.step((DRAW_ONE, "no tags at all"))
+    sync.close()
+    assert obs["pixels_mask"].tolist() == [[1, 0], [0, 0]]
+    assert sync.observation_space.contains(obs)
+    vec = gym.vector.AsyncVectorEnv([make] * 2, shared_memory=False)
+    vec.reset(seed=0)
+    obs_async, *_ = vec.step((DRAW_ONE, "no tags at all"))
+    vec.close()
+    assert np.array_equal(obs_async["pixels_mask"], obs["pixels_mask"])
+    assert np.array_equal(obs_async["pixels"], obs["pixels"])
 
 
 def test_default_observations_have_no_pixels():

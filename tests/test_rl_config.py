@@ -1,4 +1,4 @@
-"""Configs: validation messages name the value and the fix; YAML, overrides and --help."""
+"""Configs: validation messages name the value and the fix; YAML, overrides and --help; the GPU presets."""
 
 import glob
 import os
@@ -64,3 +64,42 @@ def test_help_explains_every_option(capsys):
 def test_cli_reports_bad_values_without_a_traceback(capsys):
     assert main(["train", "--policy.model", "m", "--grpo.group_size", "1"]) == 2
     assert "group_size (1) must be at least 2" in capsys.readouterr().err
+
+
+def test_gpu_qwen2vl_preset_builds_a_lora_qwen_vl_policy_that_sees_visgen_images(tmp_path):
+    import numpy as np
+    import torch
+
+    from rl.hf import CHATML_SPECIAL_TOKENS, QwenVLPolicy, tiny_qwen_vl
+    from rl.policy import Conversation, TokenBatch
+    from rl.tokenizer import train_tokenizer
+
+    preset = os.path.join(ROOT, "configs", "gpu_qwen2vl_grpo.yaml")
+    config = load(TrainConfig, preset)
+    assert (config.policy.kind, config.policy.chat, config.policy.dtype, config.policy.device) == (
+        "vlm", "chatml", "bfloat16", "cuda")
+    assert config.policy.lora is not None and config.rollout.backend == "ray" and config.rollout.worker_num_gpus > 0
+    assert config.rollout.num_workers * config.rollout.num_envs == config.groups[0] * config.groups[1]
+    # the preset's policy section, on a tiny Qwen2-VL saved as a release folder, on the CPU
+    tokenizer = train_tokenizer(["Request: draw a cat", "<tool_call>{}</tool_call>"], 300, CHATML_SPECIAL_TOKENS)
+    model, processor = tiny_qwen_vl(tokenizer)
+    QwenVLPolicy(model, tokenizer, processor, chat="chatml").save(str(tmp_path))
+    config = load(TrainConfig, preset, {"policy.model": str(tmp_path), "policy.device": "cpu",
+                                        "policy.max_new_tokens": 4})
+    policy = config.policy.build()
+    assert isinstance(policy, QwenVLPolicy) and policy.model.dtype == torch.bfloat16
+    trainable = [name for name, p in policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    # the preset's environment: an image row marked by the mask, shown at the saved processor's size
+    # (224 x 224 scaled to max_pixels 32 x 32: 8 x 8 patches of 4 pixels, merged 2 x 2)
+    obs, _ = config.env.make().reset(seed=0)
+    assert obs["pixels"].shape == (4, 224, 224, 3) and obs["pixels_mask"].tolist() == [0, 0, 0, 0]
+    obs["pixels"][0] = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    obs["pixels_mask"][0] = 1
+    conversation = Conversation(seed=0, segments=[policy.encode(obs, first=True)])
+    assert conversation.segments[0].token_ids.count(policy.image_id) == 16
+    conversation.segments.append(policy.generate([conversation])[0])
+    batch = TokenBatch.from_segments([conversation.segments], policy.pad_id)
+    scores = policy.score(batch)
+    (-scores.logprobs.sum()).backward()
+    assert all(p.grad is not None for p in policy.parameters())

@@ -1,5 +1,5 @@
-"""Policies: token continuity across multi-turn episodes (text and images), left padding, sampling
-that does not depend on the batch, the baseline and API adapters."""
+"""Policies: token continuity across multi-turn episodes (text, Llava and Qwen-VL images), left padding,
+the pixel mask, sampling that does not depend on the batch, the baseline and API adapters."""
 
 import json
 import threading
@@ -8,18 +8,62 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 import torch
+from gymnasium import spaces
 
 from baselines.random_agent import RandomAgent
 from rl.api import ApiPolicy
-from rl.hf import CausalLMPolicy, VisionLMPolicy, tiny_vlm
-from rl.policy import POLICY, AgentPolicy, Conversation, Policy, Segment, TokenBatch, TrainablePolicy
+from rl.hf import CHATML_SPECIAL_TOKENS, CausalLMPolicy, QwenVLPolicy, VisionLMPolicy, tiny_qwen_vl, tiny_vlm
+from rl.policy import ENV, POLICY, AgentPolicy, Conversation, Policy, Segment, TokenBatch, TrainablePolicy
 from rl.rollout import make_specs, run_episodes
-from rl_helpers import ECHO, LetterEnv, echo_tokenizer, tiny_policy
+from rl.tokenizer import train_tokenizer
+from rl_helpers import ECHO, LetterEnv, echo_examples, echo_tokenizer, tiny_policy
+from visenv.envs.visgen import VisGenEnv
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return echo_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer():
+    """The texts of :func:`echo_tokenizer` with Qwen's chat and vision tokens."""
+    texts = [m["content"] for e in echo_examples(200, 0.5) for m in e]
+    texts += [LetterEnv.prompt(w, t) for w in LetterEnv.WORDS for t in range(3)]
+    return train_tokenizer(texts, 1000, CHATML_SPECIAL_TOKENS)
+
+
+class MaskedPixelEnv(LetterEnv):
+    """LetterEnv with VisGen-style pixels: rows of a random 16x24 image, an all-black image and
+    padding, with the ``pixels_mask`` that tells the black image from the padding."""
+
+    def __init__(self, turns: int = 3):
+        super().__init__(turns)
+        self.observation_space = spaces.Dict({**self.observation_space.spaces,
+                                              "pixels": spaces.Box(0, 255, (3, 16, 24, 3), dtype=np.uint8),
+                                              "pixels_mask": spaces.MultiBinary(3)})
+
+    def _observation(self):
+        obs = super()._observation()
+        pixels = np.zeros((3, 16, 24, 3), dtype=np.uint8)
+        pixels[0] = self.np_random.integers(1, 256, (16, 24, 3), dtype=np.uint8)
+        obs.update(pixels=pixels, pixels_mask=np.array([1, 1, 0], dtype=np.int8))
+        return obs
+
+
+def tiny_vision_policy(name, tokenizer, chatml_tokenizer, **options):
+    if name == "llava":
+        model = tiny_vlm(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"), image_size=16)
+        return VisionLMPolicy(model, tokenizer, **options)
+    model, processor = tiny_qwen_vl(chatml_tokenizer, name)
+    return QwenVLPolicy(model, chatml_tokenizer, processor, chat="chatml", **options)
+
+
+def image_token_count(policy, images):
+    """Placeholder tokens the policy writes for ``images`` (Qwen: 2 x 2 merged 4-pixel patches, plus start and end)."""
+    if isinstance(policy, QwenVLPolicy):
+        return sum((h // 8) * (w // 8) + 2 for h, w in (image.shape[:2] for image in images))
+    return policy.image_tokens * len(images)
 
 
 class Recording:
@@ -100,6 +144,74 @@ def test_token_continuity_with_images(tokenizer):
         other = vlm.score(batch).logprobs
     mask = batch.loss_mask.bool()
     assert not torch.allclose(other[mask], batch.sampled_logprobs[mask], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_vlm_policies_show_an_all_black_image_and_never_padding(name, tokenizer, chatml_tokenizer):
+    policy = tiny_vision_policy(name, tokenizer, chatml_tokenizer, images_per_turn=3)
+    image_ids = {policy.image_id, *policy.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])}
+
+    def shown(observation, limit=3):
+        policy.images_per_turn = limit
+        segment = policy.encode(observation, first=True)
+        count = sum(t in image_ids for t in segment.token_ids)
+        return segment.images, count
+
+    env = MaskedPixelEnv()
+    obs, _ = env.reset(seed=0)
+    images, count = shown(obs)
+    # the black row is shown (the mask says it is an image), the padding row is not
+    assert images.shape == (2, 16, 24, 3) and images[0].any() and not images[1].any()
+    assert count == image_token_count(policy, images)
+    images, count = shown(obs, limit=1)
+    assert np.array_equal(images, obs["pixels"][:1]) and count == image_token_count(policy, images)
+    images, count = shown(obs | {"pixels_mask": np.zeros(3, dtype=np.int8)})
+    assert images is None and count == 0
+    # VisGen's first observation is all padding: nothing is shown (tests/test_env.py checks that VisGen
+    # marks an all-black thumbnail as an image)
+    obs, _ = VisGenEnv(observe_pixels=True, pixel_size=16, max_pixel_images=3).reset(seed=0)
+    assert shown(obs) == (None, 0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_token_continuity_with_dynamic_resolution(model_type, chatml_tokenizer):
+    model, processor = tiny_qwen_vl(chatml_tokenizer, model_type)
+    qwen = QwenVLPolicy(model, chatml_tokenizer, processor, chat="chatml", images_per_turn=2, max_new_tokens=10)
+    policy = Recording(qwen)
+    episodes, _ = run_episodes(policy, [MaskedPixelEnv() for _ in range(2)], make_specs(2, 0, 3, 1))
+    batch = check_continuity(qwen, episodes, policy.calls)
+    # each observation shows its random and its black 16x24 image: a 4 x 6 patch grid, 2 x 3 = 6 tokens each
+    shown = [s.images for e in episodes for s in e.segments if s.role == ENV]
+    assert len(shown) == 9 and all(images.shape == (2, 16, 24, 3) and not images[1].any() for images in shown)
+    assert int((batch.input_ids == qwen.image_id).sum()) == 9 * 2 * 6
+    inputs = qwen._model_inputs(batch)
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 6]] * 18
+    # multimodal RoPE: image tokens get (t, h, w) positions, so the three axes differ there
+    positions = inputs["position_ids"]
+    assert positions.shape == (3, *batch.input_ids.shape) and not torch.equal(positions[1], positions[2])
+    mask = batch.loss_mask.bool()
+
+    def logprobs_with(**changes):
+        with torch.no_grad():
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **(inputs | changes))
+        return torch.log_softmax(qwen._restrict(out.logits[:, :-1]), -1).gather(
+            -1, batch.input_ids[:, 1:, None]).squeeze(-1)[mask[:, 1:]]
+
+    assert torch.allclose(logprobs_with(), batch.sampled_logprobs[mask], atol=1e-4)
+    # both the 3-D positions and the images matter: 1-D positions or other pixels change the log-probs
+    assert not torch.allclose(logprobs_with(position_ids=batch.position_ids), batch.sampled_logprobs[mask], atol=1e-4)
+    other = qwen._process(255 - batch.pixel_values)["pixel_values"]
+    assert not torch.allclose(logprobs_with(pixel_values=other), batch.sampled_logprobs[mask], atol=1e-4)
+
+
+def test_qwen_vl_checks_its_processor_and_chat_format(chatml_tokenizer):
+    from transformers import Qwen2VLImageProcessor
+
+    model, processor = tiny_qwen_vl(chatml_tokenizer)
+    with pytest.raises(ValueError, match=r"image processor's patch_size \(14\) differs from the vision tower's"):
+        QwenVLPolicy(model, chatml_tokenizer, Qwen2VLImageProcessor(), chat="chatml")
+    with pytest.raises(ValueError, match="has no token '<\\|end\\|>'"):
+        QwenVLPolicy(model, chatml_tokenizer, processor, chat="plain")
 
 
 def test_left_padding_uses_positions_from_the_attention_mask(tokenizer):
@@ -205,12 +317,22 @@ def test_api_policy_against_a_loopback_endpoint():
     assert first["model"] == "fake" and first["messages"][0] == {"role": "system", "content": "Be exact."}
 
 
-def test_policy_config_builds_a_saved_vlm_that_sees_images(tokenizer, tmp_path):
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "qwen2_5_vl"])
+def test_policy_config_picks_the_vlm_class_from_the_saved_model_type(name, tokenizer, chatml_tokenizer, tmp_path):
     from rl.config import PolicyConfig
 
-    model = tiny_vlm(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"), image_size=16)
-    VisionLMPolicy(model, tokenizer).save(str(tmp_path))
-    policy = PolicyConfig(model=str(tmp_path), kind="vlm", max_new_tokens=6, device="cpu").build()
-    assert isinstance(policy, VisionLMPolicy)
-    episodes, _ = run_episodes(policy, [LetterEnv(turns=2, pixels=True)], make_specs(0, 0, 2, 1))
-    assert all(s.images is not None for e in episodes for s in e.segments if s.role != POLICY)
+    tiny_vision_policy(name, tokenizer, chatml_tokenizer).save(str(tmp_path))
+    chat = "plain" if name == "llava" else "chatml"
+    policy = PolicyConfig(model=str(tmp_path), kind="vlm", chat=chat, max_new_tokens=6, images_per_turn=2,
+                          device="cpu").build()
+    assert type(policy) is (VisionLMPolicy if name == "llava" else QwenVLPolicy)
+    episodes, _ = run_episodes(policy, [MaskedPixelEnv(turns=2)], make_specs(0, 0, 2, 1))
+    assert all(len(s.images) == 2 for e in episodes for s in e.segments if s.role != POLICY)
+
+
+def test_policy_config_refuses_a_text_model_as_vlm(tokenizer, tmp_path):
+    from rl.config import PolicyConfig
+
+    tiny_policy(tokenizer).save(str(tmp_path))
+    with pytest.raises(ValueError, match=r"model_type 'llama'; policy.kind 'vlm' supports \['llava', 'qwen2_5_vl'"):
+        PolicyConfig(model=str(tmp_path), kind="vlm", device="cpu").build()

@@ -1,7 +1,8 @@
 """What every visenv environment shares: text spaces, observation rendering and call-order checks.
 
 Observations are a ``Dict`` with the text message and the ids of the episode's artifacts (and,
-when asked for, small pixel arrays of the latest images and video frames). Actions are text: one
+when asked for, small pixel arrays of the latest images and video frames, zero-padded to a fixed
+count, with a mask that tells real images from padding). Actions are text: one
 model turn. Text spaces use :data:`CHARSET` (printable ASCII); observation text outside it is
 replaced by ``?`` so that every observation is inside the space, while actions may be any string.
 """
@@ -34,7 +35,14 @@ def fit_text(text: str, max_chars: int) -> str:
 
 
 def observation_space(max_chars: int, pixels: tuple[int, int] | None = None) -> spaces.Dict:
-    """The observation space: text, artifact ids, and optionally (max_images, size, size, 3) pixels."""
+    """The observation space: text, artifact ids, and optionally pixels with their mask.
+
+    Args:
+        max_chars: most characters of the observation text.
+        pixels: ``(max_images, size)`` adds ``"pixels"``, uint8 ``(max_images, size, size, 3)``, and
+            ``"pixels_mask"``, ``MultiBinary(max_images)`` (int8): 1 on the rows that hold an image, 0
+            on zero padding (an all-black image is a 1).
+    """
     entries: dict[str, spaces.Space] = {
         "text": spaces.Text(max_length=max_chars, min_length=0, charset=CHARSET),
         "artifacts": spaces.Sequence(spaces.Text(ID_LENGTH, min_length=ID_LENGTH, charset=ID_CHARSET)),
@@ -42,6 +50,7 @@ def observation_space(max_chars: int, pixels: tuple[int, int] | None = None) -> 
     if pixels is not None:
         count, size = pixels
         entries["pixels"] = spaces.Box(0, 255, (count, size, size, 3), dtype=np.uint8)
+        entries["pixels_mask"] = spaces.MultiBinary(count)
     return spaces.Dict(entries)
 
 

@@ -33,7 +33,8 @@ class VisGenConfig:
         media: a folder of your own media for the attribute tier (None: the procedural database).
         rubric: "ltr" (LtrReward, R_plan x R_fine), "r1" (additive) or a rubric object.
         error_penalty: reward subtracted on a step whose turn or call failed.
-        observe_pixels: add a "pixels" array of the latest images and video frames to observations.
+        observe_pixels: add a "pixels" array of the latest images and video frames to observations,
+            and a "pixels_mask" that marks its real rows (the rest is zero padding).
         pixel_size: side of each pixel thumbnail.
         max_pixel_images: how many thumbnails the "pixels" array holds.
     """

@@ -70,9 +70,11 @@ class VisGenEnv(TextEnv):
 
     ## Spaces
     Action: ``Text`` (one model turn; any string is accepted, longer than ``max_turn_chars`` is cut).
-    Observation: ``Dict(text=Text, artifacts=Sequence(Text))`` plus ``pixels`` (uint8
-    ``(max_pixel_images, pixel_size, pixel_size, 3)``, the latest images and video middle frames,
-    newest first) when ``observe_pixels=True``. Text spaces have dynamic shapes: use
+    Observation: ``Dict(text=Text, artifacts=Sequence(Text))``; with ``observe_pixels=True`` also
+    ``pixels`` (uint8 ``(max_pixel_images, pixel_size, pixel_size, 3)``: the latest images and video
+    middle frames, newest first, then zero padding) and ``pixels_mask`` (``MultiBinary(max_pixel_images)``,
+    int8: 1 on the rows that hold an image, 0 on padding; an all-black image is a 1, so read the
+    mask, never the pixel values, to tell them apart). Text spaces have dynamic shapes: use
     ``AsyncVectorEnv(..., shared_memory=False)``.
 
     ## Rewards
@@ -95,7 +97,8 @@ class VisGenEnv(TextEnv):
     (RLlib passes its env_config) and ``options`` override it; see :class:`VisGenConfig`.
 
     ## Version history
-    * v0: initial release.
+    * v0: initial release; ``pixels_mask`` added to the opt-in pixel observations (default
+      observations, dynamics and rewards unchanged).
     """
 
     def __init__(self, config: Any = None, **options: Any):
@@ -232,7 +235,9 @@ class VisGenEnv(TextEnv):
             visual = [a for a in reversed(self.registry.all()) if a.kind in ("image", "video")][:count]
             for row, artifact in enumerate(visual):
                 pixels[row] = thumbnail(artifact.path, artifact.kind, size)
-            obs["pixels"] = pixels
+            mask = np.zeros(count, dtype=np.int8)
+            mask[: len(visual)] = 1
+            obs["pixels"], obs["pixels_mask"] = pixels, mask
         return obs
 
     def render(self) -> str:
