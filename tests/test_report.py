@@ -19,7 +19,8 @@ from baselines.random_agent import RandomAgent
 from baselines.workflow_agent import WorkflowAgent
 from visenv.error import ConfigError
 from visenv.evaluation import evaluate, write_results
-from visenv.report import evaluate_with_report, render_page, replay_captures
+from visenv.report import (Run, evaluate_run, evaluate_with_report, render_comparison, render_page, replay_captures,
+                           write_comparison)
 from visenv.report.cli import add_report_commands
 from visenv.report.page import dimension_block, episode_dimensions
 from visenv.tasks import make_suite, visgenbench
@@ -44,28 +45,34 @@ def report(tmp_path_factory):
 
 
 class _Cells(HTMLParser):
-    """Collects the page's table cells (data-group, data-metric -> text), images and <body> attributes."""
+    """Collects the page's table cells (data-group, data-metric -> text; a comparison page's in
+    ``run_cells`` by data-run, data-group, data-metric), images, bars, episodes and <body> attributes."""
 
     def __init__(self):
         super().__init__()
-        self.cells, self.images, self.body, self.bars = {}, [], {}, []
+        self.cells, self.run_cells, self.images, self.body, self.bars, self.episodes = {}, {}, [], {}, [], []
         self._cell = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "td" and "data-metric" in attrs:
-            self._cell = (attrs["data-group"], attrs["data-metric"])
-            self.cells[self._cell] = ""
+            if "data-run" in attrs:
+                self._cell = (self.run_cells, (attrs["data-run"], attrs["data-group"], attrs["data-metric"]))
+            else:
+                self._cell = (self.cells, (attrs["data-group"], attrs["data-metric"]))
+            self._cell[0][self._cell[1]] = ""
         elif tag == "img":
             self.images.append(attrs["src"])
         elif tag == "body":
             self.body = attrs
         elif tag == "rect" and "data-series" in attrs:
             self.bars.append(attrs)
+        elif tag == "details":
+            self.episodes.append(attrs)
 
     def handle_data(self, data):
         if self._cell is not None:
-            self.cells[self._cell] += data
+            self._cell[0][self._cell[1]] += data
 
     def handle_endtag(self, tag):
         if tag == "td":
@@ -91,6 +98,11 @@ def test_evaluate_with_report_matches_evaluate(report):
     folder, results, summary = report
     _, plain = evaluate(lambda: WorkflowAgent(seed=1, mistake_rate=0.5), mixed_suite(), seed=SEED, progress=False)
     assert summary == plain
+    _, lockstep = evaluate(lambda: WorkflowAgent(seed=1, mistake_rate=0.5), mixed_suite(), seed=SEED, progress=False,
+                           num_envs=3)  # episodes 0-2 in lock-step, then episode 3
+    assert lockstep == plain
+    with pytest.raises(ValueError, match=r"num_envs \(0\) must be at least 1"):
+        evaluate(WorkflowAgent, mixed_suite(), num_envs=0)
     assert all(r.trajectory for r in results) and (folder / "report.html").is_file()
 
 
@@ -100,6 +112,7 @@ def test_page_shows_the_summary_numbers(report):
     expected = expected_cells(summary)
     assert {k: cells[k] for k in expected} == expected
     assert cells[("overall", "s_rate")] == f"{summary['overall']['s_rate']:.3f}"
+    assert not parse((folder / "report.html").read_text()).run_cells  # one run: no policy column
 
 
 def test_pictures_are_written_for_every_artifact(report):
@@ -205,6 +218,51 @@ def test_report_command_replays_a_results_file(tmp_path):
     args = _parser().parse_args(["report", str(tmp_path / "bad.json")])
     with pytest.raises(ConfigError, match="not a results.json"):
         args.func(args)
+
+
+# ---- several named runs on one page ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    """The teacher (with mistakes) and the random agent on the mixed suite, on one page: (folder, runs)."""
+    folder = tmp_path_factory.mktemp("comparison")
+    agents = {"teacher": lambda: WorkflowAgent(seed=1, mistake_rate=0.5), "random <agent>": lambda: RandomAgent(seed=2)}
+    runs = [evaluate_run(factory, mixed_suite(), folder, name=name, seed=SEED, progress=False)
+            for name, factory in agents.items()]
+    write_comparison(folder, runs)
+    return folder, runs
+
+
+BIN = re.compile(r"^-?\d\.\d\d--?\d\.\d\d$")
+
+
+def test_comparison_shows_the_runs_side_by_side(report, comparison):
+    folder, runs = comparison
+    assert runs[0].summary == report[2]  # the same evaluation as the single-run report
+    html = (folder / "report.html").read_text()
+    page = parse(html)
+    assert not page.cells  # every cell names its run
+    for run in runs:
+        expected = {(run.name, group, metric): text for (group, metric), text in expected_cells(run.summary).items()}
+        assert {k: page.run_cells[k] for k in expected} == expected
+        bars = [b for b in page.bars if b["data-series"] == run.name]
+        total = next(b for b in bars if b["data-label"] == "total")  # the overall components chart comes first
+        assert total["data-value"] == f"{run.summary['overall']['components']['total']:.3f}"
+        assert sum(float(b["data-value"]) for b in bars if BIN.match(b["data-label"])) == len(run.results)
+    assert "random &lt;agent&gt;: mean reward" in html and "random <agent>" not in html
+    assert [(e["data-run"], e["data-task"]) for e in page.episodes] == [
+        (run.name, task.task_id) for task in mixed_suite() for run in runs]
+    assert page.images and all((folder / src).is_file() for src in page.images)
+
+
+def test_comparison_refuses_runs_it_cannot_compare(comparison):
+    _, runs = comparison
+    with pytest.raises(ValueError, match="at least one run"):
+        render_comparison([])
+    with pytest.raises(ValueError, match="non-empty and distinct"):
+        render_comparison([runs[0], runs[0]])
+    with pytest.raises(ValueError, match="'later' played other tasks"):
+        render_comparison([runs[0], Run("later", runs[1].results[1:], runs[1].summary)])
 
 
 # ---- the page in a real browser ------------------------------------------------------------------

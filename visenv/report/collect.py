@@ -1,8 +1,8 @@
 """Gather what the report shows: run an evaluation with pictures, or replay a results.json for them.
 
-Both paths follow :func:`visenv.evaluation.evaluate` exactly: one environment over the
-suite, episode ``i`` reset with seed ``seed + i``. :func:`evaluate_with_report` plays the agent and
-captures each episode's artifacts right after its last step; :func:`replay_captures` re-plays the
+Both paths follow :func:`visenv.evaluation.evaluate` exactly: episode ``i`` plays task ``i``, reset
+with seed ``seed + i``. :func:`evaluate_run` plays the agent and captures each episode's artifacts
+right after its last step (:func:`evaluate_with_report` adds the page); :func:`replay_captures` re-plays the
 recorded actions of a results.json in a fresh environment, which reproduces the same artifacts
 (the tools are seeded by the episode seed and call index), and checks that every replayed reward
 equals the recorded one, so a wrong suite, seed or environment setting is reported, never drawn.
@@ -17,10 +17,46 @@ from typing import Any, Callable, Mapping, Sequence
 from visenv.envs.visgen import VisGenEnv
 from visenv.episode import EpisodeRecord
 from visenv.error import ConfigError
-from visenv.evaluation import EpisodeResult, evaluate
+from visenv.evaluation import EpisodeResult, act_each, evaluate
 from visenv.report.media import EpisodeCapture, capture_episode
-from visenv.report.page import write_report
+from visenv.report.page import Run, write_report
 from visenv.tasks import Task
+
+
+def evaluate_run(agent_factory: Callable[[], Any], tasks: Sequence[Task], report_dir: str | Path, *, name: str = "",
+                 seed: int = 0, env_config: Mapping[str, Any] | None = None, grader: Any = None,
+                 progress: bool = True, num_envs: int = 1, act_batch: Callable[..., list[str]] = act_each) -> Run:
+    """:func:`visenv.evaluation.evaluate` with trajectories kept and each episode's pictures written.
+
+    The pictures go to ``report_dir/media``; the returned :class:`~visenv.report.page.Run` is what
+    :func:`~visenv.report.page.write_report` (one run) or :func:`~visenv.report.page.write_comparison`
+    (several, named) draw.
+
+    Args:
+        agent_factory: makes an agent (any object with ``reset(observation, seed)`` and ``act(observation)``).
+        tasks: the suite; one episode per task.
+        report_dir: the report folder.
+        name: the run's name on a comparison page.
+        seed: episode ``i`` is reset with ``seed + i`` (as in ``evaluate``).
+        env_config: options of the :class:`~visenv.envs.visgen.VisGenEnv`.
+        grader: a :class:`~visenv.rewards.judges.BenchmarkGrader` for the subjective dimensions, or None.
+        progress: show a progress bar.
+        num_envs: episodes played at once, in lock-step (see ``evaluate``).
+        act_batch: ``(agents, observations) -> actions`` of a lock-step batch (see ``evaluate``).
+
+    Returns:
+        The run: the results and summary of ``evaluate(..., keep_trajectories=True)``, the captures
+        and the grades (None without a grader).
+    """
+    captures: list[EpisodeCapture] = []
+    results, summary = evaluate(agent_factory, tasks, seed=seed, env_config=dict(env_config or {}),
+                                progress=progress, keep_trajectories=True, grader=grader,
+                                on_episode=lambda record: captures.append(capture_episode(record, report_dir)),
+                                num_envs=num_envs, act_batch=act_batch)
+    grades = None
+    if grader is not None:
+        grades = [row["score"] for row in summary["visgenbench"]["episodes"]]
+    return Run(name, results, summary, captures, grades)
 
 
 def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task], report_dir: str | Path, *,
@@ -44,15 +80,10 @@ def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task]
     Returns:
         The episode results and the summary, the same as ``evaluate(..., keep_trajectories=True)``.
     """
-    captures: list[EpisodeCapture] = []
-    results, summary = evaluate(agent_factory, tasks, seed=seed, env_config=dict(env_config or {}),
-                                progress=progress, keep_trajectories=True, grader=grader,
-                                on_episode=lambda record: captures.append(capture_episode(record, report_dir)))
-    grades = None
-    if grader is not None:
-        grades = [row["score"] for row in summary["visgenbench"]["episodes"]]
-    write_report(report_dir, results, summary, captures, grades, title)
-    return results, summary
+    run = evaluate_run(agent_factory, tasks, report_dir, seed=seed, env_config=env_config, grader=grader,
+                       progress=progress)
+    write_report(report_dir, run.results, run.summary, run.captures, run.grades, title)
+    return list(run.results), dict(run.summary)
 
 
 def _same(a: float, b: float) -> bool:

@@ -16,7 +16,13 @@ moved with its folder. Sections:
 * **Reward components**: mean of each rubric component, overall and per modality; the episode
   reward distribution; mean reward per scenario.
 * **Trajectories**: per episode, each turn's think, reflection, plan and tool call (or answer)
-  with the call's result beside the pictures it produced (video: frames across the clip).
+  with the call's result beside the pictures it produced (video: frames across the clip); a turn
+  that could not be parsed is shown as the text the agent wrote.
+
+:func:`render_page` shows one evaluation. :func:`render_comparison` shows several named
+:class:`Run` of the same episodes on one page: each table row becomes one row per run (a
+``policy`` column, ``data-run`` on its cells), each chart one series per run, and the trajectory
+viewer lists, episode by episode, each run's attempt labelled with its name.
 
 Cells, bars and the page carry ``data-*`` attributes (``data-group``, ``data-metric``,
 ``data-value``; ``data-images-loaded`` / ``data-images-broken`` on ``<body>`` once the pictures
@@ -27,12 +33,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 from visenv.report.media import EpisodeCapture
-from visenv.report.svg import grouped_bars, histogram
+from visenv.report.svg import grouped_bars, grouped_histogram, histogram
 from visenv.report.template import PAGE
 from visenv.tasks import DIMENSIONS
 
@@ -44,15 +51,39 @@ METRICS = (("s_rate", "S-Rate"), ("amount", "amount"), ("duration", "duration"),
            ("audio", "audio"), ("reward", "reward"), ("turns", "turns"), ("failed_call_rate", "failed calls"))
 
 
+@dataclass(frozen=True)
+class Run:
+    """One named evaluation, as a comparison page (:func:`render_comparison`) shows it.
+
+    Attributes:
+        name: the name the page shows for it (e.g. a policy's).
+        results: its episodes: :class:`~visenv.evaluation.EpisodeResult` objects or their dicts.
+        summary: the evaluator's summary of the same episodes.
+        captures: per episode, its request and pictures, or None (no pictures).
+        grades: per episode, the VLM grader's score of its subjective dimension, or None (not graded).
+    """
+
+    name: str
+    results: Sequence[Any]
+    summary: Mapping[str, Any]
+    captures: Sequence[EpisodeCapture] | None = None
+    grades: Sequence[float | None] | None = None
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None and not math.isnan(v)]
     return sum(kept) / len(kept) if kept else None
 
 
-def _cell(value: float | None, group: str, metric: str) -> str:
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _cell(value: float | None, group: str, metric: str, run: str | None = None) -> str:
+    tag = f'data-group="{escape(group)}"' + ("" if run is None else f' data-run="{escape(run)}"')
     if value is None:
-        return f'<td class="na" data-group="{escape(group)}" data-metric="{metric}" data-value="n/a">n/a</td>'
-    return f'<td data-group="{escape(group)}" data-metric="{metric}" data-value="{value:.3f}">{value:.3f}</td>'
+        return f'<td class="na" {tag} data-metric="{metric}" data-value="n/a">n/a</td>'
+    return f'<td {tag} data-metric="{metric}" data-value="{value:.3f}">{value:.3f}</td>'
 
 
 def episode_dimensions(episode: Mapping[str, Any], grade: float | None) -> dict[str, float]:
@@ -89,49 +120,125 @@ def _groups(summary: Mapping[str, Any], episodes: Sequence[Mapping[str, Any]]) -
     return rows
 
 
-def _scores_table(groups: list[Group], episodes: Sequence[Mapping[str, Any]], grades: Sequence[float | None]
-                  ) -> tuple[str, bool]:
-    """The VisGenBench table, and whether all nine dimensions have an overall score."""
+class _Shown(NamedTuple):
+    """A run as the page draws it: episodes as dicts, one grade per episode, its table groups."""
+
+    name: str | None  # None: the single-evaluation page (no policy column, no labels)
+    episodes: list[Mapping[str, Any]]
+    summary: Mapping[str, Any]
+    captures: Sequence[EpisodeCapture] | None
+    grades: list[float | None]
+    groups: list[Group]
+
+
+def _show(run: Run, name: str | None) -> _Shown:
+    episodes = [r if isinstance(r, Mapping) else vars(r) for r in run.results]
+    if run.captures is not None and len(run.captures) != len(episodes):
+        raise ValueError(f"captures ({len(run.captures)}) must hold one entry per episode ({len(episodes)}).")
+    if run.grades is not None and len(run.grades) != len(episodes):
+        raise ValueError(f"grades ({len(run.grades)}) must hold one score per episode ({len(episodes)}).")
+    grades = list(run.grades) if run.grades is not None else [None] * len(episodes)
+    return _Shown(name, episodes, run.summary, run.captures, grades, _groups(run.summary, episodes))
+
+
+def _rows(runs: Sequence[_Shown]) -> Iterator[tuple[str, _Shown, str, Mapping[str, Any], list[int]]]:
+    """Per table row: its group, the run, the opening ``<tr>`` with its headers, the block and its members.
+
+    Runs of one page play the same episodes, so their groups are the same; a comparison page gives
+    each group one row per run, the group's label spanning them.
+    """
+    for g, (key, label, _, _) in enumerate(runs[0].groups):
+        kind = key.split(":")[0]
+        for position, run in enumerate(runs):
+            _, _, block, members = run.groups[g]
+            if run.name is None:
+                head = f"<tr class='{kind}'><th>{escape(label)}</th>"
+            else:
+                group = f"<th rowspan='{len(runs)}'>{escape(label)}</th>" if position == 0 else ""
+                head = (f"<tr class='{kind}' data-run='{escape(run.name)}'>{group}"
+                        f"<th class='run'>{escape(run.name)}</th>")
+            yield key, run, head, block, members
+
+
+def _header(runs: Sequence[_Shown]) -> str:
+    return "<th>group</th>" + ("" if runs[0].name is None else "<th>policy</th>") + "<th>n</th>"
+
+
+def _scores_table(runs: Sequence[_Shown]) -> tuple[str, bool]:
+    """The VisGenBench table, and whether all nine dimensions have an overall score in every run."""
     head = "".join(f'<th title="{d}">{escape(d.replace("_", " "))}</th>' for d in DIMENSIONS)
-    lines = [f"<table class='scores'><thead><tr><th>group</th><th>n</th>{head}<th>S-Rate</th>"
+    lines = [f"<table class='scores'><thead><tr>{_header(runs)}{head}<th>S-Rate</th>"
              "<th>O-Score*</th></tr></thead><tbody>"]
-    complete = False
-    for key, label, block, members in groups:
-        dims = dimension_block([episodes[i] for i in members], [grades[i] for i in members], block["s_rate"])
+    complete = True
+    for key, run, row, block, members in _rows(runs):
+        dims = dimension_block([run.episodes[i] for i in members], [run.grades[i] for i in members], block["s_rate"])
         if key == "overall":
-            complete = dims["available"] == len(DIMENSIONS)
-        cells = "".join(_cell(dims["dimensions"][d], key, d) for d in DIMENSIONS)
-        lines.append(f"<tr class='{key.split(':')[0]}'><th>{escape(label)}</th><td>{block['episodes']}</td>{cells}"
-                     f"{_cell(block['s_rate'], key, 's_rate')}{_cell(dims['o_score'], key, 'o_score')}</tr>")
+            complete = complete and dims["available"] == len(DIMENSIONS)
+        cells = "".join(_cell(dims["dimensions"][d], key, d, run.name) for d in DIMENSIONS)
+        lines.append(f"{row}<td>{block['episodes']}</td>{cells}{_cell(block['s_rate'], key, 's_rate', run.name)}"
+                     f"{_cell(dims['o_score'], key, 'o_score', run.name)}</tr>")
     lines.append("</tbody></table>")
     return "".join(lines), complete
 
 
-def _metrics_table(groups: list[Group]) -> str:
+def _metrics_table(runs: Sequence[_Shown]) -> str:
     head = "".join(f"<th>{escape(label)}</th>" for _, label in METRICS)
-    lines = [f"<table class='metrics'><thead><tr><th>group</th><th>n</th>{head}</tr></thead><tbody>"]
-    for key, label, block, _ in groups:
-        cells = "".join(_cell(block[metric], key, metric) for metric, _ in METRICS)
-        lines.append(f"<tr class='{key.split(':')[0]}'><th>{escape(label)}</th><td>{block['episodes']}</td>"
-                     f"{cells}</tr>")
+    lines = [f"<table class='metrics'><thead><tr>{_header(runs)}{head}</tr></thead><tbody>"]
+    for key, run, row, block, _ in _rows(runs):
+        cells = "".join(_cell(block[metric], key, metric, run.name) for metric, _ in METRICS)
+        lines.append(f"{row}<td>{block['episodes']}</td>{cells}</tr>")
     lines.append("</tbody></table>")
     return "".join(lines)
 
 
-def _charts(summary: Mapping[str, Any], episodes: Sequence[Mapping[str, Any]]) -> str:
+def _component_names(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The reward components of the blocks, the totals last."""
+    return sorted({name for block in blocks for name in block["components"]},
+                  key=lambda n: (n == "total", n == "R_fine", n))
+
+
+def _valid_rewards(episodes: Sequence[Mapping[str, Any]]) -> list[float]:
+    return [e["reward"] for e in episodes if e["reward"] is not None and not math.isnan(e["reward"])]
+
+
+def _axis_low(values: Sequence[float | None]) -> float:
+    """0, or the tenth below the lowest value when one is negative (error penalties)."""
+    return min([0.0] + [math.floor(v * 10) / 10 for v in values if v is not None])
+
+
+def _charts(run: _Shown) -> str:
+    summary = run.summary
     blocks = {"overall": summary["overall"], **summary["by_modality"]}
-    names = sorted({name for block in blocks.values() for name in block["components"]},
-                   key=lambda n: (n == "total", n == "R_fine", n))
+    names = _component_names(list(blocks.values()))
     components = grouped_bars("Mean reward components", names,
                               {group: [block["components"].get(n) for n in names] for group, block in blocks.items()})
-    rewards = [e["reward"] for e in episodes if e["reward"] is not None and not math.isnan(e["reward"])]
-    low = min([0.0] + [math.floor(r * 10) / 10 for r in rewards])
-    distribution = histogram("Episode reward", rewards, bins=10, low=low, high=max([1.0] + rewards))
+    rewards = _valid_rewards(run.episodes)
+    distribution = histogram("Episode reward", rewards, bins=10, low=_axis_low(rewards), high=max([1.0] + rewards))
     scenarios = sorted(summary["by_scenario"])
     means = [summary["by_scenario"][s]["reward"] for s in scenarios]
-    scenario_low = min([0.0] + [math.floor(m * 10) / 10 for m in means if m is not None])
-    by_scenario = grouped_bars("Mean reward by scenario", scenarios, {"reward": means}, low=scenario_low)
+    by_scenario = grouped_bars("Mean reward by scenario", scenarios, {"reward": means}, low=_axis_low(means))
     return f'<div class="charts">{components}{distribution}</div><div class="charts">{by_scenario}</div>'
+
+
+def _comparison_charts(runs: Sequence[_Shown]) -> str:
+    """The charts of a comparison page: one series per run (components per modality when there are several)."""
+    modalities = list(runs[0].summary["by_modality"])
+    charts = []
+    for group in ["overall"] + (modalities if len(modalities) > 1 else []):
+        blocks = {run.name: run.summary["overall"] if group == "overall" else run.summary["by_modality"][group]
+                  for run in runs}
+        names = _component_names(list(blocks.values()))
+        values = {name: [block["components"].get(n) for n in names] for name, block in blocks.items()}
+        charts.append(grouped_bars(f"Mean reward components ({group})", names, values))
+    rewards = {run.name: _valid_rewards(run.episodes) for run in runs}
+    pooled = [r for values in rewards.values() for r in values]
+    charts.append(grouped_histogram("Episode reward", rewards, bins=10, low=_axis_low(pooled),
+                                    high=max([1.0] + pooled)))
+    scenarios = sorted(runs[0].summary["by_scenario"])
+    means = {run.name: [run.summary["by_scenario"][s]["reward"] for s in scenarios] for run in runs}
+    by_scenario = grouped_bars("Mean reward by scenario", scenarios, means,
+                               low=_axis_low([m for values in means.values() for m in values]))
+    return f'<div class="charts">{"".join(charts)}</div><div class="charts">{by_scenario}</div>'
 
 
 def _pictures(capture: EpisodeCapture | None, ids: Sequence[str]) -> str:
@@ -156,6 +263,8 @@ def _turn(number: int, step: Mapping[str, Any], capture: EpisodeCapture | None) 
     for tag in ("think", "reflection", "plan"):
         if turn.get(tag):
             parts.append(f'<div class="{tag}"><b>{tag}</b><pre>{escape(turn[tag])}</pre></div>')
+    if not any(turn.get(tag) for tag in ("think", "reflection", "plan", "tool_call", "answer")):
+        parts.append(f'<div class="raw"><b>text</b><pre>{escape(step["action"])}</pre></div>')
     if turn.get("tool_call"):
         call = turn["tool_call"]
         arguments = json.dumps(call["arguments"], indent=1, ensure_ascii=False)
@@ -180,7 +289,8 @@ def _turn(number: int, step: Mapping[str, Any], capture: EpisodeCapture | None) 
             f'{"".join(parts)}</div><div class="media">{media}</div></li>')
 
 
-def _episode(index: int, episode: Mapping[str, Any], capture: EpisodeCapture | None) -> str:
+def _episode(element_id: str, episode: Mapping[str, Any], capture: EpisodeCapture | None, run: str | None = None,
+             opened: bool = False) -> str:
     checks = "".join(f'<span class="check {"pass" if v else "fail"}">{escape(k)}</span>'
                      for k, v in episode["checks"].items() if v is not None)
     request = f'<p class="request">{escape(capture.request)}</p>' if capture else ""
@@ -188,11 +298,59 @@ def _episode(index: int, episode: Mapping[str, Any], capture: EpisodeCapture | N
     if delivered:
         delivered = f'<div class="delivered"><b>delivered</b><div class="media">{delivered}</div></div>'
     turns = "".join(_turn(n + 1, step, capture) for n, step in enumerate(episode["trajectory"]))
-    return (f'<details class="episode" id="episode-{index}" data-task="{escape(episode["task_id"])}"'
-            f'{" open" if index == 0 else ""}><summary><b>{escape(episode["task_id"])}</b> · '
+    label = "" if run is None else f' data-run="{escape(run)}"'
+    badge = "" if run is None else f'<span class="run">{escape(run)}</span> '
+    return (f'<details class="episode" id="{element_id}" data-task="{escape(episode["task_id"])}"{label}'
+            f'{" open" if opened else ""}><summary>{badge}<b>{escape(episode["task_id"])}</b> · '
             f'{escape(episode["modality"])} · reward {episode["reward"]:.3f} · {episode["turns"]} turns '
             f'{checks}</summary>'
             f'{request}{delivered}<ol class="turns">{turns}</ol></details>')
+
+
+def _capture(run: _Shown, index: int) -> EpisodeCapture | None:
+    return run.captures[index] if run.captures else None
+
+
+def _viewer(runs: Sequence[_Shown]) -> str:
+    """The trajectory viewer; on a comparison page, episode by episode, each run's attempt."""
+    if runs[0].name is None:
+        viewer = "".join(_episode(f"episode-{i}", e, _capture(runs[0], i), opened=i == 0)
+                         for i, e in enumerate(runs[0].episodes) if e["trajectory"])
+    else:
+        sections = []
+        for i, first in enumerate(runs[0].episodes):
+            attempts = "".join(_episode(f"episode-{r}-{i}", run.episodes[i], _capture(run, i), run.name, i == 0)
+                               for r, run in enumerate(runs) if run.episodes[i]["trajectory"])
+            if attempts:
+                sections.append(f'<section class="task" id="task-{i}"><h3>episode {i + 1}: '
+                                f'{escape(first["task_id"])}</h3>{attempts}</section>')
+        viewer = "".join(sections)
+    if not viewer:
+        viewer = "<p>No trajectories were kept: evaluate with <code>keep_trajectories=True</code> " \
+                 "(<code>visenv eval --trajectories</code>).</p>"
+    return viewer
+
+
+def _render(runs: Sequence[_Shown], title: str) -> str:
+    scores, complete = _scores_table(runs)
+    graded = any(g is not None for run in runs for g in run.grades)
+    o_note = ("O-Score* is the paper's O-Score: the mean of S-Rate and all nine dimension scores." if complete else
+              "O-Score* is NOT the paper's O-Score: it is the mean of S-Rate and only the dimension scores "
+              "available in its row" + ("." if graded else "; no VLM grader was configured, so the six subjective "
+                                        "dimensions are n/a and O-Score* covers S-Rate and the objective dimensions "
+                                        "(visual amount, video duration, video storyboard)."))
+    if runs[0].name is None:
+        overall = runs[0].summary["overall"]
+        headline = (f"{overall['episodes']} episodes · mean reward {_number(overall['reward'])} · S-Rate "
+                    f"{_number(overall['s_rate'])}")
+        charts = _charts(runs[0])
+    else:
+        headline = " · ".join([f"{len(runs)} policies on the same {len(runs[0].episodes)} episodes"] + [
+            f"{run.name}: mean reward {_number(run.summary['overall']['reward'])}, S-Rate "
+            f"{_number(run.summary['overall']['s_rate'])}" for run in runs])
+        charts = _comparison_charts(runs)
+    return PAGE.substitute(title=escape(title), headline=escape(headline), scores=scores, o_note=escape(o_note),
+                           metrics=_metrics_table(runs), charts=charts, viewer=_viewer(runs))
 
 
 def render_page(results: Sequence[Any], summary: Mapping[str, Any], captures: Sequence[EpisodeCapture] | None = None,
@@ -208,31 +366,39 @@ def render_page(results: Sequence[Any], summary: Mapping[str, Any], captures: Se
         grades: per episode, the VLM grader's score of its subjective dimension (None: not graded).
         title: the page title.
     """
-    episodes = [r if isinstance(r, Mapping) else vars(r) for r in results]
-    if captures is not None and len(captures) != len(episodes):
-        raise ValueError(f"captures ({len(captures)}) must hold one entry per episode ({len(episodes)}).")
-    if grades is not None and len(grades) != len(episodes):
-        raise ValueError(f"grades ({len(grades)}) must hold one score per episode ({len(episodes)}).")
-    grades = list(grades) if grades is not None else [None] * len(episodes)
-    groups = _groups(summary, episodes)
-    scores, complete = _scores_table(groups, episodes, grades)
-    graded = any(g is not None for g in grades)
-    o_note = ("O-Score* is the paper's O-Score: the mean of S-Rate and all nine dimension scores." if complete else
-              "O-Score* is NOT the paper's O-Score: it is the mean of S-Rate and only the dimension scores "
-              "available in its row" + ("." if graded else "; no VLM grader was configured, so the six subjective "
-                                        "dimensions are n/a and O-Score* covers S-Rate and the objective dimensions "
-                                        "(visual amount, video duration, video storyboard)."))
-    viewer = "".join(_episode(i, e, captures[i] if captures else None) for i, e in enumerate(episodes)
-                     if e["trajectory"])
-    if not viewer:
-        viewer = "<p>No trajectories were kept: evaluate with <code>keep_trajectories=True</code> " \
-                 "(<code>visenv eval --trajectories</code>).</p>"
-    overall = summary["overall"]
-    headline = (f"{overall['episodes']} episodes · mean reward "
-                f"{'n/a' if overall['reward'] is None else format(overall['reward'], '.3f')} · S-Rate "
-                f"{'n/a' if overall['s_rate'] is None else format(overall['s_rate'], '.3f')}")
-    return PAGE.substitute(title=escape(title), headline=escape(headline), scores=scores, o_note=escape(o_note),
-                                metrics=_metrics_table(groups), charts=_charts(summary, episodes), viewer=viewer)
+    return _render([_show(Run("", results, summary, captures, grades), None)], title)
+
+
+def render_comparison(runs: Sequence[Run], title: str = "visenv policy comparison") -> str:
+    """The HTML of one page comparing several named runs of the same episodes (see the module docstring).
+
+    Args:
+        runs: the runs, in the order shown; each played the same tasks in the same order (e.g. the
+            same suite and seed).
+        title: the page title.
+
+    Raises:
+        ValueError: no runs, names empty or repeated, or runs that played other tasks.
+    """
+    if not runs:
+        raise ValueError("render_comparison needs at least one run.")
+    names = [run.name for run in runs]
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"run names {names} must be non-empty and distinct.")
+    shown = [_show(run, run.name) for run in runs]
+    tasks = [e["task_id"] for e in shown[0].episodes]
+    for run in shown[1:]:
+        if [e["task_id"] for e in run.episodes] != tasks:
+            raise ValueError(f"run {run.name!r} played other tasks than run {shown[0].name!r}: a comparison shows "
+                             "runs of the same tasks in the same order (same suite and seed).")
+    return _render(shown, title)
+
+
+def _write(report_dir: str | Path, html: str) -> Path:
+    path = Path(report_dir) / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html, encoding="utf-8")
+    return path
 
 
 def write_report(report_dir: str | Path, results: Sequence[Any], summary: Mapping[str, Any],
@@ -243,7 +409,12 @@ def write_report(report_dir: str | Path, results: Sequence[Any], summary: Mappin
     The pictures the captures name must already be in ``report_dir/media`` (as
     :func:`~visenv.report.media.capture_episode` writes them).
     """
-    path = Path(report_dir) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_page(results, summary, captures, grades, title), encoding="utf-8")
-    return path
+    return _write(report_dir, render_page(results, summary, captures, grades, title))
+
+
+def write_comparison(report_dir: str | Path, runs: Sequence[Run], title: str = "visenv policy comparison") -> Path:
+    """Write ``report_dir/report.html`` comparing ``runs`` (see :func:`render_comparison`); returns its path.
+
+    The pictures the runs' captures name must already be in ``report_dir/media``.
+    """
+    return _write(report_dir, render_comparison(runs, title))

@@ -42,7 +42,9 @@ def grouped_bars(title: str, categories: Sequence[str], series: Mapping[str, Seq
     group_width = max(24, 14 * len(names) + 10)
     label_width = 6 * max([len(c) for c in categories] + [1])  # labels are turned 60 degrees
     left, top, plot = max(40, label_width // 2), 40, 160
-    width, height = left + 20 + group_width * len(categories), top + plot + 20 + int(0.87 * label_width)
+    legend_end = left + 130 * (len(names) - 1) + 24 + 7 * len(names[-1]) if names else 0
+    width = max(left + 20 + group_width * len(categories), legend_end)
+    height = top + plot + 20 + int(0.87 * label_width)
     scale = plot / (high - low)
     zero = top + plot - ((0.0 if low <= 0.0 <= high else low) - low) * scale
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
@@ -75,24 +77,34 @@ def grouped_bars(title: str, categories: Sequence[str], series: Mapping[str, Seq
     return "".join(parts)
 
 
+def _bin_counts(values: Sequence[float], bins: int, low: float, high: float) -> list[int]:
+    """Counts in ``bins`` equal bins over [low, high]; values outside go to the end bins."""
+    counts = [0] * bins
+    for value in values:
+        position = int((value - low) / (high - low) * bins)
+        counts[min(max(position, 0), bins - 1)] += 1
+    return counts
+
+
+def _bin_labels(bins: int, low: float, high: float) -> list[str]:
+    edges = [low + (high - low) * b / bins for b in range(bins)]
+    return [f"{edge:.2f}-{edge + (high - low) / bins:.2f}" for edge in edges]
+
+
 def histogram(title: str, values: Sequence[float], bins: int = 10, low: float = 0.0, high: float = 1.0) -> str:
     """Counts of ``values`` in ``bins`` equal bins over [low, high] (values outside go to the end bins).
 
     Each bar's ``data-value`` is its count and ``data-label`` its bin, e.g. ``"0.90-1.00"``.
     """
-    counts = [0] * bins
-    for value in values:
-        position = int((value - low) / (high - low) * bins)
-        counts[min(max(position, 0), bins - 1)] += 1
+    counts = _bin_counts(values, bins, low, high)
     width, height, left, top, plot = 60 + 34 * bins, 230, 40, 30, 160
     peak = max(counts + [1])
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
              f'role="img" aria-label="{escape(title)}">',
              f'<text x="{left}" y="16" {_FONT} font-weight="bold">{escape(title)}</text>',
              f'<line x1="{left}" x2="{left + 34 * bins}" y1="{top + plot}" y2="{top + plot}" stroke="#999"/>']
-    for b, count in enumerate(counts):
+    for b, (count, label) in enumerate(zip(counts, _bin_labels(bins, low, high))):
         edge = low + (high - low) * b / bins
-        label = f"{edge:.2f}-{edge + (high - low) / bins:.2f}"
         bar = plot * count / peak
         x = left + 34 * b
         parts.append(f'<rect x="{x + 2}" y="{top + plot - bar:.1f}" width="30" height="{max(bar, 0.5):.1f}" '
@@ -103,3 +115,15 @@ def histogram(title: str, values: Sequence[float], bins: int = 10, low: float = 
     parts.append(f'<text x="{left + 34 * bins}" y="{top + plot + 13}" {_FONT} font-size="9">{high:.1f}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def grouped_histogram(title: str, series: Mapping[str, Sequence[float]], bins: int = 10, low: float = 0.0,
+                      high: float = 1.0) -> str:
+    """Several histograms on one axis: per bin over [low, high], one bar per series (its count).
+
+    Drawn by :func:`grouped_bars`: each bar's ``data-series`` is its series, ``data-label`` its bin
+    (e.g. ``"0.90-1.00"``) and ``data-value`` its count (``"3.000"``).
+    """
+    counts = {name: _bin_counts(values, bins, low, high) for name, values in series.items()}
+    peak = max([1] + [count for row in counts.values() for count in row])
+    return grouped_bars(title, _bin_labels(bins, low, high), counts, low=0.0, high=float(peak))

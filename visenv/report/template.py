@@ -36,6 +36,9 @@ pre { white-space: pre-wrap; word-break: break-word; margin: 0.1em 0 0.3em; back
 .status.ok { color: #1d6b34; } .status.error, .problems { color: #a11; }
 .n { color: #888; font-size: 11px; }
 .request { font-style: italic; }
+span.run, th.run { font-weight: bold; white-space: nowrap; }
+span.run { background: #e8eefc; border-radius: 3px; padding: 0 4px; }
+section.task > h3 { font-size: 13px; margin: 1em 0 0.2em; }
 </style>
 </head>
 <body>

@@ -1,0 +1,177 @@
+"""rl policies as visenv agents (PolicyAgent) and the report comparing named policies on one page."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from baselines.workflow_agent import WorkflowAgent
+from rl.agent import PolicyAgent, act_together, write_policy_report
+from rl.policy import AgentPolicy
+from rl_helpers import echo_tokenizer, tiny_policy
+from test_report import parse, run_chromium
+from visenv.error import ResetNeeded
+from visenv.evaluation import evaluate
+from visenv.tasks import make_suite
+
+SHORT = ("official_account_cover", "social_media_cover", "realistic_photography")  # the main job's scenarios
+ENV = {"max_turns": 3}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return echo_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def policies(tokenizer):
+    """Two tiny Llamas (different initialisations) that write a few tokens a turn."""
+    torch.set_num_threads(1)  # as the rl tests: two threads on a shared 2-core machine decode many times slower
+    return {"SFT-only": tiny_policy(tokenizer, max_new_tokens=10, seed=0),
+            "RL (GRPO)": tiny_policy(tokenizer, max_new_tokens=10, seed=1)}
+
+
+def actions(results):
+    return [[step["action"] for step in r.trajectory] for r in results]
+
+
+def play(policy, tasks, seed, **options):
+    results, _ = evaluate(lambda: PolicyAgent(policy), tasks, seed=seed, env_config=ENV, progress=False,
+                          keep_trajectories=True, **options)
+    return results
+
+
+def test_policy_agent_samples_deterministically_from_the_episode_seed(policies):
+    policy, tasks = policies["SFT-only"], make_suite(3, 5, scenarios=SHORT)
+    first, again, other = play(policy, tasks, 11), play(policy, tasks, 11), play(policy, tasks, 12)
+    assert actions(first) == actions(again)
+    assert [r.reward for r in first] == [r.reward for r in again]
+    assert actions(first) != actions(other)
+    assert all(len(r.trajectory) == ENV["max_turns"] for r in first)  # the random model never answers
+    batched = play(policy, tasks, 11, num_envs=3, act_batch=act_together)
+    assert actions(batched) == actions(first)  # a sample does not depend on the batch it was drawn in
+
+
+class Recording:
+    """A policy that remembers the ``first`` flag of each observation it encodes."""
+
+    def __init__(self, policy):
+        self.policy, self.firsts = policy, []
+
+    def encode(self, observation, first):
+        self.firsts.append(first)
+        return self.policy.encode(observation, first)
+
+    def generate(self, conversations):
+        return self.policy.generate(conversations)
+
+
+def test_policy_agent_keeps_one_conversation_per_episode(policies):
+    policy = Recording(policies["SFT-only"])
+    agent = PolicyAgent(policy)
+    with pytest.raises(ResetNeeded, match=r"act\(\) was called before reset\(\)"):
+        agent.act({"text": "Request: a cat"})
+    agent.reset({"text": "Request: a cat"}, seed=4)
+    text = agent.act({"text": "Request: a cat"})
+    assert [s.role for s in agent.conversation.segments] == ["env", "policy"]
+    assert agent.conversation.segments[-1].text == text and agent.conversation.seed == 4
+    agent.act({"text": "next"})
+    assert agent.conversation.turn == 2 and agent.conversation.segments[2].observation == {"text": "next"}
+    agent.reset({"text": "Request: a cat"}, seed=4)
+    assert agent.act({"text": "Request: a cat"}) == text
+    assert policy.firsts == [True, False, True]
+    other = PolicyAgent(policies["RL (GRPO)"])
+    other.reset({"text": "x"}, seed=0)
+    with pytest.raises(ValueError, match="different policy objects"):
+        act_together([agent, other], [{"text": "x"}, {"text": "x"}])
+
+
+def test_round_trip_through_agent_policy_reproduces_the_teacher(media_db):
+    tasks = make_suite(2, 7, modality="image") + make_suite(2, 7, modality="video")
+    env = {"max_turns": 9}  # the long video workflows are cut: rewards differ between tasks
+    teacher, _ = evaluate(WorkflowAgent, tasks, seed=3, env_config=env, progress=False, keep_trajectories=True)
+    wrapped = AgentPolicy(WorkflowAgent)
+    for options in ({}, {"num_envs": 4, "act_batch": act_together}):
+        played, _ = evaluate(lambda: PolicyAgent(wrapped), tasks, seed=3, env_config=env, progress=False,
+                             keep_trajectories=True, **options)
+        assert [r.reward for r in played] == [r.reward for r in teacher]
+        assert [r.components for r in played] == [r.components for r in teacher]
+        assert actions(played) == actions(teacher)
+    assert len({r.reward for r in teacher}) > 1
+
+
+class HostileAgent:
+    """Writes turns that are not UTPC and that would be markup if the page did not escape them."""
+
+    TURNS = ('<script>alert("raw")</script> & <b>bold</b>',
+             '<tool_call>{"name": "<img src=x onerror=alert(1)>", "arguments": {}}</tool_call>')
+
+    def reset(self, observation, seed=None):
+        self.turn = 0
+
+    def act(self, observation):
+        self.turn += 1
+        return self.TURNS[(self.turn - 1) % 2]
+
+
+@pytest.fixture(scope="module")
+def policy_report(policies, tmp_path_factory, media_db):
+    """write_policy_report of the two tiny Llamas on 4 episodes of 3 tasks: (folder, payload, tasks)."""
+    folder = tmp_path_factory.mktemp("policy_report")
+    tasks = make_suite(3, 5, scenarios=SHORT)
+    payload = write_policy_report(policies, tasks, folder, episodes=4, seed=777, env_options=ENV, batch_size=3)
+    return folder, payload, tasks
+
+
+def test_policy_report_plays_the_same_episodes_as_policy_agent(policies, policy_report):
+    folder, payload, tasks = policy_report
+    played = [tasks[i % 3] for i in range(4)]
+    assert payload["tasks"] == [t.task_id for t in played] and list(payload["policies"]) == list(policies)
+    for name, policy in policies.items():
+        alone = play(policy, played, 777)
+        assert [[s["action"] for s in e["trajectory"]] for e in payload["policies"][name]["episodes"]] == actions(alone)
+    stored = json.loads((folder / "results.json").read_text())
+    assert stored == json.loads(json.dumps(payload, default=str))
+    sft, rl = (payload["policies"][name]["episodes"] for name in policies)
+    assert [e["trajectory"][0]["action"] for e in sft] != [e["trajectory"][0]["action"] for e in rl]
+
+
+def expected_run_cells(name, summary) -> dict:
+    """(run, group, metric) -> the text a comparison page must show for one run's summary."""
+    blocks = {"overall": summary["overall"], **{f"modality:{k}": v for k, v in summary["by_modality"].items()},
+              **{f"scenario:{k}": v for k, v in summary["by_scenario"].items()}}
+    return {(name, group, metric): "n/a" if block[metric] is None else f"{block[metric]:.3f}"
+            for group, block in blocks.items() for metric in ("s_rate", "reward", "turns", "failed_call_rate")}
+
+
+def test_policy_report_in_chromium_shows_both_policies_as_in_results_json(policy_report, tmp_path):
+    folder, _, _ = policy_report
+    stored = json.loads((folder / "results.json").read_text())
+    dom = run_chromium(tmp_path, "--dump-dom", (folder / "report.html").resolve().as_uri())
+    page = parse(dom)
+    for name, run in stored["policies"].items():
+        expected = expected_run_cells(name, run["summary"])
+        assert {k: page.run_cells[k] for k in expected} == expected
+        assert f"{name}: mean reward {run['summary']['overall']['reward']:.3f}" in dom
+        components = {b["data-label"]: b["data-value"] for b in page.bars if b["data-series"] == name}
+        assert components["total"] == f"{run['summary']['overall']['components']['total']:.3f}"
+    assert [(e["data-run"], e["data-task"]) for e in page.episodes] == [
+        (name, task) for task in stored["tasks"] for name in stored["policies"]]
+    assert page.body.get("data-images-broken") == "0"
+
+
+def test_policy_report_escapes_malformed_turns(policies, tmp_path):
+    hostile = {"hostile": AgentPolicy(HostileAgent), "tiny": policies["SFT-only"]}
+    payload = write_policy_report(hostile, make_suite(1, 5, scenarios=SHORT), tmp_path, episodes=1, seed=0,
+                                  env_options={"max_turns": 2})
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<script") == 1  # the page's own picture check
+    assert "&lt;script&gt;alert(&quot;raw&quot;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in html
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert payload["policies"]["hostile"]["summary"]["overall"]["failed_call_rate"] == 1.0
+    with pytest.raises(ValueError, match="at least one policy"):
+        write_policy_report({}, make_suite(1, 5), tmp_path, episodes=1, seed=0)
+    with pytest.raises(ValueError, match=r"episodes \(0\)"):
+        write_policy_report(hostile, make_suite(1, 5), tmp_path, episodes=0, seed=0)
