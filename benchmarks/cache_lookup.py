@@ -6,21 +6,26 @@ Builds a cache of ``--entries`` text-to-image entries (seeded calls with distinc
 - exact: ``ToolCache.get`` on a precomputed key, and ``ExactCacheBackend.answer`` on a request
   (argument normalisation, key hashing, the SQLite lookup and the file check), hits and misses;
 - nearest: synthetic clustered 384-d unit vectors stand in for MiniLM embeddings (stored in the
-  cache's embedding table as if computed earlier); the index is loaded and built by
-  ``NearestBackend.refresh``; ``NearestBackend.answer`` is timed with the query vector given
-  (embedding excluded), with recall@1 of the index against exact search; MiniLM query
-  embedding is timed separately on distinct prompts;
+  cache's embedding table as if computed earlier); the index is built by the first
+  ``NearestBackend.refresh`` (read every embedding, train and fill faiss, save the index next to
+  the cache) and saved again by ``save_index`` (timed alone); ``NearestBackend.answer`` is timed
+  with the query vector given (embedding excluded), with recall@1 of the index against exact
+  search; MiniLM query embedding is timed separately on distinct prompts;
+- cold start (``--cold-start``): a new process's first ``refresh`` and ``answer``, once with the
+  saved index removed (every process paid this before the index was saved) and once loading the
+  saved index;
 - writes: entries per second stored by 1 and by ``--writers`` processes at once, one entry
   (one transaction, one new file) per ``put``;
 - env: ``VisGenEnv.step`` time of one text-to-image call served by each tier.
 
-    python benchmarks/cache_lookup.py [--entries 1000000] [--queries 10000] [--writers 4]
+    python benchmarks/cache_lookup.py [--entries 1000000] [--queries 10000] [--writers 4] [--cold-start]
                                       [--root DIR] [--out benchmarks/results/cache_lookup.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -38,7 +43,7 @@ from visenv.tools.attribute import AttributeBackend
 from visenv.tools.backends import MediaOutput, ToolRequest
 from visenv.tools.cache import ExactCacheBackend, ToolCache
 from visenv.tools.cache_key import CallKey
-from visenv.tools.nearest import MiniLMEmbedder, NearestBackend
+from visenv.tools.nearest import INDEX_DIR, MiniLMEmbedder, NearestBackend
 from visenv.tools.specs import get_tool
 
 SPEC = get_tool("tool_text2image_qwen")
@@ -121,10 +126,12 @@ def bench_nearest(cache: ToolCache, n: int, queries: int, rng: np.random.Generat
                               vectors[lo:hi])
     store_s = time.perf_counter() - start
     start = time.perf_counter()
-    backend.refresh()
-    request = ToolRequest(SPEC, {"prompt": "a query"}, {}, 0)
-    backend.answer(request, vector=vectors[0])  # first search settles the index (IVF training)
+    backend.refresh()  # no saved index: reads every embedding, trains and fills faiss, saves the index
     build_s = time.perf_counter() - start
+    start = time.perf_counter()
+    folder = backend.save_index()
+    save_s = time.perf_counter() - start
+    request = ToolRequest(SPEC, {"prompt": "a query"}, {}, 0)
     picks = rng.integers(n, size=queries)
     noisy = vectors[picks] + 0.02 * rng.standard_normal((queries, DIM)).astype(np.float32)
     noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
@@ -152,8 +159,38 @@ def bench_nearest(cache: ToolCache, n: int, queries: int, rng: np.random.Generat
         t0 = time.perf_counter()
         embedder.encode([prompt(n + i)])
         embed.append(time.perf_counter() - t0)
-    return {"store_vectors_s": store_s, "load_and_build_s": build_s, "approximate": n >= backend.ann_threshold,
-            "answer": percentiles(samples), "recall_at_1": recall, "query_embedding": percentiles(embed)}, backend
+    return {"store_vectors_s": store_s, "build_and_save_s": build_s, "save_s": save_s,
+            "saved_index_bytes": sum(f.stat().st_size for f in folder.iterdir()),
+            "approximate": n >= backend.ann_threshold, "answer": percentiles(samples), "recall_at_1": recall,
+            "query_embedding": percentiles(embed)}, backend
+
+
+def cold_start_worker(root: str, vector: np.ndarray, results) -> None:
+    """A new process's first refresh (load or build the index) and first answer."""
+    start = time.perf_counter()
+    backend = NearestBackend(root, threshold=-1.0, embedder=MiniLMEmbedder())
+    backend.refresh()
+    refresh_s = time.perf_counter() - start
+    start = time.perf_counter()
+    assert backend.answer(ToolRequest(SPEC, {"prompt": "a query"}, {}, 0), vector=vector) is not None
+    results.put({"refresh_s": refresh_s, "first_answer_s": time.perf_counter() - start,
+                 "index_load": dataclasses.asdict(backend.index_load)})
+
+
+def bench_cold_start(cache: ToolCache, vector: np.ndarray) -> dict[str, dict]:
+    """Time a new process's first refresh without, then with, the saved index."""
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    for name in ("without_saved_index", "with_saved_index"):
+        if name == "without_saved_index":
+            shutil.rmtree(cache.root / INDEX_DIR)
+        queue = context.Queue()
+        worker = context.Process(target=cold_start_worker, args=(str(cache.root), vector, queue))
+        worker.start()
+        results[name] = queue.get()
+        worker.join()
+        print(f"  {name}: first refresh {results[name]['refresh_s']:.2f} s")
+    return results
 
 
 def write_worker(root: str, worker: int, count: int, ready, done) -> None:
@@ -225,6 +262,8 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--writes", type=int, default=2000, help="entries each writer process stores")
     parser.add_argument("--env-steps", type=int, default=200)
+    parser.add_argument("--cold-start", action="store_true",
+                        help="also time a new process's first refresh without and with the saved nearest index")
     parser.add_argument("--root", help="where to build the synthetic cache (default: a temporary folder)")
     parser.add_argument("--out", default="benchmarks/results/cache_lookup.json")
     args = parser.parse_args()
@@ -240,6 +279,9 @@ def main() -> None:
     results["exact"] = bench_exact(cache, args.entries, args.queries, rng)
     print("nearest lookups ...")
     results["nearest"], nearest = bench_nearest(cache, args.entries, args.queries, rng)
+    if args.cold_start:
+        print("cold start ...")
+        results["cold_start"] = bench_cold_start(cache, synthetic_vectors(1)[0])
     print("concurrent writes ...")
     results["writes"] = bench_writes(root, args.writers, args.writes)
     print("env steps ...")
@@ -248,7 +290,8 @@ def main() -> None:
                           "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "load_average": os.getloadavg()}
     results["command"] = "python benchmarks/cache_lookup.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items() if v not in (None, False))
     results["index_bytes"] = os.path.getsize(cache.index_path)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
@@ -259,8 +302,13 @@ def main() -> None:
     rows += [(f"env step, text2image via {k}", v) for k, v in results["env_step"].items()]
     for name, row in rows:
         print(f"{name:44} {row['p50_ms']:>9.3f} {row['p99_ms']:>9.3f}")
-    print(f"nearest recall@1 {results['nearest']['recall_at_1']:.3f}; index load+build "
-          f"{results['nearest']['load_and_build_s']:.1f} s; bulk build {results['build']['entries_per_s']:,.0f} entries/s")
+    print(f"nearest recall@1 {results['nearest']['recall_at_1']:.3f}; index build+save "
+          f"{results['nearest']['build_and_save_s']:.1f} s (save alone {results['nearest']['save_s']:.1f} s, "
+          f"{results['nearest']['saved_index_bytes'] / 2**20:,.0f} MiB); "
+          f"bulk build {results['build']['entries_per_s']:,.0f} entries/s")
+    for name, row in results.get("cold_start", {}).items():
+        print(f"cold start, {name.replace('_', ' ')}: first refresh {row['refresh_s']:.2f} s, "
+              f"first answer {row['first_answer_s'] * 1000:.1f} ms")
     for name, row in results["writes"].items():
         print(f"writes, {name}: {row['entries_per_s']:,.0f} entries/s")
     print(f"wrote {args.out}")

@@ -7,6 +7,7 @@
     visenv cache verify CACHE [--no-hash]                # quarantine missing or corrupt files
     visenv cache export CACHE OUT [--tool NAME]          # calls.jsonl + media/, re-importable
     visenv cache fidelity CACHE HELDOUT.jsonl [--clip MODEL:TAG]  # C_tool per tier (CLIP or pHash proxy)
+    visenv cache index CACHE [--device cuda]             # prebuild the nearest tier's saved index
 
 Calls files are described in :mod:`visenv.tools.cache_io`. Register the commands on a parser
 with :func:`add_cache_commands`.
@@ -141,8 +142,24 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """Build or update the nearest tier's saved index, so that training processes load it instead of building it."""
+    from visenv.tools.nearest import MiniLMEmbedder, NearestBackend
+
+    backend = NearestBackend(args.cache, embedder=MiniLMEmbedder(args.device), ann_threshold=args.ann_threshold)
+    report = backend.load_index(progress=not args.quiet)
+    if not report.saved and (report.added or report.dropped):
+        backend.save_index()
+    entries = report.loaded - report.dropped + report.added
+    print(f"nearest index of {args.cache}: {entries} entries ({report.loaded} loaded from the saved index, "
+          f"{report.added} added of which {report.embedded} embedded, {report.dropped} dropped)")
+    if report.problem:
+        print(f"built anew: {report.problem}")
+    return 0
+
+
 def add_cache_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``cache import|build|stats|verify|export|fidelity`` on a subparsers object.
+    """Register ``cache import|build|stats|verify|export|fidelity|index`` on a subparsers object.
 
     Each command sets ``func`` (taking the parsed namespace, returning an exit status).
 
@@ -195,4 +212,10 @@ def add_cache_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="score with CLIP image-image similarity, e.g. ViT-B-32:laion2b_s34b_b79k or "
                         "local-dir:/path/to/weights:local (default: the perceptual-hash proxy)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("index", cmd_index, "prebuild the nearest tier's saved vector index")
+    p.add_argument("--device", default="cpu", help="torch device that embeds the prompts (default cpu), e.g. cuda")
+    p.add_argument("--ann-threshold", type=int, default=20_000,
+                   help="the NearestBackend's ann_threshold: group size from which search is approximate "
+                        "(default 20000; a backend with another value rebuilds the index)")
     return cache

@@ -69,3 +69,7 @@ class CacheFormatError(VisenvError, ValueError):
 
 class CacheSchemaError(VisenvError):
     """A tool cache was written by another schema version of visenv."""
+
+
+class NearestIndexError(VisenvError):
+    """A saved nearest-tier index file is missing, truncated or corrupt; the backend rebuilds the index."""

@@ -6,6 +6,7 @@ A cache is one directory::
     blobs/ab/<sha256>.<ext>   content-addressed media (:class:`~visenv.media.BlobStore`)
     quarantine/         files that ``verify`` found corrupt, moved out of the way
     embeddings.sqlite   prompt embeddings of the nearest tier (:mod:`visenv.tools.nearest`)
+    nearest/<model>/    the nearest tier's saved vector index (manifest.json + .npy / .faiss files)
 
 Many processes (Ray actors, ``cache build`` workers) may read and write one cache at once. A write
 first stores its media files (each written to a temporary name and renamed, so a file is either
@@ -29,6 +30,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,10 +240,16 @@ class ToolCache:
                 raise CacheSchemaError(f"The cache {str(self.root)!r} has schema version {found[0]}, but this "
                                    f"visenv reads version {SCHEMA_VERSION}; export it with the visenv that "
                                    "wrote it and import the export here.")
+            conn.execute("INSERT INTO meta VALUES ('cache_id', ?) ON CONFLICT (name) DO NOTHING", (uuid.uuid4().hex,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    @property
+    def cache_id(self) -> str:
+        """A random id given to the index when it was created: tells a rebuilt cache from the old one at its path."""
+        return self._conn().execute("SELECT value FROM meta WHERE name = 'cache_id'").fetchone()[0]
 
     def close(self) -> None:
         """Flush the counters and close this thread's connection."""

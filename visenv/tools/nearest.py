@@ -18,26 +18,52 @@ above it: a faiss inverted-file index (``IndexIVFFlat``, inner product, ``sqrt(n
 once per entry and kept in ``embeddings.sqlite`` in the cache directory, keyed by model and entry
 key. The index follows the cache: entries stored by other processes are picked up every
 ``refresh_seconds``.
+
+The index itself is saved next to the cache (:class:`SavedIndex`, ``nearest/<model>/``), so a
+new process loads it in seconds instead of reading every embedding and training faiss again: the
+first :meth:`NearestBackend.refresh` of a process loads it, adds the entries stored since it was
+saved, drops the entries that have left the cache, and writes it back when it was missing,
+unusable or at least 1% behind. A truncated or corrupt file is detected (size and sha256 in the
+manifest), logged as a warning, and the index is rebuilt; another embedding model or
+``ann_threshold`` also means a rebuild. ``visenv cache index CACHE`` builds it ahead of time.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
 import math
 import os
+import re
 import sqlite3
+import tempfile
 import time
-from typing import Any, Iterable, Protocol, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from visenv.error import DependencyNotInstalled
+from visenv.error import DependencyNotInstalled, NearestIndexError
+from visenv.media import sha256_file
 from visenv.tools.backends import BackendAnswer, ToolRequest
 from visenv.tools.cache import ToolCache, open_cache
-from visenv.tools.cache_key import nearest_eligible, normalise_arguments, query_text, shape_of
+from visenv.tools.cache_key import canonical_json, nearest_eligible, normalise_arguments, query_text, shape_of
 
 EMBEDDINGS_NAME = "embeddings.sqlite"
+INDEX_DIR = "nearest"
+INDEX_FORMAT = 1
+RESAVE_FRACTION = 0.01
+_MANIFEST = "manifest.json"
+_LOCK = "lock"
+_ELIGIBLE = "e.shape IS NOT NULL AND e.prompt != ''"
 _QUERY_MEMO = 4096
+
+logger = logging.getLogger(__name__)
 
 
 class Embedder(Protocol):
@@ -184,6 +210,58 @@ class VectorIndex:
                 vectors.append(np.frombuffer(codes.tobytes(), np.float32).reshape(size, self.dim))
         return np.concatenate(ids), np.concatenate(vectors)
 
+    def retain(self, live_ids: np.ndarray) -> int:
+        """Drop the vectors whose id is not in ``live_ids``; returns how many were dropped."""
+        self._settle()
+        live_ids = np.ascontiguousarray(live_ids, np.int64)
+        if self._ivf is not None:
+            faiss = _faiss()
+            live = faiss.IDSelectorBatch(live_ids)
+            dropped = int(self._ivf.remove_ids(faiss.IDSelectorNot(live)))
+        else:
+            keep = np.isin(self._ids, live_ids)
+            dropped = int(len(keep) - keep.sum())
+            self._ids, self._vectors = self._ids[keep], self._vectors[keep]
+        self._size -= dropped
+        return dropped
+
+    def write(self, folder: Path) -> dict[str, Any]:
+        """Save into ``folder`` as sha256-named files; returns the manifest record (size, training size, files)."""
+        self._settle()
+        if self._ivf is not None:
+            files = {"ivf": _write_file(folder, ".faiss", lambda path: _faiss().write_index(self._ivf, path))}
+        else:
+            files = {"ids": _write_file(folder, ".npy", lambda path: np.save(path, self._ids)),
+                     "vectors": _write_file(folder, ".npy", lambda path: np.save(path, self._vectors))}
+        return {"size": self._size, "trained_on": self._trained_on, "files": files}
+
+    @classmethod
+    def read(cls, folder: Path, record: Mapping[str, Any], dim: int, ann_threshold: int, nprobe: int) -> VectorIndex:
+        """The index saved by :meth:`write` under ``record``, each file checked against its size and sha256.
+
+        Raises:
+            NearestIndexError: a file is missing, truncated or corrupt, or holds the wrong shape.
+        """
+        index = cls(dim, ann_threshold, nprobe)
+        size, files = int(record["size"]), record["files"]
+        if "ivf" in files:
+            ivf = _faiss().read_index(_checked_file(folder, files["ivf"]))
+            if (ivf.d, ivf.ntotal) != (dim, size):
+                raise NearestIndexError(f"{folder / files['ivf']['name']} holds {ivf.ntotal} vectors of dimension "
+                                        f"{ivf.d}; the manifest expects {size} of dimension {dim}.")
+            ivf.nprobe = nprobe
+            index._ivf, index._trained_on = ivf, int(record["trained_on"])
+        else:
+            ids = np.load(_checked_file(folder, files["ids"]), allow_pickle=False)
+            vectors = np.load(_checked_file(folder, files["vectors"]), allow_pickle=False)
+            if (ids.shape, ids.dtype, vectors.shape, vectors.dtype) != ((size,), np.int64, (size, dim), np.float32):
+                raise NearestIndexError(f"The files {files['ids']['name']} and {files['vectors']['name']} in {folder} "
+                                        f"hold ids {ids.shape} {ids.dtype} and vectors {vectors.shape} {vectors.dtype}; "
+                                        f"the manifest expects ({size},) int64 and ({size}, {dim}) float32.")
+            index._ids, index._vectors = ids, vectors
+        index._size = size
+        return index
+
     def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ids and cosine similarities of the ``k`` nearest vectors, best first."""
         self._settle()
@@ -199,6 +277,167 @@ class VectorIndex:
         top = np.argpartition(-sims, k - 1)[:k]
         top = top[np.lexsort((self._ids[top], -sims[top]))]
         return self._ids[top], sims[top]
+
+
+def _write_file(folder: Path, suffix: str, write: Callable[[str], None]) -> dict[str, Any]:
+    """Write a file with ``write(path)`` under a temporary name, then rename it to its sha256."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        sha = sha256_file(tmp)
+        size = os.path.getsize(tmp)
+        os.replace(tmp, folder / f"{sha}{suffix}")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return {"name": f"{sha}{suffix}", "bytes": size, "sha256": sha}
+
+
+def _checked_file(folder: Path, record: Mapping[str, Any]) -> str:
+    """The path of a saved file, once its size and sha256 match the manifest's ``record``."""
+    path = folder / record["name"]
+    if not path.is_file():
+        raise NearestIndexError(f"{path} is missing.")
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise NearestIndexError(f"{path} has {size} bytes; the manifest expects {record['bytes']} (truncated?).")
+    if sha256_file(path) != record["sha256"]:
+        raise NearestIndexError(f"{path} does not hash to the sha256 its manifest records (corrupt).")
+    return str(path)
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+@dataclass
+class _Snapshot:
+    """A saved index as read: its manifest's text, the entries it covers, or why it is not usable."""
+
+    text: str | None
+    last_id: int = 0
+    groups: dict[tuple[str, int, str], VectorIndex] = field(default_factory=dict)
+    problem: str | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(len(index) for index in self.groups.values())
+
+
+class SavedIndex:
+    """The nearest tier's index saved in the cache directory, under ``nearest/<model>/``.
+
+    ``manifest.json`` records what the index was built for (format, the cache's id, embedding
+    model, dimension, ``ann_threshold``), the last entry id it covers, and for each group (tool,
+    version, shape) its size and files: ``ids`` and ``vectors`` (``.npy``) for an exact group,
+    ``ivf`` (``faiss.write_index``) for an approximate one, each with its byte size and sha256; the
+    manifest carries a checksum of itself. Files are named by their sha256 and written under a
+    temporary name, then renamed; the manifest is replaced last, so a reader sees the old index or
+    the new one, never a mix. Readers hold a shared ``flock`` on ``lock`` while they read; a writer
+    holds it exclusively while it writes and deletes the files the new manifest no longer names.
+
+    Args:
+        cache: the cache the index serves.
+        model: the embedding model's name.
+        dim: the embedding dimension.
+        ann_threshold: group size from which groups are faiss IVF indexes.
+        nprobe: IVF lists searched per query (a search setting: applied on load, not saved).
+    """
+
+    def __init__(self, cache: ToolCache, model: str, dim: int, ann_threshold: int, nprobe: int):
+        self.folder = cache.root / INDEX_DIR / re.sub(r"[^A-Za-z0-9._-]+", "_", model)
+        self.nprobe = nprobe
+        self.params = {"format": INDEX_FORMAT, "cache_id": cache.cache_id, "model": model, "dim": dim,
+                       "ann_threshold": ann_threshold}
+
+    @contextlib.contextmanager
+    def locked(self, exclusive: bool) -> Iterator[None]:
+        """Hold the index's lock: shared to read, exclusive to write (the OS releases it if the process dies)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def manifest_text(self) -> str | None:
+        """The manifest as saved, or None when no index was saved."""
+        try:
+            return (self.folder / _MANIFEST).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def read(self) -> _Snapshot:
+        """The saved index (hold the lock). A missing, mismatched or corrupt one reads as empty, with the reason.
+
+        A corrupt or truncated file is logged as a warning; an index saved for other parameters at
+        info level.
+        """
+        text = self.manifest_text()
+        if text is None:
+            return _Snapshot(None, problem="no saved index")
+        try:
+            manifest = json.loads(text)
+            checksum = manifest.pop("checksum", None)
+            if checksum != _checksum(manifest):
+                raise NearestIndexError(f"{self.folder / _MANIFEST} does not match its checksum (corrupt).")
+            changed = [f"{name} {manifest.get(name)!r}, not {value!r}" for name, value in self.params.items()
+                       if manifest.get(name) != value]
+            if changed:
+                problem = f"saved for other parameters ({'; '.join(changed)})"
+                logger.info("nearest index %s: %s; rebuilding it", self.folder, problem)
+                return _Snapshot(text, problem=problem)
+            groups = {(g["tool"], g["version"], g["shape"]):
+                      VectorIndex.read(self.folder, g, self.params["dim"], self.params["ann_threshold"], self.nprobe)
+                      for g in manifest["groups"]}
+            return _Snapshot(text, int(manifest["last_id"]), groups)
+        except (NearestIndexError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            detail = (str(exc).rstrip(".") if isinstance(exc, NearestIndexError)
+                      else f"its manifest is malformed ({type(exc).__name__}: {exc})")
+            error = NearestIndexError(f"The saved nearest index in {self.folder} cannot be used: {detail}. It is "
+                                      f"rebuilt from the cache now; `visenv cache index {self.folder.parent.parent}` "
+                                      "rebuilds it ahead of time.")
+            logger.warning("%s", error)
+            return _Snapshot(text, problem=str(error))
+
+    def write(self, groups: Mapping[tuple[str, int, str], VectorIndex], last_id: int) -> None:
+        """Save ``groups``, which index the cache's entries up to ``last_id`` (hold the lock exclusively)."""
+        records = [{"tool": tool, "version": version, "shape": shape, **index.write(self.folder)}
+                   for (tool, version, shape), index in sorted(groups.items()) if len(index)]
+        body = {**self.params, "last_id": last_id, "groups": records}
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({**body, "checksum": _checksum(body)}, fh, indent=1)
+        os.replace(tmp, self.folder / _MANIFEST)
+        keep = {_MANIFEST, _LOCK} | {file["name"] for record in records for file in record["files"].values()}
+        for path in self.folder.iterdir():
+            if path.name not in keep:  # the previous index's files, or a killed writer's temporary ones
+                path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class IndexLoad:
+    """How :meth:`NearestBackend.load_index` made a process's index ready.
+
+    Attributes:
+        loaded: entries read from the saved index.
+        added: entries stored since it was saved, indexed now.
+        embedded: of those, the entries embedded now (the others' embeddings were in ``embeddings.sqlite``).
+        dropped: entries of the saved index that have left the cache (quarantined), dropped from it.
+        saved: whether the index was written back to the cache directory.
+        problem: why the saved index was not used ("no saved index", other parameters, a corrupt
+            file), or None.
+    """
+
+    loaded: int
+    added: int
+    embedded: int
+    dropped: int
+    saved: bool
+    problem: str | None
 
 
 class NearestBackend:
@@ -239,10 +478,11 @@ class NearestBackend:
         self._refreshed_at = -math.inf
         self._conn: sqlite3.Connection | None = None
         self._pid = os.getpid()
+        self.index_load: IndexLoad | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in ("_groups", "_last_id", "_refreshed_at", "_conn", "_pid"):
+        for name in ("_groups", "_last_id", "_refreshed_at", "_conn", "_pid", "index_load"):
             del state[name]
         return state
 
@@ -276,15 +516,89 @@ class NearestBackend:
     def refresh(self, progress: bool = False, batch_size: int = 256) -> int:
         """Index the entries stored since the last refresh, embedding those never embedded.
 
+        The first refresh of a process loads the saved index (:meth:`load_index`).
+
         Returns:
-            How many entries were added to the index.
+            How many entries were added to the index (on the first refresh, the loaded ones included).
         """
+        self._connection()  # after a fork, start afresh
+        if self.index_load is None:
+            report = self.load_index(progress, batch_size)
+            return report.loaded - report.dropped + report.added
+        return self._add_new(progress, batch_size)[0]
+
+    def load_index(self, progress: bool = False, batch_size: int = 256) -> IndexLoad:
+        """Load the saved index (:class:`SavedIndex`), bring it up to date, and save it back when worthwhile.
+
+        Entries stored since the index was saved are added (embedded when never embedded before);
+        entries that have left the cache are dropped. The index is written back when it was
+        missing, unusable (corrupt, other model or ``ann_threshold``) or at least
+        ``RESAVE_FRACTION`` (1%) behind the cache; that work is done under the index's exclusive
+        lock, so of several processes starting together one builds and the others load its result.
+
+        Returns:
+            What was loaded, added, embedded and dropped (also kept as ``index_load``).
+        """
+        saved = SavedIndex(self.cache, self.embedder.name, self.embedder.dim, self.ann_threshold, self.nprobe)
+        with saved.locked(exclusive=False):
+            snapshot = saved.read()
+        new, dead = self._staleness(snapshot)
+        if not self._worth_saving(snapshot, new, dead):
+            return self._install(snapshot, dead, None, progress, batch_size)
+        with saved.locked(exclusive=True):
+            if saved.manifest_text() != snapshot.text:  # another process saved it while we waited
+                snapshot = saved.read()
+                new, dead = self._staleness(snapshot)
+            return self._install(snapshot, dead, saved if self._worth_saving(snapshot, new, dead) else None,
+                                 progress, batch_size)
+
+    def save_index(self) -> Path:
+        """Write the index to the cache directory now; returns the folder it was saved in."""
+        self._connection()  # after a fork, start afresh
+        if self.index_load is None:
+            self.refresh()
+        saved = SavedIndex(self.cache, self.embedder.name, self.embedder.dim, self.ann_threshold, self.nprobe)
+        with saved.locked(exclusive=True):
+            saved.write(self._groups, self._last_id)
+        return saved.folder
+
+    def _staleness(self, snapshot: _Snapshot) -> tuple[int, int]:
+        """(entries stored after the snapshot, entries of the snapshot that have left the cache)."""
+        conn = self._connection()
+        new = conn.execute(f"SELECT COUNT(*) FROM cache.entries e WHERE e.id > ? AND {_ELIGIBLE}",
+                           (snapshot.last_id,)).fetchone()[0]
+        live = conn.execute(f"SELECT COUNT(*) FROM cache.entries e WHERE e.id <= ? AND {_ELIGIBLE}",
+                            (snapshot.last_id,)).fetchone()[0]
+        return new, snapshot.size - live
+
+    @staticmethod
+    def _worth_saving(snapshot: _Snapshot, new: int, dead: int) -> bool:
+        return snapshot.problem is not None or new + dead >= max(1.0, RESAVE_FRACTION * snapshot.size)
+
+    def _install(self, snapshot: _Snapshot, dead: int, save_to: SavedIndex | None, progress: bool,
+                 batch_size: int) -> IndexLoad:
+        """Take ``snapshot`` as the index, bring it up to date, and save it to ``save_to`` (when given)."""
+        loaded = snapshot.size
+        self._groups, self._last_id = snapshot.groups, snapshot.last_id
+        dropped = 0
+        if dead:
+            live = np.fromiter((row[0] for row in self._connection().execute(
+                f"SELECT e.id FROM cache.entries e WHERE e.id <= ? AND {_ELIGIBLE}", (self._last_id,))), np.int64)
+            dropped = sum(index.retain(live) for index in self._groups.values())
+            self._groups = {group: index for group, index in self._groups.items() if len(index)}
+        added, embedded = self._add_new(progress, batch_size)
+        if save_to is not None:
+            save_to.write(self._groups, self._last_id)
+        self.index_load = IndexLoad(loaded, added, embedded, dropped, save_to is not None, snapshot.problem)
+        return self.index_load
+
+    def _add_new(self, progress: bool, batch_size: int) -> tuple[int, int]:
+        """Index the entries stored after ``_last_id``; returns (entries added, entries embedded now)."""
         from tqdm import tqdm
 
         rows = self._connection().execute(
             "SELECT e.id, e.key, e.tool, e.tool_version, e.shape, e.prompt, v.vector FROM cache.entries e "
-            "LEFT JOIN vectors v ON v.model = ? AND v.key = e.key "
-            "WHERE e.id > ? AND e.shape IS NOT NULL AND e.prompt != '' ORDER BY e.id",
+            f"LEFT JOIN vectors v ON v.model = ? AND v.key = e.key WHERE e.id > ? AND {_ELIGIBLE} ORDER BY e.id",
             (self.embedder.name, self._last_id))
         found: dict[tuple, tuple[list[int], list[bytes]]] = collections.defaultdict(lambda: ([], []))
         missing: list[tuple[int, bytes, tuple, str]] = []
@@ -310,7 +624,7 @@ class NearestBackend:
                 self._group(group).add(np.array([entry_id], np.int64), vector[None])
             added += len(batch)
         self._refreshed_at = time.monotonic()
-        return added
+        return added, len(missing)
 
     def _group(self, group: tuple[str, int, str]) -> VectorIndex:
         index = self._groups.get(group)
