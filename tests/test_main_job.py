@@ -18,7 +18,7 @@ def small_config(out, **extra):
                   vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                   sft_seconds=6.0, sft_batch_size=8, grpo_seconds=1.0, grpo_max_iterations=2,
                   tasks_per_iteration=2, group_size=2, max_new_tokens=24, num_workers=2, worker_num_cpus=0.5,
-                  envs_per_worker=2, eval_envs=8, time_limit_seconds=900.0)
+                  envs_per_worker=2, eval_envs=8, report_episodes=3, time_limit_seconds=900.0)
     return MainJobConfig(**(values | extra))
 
 
@@ -62,6 +62,21 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     assert results["timing"]["total"] >= sum(v for k, v in results["timing"].items() if k != "total") - 1e-6
     table = format_comparison(results)
     assert "RL - SFT (sampled)" in table and table in lines
+    # the HTML report shows both policies on the same held-out episodes
+    assert results["report"] == str(out / "report" / "report.html") and f"report: {results['report']}" in table
+    page = (out / "report" / "report.html").read_text()
+    report = json.loads((out / "report" / "results.json").read_text())
+    assert list(report["policies"]) == ["SFT-only", "RL (SFT + GRPO)"] and all(
+        len(p["episodes"]) == 3 for p in report["policies"].values())
+    assert "SFT-only" in page and "RL (SFT + GRPO)" in page and len(report["tasks"]) == 3 and set(report["tasks"]) <= held
+
+    # a second run starts GRPO from the first run's SFT-only policy: no data, no PST, same SFT-only evaluation
+    again = run_main_job(small_config(tmp_path / "again", sft_policy=str(out / "sft" / "policy"), report_episodes=0),
+                         log=lines.append)
+    assert again["funnel"] is None and again["data"] is None and again["sft"]["stages"] == []
+    assert again["report"] is None and not (tmp_path / "again" / "report").exists()
+    assert again["evaluations"]["sft"] == {mode: {**summary, "seconds": again["evaluations"]["sft"][mode]["seconds"]}
+                                           for mode, summary in results["evaluations"]["sft"].items()}
 
 
 @pytest.mark.parametrize("bad, word", [
@@ -72,6 +87,8 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     ({"mistake_rate": 1.5}, "mistake_rate"),
     ({"sft_stage1_share": 1.0}, "sft_stage1_share"),
     ({"hidden_size": 130}, "num_heads"),
+    ({"report_episodes": -1}, "report_episodes"),
+    ({"sft_policy": "/no/such/policy"}, "sft_policy"),
 ])
 def test_main_job_config_rejects_bad_values(bad, word):
     with pytest.raises(ConfigError, match=word):

@@ -16,10 +16,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from visenv.cache_cli import add_cache_commands
 from visenv.data import add_data_commands
+from visenv.error import ConfigError, VisenvError
 from visenv.evaluation import evaluate, format_table, write_results
 from visenv.report.cli import add_report_commands
 from visenv.rewards.judges.grader import format_benchmark
@@ -65,8 +66,31 @@ def cmd_main(args: argparse.Namespace) -> int:
         overrides["eval_tasks"] = overrides["eval_episodes"] = args.n
     if args.greedy:
         overrides["eval_greedy"] = True
+    if args.from_sft:
+        overrides["sft_policy"] = args.from_sft
+    overrides |= _field_overrides(args.set, MainJobConfig)
     run_main_job(MainJobConfig(**overrides))
     return 0
+
+
+def _field_overrides(pairs: Sequence[str], config_class: type) -> dict[str, Any]:
+    """``["field=value", ...]`` -> ``{field: value}`` with YAML values, checked against the dataclass's fields."""
+    import dataclasses
+
+    import yaml
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    found = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep or name not in names:
+            raise ConfigError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}.")
+        try:
+            found[name] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({error}).") from None
+    return found
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -110,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the job (data, model, GRPO, evaluation)")
     p.add_argument("--out", default="runs/main", help="output folder ('' to skip the baselines' JSON)")
     p.add_argument("--greedy", action="store_true", help="also evaluate both policies greedily (takes longer)")
+    p.add_argument("--from-sft", metavar="DIR",
+                   help="skip teacher data and PST: start GRPO from this SFT-only policy (<out>/sft/policy of an "
+                        "earlier run)")
+    p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
+                   help="override a MainJobConfig field (value read as YAML), e.g. --set grpo_seconds=120; "
+                        "repeatable; the fields are documented in visenv.main_job.MainJobConfig")
     p.add_argument("--baselines-only", action="store_true",
                    help="only evaluate the scripted teacher and the random agent (the old main table)")
     p.set_defaults(func=cmd_main)
@@ -138,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (VisenvError, FileNotFoundError) as error:  # a user's mistake: the message says the fix
+        print(f"visenv {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

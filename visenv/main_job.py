@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ class MainJobConfig:
         grpo_seconds: wall-clock budget of GRPO (the iteration running when it runs out finishes). GRPO
             also stops early when the job would otherwise overrun ``time_limit_seconds``: it keeps
             back the time the SFT-only evaluation took (the RL evaluation repeats it) plus
-            ``safety_seconds``.
+            ``safety_seconds`` (which also covers the HTML report).
         grpo_max_iterations: upper bound on GRPO iterations.
         tasks_per_iteration: GRPO groups per iteration.
         group_size: samples per group.
@@ -90,6 +91,11 @@ class MainJobConfig:
         eval_backend: "ray" (the evaluation episodes run in the Ray workers, both cores busy) or
             "serial" (in this process).
         seed: seeds the data, model initialisation, GRPO tasks and evaluation sampling.
+        sft_policy: folder of an SFT-only policy written by an earlier run (``<out>/sft/policy``): teacher
+            data, tokenizer and PST are skipped and GRPO starts from it (e.g. to rerun RL with another
+            seed). It must come from a run with the same scenarios and training tasks. None runs PST.
+        report_episodes: held-out episodes per policy in the HTML report (``<out>/report/report.html``:
+            the SFT-only and the RL policy side by side, with the pictures they made); 0 skips it.
         time_limit_seconds: the job's target wall time; the report says whether it was met.
         safety_seconds: slack kept back from ``time_limit_seconds`` when GRPO's budget is cut.
     """
@@ -132,8 +138,10 @@ class MainJobConfig:
     eval_envs: int = 64
     eval_backend: str = "ray"
     seed: int = 0
+    sft_policy: str | None = None
+    report_episodes: int = 32
     time_limit_seconds: float = 900.0
-    safety_seconds: float = 30.0
+    safety_seconds: float = 45.0
 
     def __post_init__(self) -> None:
         from visenv.tasks.scenarios import get_scenario
@@ -153,6 +161,11 @@ class MainJobConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} ({value!r}) must be a positive integer.")
+        if isinstance(self.report_episodes, bool) or not isinstance(self.report_episodes, int) or self.report_episodes < 0:
+            raise ConfigError(f"report_episodes ({self.report_episodes!r}) must be an integer >= 0 (0 skips the report).")
+        if self.sft_policy is not None and not (Path(self.sft_policy) / "config.json").is_file():
+            raise ConfigError(f"sft_policy ({self.sft_policy!r}) is not a policy folder (no config.json); give the "
+                              "sft/policy folder of an earlier main job, or None to run PST.")
         if self.eval_backend not in ("ray", "serial"):
             raise ConfigError(f"eval_backend ({self.eval_backend!r}) must be 'ray' or 'serial'.")
         if self.group_size < 2:
@@ -286,47 +299,36 @@ def format_comparison(results: dict[str, Any]) -> str:
         lines.append(f"RL - SFT ({mode}): reward {m['reward']:+.3f} ({m['reward_relative']:+.1%}), "
                      f"success {m['success_rate']:+.1%} points")
     lines.append(f"wall time {results['timing']['total']:.0f} s (limit {results['time_limit_seconds']:.0f} s)")
+    if results.get("report"):
+        lines.append(f"report: {results['report']}")
     return "\n".join(lines)
 
 
-def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the main job (see the module docstring); writes ``<out>/results.json`` and returns its content."""
-    import ray
-    import torch
 
-    from rl.grpo import GRPO, GRPOConfig
-    from rl.hf import CausalLMPolicy, reference_policy, tiny_causal_lm
-    from rl.config import EnvConfig, PolicyConfig, RolloutConfig
+def _teacher_data_and_pst(config: MainJobConfig, out: Path, train_path: str, timing: dict[str, float],
+                          log: Callable[[str], None]):
+    """Steps 2-4: teacher data through the funnel, the BPE tokenizer, the two PST stages.
+
+    Returns ``(policy, sft_dir, funnel, data_stats, stages)``. With ``config.sft_policy`` the three steps
+    are skipped and that SFT-only policy is loaded instead (``funnel``, ``data_stats`` are None).
+    """
+    from rl.config import PolicyConfig
+    from rl.hf import CausalLMPolicy, tiny_causal_lm
     from rl.logging import MetricsLogger
-    from rl.rollout import SerialRollout
     from rl.sft import chat_segments, load_chat_jsonl, mix
     from rl.tokenizer import train_tokenizer
-    from rl.train import Callback, Trainer
     from visenv.data import DataConfig, build_dataset
-    from visenv.tasks import save_tasks
 
-    config = config or MainJobConfig()
-    start = time.perf_counter()
-    timing: dict[str, float] = {}
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(config.torch_threads)
-    torch.manual_seed(config.seed)
-
-    # 1. Tasks: a training suite and a disjoint held-out suite.
+    if config.sft_policy:
+        policy = PolicyConfig(model=config.sft_policy, max_new_tokens=config.max_new_tokens, temperature=1.0,
+                              device="cpu").build()
+        log(f"SFT-only policy loaded from {config.sft_policy} (teacher data and PST skipped)")
+        timing["data"] = timing["sft"] = 0.0
+        return policy, config.sft_policy, None, None, []
     mark = time.perf_counter()
-    train_suite = _suite(config, config.train_tasks, config.train_task_seed)
-    eval_suite = _suite(config, config.eval_tasks, config.eval_task_seed)
-    overlap = {t.task_id for t in train_suite} & {t.task_id for t in eval_suite}
-    if overlap:
-        raise ConfigError(f"the held-out suite shares {len(overlap)} tasks with the training suite; change eval_task_seed.")
-    train_path, eval_path = str(out / "tasks_train.jsonl"), str(out / "tasks_heldout.jsonl")
-    save_tasks(train_suite, train_path)
-    save_tasks(eval_suite, eval_path)
-
     # 2. Teacher data through the funnel.
     data_path = str(out / "data" / "teacher.jsonl")
-    funnel = build_dataset(DataConfig(out=data_path, num_tasks=len(train_suite), tasks=train_path,
+    funnel = build_dataset(DataConfig(out=data_path, num_tasks=config.train_tasks, tasks=train_path,
                                       seed=config.seed, mistake_rate=config.mistake_rate, reflect=config.reflect,
                                       min_reward=config.min_reward, env={"max_turns": config.max_turns}))
     log(funnel.format())
@@ -357,8 +359,6 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     mark = time.perf_counter()
     sft_logger = MetricsLogger(str(out / "sft"), tensorboard=False, total=None)
     stages = []
-    import random
-
     rng = random.Random(config.seed)
     budgets = (config.sft_seconds * config.sft_stage1_share, config.sft_seconds * (1 - config.sft_stage1_share))
     weights = (1.0, config.sft_stage2_weight)
@@ -375,6 +375,42 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     sft_dir = str(out / "sft" / "policy")
     policy.save(sft_dir)
     timing["sft"] = time.perf_counter() - mark
+    return policy, sft_dir, funnel, data_stats, stages
+
+
+def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the main job (see the module docstring); writes ``<out>/results.json`` and returns its content."""
+    import ray
+    import torch
+
+    from rl.config import EnvConfig, PolicyConfig, RolloutConfig
+    from rl.grpo import GRPO, GRPOConfig
+    from rl.hf import reference_policy
+    from rl.logging import MetricsLogger
+    from rl.rollout import SerialRollout
+    from rl.train import Callback, Trainer
+    from visenv.tasks import save_tasks
+
+    config = config or MainJobConfig()
+    start = time.perf_counter()
+    timing: dict[str, float] = {}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.torch_threads)
+    torch.manual_seed(config.seed)
+
+    # 1. Tasks: a training suite and a disjoint held-out suite.
+    mark = time.perf_counter()
+    train_suite = _suite(config, config.train_tasks, config.train_task_seed)
+    eval_suite = _suite(config, config.eval_tasks, config.eval_task_seed)
+    overlap = {t.task_id for t in train_suite} & {t.task_id for t in eval_suite}
+    if overlap:
+        raise ConfigError(f"the held-out suite shares {len(overlap)} tasks with the training suite; change eval_task_seed.")
+    train_path, eval_path = str(out / "tasks_train.jsonl"), str(out / "tasks_heldout.jsonl")
+    save_tasks(train_suite, train_path)
+    save_tasks(eval_suite, eval_path)
+
+    policy, sft_dir, funnel, data_stats, stages = _teacher_data_and_pst(config, out, train_path, timing, log)
 
     # 5. Evaluate the SFT-only policy on held-out tasks (before GRPO changes the weights in place).
     started_ray = False
@@ -467,6 +503,23 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     finally:  # a failure after Ray started must not leave it running
         if started_ray:
             ray.shutdown()
+
+    # 8. The HTML report: both policies on the same held-out episodes, side by side, with pictures.
+    report = None
+    if config.report_episodes:
+        from rl.agent import write_policy_report
+
+        mark = time.perf_counter()
+        sft_policy = PolicyConfig(model=sft_dir, max_new_tokens=config.max_new_tokens, temperature=1.0,
+                                  device="cpu").build()
+        report_dir = out / "report"
+        write_policy_report({"SFT-only": sft_policy, "RL (SFT + GRPO)": policy}, eval_suite, report_dir,
+                            episodes=config.report_episodes, seed=eval_seed,
+                            env_options={"max_turns": config.max_turns},
+                            title=f"main job: SFT-only vs RL on {config.report_episodes} held-out episodes")
+        report = str(report_dir / "report.html")
+        timing["report"] = time.perf_counter() - mark
+        log(f"report: {report} ({timing['report']:.0f} s)")
     timing["total"] = time.perf_counter() - start
 
     margin = {}
@@ -477,11 +530,11 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
                         "success_rate": rl["success_rate"] - sft["success_rate"]}
     results = {"config": config.to_dict(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                        "load_average": _load()},
-               "funnel": funnel.to_dict(), "data": data_stats, "sft": {"stages": stages},
+               "funnel": funnel.to_dict() if funnel else None, "data": data_stats, "sft": {"stages": stages},
                "grpo": grpo_summary,
                "eval": {"tasks": len(eval_suite), "task_seed": config.eval_task_seed,
                         "episodes": config.eval_episodes, "seed": eval_seed},
-               "evaluations": evaluations, "margin": margin, "timing": timing,
+               "evaluations": evaluations, "margin": margin, "timing": timing, "report": report,
                "time_limit_seconds": config.time_limit_seconds,
                "within_time_limit": timing["total"] <= config.time_limit_seconds}
     (out / "results.json").write_text(json.dumps(results, indent=1))
