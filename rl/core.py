@@ -7,6 +7,8 @@ turns. Masks are 1 (or True) where a value counts.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -144,6 +146,47 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.T
         return masked_mean(per_token, mask)
     rows = mask.sum(1) > 0
     return masked_mean(per_token, mask, dim=1)[rows].mean() if rows.any() else per_token.sum() * 0.0
+
+
+def aggregate_sum(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The numerator of :func:`aggregate`; with :func:`aggregate_count` it adds up over row chunks.
+
+    ``sum(aggregate_sum) / sum(aggregate_count)`` over the row chunks of a batch equals
+    :func:`aggregate` of the whole batch, so a learner can run forward/backward passes chunk by chunk
+    (each chunk padded only to its own longest row) and take one optimizer step.
+    """
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss aggregation {mode!r} must be one of {LOSS_AGGREGATIONS}.")
+    mask = mask.to(per_token.dtype)
+    if mode == "token":
+        return (per_token * mask).sum()
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+
+
+def aggregate_count(mask: torch.Tensor, mode: str) -> float:
+    """The denominator of :func:`aggregate`: masked tokens ("token") or rows that have any ("sequence")."""
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss aggregation {mode!r} must be one of {LOSS_AGGREGATIONS}.")
+    return float(mask.sum()) if mode == "token" else float((mask.sum(1) > 0).sum())
+
+
+def length_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Split row indices into chunks of similar length whose padded size stays within ``max_tokens``.
+
+    Rows are sorted by length (longest first) and a chunk grows while ``rows x longest row`` fits in
+    ``max_tokens``; a row longer than ``max_tokens`` gets a chunk of its own. ``max_tokens <= 0``
+    keeps every row in one chunk.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if max_tokens <= 0:
+        return [order] if order else []
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= max_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -38,6 +38,10 @@ class GRPOConfig:
         epochs: passes over each iteration's episodes.
         minibatch_size: episodes per optimizer step; 0 takes all kept episodes in one step.
         max_grad_norm: gradient clipping norm.
+        micro_batch_tokens: most padded tokens (rows x longest row) in one forward/backward pass; a
+            minibatch is split into length-sorted chunks within this size and their gradients are
+            accumulated (the loss is the same as in one pass; padding and peak memory shrink). 0 runs
+            each minibatch in one pass.
         off_policy: use the sampler's log-probs as the old policy (needed when rollout workers may
             hold stale weights, ``max_staleness > 0``); otherwise the learner's own log-probs before
             the update are used, which is exact on-policy.
@@ -55,6 +59,7 @@ class GRPOConfig:
     epochs: int = 1
     minibatch_size: int = 0
     max_grad_norm: float = 1.0
+    micro_batch_tokens: int = 4096
     off_policy: bool = False
     seed: int = 0
 
@@ -71,6 +76,8 @@ class GRPOConfig:
             raise ValueError(f"loss_aggregation ({self.loss_aggregation!r}) must be one of {core.LOSS_AGGREGATIONS}.")
         if not 0 < self.clip < 1:
             raise ValueError(f"clip ({self.clip}) must be in (0, 1); 0.2 is usual.")
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be >= 0 (0: one pass per minibatch).")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.minibatch_size < 0:
             raise ValueError(f"learning_rate ({self.learning_rate}) must be > 0, kl_coef ({self.kl_coef}) and "
                              f"minibatch_size ({self.minibatch_size}) >= 0.")
@@ -116,53 +123,70 @@ class GRPO:
             return metrics
         size = cfg.minibatch_size or len(rows)
         shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + iteration)
-        minibatches = []
+        minibatches: list[list[int]] = []
         for _ in range(cfg.epochs):
-            order = rows[torch.randperm(len(rows), generator=shuffle)]
+            order = rows[torch.randperm(len(rows), generator=shuffle)].tolist()
             minibatches += [order[i:i + size] for i in range(0, len(order), size)]
-        batches = {}
+        lengths = [sum(len(s.token_ids) for s in e.segments) for e in episodes]
+        batches: dict[tuple[int, ...], TokenBatch] = {}
 
-        def batch_of(index: torch.Tensor) -> TokenBatch:
-            key = tuple(index.tolist())
-            if key not in batches:
-                batches[key] = TokenBatch.from_segments([episodes[i].segments for i in key], self.policy.pad_id)
-            return batches[key]
+        def chunks_of(minibatch: list[int]) -> list[tuple[int, ...]]:
+            """The minibatch as length-sorted chunks (one forward/backward pass each), batches cached."""
+            found = []
+            for chunk in core.length_chunks([lengths[i] for i in minibatch], cfg.micro_batch_tokens):
+                key = tuple(minibatch[j] for j in chunk)
+                if key not in batches:
+                    batches[key] = TokenBatch.from_segments([episodes[i].segments for i in key], self.policy.pad_id)
+                found.append(key)
+            return found
 
         # 2. The old policy's log-probs: the sampler's, or the learner's before this update.
         exact_detach = len(minibatches) == 1 and not cfg.off_policy
-        old = {}
+        old: dict[tuple[int, ...], torch.Tensor] = {}
         if not exact_detach:
             with torch.no_grad():
-                for index in minibatches:
-                    batch = batch_of(index)
-                    old[tuple(index.tolist())] = (batch.sampled_logprobs if cfg.off_policy
-                                                  else self.policy.score(batch).logprobs.detach())
-        # 3. Clipped surrogate + KL, one AdamW step per minibatch.
+                for minibatch in minibatches:
+                    for key in chunks_of(minibatch):
+                        if key not in old:
+                            batch = batches[key]
+                            old[key] = (batch.sampled_logprobs if cfg.off_policy
+                                        else self.policy.score(batch).logprobs.detach())
+        # 3. Clipped surrogate + KL, one AdamW step per minibatch; the forward/backward passes run chunk
+        # by chunk (gradients accumulate; the loss is normalised over the whole minibatch).
         sums: dict[str, float] = {}
-        for index in minibatches:
-            batch = batch_of(index)
-            mask = batch.loss_mask.to(self.policy.device)
-            scores = self.policy.score(batch)
-            logprobs = scores.logprobs
-            old_logprobs = logprobs.detach() if exact_detach else old[tuple(index.tolist())].to(logprobs.device)
-            adv = advantages[index].to(logprobs.device)[:, None]
-            per_token, clipped = core.clipped_surrogate(logprobs, old_logprobs, adv, cfg.clip)
-            step = {"clip_fraction": core.masked_mean(clipped.float(), mask).item(),
-                    "entropy": core.masked_mean(scores.entropy.detach(), mask).item(),
-                    "sampler_logprob_gap": core.masked_mean(
-                        (logprobs.detach() - batch.sampled_logprobs.to(logprobs.device)).abs(), mask).item()}
-            if cfg.kl_coef > 0:
-                with torch.no_grad():
-                    ref_logprobs = self.reference.score(batch).logprobs
-                kl = core.kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
-                per_token = per_token + cfg.kl_coef * kl
-                step["kl"] = core.masked_mean(kl.detach(), mask).item()
-            loss = core.aggregate(per_token, mask, cfg.loss_aggregation)
+        for minibatch in minibatches:
+            keys = chunks_of(minibatch)
+            denominator = max(1.0, sum(core.aggregate_count(batches[k].loss_mask, cfg.loss_aggregation) for k in keys))
+            tokens = sum(float(batches[k].loss_mask.sum()) for k in keys)
+            step = dict.fromkeys(["clip_fraction", "entropy", "sampler_logprob_gap"]
+                                 + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_value = 0.0
+            for key in keys:
+                batch = batches[key]
+                mask = batch.loss_mask.to(self.policy.device)
+                scores = self.policy.score(batch)
+                logprobs = scores.logprobs
+                old_logprobs = logprobs.detach() if exact_detach else old[key].to(logprobs.device)
+                adv = advantages[list(key)].to(logprobs.device)[:, None]
+                per_token, clipped = core.clipped_surrogate(logprobs, old_logprobs, adv, cfg.clip)
+                share = float(mask.sum()) / max(tokens, 1.0)  # token-weighted means of the diagnostics
+                step["clip_fraction"] += share * core.masked_mean(clipped.float(), mask).item()
+                step["entropy"] += share * core.masked_mean(scores.entropy.detach(), mask).item()
+                step["sampler_logprob_gap"] += share * core.masked_mean(
+                    (logprobs.detach() - batch.sampled_logprobs.to(logprobs.device)).abs(), mask).item()
+                if cfg.kl_coef > 0:
+                    with torch.no_grad():
+                        ref_logprobs = self.reference.score(batch).logprobs
+                    kl = core.kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
+                    per_token = per_token + cfg.kl_coef * kl
+                    step["kl"] += share * core.masked_mean(kl.detach(), mask).item()
+                loss = core.aggregate_sum(per_token, mask, cfg.loss_aggregation) / denominator
+                loss.backward()
+                loss_value += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
-            step |= {"loss": loss.item(), "grad_norm": float(grad_norm)}
+            step |= {"loss": loss_value, "grad_norm": float(grad_norm)}
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
         metrics |= {key: value / len(minibatches) for key, value in sums.items()}

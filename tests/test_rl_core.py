@@ -87,6 +87,25 @@ def test_aggregate_by_hand():
         core.aggregate(x, mask, "batch")
 
 
+def test_aggregate_parts_add_up_over_row_chunks():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    for mode, whole in (("token", 2.5), ("sequence", 3.0)):
+        parts = [(core.aggregate_sum(x[rows], mask[rows], mode), core.aggregate_count(mask[rows], mode))
+                 for rows in ([0], [1, 2])]
+        assert close(sum(p[0] for p in parts) / sum(p[1] for p in parts), whole)
+    assert [core.aggregate_count(mask, m) for m in ("token", "sequence")] == [4.0, 2.0]
+
+
+def test_length_chunks_by_hand():
+    lengths = [5, 100, 7, 90, 6]
+    # longest first; a chunk grows while rows x its longest row fits in 200 tokens
+    assert core.length_chunks(lengths, 200) == [[1, 3], [2, 4, 0]]
+    assert core.length_chunks(lengths, 50) == [[1], [3], [2, 4, 0]]  # a row over the limit alone
+    assert core.length_chunks(lengths, 0) == [[1, 3, 2, 4, 0]]
+    assert core.length_chunks([], 10) == []
+
+
 def test_masked_mean_and_whiten_by_hand():
     x = torch.tensor([1.0, 3.0, 100.0])
     mask = torch.tensor([1, 1, 0])
