@@ -14,6 +14,10 @@ policies appear side by side (:func:`visenv.report.write_comparison`), with ``re
 
     write_policy_report({"SFT-only": sft_policy, "RL (GRPO)": rl_policy}, heldout_tasks, "runs/main/report",
                         episodes=32, seed=777, env_options={"max_turns": 5})
+
+``metrics`` adds logged (not optimised) scores, e.g. ``{"clip_alignment":
+ClipAlignment(ClipScorer.tiny(folder))}``: a column per metric in the report, one value per group and
+policy, and the scores in results.json (see docs/rewards.md, "Logged metrics in the report").
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import functools
 import json
 import random
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -98,7 +102,8 @@ def act_together(agents: Sequence[PolicyAgent], observations: Sequence[dict[str,
 
 def write_policy_report(policies: Mapping[str, Policy], tasks: Sequence[Task], report_dir: str | Path, *,
                         episodes: int, seed: int, env_options: Mapping[str, Any] | None = None,
-                        batch_size: int = 32, torch_threads: int | None = 1, title: str = "policy comparison"
+                        batch_size: int = 32, torch_threads: int | None = 1,
+                        metrics: Mapping[str, Callable] | None = None, title: str = "policy comparison"
                         ) -> dict[str, Any]:
     """Play the same held-out episodes with each named policy; write one report.html comparing them.
 
@@ -121,11 +126,16 @@ def write_policy_report(policies: Mapping[str, Policy], tasks: Sequence[Task], r
             setting. One thread is the fast choice for small models: on a 2-core machine that other
             processes also used (load average 8), decoding a 0.5M-parameter Llama with 2 threads
             measured about 25 times slower than with 1.
+        metrics: logged (not optimised) batched components by name, computed on each policy's
+            episodes, e.g. ``{"clip_alignment": ClipAlignment(ClipScorer.tiny(folder))}``; the
+            metrics table shows one column per metric (a row per group and policy).
         title: the page title.
 
     Returns:
         What results.json holds: ``seed``, ``episodes``, ``env_options``, the played ``tasks`` (ids)
         and, per policy name, its ``summary`` and ``episodes`` (as in the results.json of ``visenv eval``).
+        A metric's per-episode scores, group means and id are in the summary's ``visgenbench``
+        (``episodes``, ``overall``, ``by_modality``, ``metric_ids``).
 
     Raises:
         ValueError: no policies, no tasks, or ``episodes``, ``batch_size`` or ``torch_threads`` below 1.
@@ -143,7 +153,8 @@ def write_policy_report(policies: Mapping[str, Policy], tasks: Sequence[Task], r
     torch.set_num_threads(torch_threads or threads)
     try:
         runs = [evaluate_run(functools.partial(PolicyAgent, policy), played, report_dir, name=name, seed=seed,
-                             env_config=options, progress=False, num_envs=batch_size, act_batch=act_together)
+                             env_config=options, metrics=metrics, progress=False, num_envs=batch_size,
+                             act_batch=act_together)
                 for name, policy in policies.items()]
     finally:
         torch.set_num_threads(threads)

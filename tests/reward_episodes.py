@@ -10,21 +10,10 @@ from visenv.episode import CallRecord, EpisodeRecord, TurnRecord
 from visenv.media import Artifact
 from visenv.procedural_media import mp4_video, png_image
 from visenv.protocol import parse_turn
+from visenv.rewards.clip import tiny_clip_model as tiny_clip  # noqa: F401 (test_judges, test_cache_fidelity)
 from visenv.tasks import Requirements, Task
 
-TINY_CLIP = {"model_cfg": {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
-             "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
-"""An open_clip config small enough to build in milliseconds (random weights)."""
 PLAN = "1. tool_prompt_refine: refine the request\n2. tool_text2image_qwen: generate the images"
-
-
-def tiny_clip(folder: Path) -> str:
-    """Write :data:`TINY_CLIP` into ``folder`` (no weights) and return its open_clip model name."""
-    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
-    return f"local-dir:{folder}"
 
 
 def media(folder: Path, kind: str, seed: int, *, prompt: str = "", size: int = 64) -> Artifact:

@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from reward_episodes import TINY_CLIP, episode, media, task, tiny_clip
+from reward_episodes import episode, media, task
 from visenv.error import ConfigError
 from visenv.rewards.cache import MemoCache
-from visenv.rewards.clip import ClipAlignment, ClipConsistency, ClipScorer, video_frames
+from visenv.rewards.clip import (TINY_CLIP_CONFIG, ClipAlignment, ClipConsistency, ClipScorer, tiny_clip_model,
+                                 video_frames)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """An open_clip local-dir folder with a tiny config and no weights."""
-    return tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+    return tiny_clip_model(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,17 @@ def test_tiny_model_loads_in_under_five_seconds(tiny_model):
     start = time.perf_counter()
     clip._load()
     assert time.perf_counter() - start < 5.0 and clip.loaded
+
+
+def test_tiny_scorer_is_the_tiny_config_with_seeded_random_weights(tiny_model, files, tmp_path):
+    clip = ClipScorer.tiny(tmp_path / "new" / "folder", seed=2, cache_path=str(tmp_path / "memo.sqlite"))
+    assert json.loads((tmp_path / "new" / "folder" / "open_clip_config.json").read_text()) == TINY_CLIP_CONFIG
+    assert (clip.model, clip.pretrained, clip.seed) == (f"local-dir:{tmp_path / 'new' / 'folder'}", None, 2)
+    assert clip.model_id == scorer(tiny_model, seed=2).model_id  # the id names the config's content and the seed
+    image = files["images"][0]
+    np.testing.assert_array_equal(clip.picture_embeddings([image])[0],
+                                  scorer(tiny_model, seed=2).picture_embeddings([image])[0])
+    assert clip.cache.path == str(tmp_path / "memo.sqlite") and len(clip.cache) == 1
 
 
 def test_embeddings_are_unit_vectors_with_a_row_per_picture(tiny_model, files):
@@ -205,7 +217,7 @@ def test_local_dir_weights_load_exactly(tiny_model, files, tmp_path):
     source._load()
     folder = tmp_path / "trained"
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP_CONFIG))
     torch.save(source._net.state_dict(), folder / "open_clip_pytorch_model.bin")
     loaded = ClipScorer(model=f"local-dir:{folder}", pretrained="local")
     image = files["images"][2]

@@ -14,6 +14,7 @@ from rl_helpers import echo_tokenizer, tiny_policy
 from test_report import parse, run_chromium
 from visenv.error import ResetNeeded
 from visenv.evaluation import evaluate
+from visenv.rewards.clip import ClipAlignment, ClipScorer
 from visenv.tasks import make_suite
 
 SHORT = ("official_account_cover", "social_media_cover", "realistic_photography")  # the main job's scenarios
@@ -160,6 +161,45 @@ def test_policy_report_in_chromium_shows_both_policies_as_in_results_json(policy
     assert [(e["data-run"], e["data-task"]) for e in page.episodes] == [
         (name, task) for task in stored["tasks"] for name in stored["policies"]]
     assert page.body.get("data-images-broken") == "0"
+
+
+def expected_metric_cells(name, summary, episodes, metric) -> dict:
+    """(run, group, metric) -> the text a page must show for a logged metric: the mean of the episodes'
+    scores in results.json (None left out), "n/a" where none has one."""
+    scores = [row[metric] for row in summary["visgenbench"]["episodes"]]
+    groups = {"overall": range(len(episodes))}
+    for field in ("modality", "scenario"):
+        for i, e in enumerate(episodes):
+            groups.setdefault(f"{field}:{e[field]}", []).append(i)
+    cells = {}
+    for group, members in groups.items():
+        kept = [scores[i] for i in members if scores[i] is not None]
+        cells[(name, group, metric)] = f"{sum(kept) / len(kept):.3f}" if kept else "n/a"
+    return cells
+
+
+def test_policy_report_shows_a_logged_clip_metric_per_policy_in_chromium(policies, tmp_path, media_db):
+    """The tiny random CLIP as a logged metric: a column per group and policy, the numbers of results.json."""
+    both = {"teacher": AgentPolicy(WorkflowAgent), "tiny Llama": policies["SFT-only"]}
+    metric = ClipAlignment(ClipScorer.tiny(tmp_path / "clip"))
+    write_policy_report(both, make_suite(3, 5, scenarios=SHORT), tmp_path / "report", episodes=3, seed=777,
+                        env_options={"max_turns": 5}, metrics={"clip_alignment": metric})
+    stored = json.loads((tmp_path / "report" / "results.json").read_text())
+    page = parse(run_chromium(tmp_path, "--dump-dom", (tmp_path / "report" / "report.html").resolve().as_uri()))
+    shown = {}
+    for name, run in stored["policies"].items():
+        benchmark = run["summary"]["visgenbench"]
+        assert benchmark["metric_ids"] == {"clip_alignment": metric.judge_id}
+        expected = expected_metric_cells(name, run["summary"], run["episodes"], "clip_alignment")
+        assert {k: page.run_cells[k] for k in expected} == expected
+        overall = benchmark["overall"]["clip_alignment"]
+        assert expected[(name, "overall", "clip_alignment")] == ("n/a" if overall is None else f"{overall:.3f}")
+        shown[name] = expected
+    assert all(v != "n/a" for v in shown["teacher"].values())  # the teacher delivers an image every episode
+    assert set(shown["tiny Llama"].values()) == {"n/a"}  # the random model delivers nothing
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert f'title="{metric.judge_id}">clip_alignment</th>' in html
+    assert f"<code>clip_alignment</code> = <code>{metric.judge_id}</code>" in html
 
 
 def test_policy_report_escapes_malformed_turns(policies, tmp_path):

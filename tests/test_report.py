@@ -23,7 +23,7 @@ from visenv.report import (Run, evaluate_run, evaluate_with_report, render_compa
                            write_comparison)
 from visenv.report.cli import add_report_commands
 from visenv.report.page import dimension_block, episode_dimensions
-from visenv.tasks import make_suite, visgenbench
+from visenv.tasks import DIMENSIONS, make_suite, visgenbench
 
 SEED = 3
 OBJECTIVE_COLUMNS = ("s_rate", "amount", "duration", "storyboard", "audio", "reward", "turns", "failed_call_rate")
@@ -113,6 +113,35 @@ def test_page_shows_the_summary_numbers(report):
     assert {k: cells[k] for k in expected} == expected
     assert cells[("overall", "s_rate")] == f"{summary['overall']['s_rate']:.3f}"
     assert not parse((folder / "report.html").read_text()).run_cells  # one run: no policy column
+    shown = {metric for _, metric in cells}  # without logged metrics: no extra column, no note
+    assert shown == {*OBJECTIVE_COLUMNS, *DIMENSIONS, "o_score"}
+    assert "logged-metrics" not in (folder / "report.html").read_text()
+
+
+class ImageIndexMetric:
+    """A logged metric: 0.1 x the episode's index in its batch for image tasks, None for the others."""
+
+    judge_id = "index|<test>"
+
+    def __call__(self, records):
+        return [0.1 * i if r.task.requirements.modality == "image" else None for i, r in enumerate(records)]
+
+
+def test_logged_metrics_get_a_column_per_group_and_their_id(tmp_path):
+    results, summary = evaluate_with_report(lambda: WorkflowAgent(seed=1), mixed_suite(), tmp_path, seed=SEED,
+                                            metrics={"index": ImageIndexMetric()}, progress=False)
+    html = (tmp_path / "report.html").read_text()
+    cells = parse(html).cells
+    assert summary["visgenbench"]["overall"]["index"] == pytest.approx(0.05)  # episodes 0 and 1 are images
+    expected = {"overall": "0.050", "modality:image": "0.050", "modality:video": "n/a"}
+    expected |= {f"scenario:{r.scenario}": "n/a" if r.modality == "video" else f"{0.1 * i:.3f}"
+                 for i, r in enumerate(results)}  # mixed_suite has one task per scenario
+    assert {group: cells[(group, "index")] for group in expected} == expected
+    assert 'title="index|&lt;test&gt;">index</th>' in html
+    assert "<code>index</code> = <code>index|&lt;test&gt;</code>" in html
+    short = dict(summary, visgenbench=dict(summary["visgenbench"], episodes=summary["visgenbench"]["episodes"][1:]))
+    with pytest.raises(ValueError, match=r"scores 3 episodes but there are 4"):
+        render_page(results, short)
 
 
 def test_pictures_are_written_for_every_artifact(report):

@@ -25,7 +25,8 @@ from visenv.tasks import Task
 
 def evaluate_run(agent_factory: Callable[[], Any], tasks: Sequence[Task], report_dir: str | Path, *, name: str = "",
                  seed: int = 0, env_config: Mapping[str, Any] | None = None, grader: Any = None,
-                 progress: bool = True, num_envs: int = 1, act_batch: Callable[..., list[str]] = act_each) -> Run:
+                 metrics: Mapping[str, Callable] | None = None, progress: bool = True, num_envs: int = 1,
+                 act_batch: Callable[..., list[str]] = act_each) -> Run:
     """:func:`visenv.evaluation.evaluate` with trajectories kept and each episode's pictures written.
 
     The pictures go to ``report_dir/media``; the returned :class:`~visenv.report.page.Run` is what
@@ -40,6 +41,8 @@ def evaluate_run(agent_factory: Callable[[], Any], tasks: Sequence[Task], report
         seed: episode ``i`` is reset with ``seed + i`` (as in ``evaluate``).
         env_config: options of the :class:`~visenv.envs.visgen.VisGenEnv`.
         grader: a :class:`~visenv.rewards.judges.BenchmarkGrader` for the subjective dimensions, or None.
+        metrics: logged (not optimised) batched components by name, e.g. ``{"clip_alignment":
+            ClipAlignment(scorer)}``; each becomes a column of the page's metrics table (see ``evaluate``).
         progress: show a progress bar.
         num_envs: episodes played at once, in lock-step (see ``evaluate``).
         act_batch: ``(agents, observations) -> actions`` of a lock-step batch (see ``evaluate``).
@@ -50,7 +53,7 @@ def evaluate_run(agent_factory: Callable[[], Any], tasks: Sequence[Task], report
     """
     captures: list[EpisodeCapture] = []
     results, summary = evaluate(agent_factory, tasks, seed=seed, env_config=dict(env_config or {}),
-                                progress=progress, keep_trajectories=True, grader=grader,
+                                progress=progress, keep_trajectories=True, grader=grader, metrics=metrics,
                                 on_episode=lambda record: captures.append(capture_episode(record, report_dir)),
                                 num_envs=num_envs, act_batch=act_batch)
     grades = None
@@ -61,7 +64,8 @@ def evaluate_run(agent_factory: Callable[[], Any], tasks: Sequence[Task], report
 
 def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task], report_dir: str | Path, *,
                          seed: int = 0, env_config: Mapping[str, Any] | None = None, grader: Any = None,
-                         progress: bool = True, title: str = "visenv benchmark report"
+                         metrics: Mapping[str, Callable] | None = None, progress: bool = True,
+                         title: str = "visenv benchmark report"
                          ) -> tuple[list[EpisodeResult], dict[str, Any]]:
     """:func:`visenv.evaluation.evaluate` with trajectories kept, plus ``report.html`` and its pictures.
 
@@ -74,6 +78,8 @@ def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task]
         seed: episode ``i`` is reset with ``seed + i`` (as in ``evaluate``).
         env_config: options of the :class:`~visenv.envs.visgen.VisGenEnv`.
         grader: a :class:`~visenv.rewards.judges.BenchmarkGrader` for the subjective dimensions, or None.
+        metrics: logged (not optimised) batched components by name; each becomes a column of the
+            page's metrics table (see :func:`evaluate_run`).
         progress: show a progress bar.
         title: the page title.
 
@@ -81,7 +87,7 @@ def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task]
         The episode results and the summary, the same as ``evaluate(..., keep_trajectories=True)``.
     """
     run = evaluate_run(agent_factory, tasks, report_dir, seed=seed, env_config=env_config, grader=grader,
-                       progress=progress)
+                       metrics=metrics, progress=progress)
     write_report(report_dir, run.results, run.summary, run.captures, run.grades, title)
     return list(run.results), dict(run.summary)
 

@@ -12,7 +12,10 @@ moved with its folder. Sections:
   dimension scores available in the row: the paper's O-Score when all nine are graded, an
   objective-only stand-in otherwise (the page says which).
 * **Objective metrics**: S-Rate, amount, duration, storyboard and audio pass rates, reward, turns
-  and failed-call rate, straight from the evaluator's summary.
+  and failed-call rate, straight from the evaluator's summary; then one column per logged metric
+  (``evaluate(..., metrics=...)``, e.g. CLIP alignment): the group's mean of the per-episode scores
+  in ``summary["visgenbench"]["episodes"]`` (n/a where no episode has one), its id
+  (``metric_ids``) in the column's title and in a note under the table.
 * **Reward components**: mean of each rubric component, overall and per modality; the episode
   reward distribution; mean reward per scenario.
 * **Trajectories**: per episode, each turn's think, reflection, plan and tool call (or answer)
@@ -82,8 +85,8 @@ def _number(value: float | None) -> str:
 def _cell(value: float | None, group: str, metric: str, run: str | None = None) -> str:
     tag = f'data-group="{escape(group)}"' + ("" if run is None else f' data-run="{escape(run)}"')
     if value is None:
-        return f'<td class="na" {tag} data-metric="{metric}" data-value="n/a">n/a</td>'
-    return f'<td {tag} data-metric="{metric}" data-value="{value:.3f}">{value:.3f}</td>'
+        return f'<td class="na" {tag} data-metric="{escape(metric)}" data-value="n/a">n/a</td>'
+    return f'<td {tag} data-metric="{escape(metric)}" data-value="{value:.3f}">{value:.3f}</td>'
 
 
 def episode_dimensions(episode: Mapping[str, Any], grade: float | None) -> dict[str, float]:
@@ -129,6 +132,8 @@ class _Shown(NamedTuple):
     captures: Sequence[EpisodeCapture] | None
     grades: list[float | None]
     groups: list[Group]
+    metric_ids: Mapping[str, str]  # logged metric -> its id
+    metric_scores: Mapping[str, list[float | None]]  # logged metric -> one score per episode
 
 
 def _show(run: Run, name: str | None) -> _Shown:
@@ -138,7 +143,13 @@ def _show(run: Run, name: str | None) -> _Shown:
     if run.grades is not None and len(run.grades) != len(episodes):
         raise ValueError(f"grades ({len(run.grades)}) must hold one score per episode ({len(episodes)}).")
     grades = list(run.grades) if run.grades is not None else [None] * len(episodes)
-    return _Shown(name, episodes, run.summary, run.captures, grades, _groups(run.summary, episodes))
+    benchmark = run.summary["visgenbench"]
+    if benchmark["metric_ids"] and len(benchmark["episodes"]) != len(episodes):
+        raise ValueError(f"summary['visgenbench'] scores {len(benchmark['episodes'])} episodes but there are "
+                         f"{len(episodes)}: pass the summary of the same evaluation.")
+    scores = {name: [row[name] for row in benchmark["episodes"]] for name in benchmark["metric_ids"]}
+    return _Shown(name, episodes, run.summary, run.captures, grades, _groups(run.summary, episodes),
+                  benchmark["metric_ids"], scores)
 
 
 def _rows(runs: Sequence[_Shown]) -> Iterator[tuple[str, _Shown, str, Mapping[str, Any], list[int]]]:
@@ -181,14 +192,43 @@ def _scores_table(runs: Sequence[_Shown]) -> tuple[str, bool]:
     return "".join(lines), complete
 
 
+def _logged_ids(runs: Sequence[_Shown]) -> dict[str, dict[str | None, str]]:
+    """Logged metric -> run name -> the metric's id, in the order the runs name them."""
+    ids: dict[str, dict[str | None, str]] = {}
+    for run in runs:
+        for metric, metric_id in run.metric_ids.items():
+            ids.setdefault(metric, {})[run.name] = metric_id
+    return ids
+
+
+def _logged_note(ids: Mapping[str, Mapping[str | None, str]]) -> str:
+    """The note under the metrics table that names each logged metric's id (per run where they differ)."""
+    named = []
+    for metric, by_run in ids.items():
+        if len(set(by_run.values())) == 1:
+            named.append(f"<code>{escape(metric)}</code> = <code>{escape(next(iter(by_run.values())))}</code>")
+        else:
+            named += [f"<code>{escape(metric)}</code> ({escape(str(run))}) = <code>{escape(metric_id)}</code>"
+                      for run, metric_id in by_run.items()]
+    return ("<p class='note' id='logged-metrics'>Logged metrics (computed, not optimised): the mean of the "
+            "episodes' scores, n/a where no episode has one; " + "; ".join(named) + ".</p>")
+
+
 def _metrics_table(runs: Sequence[_Shown]) -> str:
+    """The objective metrics, then one column per logged metric (and a note naming their ids)."""
+    ids = _logged_ids(runs)
     head = "".join(f"<th>{escape(label)}</th>" for _, label in METRICS)
+    head += "".join(f'<th class="logged" title="{escape("; ".join(dict.fromkeys(by_run.values())))}">'
+                    f"{escape(metric)}</th>" for metric, by_run in ids.items())
     lines = [f"<table class='metrics'><thead><tr>{_header(runs)}{head}</tr></thead><tbody>"]
-    for key, run, row, block, _ in _rows(runs):
+    for key, run, row, block, members in _rows(runs):
         cells = "".join(_cell(block[metric], key, metric, run.name) for metric, _ in METRICS)
+        for metric in ids:
+            scores = run.metric_scores.get(metric)
+            cells += _cell(None if scores is None else _mean([scores[i] for i in members]), key, metric, run.name)
         lines.append(f"{row}<td>{block['episodes']}</td>{cells}</tr>")
     lines.append("</tbody></table>")
-    return "".join(lines)
+    return "".join(lines) + (_logged_note(ids) if ids else "")
 
 
 def _component_names(blocks: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -20,6 +20,9 @@ Weights come from a named pretrained tag (from the local Hugging Face cache, or 
 network is allowed), a checkpoint file, an open_clip ``local-dir:`` folder, or seeded random init
 (tests and benchmarks). With ``HF_HUB_OFFLINE=1`` a tag that is not cached fails at once with a
 message that says how to supply the weights. Nothing is downloaded by the tests.
+
+:meth:`ClipScorer.tiny` builds a tiny model (:data:`TINY_CLIP_CONFIG`) with random weights offline,
+in milliseconds: the pipeline runs end to end, the scores mean nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
 import logging
 import os
 import threading
@@ -52,6 +56,15 @@ LOCAL_WEIGHTS = "local"
 VISUAL_KINDS = ("image", "video")
 TEXT_SOURCES = ("request", "keywords", "prompt")
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+TINY_CLIP_CONFIG: dict[str, Any] = {
+    "model_cfg": {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+"""An open_clip config (16-dim embeddings, one-layer towers, 32-pixel pictures, 16-token texts) that
+builds in milliseconds. With random weights it runs the whole CLIP pipeline, but its scores mean
+nothing: see :func:`tiny_clip_model` and :meth:`ClipScorer.tiny`."""
 
 
 def _open_clip() -> Any:
@@ -60,6 +73,16 @@ def _open_clip() -> Any:
     except ImportError:
         raise DependencyNotInstalled("open_clip_torch", "clip", "CLIP rewards") from None
     return open_clip
+
+
+def tiny_clip_model(folder: str | Path) -> str:
+    """Write :data:`TINY_CLIP_CONFIG` as ``folder/open_clip_config.json`` (no weights; the folder is
+    created) and return its open_clip model name, ``"local-dir:FOLDER"``, for ``ClipScorer(model=...,
+    pretrained=None)``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    return f"local-dir:{folder}"
 
 
 def video_frames(path: str, count: int) -> list[Image.Image]:
@@ -158,6 +181,22 @@ class ClipScorer:
             raise ConfigError(f"ClipScorer.pretrained ({self.pretrained!r}) is neither a pretrained tag of "
                               f"{self.model} ({', '.join(tags) or 'none'}) nor an existing checkpoint file.")
         self._setup()
+
+    @classmethod
+    def tiny(cls, folder: str | Path, seed: int = 0, cache_path: str | None = None) -> ClipScorer:
+        """A scorer of the tiny open_clip model (:data:`TINY_CLIP_CONFIG`) with seeded random weights.
+
+        Random weights: the pipeline runs (loading, batching, video frames, the memo, the report
+        column), the scores mean nothing. Log them as a metric, never optimise them; for meaningful
+        scores pass real weights (``ClipScorer(model="local-dir:/folder", pretrained="local")``, a
+        checkpoint file or a pretrained tag).
+
+        Args:
+            folder: where the model's ``open_clip_config.json`` is written (created if missing).
+            seed: the seed of the random weights.
+            cache_path: the SQLite embedding memo; None memoises in this process only.
+        """
+        return cls(model=tiny_clip_model(folder), pretrained=None, cache_path=cache_path, seed=seed)
 
     def _checkpoints(self) -> list[Path]:
         folder = Path(self.model.removeprefix("local-dir:"))
