@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import yaml
+from visenv.yamlio import load_yaml
 
 from rl.grpo import GRPOConfig
 from rl.ppo import PPOConfig
@@ -400,7 +400,7 @@ def load(cls: type, path: str | None = None, overrides: dict[str, Any] | None = 
     data: dict[str, Any] = {}
     if path is not None:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            data = load_yaml(handle) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a YAML mapping of options, not {type(data).__name__}.")
     for dotted, value in (overrides or {}).items():
@@ -447,5 +447,5 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") ->
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--section.field`` options given on the command line, values parsed as YAML."""
-    return {key[4:]: yaml.safe_load(value) for key, value in vars(args).items()
+    return {key[4:]: load_yaml(value) for key, value in vars(args).items()
             if key.startswith("set:") and value is not None}

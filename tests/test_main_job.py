@@ -63,12 +63,20 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     table = format_comparison(results)
     assert "RL - SFT (sampled)" in table and table in lines
     # the HTML report shows both policies on the same held-out episodes
-    assert results["report"] == str(out / "report" / "report.html") and f"report: {results['report']}" in table
+    assert results["report"]["path"] == str(out / "report" / "report.html")
+    assert f"report: {results['report']['path']}" in table
     page = (out / "report" / "report.html").read_text()
     report = json.loads((out / "report" / "results.json").read_text())
     assert list(report["policies"]) == ["SFT-only", "RL (SFT + GRPO)"] and all(
         len(p["episodes"]) == 3 for p in report["policies"].values())
-    assert "SFT-only" in page and "RL (SFT + GRPO)" in page and len(report["tasks"]) == 3 and set(report["tasks"]) <= held
+    assert "SFT-only" in page and "RL (SFT + GRPO)" in page
+    assert len(report["tasks"]) == 3 and set(report["tasks"]) <= held
+    # the tiny CLIP model's alignment is logged per policy (a number, or None when nothing visual was delivered)
+    assert "clip_alignment" in page
+    for name, figures in results["report"]["policies"].items():
+        overall = report["policies"][name]["summary"]["visgenbench"]["overall"]
+        assert figures == {"reward": report["policies"][name]["summary"]["overall"]["reward"], "s_rate": overall["s_rate"],
+                           "clip_alignment": overall["clip_alignment"]}
 
     # a second run starts GRPO from the first run's SFT-only policy: no data, no PST, same SFT-only evaluation
     again = run_main_job(small_config(tmp_path / "again", sft_policy=str(out / "sft" / "policy"), report_episodes=0),
@@ -93,6 +101,20 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
 def test_main_job_config_rejects_bad_values(bad, word):
     with pytest.raises(ConfigError, match=word):
         MainJobConfig(**bad)
+
+
+def test_command_line_overrides_read_yaml_numbers_and_name_bad_fields(capsys):
+    from visenv.cli import _field_overrides, main
+
+    overrides = _field_overrides(["learning_rate=5e-4", "tasks_per_iteration=8", "scenarios=[avatar]"], MainJobConfig)
+    assert overrides == {"learning_rate": 5e-4, "tasks_per_iteration": 8, "scenarios": ["avatar"]}
+    assert MainJobConfig(**overrides).scenarios == ("avatar",)
+    with pytest.raises(ConfigError, match="learning_rate \\('fast'\\) must be a number"):
+        MainJobConfig(learning_rate="fast")
+    assert main(["main", "--set", "no_such_field=1"]) == 2
+    assert "expected FIELD=VALUE with FIELD one of" in capsys.readouterr().err
+    assert main(["main", "--from-sft", "/no/such/policy"]) == 2
+    assert "is not a policy folder" in capsys.readouterr().err
 
 
 def test_main_job_defaults_fit_two_cpus():

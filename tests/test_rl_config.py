@@ -7,7 +7,8 @@ import pytest
 
 from rl.cli import build_parser, main
 from rl.config import (EnvConfig, EvalConfig, PolicyConfig, RolloutConfig, SFTConfig, TinyModelConfig,
-                       TrainConfig, load, to_dict)
+                       TrainConfig, load, overrides_from, to_dict)
+from visenv.yamlio import load_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +44,17 @@ def test_yaml_overrides_and_unknown_keys(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ValueError, match="must hold a YAML mapping"):
         load(TrainConfig, str(path))
+
+
+def test_exponent_numbers_are_floats_in_files_and_on_the_command_line(tmp_path):
+    """PyYAML alone reads "3e-4" as a string (YAML 1.1 wants a dot); configs read it as the number."""
+    path = tmp_path / "run.yaml"
+    path.write_text("policy: {model: m}\ngrpo: {learning_rate: 3e-4, kl_coef: 1E-2}\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--grpo.clip", "2e-1", "--policy.model", "m2"])
+    config = load(TrainConfig, str(path), overrides_from(args))
+    assert (config.grpo.learning_rate, config.grpo.kl_coef, config.grpo.clip) == (3e-4, 1e-2, 0.2)
+    assert config.policy.model == "m2"  # strings stay strings
+    assert load_yaml("[1e3, -2E+5, 0.5, 12, e5, 1e, abc]") == [1000.0, -200000.0, 0.5, 12, "e5", "1e", "abc"]
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))

@@ -79,6 +79,8 @@ def _field_overrides(pairs: Sequence[str], config_class: type) -> dict[str, Any]
 
     import yaml
 
+    from visenv.yamlio import load_yaml
+
     names = {f.name for f in dataclasses.fields(config_class)}
     found = {}
     for pair in pairs:
@@ -87,7 +89,7 @@ def _field_overrides(pairs: Sequence[str], config_class: type) -> dict[str, Any]
         if not sep or name not in names:
             raise ConfigError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}.")
         try:
-            found[name] = yaml.safe_load(text)
+            found[name] = load_yaml(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({error}).") from None
     return found

@@ -81,6 +81,8 @@ class MainJobConfig:
         tasks_per_iteration: GRPO groups per iteration.
         group_size: samples per group.
         learning_rate, clip, kl_coef: GRPO hyperparameters.
+        loss_aggregation: GRPO's "token" (every policy token weighs the same) or "sequence" (every
+            episode weighs the same) loss.
         max_new_tokens: most tokens in one policy turn.
         num_workers: Ray rollout workers.
         worker_num_cpus: CPUs each worker reserves (num_workers x worker_num_cpus <= ray_num_cpus).
@@ -94,6 +96,13 @@ class MainJobConfig:
         sft_policy: folder of an SFT-only policy written by an earlier run (``<out>/sft/policy``): teacher
             data, tokenizer and PST are skipped and GRPO starts from it (e.g. to rerun RL with another
             seed). It must come from a run with the same scenarios and training tasks. None runs PST.
+        clip_model: the CLIP model whose text-image alignment (:class:`visenv.rewards.clip.ClipAlignment`)
+            the report logs per policy: "tiny" (a tiny open_clip model with random weights, built
+            offline: the pipeline runs, the scores mean nothing), an open_clip architecture name or
+            "local-dir:PATH" with ``clip_pretrained``, or None for no CLIP. Logged, never optimised:
+            the attribute tier's procedural pictures do not depict the request.
+        clip_pretrained: the weights of a non-tiny ``clip_model`` (a checkpoint file, a pretrained tag,
+            or "local" for a local-dir folder's weights).
         report_episodes: held-out episodes per policy in the HTML report (``<out>/report/report.html``:
             the SFT-only and the RL policy side by side, with the pictures they made); 0 skips it.
         time_limit_seconds: the job's target wall time; the report says whether it was met.
@@ -122,13 +131,14 @@ class MainJobConfig:
     sft_batch_size: int = 32
     sft_learning_rates: tuple[float, float] = (2e-3, 1e-3)
     sft_stage2_weight: float = 2.0
-    grpo_seconds: float = 360.0
+    grpo_seconds: float = 450.0
     grpo_max_iterations: int = 1000
-    tasks_per_iteration: int = 4
+    tasks_per_iteration: int = 8
     group_size: int = 8
     learning_rate: float = 3e-4
     clip: float = 0.2
     kl_coef: float = 0.02
+    loss_aggregation: str = "token"
     max_new_tokens: int = 200
     num_workers: int = 2
     worker_num_cpus: float = 1.0
@@ -140,11 +150,18 @@ class MainJobConfig:
     seed: int = 0
     sft_policy: str | None = None
     report_episodes: int = 32
+    clip_model: str | None = "tiny"
+    clip_pretrained: str | None = None
     time_limit_seconds: float = 900.0
     safety_seconds: float = 45.0
 
     def __post_init__(self) -> None:
         from visenv.tasks.scenarios import get_scenario
+
+        for spec in dataclasses.fields(self):  # numbers from YAML or the command line: say what is wrong
+            value = getattr(self, spec.name)
+            if spec.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{spec.name} ({value!r}) must be a number, e.g. {spec.default!r}.")
 
         if self.scenarios is not None:
             self.scenarios = tuple(self.scenarios)
@@ -166,6 +183,8 @@ class MainJobConfig:
         if self.sft_policy is not None and not (Path(self.sft_policy) / "config.json").is_file():
             raise ConfigError(f"sft_policy ({self.sft_policy!r}) is not a policy folder (no config.json); give the "
                               "sft/policy folder of an earlier main job, or None to run PST.")
+        if self.loss_aggregation not in ("token", "sequence"):
+            raise ConfigError(f"loss_aggregation ({self.loss_aggregation!r}) must be 'token' or 'sequence'.")
         if self.eval_backend not in ("ray", "serial"):
             raise ConfigError(f"eval_backend ({self.eval_backend!r}) must be 'ray' or 'serial'.")
         if self.group_size < 2:
@@ -300,7 +319,7 @@ def format_comparison(results: dict[str, Any]) -> str:
                      f"success {m['success_rate']:+.1%} points")
     lines.append(f"wall time {results['timing']['total']:.0f} s (limit {results['time_limit_seconds']:.0f} s)")
     if results.get("report"):
-        lines.append(f"report: {results['report']}")
+        lines.append(f"report: {results['report']['path']}")
     return "\n".join(lines)
 
 
@@ -455,7 +474,7 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
             policy, policy_config.build, train_env.make)
         grpo_config = GRPOConfig(tasks_per_iteration=config.tasks_per_iteration, group_size=config.group_size,
                                  learning_rate=config.learning_rate, clip=config.clip, kl_coef=config.kl_coef,
-                                 seed=config.seed)
+                                 loss_aggregation=config.loss_aggregation, seed=config.seed)
         reference = reference_policy(policy) if config.kl_coef > 0 else None
         algorithm = GRPO(policy, reference, grpo_config)
 
@@ -513,13 +532,24 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
         sft_policy = PolicyConfig(model=sft_dir, max_new_tokens=config.max_new_tokens, temperature=1.0,
                                   device="cpu").build()
         report_dir = out / "report"
-        write_policy_report({"SFT-only": sft_policy, "RL (SFT + GRPO)": policy}, eval_suite, report_dir,
-                            episodes=config.report_episodes, seed=eval_seed,
+        metrics = {}
+        if config.clip_model:
+            from visenv.rewards.clip import ClipAlignment, ClipScorer
+
+            scorer = (ClipScorer.tiny(out / "clip", seed=config.seed) if config.clip_model == "tiny" else
+                      ClipScorer(model=config.clip_model, pretrained=config.clip_pretrained))
+            metrics["clip_alignment"] = ClipAlignment(scorer)
+        shown = write_policy_report({"SFT-only": sft_policy, "RL (SFT + GRPO)": policy}, eval_suite, report_dir,
+                            episodes=config.report_episodes, seed=eval_seed, metrics=metrics,
                             env_options={"max_turns": config.max_turns},
                             title=f"main job: SFT-only vs RL on {config.report_episodes} held-out episodes")
-        report = str(report_dir / "report.html")
+        overall = {name: run["summary"]["visgenbench"]["overall"] for name, run in shown["policies"].items()}
+        report = {"path": str(report_dir / "report.html"), "episodes": config.report_episodes,
+                  "policies": {name: {"reward": shown["policies"][name]["summary"]["overall"]["reward"],
+                                      "s_rate": block["s_rate"], **{m: block[m] for m in metrics}}
+                               for name, block in overall.items()}}
         timing["report"] = time.perf_counter() - mark
-        log(f"report: {report} ({timing['report']:.0f} s)")
+        log(f"report: {report['path']} ({timing['report']:.0f} s)")
     timing["total"] = time.perf_counter() - start
 
     margin = {}

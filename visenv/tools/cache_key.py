@@ -59,7 +59,8 @@ def normalise_value(value: Any) -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"A cache key cannot hold the number {value!r}.")
-        return int(value) if value.is_integer() else float(f"{value:.12g}")
+        rounded = float(f"{value:.12g}")  # round first: 1e11 + 0.5 rounds to an integral value
+        return int(rounded) if rounded.is_integer() else rounded
     if isinstance(value, Mapping):
         return {str(k): normalise_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
