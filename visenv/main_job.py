@@ -38,7 +38,7 @@ import os
 import platform
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -419,7 +419,6 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     torch.manual_seed(config.seed)
 
     # 1. Tasks: a training suite and a disjoint held-out suite.
-    mark = time.perf_counter()
     train_suite = _suite(config, config.train_tasks, config.train_task_seed)
     eval_suite = _suite(config, config.eval_tasks, config.eval_task_seed)
     overlap = {t.task_id for t in train_suite} & {t.task_id for t in eval_suite}
@@ -540,9 +539,9 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
                       ClipScorer(model=config.clip_model, pretrained=config.clip_pretrained))
             metrics["clip_alignment"] = ClipAlignment(scorer)
         shown = write_policy_report({"SFT-only": sft_policy, "RL (SFT + GRPO)": policy}, eval_suite, report_dir,
-                            episodes=config.report_episodes, seed=eval_seed, metrics=metrics,
-                            env_options={"max_turns": config.max_turns},
-                            title=f"main job: SFT-only vs RL on {config.report_episodes} held-out episodes")
+                                    episodes=config.report_episodes, seed=eval_seed, metrics=metrics,
+                                    env_options={"max_turns": config.max_turns},
+                                    title=f"main job: SFT-only vs RL on {config.report_episodes} held-out episodes")
         overall = {name: run["summary"]["visgenbench"]["overall"] for name, run in shown["policies"].items()}
         report = {"path": str(report_dir / "report.html"), "episodes": config.report_episodes,
                   "policies": {name: {"reward": shown["policies"][name]["summary"]["overall"]["reward"],
