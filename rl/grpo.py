@@ -29,6 +29,10 @@ class GRPOConfig:
         tasks_per_iteration: tasks (groups) sampled per iteration.
         group_size: rollouts per task; the paper's example uses 4, TINY-POLICY measurements 8.
         learning_rate: AdamW learning rate.
+        warmup_steps: the learning rate rises linearly from ``learning_rate / warmup_steps`` to
+            ``learning_rate`` over the first ``warmup_steps`` optimizer steps (0: no warm-up). A policy
+            fresh from SFT sits in a sharp optimum; full-size first steps can push it off before the
+            group baselines mean much.
         clip: PPO clip range of the probability ratio.
         kl_coef: weight of the KL penalty to the reference policy (0 turns the reference off).
         kl_estimator: "k1", "k2" or "k3" (see :func:`rl.core.kl_penalty`).
@@ -51,6 +55,7 @@ class GRPOConfig:
     tasks_per_iteration: int = 8
     group_size: int = 8
     learning_rate: float = 3e-4
+    warmup_steps: int = 0
     clip: float = 0.2
     kl_coef: float = 0.02
     kl_estimator: str = "k3"
@@ -67,6 +72,8 @@ class GRPOConfig:
         for name in ("tasks_per_iteration", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be >= 0 (0: no warm-up).")
         if self.group_size < 2:
             raise ValueError(f"group_size ({self.group_size}) must be at least 2: GRPO's baseline is the "
                              "group mean, so a group of one has nothing to compare with.")
@@ -103,13 +110,18 @@ class GRPO:
         self.reference = reference
         self.config = config
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        warmup = config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.group_size = config.group_size
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # checkpoints written before the warm-up existed have none
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def update(self, episodes: Sequence[Episode], iteration: int) -> dict[str, float]:
         cfg = self.config
@@ -185,8 +197,10 @@ class GRPO:
                 loss.backward()
                 loss_value += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            learning_rate = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
-            step |= {"loss": loss_value, "grad_norm": float(grad_norm)}
+            self.scheduler.step()
+            step |= {"loss": loss_value, "grad_norm": float(grad_norm), "learning_rate": learning_rate}
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
         metrics |= {key: value / len(minibatches) for key, value in sums.items()}

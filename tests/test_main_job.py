@@ -10,14 +10,15 @@ import math
 import pytest
 
 from visenv.error import ConfigError
-from visenv.main_job import MainJobConfig, format_comparison, run_main_job
+from rl.grpo import GRPOConfig
+from visenv.main_job import MAIN_JOB_GRPO, MainJobConfig, format_comparison, run_main_job
 
 
 def small_config(out, **extra):
     values = dict(out=str(out), train_tasks=24, eval_tasks=8, eval_episodes=8, eval_greedy=False, max_turns=3,
                   vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                   sft_seconds=6.0, sft_batch_size=8, grpo_seconds=1.0, grpo_max_iterations=2,
-                  tasks_per_iteration=2, group_size=2, max_new_tokens=24, num_workers=2, worker_num_cpus=0.5,
+                  grpo={"tasks_per_iteration": 2, "group_size": 2, "warmup_steps": 2}, max_new_tokens=24, num_workers=2, worker_num_cpus=0.5,
                   envs_per_worker=2, eval_envs=8, report_episodes=3, time_limit_seconds=900.0)
     return MainJobConfig(**(values | extra))
 
@@ -78,11 +79,21 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
         assert figures == {"reward": report["policies"][name]["summary"]["overall"]["reward"], "s_rate": overall["s_rate"],
                            "clip_alignment": overall["clip_alignment"]}
 
-    # a second run starts GRPO from the first run's SFT-only policy: no data, no PST, same SFT-only evaluation
-    again = run_main_job(small_config(tmp_path / "again", sft_policy=str(out / "sft" / "policy"), report_episodes=0),
+    # the GRPO settings are the nested config's (the warm-up itself is tested in test_rl_learning)
+    assert results["config"]["grpo"]["group_size"] == 2 and results["config"]["grpo"]["warmup_steps"] == 2
+
+    # a second run starts GRPO from the first run's SFT-only policy: no data, no PST, same SFT-only evaluation;
+    # everything in this process (no Ray actors)
+    # (into a folder with a stale GRPO log: the new run's log replaces it)
+    (tmp_path / "again" / "grpo").mkdir(parents=True)
+    (tmp_path / "again" / "grpo" / "metrics.jsonl").write_text('{"step": 0, "stale": 1}\n')
+    again = run_main_job(small_config(tmp_path / "again", sft_policy=str(out / "sft" / "policy"), report_episodes=0,
+                                      rollout_backend="serial", eval_backend="serial"),
                          log=lines.append)
     assert again["funnel"] is None and again["data"] is None and again["sft"]["stages"] == []
     assert again["report"] is None and not (tmp_path / "again" / "report").exists()
+    logged = [json.loads(line) for line in (tmp_path / "again" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == again["grpo"]["iterations"] and not any("stale" in row for row in logged)
     assert again["evaluations"]["sft"] == {mode: {**summary, "seconds": again["evaluations"]["sft"][mode]["seconds"]}
                                            for mode, summary in results["evaluations"]["sft"].items()}
 
@@ -91,7 +102,11 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     ({"eval_task_seed": 0}, "eval_task_seed"),
     ({"scenarios": ("no_such_scenario",)}, "no_such_scenario"),
     ({"num_workers": 3, "worker_num_cpus": 1.0}, "ray_num_cpus"),
-    ({"group_size": 1}, "group_size"),
+    ({"grpo": {"group_size": 1}}, "grpo: group_size \\(1\\) must be at least 2"),
+    ({"grpo": {"kl_coeff": 0.1}}, "grpo has no field kl_coeff"),
+    ({"grpo": {"learning_rate": "fast"}}, "grpo.learning_rate \\('fast'\\) must be a number"),
+    ({"grpo": 3}, "must be an rl.grpo.GRPOConfig or a dict"),
+    ({"rollout_backend": "gpu"}, "rollout_backend"),
     ({"mistake_rate": 1.5}, "mistake_rate"),
     ({"sft_stage1_share": 1.0}, "sft_stage1_share"),
     ({"hidden_size": 130}, "num_heads"),
@@ -106,13 +121,21 @@ def test_main_job_config_rejects_bad_values(bad, word):
 def test_command_line_overrides_read_yaml_numbers_and_name_bad_fields(capsys):
     from visenv.cli import _field_overrides, main
 
-    overrides = _field_overrides(["learning_rate=5e-4", "tasks_per_iteration=8", "scenarios=[avatar]"], MainJobConfig)
-    assert overrides == {"learning_rate": 5e-4, "tasks_per_iteration": 8, "scenarios": ["avatar"]}
-    assert MainJobConfig(**overrides).scenarios == ("avatar",)
-    with pytest.raises(ConfigError, match="learning_rate \\('fast'\\) must be a number"):
-        MainJobConfig(learning_rate="fast")
+    overrides = _field_overrides(["grpo.learning_rate=5e-4", "grpo.tasks_per_iteration=8", "scenarios=[avatar]",
+                                  "grpo_seconds=60"], MainJobConfig)
+    assert overrides == {"grpo": {"learning_rate": 5e-4, "tasks_per_iteration": 8}, "scenarios": ["avatar"],
+                         "grpo_seconds": 60}
+    config = MainJobConfig(**overrides)
+    assert config.scenarios == ("avatar",) and config.grpo.learning_rate == 5e-4 and config.grpo.group_size == 8
+    # overrides go on top of the main job's GRPO settings, not GRPOConfig's bare defaults
+    assert (config.grpo.warmup_steps, config.grpo.kl_coef) == (10, 0.05) == tuple(MAIN_JOB_GRPO.values())
+    assert MainJobConfig().grpo == GRPOConfig(**MAIN_JOB_GRPO)
+    with pytest.raises(ConfigError, match="grpo_seconds \\('fast'\\) must be a number"):
+        MainJobConfig(grpo_seconds="fast")
+    with pytest.raises(ConfigError, match="nested config"):
+        _field_overrides(["grpo=null", "grpo.kl_coef=0.1"], MainJobConfig)
     assert main(["main", "--set", "no_such_field=1"]) == 2
-    assert "expected FIELD=VALUE with FIELD one of" in capsys.readouterr().err
+    assert "expected FIELD=VALUE (or FIELD.KEY=VALUE for a nested config) with FIELD one of" in capsys.readouterr().err
     assert main(["main", "--from-sft", "/no/such/policy"]) == 2
     assert "is not a policy folder" in capsys.readouterr().err
 

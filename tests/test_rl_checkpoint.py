@@ -27,7 +27,7 @@ def deterministic(history):
 def make_trainer(tokenizer, algorithm, directory):
     policy = tiny_policy(tokenizer, max_new_tokens=8)
     if algorithm == "grpo":
-        algo, groups = GRPO(policy, reference_policy(policy), GRPOConfig(4, 4, kl_coef=0.05, minibatch_size=8)), (4, 4)
+        algo, groups = GRPO(policy, reference_policy(policy), GRPOConfig(4, 4, kl_coef=0.05, minibatch_size=8, warmup_steps=5)), (4, 4)
     else:
         algo, groups = PPO(policy, reference_policy(policy), PPOConfig(8, kl_coef=0.05, minibatch_size=4)), (8, 1)
     rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)

@@ -148,6 +148,22 @@ def test_zero_variance_groups_are_skipped():
     assert changed(before, policy.get_weights()) == []
 
 
+def test_grpo_warm_up_raises_the_learning_rate_linearly():
+    policy = tiny_policy(echo_tokenizer(), max_new_tokens=8)
+    algorithm = GRPO(policy, None, GRPOConfig(4, 4, kl_coef=0.0, learning_rate=1e-3, warmup_steps=4,
+                                              epochs=2, minibatch_size=8))
+    rates = []
+    for iteration in range(3):
+        episodes, _ = SerialRollout(policy, lambda: LetterEnv(turns=1), 16).sample(make_specs(0, iteration, 4, 4))
+        metrics = algorithm.update(episodes, iteration)
+        assert 8 < metrics["episodes_trained"] <= 16  # so 2 minibatches of at most 8 an epoch
+        rates.append(metrics["learning_rate"])
+    # 4 optimizer steps a update (2 epochs x 2 minibatches); the metric is the mean rate of its steps
+    assert rates == pytest.approx([1e-3 * (1 + 2 + 3 + 4) / 16, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match=r"warmup_steps \(-1\) must be >= 0"):
+        GRPOConfig(warmup_steps=-1)
+
+
 def test_algorithm_configs_name_the_bad_value_and_the_fix():
     with pytest.raises(ValueError, match=r"group_size \(1\) must be at least 2"):
         GRPOConfig(group_size=1)

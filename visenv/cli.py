@@ -74,7 +74,11 @@ def cmd_main(args: argparse.Namespace) -> int:
 
 
 def _field_overrides(pairs: Sequence[str], config_class: type) -> dict[str, Any]:
-    """``["field=value", ...]`` -> ``{field: value}`` with YAML values, checked against the dataclass's fields."""
+    """``["field=value", ...]`` -> ``{field: value}`` with YAML values, checked against the dataclass's fields.
+
+    ``field.key=value`` sets one key of a nested config field (``grpo.kl_coef=0.05`` -> ``{"grpo": {"kl_coef":
+    0.05}}``); the nested config checks the key.
+    """
     import dataclasses
 
     import yaml
@@ -85,13 +89,18 @@ def _field_overrides(pairs: Sequence[str], config_class: type) -> dict[str, Any]
     found = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
-        name = name.strip()
-        if not sep or name not in names:
-            raise ConfigError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {sorted(names)}.")
+        name, _, key = name.strip().partition(".")
+        if not sep or name not in names or (key and not isinstance(found.get(name, {}), dict)):
+            raise ConfigError(f"--set {pair!r}: expected FIELD=VALUE (or FIELD.KEY=VALUE for a nested config) "
+                              f"with FIELD one of {sorted(names)}.")
         try:
-            found[name] = load_yaml(text)
+            value = load_yaml(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({error}).") from None
+        if key:
+            found.setdefault(name, {})[key] = value
+        else:
+            found[name] = value
     return found
 
 
@@ -140,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip teacher data and PST: start GRPO from this SFT-only policy (<out>/sft/policy of an "
                         "earlier run)")
     p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
-                   help="override a MainJobConfig field (value read as YAML), e.g. --set grpo_seconds=120; "
+                   help="override a MainJobConfig field (value read as YAML), e.g. --set grpo_seconds=120 or "
+                        "--set grpo.kl_coef=0.05; "
                         "repeatable; the fields are documented in visenv.main_job.MainJobConfig")
     p.add_argument("--baselines-only", action="store_true",
                    help="only evaluate the scripted teacher and the random agent (the old main table)")

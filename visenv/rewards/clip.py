@@ -183,7 +183,8 @@ class ClipScorer:
         self._setup()
 
     @classmethod
-    def tiny(cls, folder: str | Path, seed: int = 0, cache_path: str | None = None) -> ClipScorer:
+    def tiny(cls, folder: str | Path, seed: int = 0, cache_path: str | None = None,
+             device: str | None = None) -> ClipScorer:
         """A scorer of the tiny open_clip model (:data:`TINY_CLIP_CONFIG`) with seeded random weights.
 
         Random weights: the pipeline runs (loading, batching, video frames, the memo, the report
@@ -195,8 +196,9 @@ class ClipScorer:
             folder: where the model's ``open_clip_config.json`` is written (created if missing).
             seed: the seed of the random weights.
             cache_path: the SQLite embedding memo; None memoises in this process only.
+            device: a torch device; None picks "cuda" when available, else "cpu".
         """
-        return cls(model=tiny_clip_model(folder), pretrained=None, cache_path=cache_path, seed=seed)
+        return cls(model=tiny_clip_model(folder), pretrained=None, cache_path=cache_path, seed=seed, device=device)
 
     def _checkpoints(self) -> list[Path]:
         folder = Path(self.model.removeprefix("local-dir:"))
