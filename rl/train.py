@@ -2,7 +2,8 @@
 
 An *algorithm* is any object with ``update(episodes, iteration) -> metrics`` and
 ``state_dict()`` / ``load_state_dict()`` (:class:`~rl.grpo.GRPO`, :class:`~rl.ppo.PPO`); the
-loop owns everything around it. Four callbacks are the extension points (:class:`Callback`).
+loop owns everything around it. Four callbacks are the extension points (:class:`Callback`);
+:class:`KeepBest` is one (keep the weights of the best stretch of training reward).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Protocol, Sequence
+
+import torch
 
 from rl import checkpoint
 from rl.policy import TrainablePolicy
@@ -41,6 +44,56 @@ class Callback:
 
     def on_end(self, history: list[dict[str, float]]) -> None:
         """After the last iteration; ``history`` holds every iteration's metrics of this run."""
+
+
+class KeepBest(Callback):
+    """Keeps the weights that sampled the best stretch of training reward, to restore after training.
+
+    Model selection on the training signal, at no extra rollouts: after each iteration's rollout (before
+    its update) the mean episode reward of the last ``window`` iterations is compared with the best so
+    far; when it is higher, the current weights (those that sampled the newest iteration of the window)
+    are copied. RL on a small policy can climb and then drift off (entropy and length rise, reward
+    falls); the last weights are then worse than ones it passed. ``restore()`` puts the best back.
+
+    A window of several iterations averages over many tasks, so one lucky batch does not win; the
+    selected stretch is still an upward-biased estimate of that policy's reward (it won a maximum), so
+    measure the restored policy on held-out tasks. Assumes on-policy rollouts (``max_staleness`` 0).
+
+    Args:
+        policy: the trained policy (its ``get_weights()`` / ``set_weights()`` are used).
+        window: iterations averaged; a window is a candidate once it is full.
+
+    Attributes:
+        best_iteration: the newest iteration of the best window (None until a window is full).
+        best_reward: that window's mean episode reward.
+    """
+
+    def __init__(self, policy: TrainablePolicy, window: int = 5):
+        if window < 1:
+            raise ValueError(f"window ({window}) must be at least 1.")
+        self.policy = policy
+        self.window = window
+        self.recent: deque[list[float]] = deque(maxlen=window)
+        self.best_iteration: int | None = None
+        self.best_reward = -math.inf
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    def on_rollout_end(self, iteration: int, episodes: Sequence[Episode], stats: RolloutStats) -> None:
+        self.recent.append([e.reward for e in episodes if not math.isnan(e.reward)])
+        rewards = [r for rewards in self.recent for r in rewards]
+        if len(self.recent) < self.window or not rewards:
+            return
+        mean = sum(rewards) / len(rewards)
+        if mean > self.best_reward:
+            self.best_iteration, self.best_reward = iteration, mean
+            self.best_weights = self.policy.get_weights()
+
+    def restore(self) -> bool:
+        """Set the policy to the best weights; False (nothing changed) when no window was full."""
+        if self.best_weights is None:
+            return False
+        self.policy.set_weights(self.best_weights)
+        return True
 
 
 def _nanmean(values: Sequence[float]) -> float:

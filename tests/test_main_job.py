@@ -18,7 +18,8 @@ def small_config(out, **extra):
     values = dict(out=str(out), train_tasks=24, eval_tasks=8, eval_episodes=8, eval_greedy=False, max_turns=3,
                   vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                   sft_seconds=6.0, sft_batch_size=8, grpo_seconds=1.0, grpo_max_iterations=2,
-                  grpo={"tasks_per_iteration": 2, "group_size": 2, "warmup_steps": 2}, max_new_tokens=24, num_workers=2, worker_num_cpus=0.5,
+                  grpo={"tasks_per_iteration": 2, "group_size": 2, "warmup_steps": 2}, keep_best_window=1,
+                  max_new_tokens=24, num_workers=2, worker_num_cpus=0.5,
                   envs_per_worker=2, eval_envs=8, report_episodes=3, time_limit_seconds=900.0)
     return MainJobConfig(**(values | extra))
 
@@ -79,6 +80,9 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
         assert figures == {"reward": report["policies"][name]["summary"]["overall"]["reward"], "s_rate": overall["s_rate"],
                            "clip_alignment": overall["clip_alignment"]}
 
+    # the RL policy is the best window's (here one iteration); the last weights are saved beside it
+    assert results["grpo"]["selected_iteration"] in range(results["grpo"]["iterations"])
+    assert (out / "rl" / "last_policy" / "config.json").exists()
     # the GRPO settings are the nested config's (the warm-up itself is tested in test_rl_learning)
     assert results["config"]["grpo"]["group_size"] == 2 and results["config"]["grpo"]["warmup_steps"] == 2
 
@@ -111,6 +115,7 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     ({"sft_stage1_share": 1.0}, "sft_stage1_share"),
     ({"hidden_size": 130}, "num_heads"),
     ({"report_episodes": -1}, "report_episodes"),
+    ({"keep_best_window": -1}, "keep_best_window"),
     ({"sft_policy": "/no/such/policy"}, "sft_policy"),
 ])
 def test_main_job_config_rejects_bad_values(bad, word):

@@ -215,3 +215,44 @@ def test_policy_report_escapes_malformed_turns(policies, tmp_path):
         write_policy_report({}, make_suite(1, 5), tmp_path, episodes=1, seed=0)
     with pytest.raises(ValueError, match=r"episodes \(0\)"):
         write_policy_report(hostile, make_suite(1, 5), tmp_path, episodes=0, seed=0)
+
+
+# ------------------------------------------------------------------ visenv eval: any agent or policy
+
+
+def eval_args(out, *who):
+    return ["eval", *who, "--n", "3", "--scenarios", ",".join(SHORT), "--max-turns", "3", "--seed", "5",
+            "--out", str(out / "results.json")]
+
+
+def test_visenv_eval_plays_a_saved_policy_as_evaluate_does(policies, tmp_path):
+    from visenv.cli import main
+
+    folder = tmp_path / "policy"
+    policies["SFT-only"].save(str(folder))
+    assert main(eval_args(tmp_path / "cli", "--policy", str(folder), "--max-new-tokens", "10",
+                          "--num-envs", "2")) == 0
+    written = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert (tmp_path / "cli" / "report.html").is_file()
+    # the same episodes as PolicyAgent over the same policy, tasks and seeds, one at a time
+    tasks = make_suite(3, 10_000, scenarios=SHORT)
+    results, summary = evaluate(lambda: PolicyAgent(policies["SFT-only"]), tasks, seed=5, progress=False,
+                                env_config=ENV, keep_trajectories=True)
+    assert [[s["action"] for s in e["trajectory"]] for e in written["episodes"]] == actions(results)
+    assert written["summary"]["overall"]["reward"] == pytest.approx(summary["overall"]["reward"])
+
+
+def test_visenv_eval_takes_an_agent_class_and_names_bad_choices(tmp_path, capsys):
+    from visenv.cli import main
+
+    assert main(eval_args(tmp_path / "teacher", "--agent", "teacher", "--no-report")) == 0
+    assert main(eval_args(tmp_path / "class", "--agent", "baselines.workflow_agent:WorkflowAgent", "--no-report")) == 0
+    teacher, by_class = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("teacher", "class"))
+    assert by_class["summary"] == teacher["summary"]  # the class got the same seed
+    for who, message in [(["--agent", "nobody"], "expected 'teacher', 'random' or an agent class"),
+                         (["--agent", "baselines.nowhere:Agent"], "cannot import it"),
+                         (["--policy", str(tmp_path / "missing")], "is not a policy folder"),
+                         (["--api-base-url", "http://127.0.0.1:9/v1"], "needs --api-model")]:
+        capsys.readouterr()
+        assert main(eval_args(tmp_path / "bad", *who)) == 2
+        assert message in capsys.readouterr().err

@@ -197,3 +197,33 @@ def test_every_kept_episode_is_trained_once_per_epoch():
     # each epoch is a permutation of the kept episodes
     for epoch in range(3):
         assert sorted(seen[epoch * kept:(epoch + 1) * kept]) == sorted(seen[:kept])
+
+
+def test_keep_best_restores_the_weights_that_sampled_the_best_window():
+    from types import SimpleNamespace
+
+    from rl.train import KeepBest
+
+    class Counter:  # a policy whose weights are the number of updates so far
+        def __init__(self):
+            self.updates = 0
+
+        def get_weights(self):
+            return {"w": torch.tensor(float(self.updates))}
+
+        def set_weights(self, weights):
+            self.updates = int(weights["w"].item())
+
+    policy = Counter()
+    keeper = KeepBest(policy, window=2)
+    assert not keeper.restore() and keeper.best_iteration is None
+    rewards = [[0.1, 0.1], [0.5, float("nan")], [0.9, 0.9], [0.2, 0.2], [0.8, 0.8]]
+    for iteration, batch in enumerate(rewards):
+        keeper.on_rollout_end(iteration, [SimpleNamespace(reward=r) for r in batch], None)
+        policy.updates += 1  # the update after the rollout
+    # windows (NaN ignored): 0-1 0.233, 1-2 0.767, 2-3 0.55, 3-4 0.5: the best ends at iteration 2,
+    # whose rollout the weights after 2 updates sampled
+    assert keeper.best_iteration == 2 and keeper.best_reward == pytest.approx((0.5 + 0.9 + 0.9) / 3)
+    assert keeper.restore() and policy.updates == 2
+    with pytest.raises(ValueError, match=r"window \(0\) must be at least 1"):
+        KeepBest(policy, window=0)

@@ -3,6 +3,8 @@
     visenv main                      # the main job: teacher data, PST, GRPO on Ray, SFT-only vs RL table
     visenv main --baselines-only     # the scripted teacher and the random agent on held-out tasks
     visenv eval --agent teacher      # evaluate a baseline on a suite, write results.json + report.html
+    visenv eval --policy runs/main/rl/policy --scenarios official_account_cover --max-turns 5
+                                     # ... or a trained policy, an agent class (module:Class), an API model
     visenv tasks --n 100 --out t.jsonl        # write a task suite
     visenv tasks --bench --out bench.jsonl    # write the 1,200-task VisGenBench-shaped suite
     visenv cache import|build|stats|verify|export|fidelity ...   # the tool-output cache
@@ -29,18 +31,62 @@ from visenv.tasks import load_tasks, make_suite, save_tasks, visgenbench
 
 
 def _agent_factory(name: str, seed: int):
+    """``teacher``, ``random`` or ``module:Class`` (an agent class; given ``seed=`` when it takes one)."""
+    import importlib
+    import inspect
+
     from baselines.random_agent import RandomAgent
     from baselines.workflow_agent import WorkflowAgent
 
     factories = {"teacher": lambda: WorkflowAgent(seed=seed), "random": lambda: RandomAgent(seed=seed)}
-    return factories[name]
+    if name in factories:
+        return factories[name]
+    module, colon, attribute = name.partition(":")
+    if not colon or not module or not attribute:
+        raise ConfigError(f"--agent {name!r}: expected 'teacher', 'random' or an agent class as 'module:Class' "
+                          "(e.g. baselines.workflow_agent:WorkflowAgent).")
+    try:
+        cls = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"--agent {name!r}: cannot import it ({error}).") from None
+    try:
+        takes_seed = "seed" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        takes_seed = False
+    return (lambda: cls(seed=seed)) if takes_seed else cls
+
+
+def _policy_factory(args: argparse.Namespace):
+    """``--policy DIR`` or ``--api-base-url``: an rl policy played as an agent, turns batched over the episodes."""
+    import functools
+
+    from rl.agent import PolicyAgent, act_together
+
+    if args.policy:
+        from rl.config import PolicyConfig
+
+        if not (Path(args.policy) / "config.json").is_file():
+            raise ConfigError(f"--policy {args.policy!r} is not a policy folder (no config.json): give a folder "
+                              "written by rl (e.g. runs/main/rl/policy or a checkpoint's policy/).")
+        policy = PolicyConfig(model=args.policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              device=args.device).build()
+    else:
+        from rl.api import ApiPolicy
+
+        if not args.api_model:
+            raise ConfigError("--api-base-url needs --api-model (the model name the endpoint serves).")
+        policy = ApiPolicy(args.api_base_url, args.api_model, max_tokens=args.max_new_tokens,
+                           temperature=args.temperature)
+    return functools.partial(PolicyAgent, policy, seed=args.seed), act_together
 
 
 def _suite(args: argparse.Namespace):
     if args.tasks:
         return load_tasks(args.tasks)
     modality = None if args.suite == "all" else args.suite
-    return make_suite(args.n, args.task_seed, modality=modality)
+    scenarios = getattr(args, "scenarios", None)
+    return make_suite(args.n, args.task_seed, modality=modality,
+                      scenarios=[s.strip() for s in scenarios.split(",")] if scenarios else None)
 
 
 def cmd_main(args: argparse.Namespace) -> int:
@@ -106,12 +152,23 @@ def _field_overrides(pairs: Sequence[str], config_class: type) -> dict[str, Any]
 
 def cmd_eval(args: argparse.Namespace) -> int:
     tasks = _suite(args)
-    factory = _agent_factory(args.agent, args.seed)
-    if args.no_report:
-        results, summary = evaluate(factory, tasks, seed=args.seed, keep_trajectories=args.trajectories)
+    if args.policy or args.api_base_url:
+        factory, act_batch = _policy_factory(args)
+        name, num_envs = args.policy or f"{args.api_model} at {args.api_base_url}", args.num_envs
     else:
-        results, summary = evaluate_with_report(factory, tasks, Path(args.out).parent, seed=args.seed)
-    print(format_table(summary, title=f"== {args.agent} on {len(tasks)} tasks =="))
+        from visenv.evaluation import act_each
+
+        factory, act_batch = _agent_factory(args.agent, args.seed), act_each
+        name, num_envs = args.agent, 1
+    env_config = {"max_turns": args.max_turns} if args.max_turns else None
+    if args.no_report:
+        results, summary = evaluate(factory, tasks, seed=args.seed, keep_trajectories=args.trajectories,
+                                    env_config=env_config, num_envs=num_envs, act_batch=act_batch)
+    else:
+        results, summary = evaluate_with_report(factory, tasks, Path(args.out).parent, seed=args.seed,
+                                                env_config=env_config, num_envs=num_envs, act_batch=act_batch,
+                                                title=f"{name} on {len(tasks)} tasks")
+    print(format_table(summary, title=f"== {name} on {len(tasks)} tasks =="))
     print(format_benchmark(summary["visgenbench"]))
     write_results(args.out, results, summary)
     print(f"wrote {args.out}" + ("" if args.no_report else f" and {Path(args.out).parent / 'report.html'}"))
@@ -156,8 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only evaluate the scripted teacher and the random agent (the old main table)")
     p.set_defaults(func=cmd_main)
 
-    p = sub.add_parser("eval", help="evaluate a baseline agent and write results.json")
-    p.add_argument("--agent", choices=("teacher", "random"), default="teacher")
+    p = sub.add_parser("eval", help="evaluate an agent or a policy on a suite; write results.json and report.html")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--agent", default="teacher",
+                     help="teacher, random, or an agent class as module:Class (reset(observation, seed) / "
+                          "act(observation); built with seed= when it takes one). Default: teacher")
+    who.add_argument("--policy", metavar="DIR", help="a policy folder written by rl (e.g. runs/main/rl/policy)")
+    who.add_argument("--api-base-url", metavar="URL",
+                     help="an OpenAI-compatible endpoint (POST URL/chat/completions), with --api-model")
+    p.add_argument("--api-model", help="the model name the endpoint serves")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of a policy (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens in one policy turn (default 512)")
+    p.add_argument("--device", default="cpu", help="torch device of a --policy: cpu, cuda or auto (default cpu)")
+    p.add_argument("--num-envs", type=int, default=16,
+                   help="episodes a policy plays at once, one batched generate per step (default 16)")
+    p.add_argument("--max-turns", type=int, default=None, help="the environment's turn budget (default: its own)")
+    p.add_argument("--scenarios", help="comma-separated scenario ids to draw the built-in tasks from (default: all)")
     suite_options(p, 84)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
     p.add_argument("--out", default="results.json", help="where to write the results")

@@ -40,9 +40,12 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from visenv.error import ConfigError
+
+if TYPE_CHECKING:  # rl is imported lazily (it needs torch)
+    from rl.grpo import GRPOConfig
 
 #: The image scenarios whose teacher workflows are shortest (3 turns; ~350 BPE tokens a trajectory, docs/main-job.md).
 SHORT_SCENARIOS = ("official_account_cover", "social_media_cover", "realistic_photography")
@@ -89,6 +92,10 @@ class MainJobConfig:
             learning rate and warm-up, clip, KL, loss aggregation, ...): GRPOConfig's defaults with
             :data:`MAIN_JOB_GRPO` on top. A dict is read as overrides of those (``--set
             grpo.kl_coef=0.1``). Its ``seed`` is replaced by this config's ``seed``.
+        keep_best_window: the RL policy is the one that sampled the best ``keep_best_window`` consecutive
+            iterations of training reward (:class:`rl.train.KeepBest`: model selection on the training
+            rollouts, no extra episodes), not necessarily the last; 0 keeps the last weights. Both are
+            saved (``<out>/rl/policy`` and ``<out>/rl/last_policy``).
         rollout_backend: where GRPO's rollouts run: "ray" (``num_workers`` Ray actors) or "serial" (in
             this process; no Ray needed).
         max_new_tokens: most tokens in one policy turn.
@@ -141,7 +148,8 @@ class MainJobConfig:
     sft_stage2_weight: float = 2.0
     grpo_seconds: float = 450.0
     grpo_max_iterations: int = 1000
-    grpo: Any = dataclasses.field(default_factory=dict)
+    grpo: GRPOConfig | dict[str, Any] = dataclasses.field(default_factory=dict)
+    keep_best_window: int = 5
     rollout_backend: str = "ray"
     max_new_tokens: int = 200
     num_workers: int = 2
@@ -188,6 +196,9 @@ class MainJobConfig:
                 raise ConfigError(f"{name} ({value!r}) must be a positive integer.")
         if isinstance(self.report_episodes, bool) or not isinstance(self.report_episodes, int) or self.report_episodes < 0:
             raise ConfigError(f"report_episodes ({self.report_episodes!r}) must be an integer >= 0 (0 skips the report).")
+        if isinstance(self.keep_best_window, bool) or not isinstance(self.keep_best_window, int) or self.keep_best_window < 0:
+            raise ConfigError(f"keep_best_window ({self.keep_best_window!r}) must be an integer >= 0 (0 keeps the "
+                              "last weights).")
         if self.sft_policy is not None and not (Path(self.sft_policy) / "config.json").is_file():
             raise ConfigError(f"sft_policy ({self.sft_policy!r}) is not a policy folder (no config.json); give the "
                               "sft/policy folder of an earlier main job, or None to run PST.")
@@ -430,7 +441,7 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     from rl.hf import reference_policy
     from rl.logging import MetricsLogger
     from rl.rollout import SerialRollout
-    from rl.train import Callback, Trainer
+    from rl.train import Callback, KeepBest, Trainer
     from visenv.tasks import save_tasks
 
     config = config or MainJobConfig()
@@ -519,15 +530,23 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
 
         grpo_dir = out / "grpo"
         (grpo_dir / "metrics.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a new log
+        keeper = KeepBest(policy, config.keep_best_window) if config.keep_best_window else None
         trainer = Trainer(policy, algorithm, rollout, iterations=config.grpo_max_iterations,
                           num_groups=grpo_config.tasks_per_iteration, group_size=grpo_config.group_size, seed=config.seed,
                           logger=MetricsLogger(str(grpo_dir), tensorboard=False, total=None),
-                          callbacks=[Budget()] if config.grpo_seconds > 0 else [])
+                          callbacks=([Budget()] if config.grpo_seconds > 0 else []) + ([keeper] if keeper else []))
         try:
             history = trainer.run() if config.grpo_seconds > 0 else []
         finally:
             trainer.logger.close()
             rollout.close()
+        policy.save(str(out / "rl" / "last_policy"))
+        selected = {"selected_iteration": None, "selected_window_reward": None}
+        if keeper is not None and keeper.restore():
+            selected = {"selected_iteration": keeper.best_iteration, "selected_window_reward": keeper.best_reward}
+            log(f"GRPO: the RL policy is the one that sampled iterations {keeper.best_iteration - keeper.window + 1}-"
+                f"{keeper.best_iteration} (mean training reward {keeper.best_reward:.3f}, the best {keeper.window}-"
+                f"iteration stretch); the last weights are in {out / 'rl' / 'last_policy'}")
         rl_dir = str(out / "rl" / "policy")
         policy.save(rl_dir)
         timing["grpo"] = time.perf_counter() - mark
@@ -537,7 +556,7 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
                         "train_reward_last5": _head_mean(train_rewards[::-1], 5),
                         "groups_skipped_mean": _head_mean([h.get("groups_skipped", float("nan")) for h in history],
                                                           len(history)),
-                        "seconds_per_iteration": timing["grpo"] / max(1, len(history))}
+                        "seconds_per_iteration": timing["grpo"] / max(1, len(history)), **selected}
         log(f"GRPO: {len(history)} iterations in {timing['grpo']:.0f} s; training reward "
             f"{grpo_summary['train_reward_first5']:.3f} (first 5) -> {grpo_summary['train_reward_last5']:.3f} (last 5)")
 

@@ -65,7 +65,8 @@ def evaluate_run(agent_factory: Callable[[], Any], tasks: Sequence[Task], report
 def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task], report_dir: str | Path, *,
                          seed: int = 0, env_config: Mapping[str, Any] | None = None, grader: Any = None,
                          metrics: Mapping[str, Callable] | None = None, progress: bool = True,
-                         title: str = "visenv benchmark report"
+                         title: str = "visenv benchmark report", num_envs: int = 1,
+                         act_batch: Callable[..., list[str]] = act_each
                          ) -> tuple[list[EpisodeResult], dict[str, Any]]:
     """:func:`visenv.evaluation.evaluate` with trajectories kept, plus ``report.html`` and its pictures.
 
@@ -82,12 +83,15 @@ def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task]
             page's metrics table (see :func:`evaluate_run`).
         progress: show a progress bar.
         title: the page title.
+        num_envs: episodes played at once (as in ``evaluate``).
+        act_batch: one turn for several agents at once (as in ``evaluate``; e.g.
+            :func:`rl.agent.act_together` batches a policy's ``generate``).
 
     Returns:
         The episode results and the summary, the same as ``evaluate(..., keep_trajectories=True)``.
     """
     run = evaluate_run(agent_factory, tasks, report_dir, seed=seed, env_config=env_config, grader=grader,
-                       metrics=metrics, progress=progress)
+                       metrics=metrics, progress=progress, num_envs=num_envs, act_batch=act_batch)
     write_report(report_dir, run.results, run.summary, run.captures, run.grades, title)
     return list(run.results), dict(run.summary)
 
