@@ -92,10 +92,13 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     (tmp_path / "again" / "grpo").mkdir(parents=True)
     (tmp_path / "again" / "grpo" / "metrics.jsonl").write_text('{"step": 0, "stale": 1}\n')
     again = run_main_job(small_config(tmp_path / "again", sft_policy=str(out / "sft" / "policy"), report_episodes=0,
-                                      rollout_backend="serial", eval_backend="serial"),
+                                      rollout_backend="serial", eval_backend="serial", rl_task_seed=5),
                          log=lines.append)
     assert again["funnel"] is None and again["data"] is None and again["sft"]["stages"] == []
     assert again["report"] is None and not (tmp_path / "again" / "report").exists()
+    # GRPO practised on a third suite, disjoint from the teacher's tasks and the held-out ones
+    practised = {json.loads(line)["task_id"] for line in (tmp_path / "again" / "tasks_rl.jsonl").read_text().splitlines()}
+    assert len(practised) == 24 and not practised & (train | held)
     logged = [json.loads(line) for line in (tmp_path / "again" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == again["grpo"]["iterations"] and not any("stale" in row for row in logged)
     assert again["evaluations"]["sft"] == {mode: {**summary, "seconds": again["evaluations"]["sft"][mode]["seconds"]}
@@ -116,6 +119,7 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     ({"hidden_size": 130}, "num_heads"),
     ({"report_episodes": -1}, "report_episodes"),
     ({"keep_best_window": -1}, "keep_best_window"),
+    ({"rl_task_seed": 0}, "rl_task_seed"),
     ({"sft_policy": "/no/such/policy"}, "sft_policy"),
 ])
 def test_main_job_config_rejects_bad_values(bad, word):

@@ -67,6 +67,10 @@ class MainJobConfig:
         scenarios: VisGen scenario ids the tasks are drawn from (None: all 42).
         train_tasks: tasks in the training suite (the teacher plays each once; GRPO samples from it).
         train_task_seed: seed of the training suite.
+        rl_task_seed: None (default): GRPO samples its tasks from the training suite, the tasks the teacher
+            played for PST. A seed: GRPO samples from another ``train_tasks``-task suite drawn with it (checked
+            to share no task with the training or the held-out suite), so RL practises on tasks PST has not
+            memorised, as the held-out evaluation does.
         eval_tasks: tasks in the held-out suite.
         eval_task_seed: seed of the held-out suite (must differ from ``train_task_seed``).
         eval_episodes: held-out episodes per policy and decoding mode (one per held-out task when
@@ -128,6 +132,7 @@ class MainJobConfig:
     scenarios: tuple[str, ...] | None = SHORT_SCENARIOS
     train_tasks: int = 400
     train_task_seed: int = 0
+    rl_task_seed: int | None = None
     eval_tasks: int = 256
     eval_task_seed: int = 10_000
     eval_episodes: int = 256
@@ -208,6 +213,10 @@ class MainJobConfig:
         if self.train_task_seed == self.eval_task_seed:
             raise ConfigError(f"eval_task_seed ({self.eval_task_seed}) must differ from train_task_seed: the "
                               "evaluation is on held-out tasks.")
+        if self.rl_task_seed is not None and (isinstance(self.rl_task_seed, bool) or not isinstance(self.rl_task_seed, int)
+                                              or self.rl_task_seed in (self.train_task_seed, self.eval_task_seed)):
+            raise ConfigError(f"rl_task_seed ({self.rl_task_seed!r}) must be None or an integer that differs from "
+                              f"train_task_seed ({self.train_task_seed}) and eval_task_seed ({self.eval_task_seed}).")
         if not 0.0 <= self.mistake_rate <= 1.0:
             raise ConfigError(f"mistake_rate ({self.mistake_rate}) must be in [0, 1], e.g. 0.3.")
         if self.vocab_size < 300:
@@ -461,6 +470,15 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     train_path, eval_path = str(out / "tasks_train.jsonl"), str(out / "tasks_heldout.jsonl")
     save_tasks(train_suite, train_path)
     save_tasks(eval_suite, eval_path)
+    rl_path = train_path
+    if config.rl_task_seed is not None:  # GRPO on tasks that neither PST nor the evaluation sees
+        rl_suite = _suite(config, config.train_tasks, config.rl_task_seed)
+        shared = {t.task_id for t in rl_suite} & ({t.task_id for t in train_suite} | {t.task_id for t in eval_suite})
+        if shared:
+            raise ConfigError(f"the RL suite (rl_task_seed {config.rl_task_seed}) shares {len(shared)} tasks with the "
+                              "training or held-out suite; choose another rl_task_seed.")
+        rl_path = str(out / "tasks_rl.jsonl")
+        save_tasks(rl_suite, rl_path)
 
     policy, sft_dir, funnel, data_stats, stages = _teacher_data_and_pst(config, out, train_path, timing, log)
 
@@ -503,7 +521,7 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
 
         # 6. GRPO in the environment, rollouts in Ray actors.
         mark = time.perf_counter()
-        train_env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": train_path, "max_turns": config.max_turns})
+        train_env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": rl_path, "max_turns": config.max_turns})
         if config.rollout_backend == "serial":
             rollout = SerialRollout(policy, train_env.make, config.envs_per_worker * config.num_workers)
         else:
