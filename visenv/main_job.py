@@ -54,7 +54,7 @@ SHORT_SCENARIOS = ("official_account_cover", "social_media_cover", "realistic_ph
 #: clip 0.2, k3, token loss): a warm-up over the first 10 updates and KL 0.05 to the SFT-only policy.
 #: Without them the first 10-30 updates pushed some PST policies off their optimum (entropy, length,
 #: truncation and KL rose, the training reward fell) and GRPO did not recover within the job's budget
-#: (docs/main-job.md, experiments E5-E7).
+#: (docs/main-job.md, experiments E5-E12).
 MAIN_JOB_GRPO = {"warmup_steps": 10, "kl_coef": 0.05}
 
 
