@@ -175,10 +175,7 @@ class MainJobConfig:
     def __post_init__(self) -> None:
         from visenv.tasks.scenarios import get_scenario
 
-        for spec in dataclasses.fields(self):  # numbers from YAML or the command line: say what is wrong
-            value = getattr(self, spec.name)
-            if spec.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ConfigError(f"{spec.name} ({value!r}) must be a number, e.g. {spec.default!r}.")
+        _check_numbers(type(self), vars(self), kinds=("float",))  # ints get their positive check below
 
         if self.scenarios is not None:
             self.scenarios = tuple(self.scenarios)
@@ -187,9 +184,11 @@ class MainJobConfig:
             for name in self.scenarios:
                 get_scenario(name)  # raises ConfigError naming the unknown id
         self.sft_learning_rates = tuple(self.sft_learning_rates)
+        from rl.grpo import GRPOConfig
+
         if isinstance(self.grpo, dict):
             self.grpo = _grpo_config(MAIN_JOB_GRPO | self.grpo)
-        elif not dataclasses.is_dataclass(self.grpo) or type(self.grpo).__name__ != "GRPOConfig":
+        elif not isinstance(self.grpo, GRPOConfig):
             raise ConfigError(f"grpo ({self.grpo!r}) must be an rl.grpo.GRPOConfig or a dict of its fields.")
         positive_ints = ("train_tasks", "eval_tasks", "eval_episodes", "max_turns", "vocab_size", "hidden_size",
                          "num_layers", "num_heads", "intermediate_size", "sft_batch_size", "grpo_max_iterations",
@@ -240,6 +239,21 @@ class MainJobConfig:
         return dataclasses.asdict(self)
 
 
+def _check_numbers(config_class: type, values: dict[str, Any], kinds: tuple[str, ...], prefix: str = "") -> None:
+    """Raise ConfigError for a value in ``values`` that is not a number of its field's annotated kind.
+
+    Values come from YAML or the command line, where ``fast`` or ``true`` can land in a number field;
+    ``kinds`` are the annotations checked ("float" accepts ints, "int" only ints; bools are neither).
+    """
+    for spec in dataclasses.fields(config_class):
+        if spec.name not in values or spec.type not in kinds:
+            continue
+        value = values[spec.name]
+        if isinstance(value, bool) or not isinstance(value, int if spec.type == "int" else (int, float)):
+            kind = "an integer" if spec.type == "int" else "a number"
+            raise ConfigError(f"{prefix}{spec.name} ({value!r}) must be {kind}, e.g. {spec.default!r}.")
+
+
 def _grpo_config(overrides: dict[str, Any]):
     """:class:`rl.grpo.GRPOConfig` with ``overrides``; bad names and values raise ConfigError."""
     from rl.grpo import GRPOConfig
@@ -248,13 +262,7 @@ def _grpo_config(overrides: dict[str, Any]):
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"grpo has no field {', '.join(unknown)}; the fields are {sorted(names)}.")
-    for spec in dataclasses.fields(GRPOConfig):
-        value = overrides.get(spec.name)
-        if spec.name in overrides and spec.type in ("int", "float") and (
-                isinstance(value, bool) or not isinstance(value, (int, float))
-                or (spec.type == "int" and not isinstance(value, int))):
-            raise ConfigError(f"grpo.{spec.name} ({value!r}) must be a{'n integer' if spec.type == 'int' else ' number'}, "
-                              f"e.g. {spec.default!r}.")
+    _check_numbers(GRPOConfig, overrides, kinds=("float", "int"), prefix="grpo.")
     try:
         return GRPOConfig(**overrides)
     except ValueError as error:
