@@ -38,6 +38,9 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     train = {json.loads(line)["task_id"] for line in (out / "tasks_train.jsonl").read_text().splitlines()}
     held = {json.loads(line)["task_id"] for line in (out / "tasks_heldout.jsonl").read_text().splitlines()}
     assert len(train) == 24 and len(held) == 8 and not train & held
+    # by default GRPO practised on a third suite, disjoint from the teacher's tasks and the held-out ones
+    practised = {json.loads(line)["task_id"] for line in (out / "tasks_rl.jsonl").read_text().splitlines()}
+    assert len(practised) == 24 and not practised & (train | held)
     funnel = results["funnel"]
     assert funnel["generated"] == 24 and funnel["kept"] + sum(funnel["dropped"].values()) == 24
     assert results["data"]["trajectories"] == funnel["kept"]
@@ -91,14 +94,14 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     # (into a folder with a stale GRPO log: the new run's log replaces it)
     (tmp_path / "again" / "grpo").mkdir(parents=True)
     (tmp_path / "again" / "grpo" / "metrics.jsonl").write_text('{"step": 0, "stale": 1}\n')
+    (tmp_path / "again" / "tasks_rl.jsonl").write_text('{"task_id": "stale"}\n')
     again = run_main_job(small_config(tmp_path / "again", sft_policy=str(out / "sft" / "policy"), report_episodes=0,
-                                      rollout_backend="serial", eval_backend="serial", rl_task_seed=5),
+                                      rollout_backend="serial", eval_backend="serial", rl_task_seed=None),
                          log=lines.append)
     assert again["funnel"] is None and again["data"] is None and again["sft"]["stages"] == []
     assert again["report"] is None and not (tmp_path / "again" / "report").exists()
-    # GRPO practised on a third suite, disjoint from the teacher's tasks and the held-out ones
-    practised = {json.loads(line)["task_id"] for line in (tmp_path / "again" / "tasks_rl.jsonl").read_text().splitlines()}
-    assert len(practised) == 24 and not practised & (train | held)
+    # rl_task_seed None: GRPO practised on the training suite (no third suite is drawn; the stale one is gone)
+    assert not (tmp_path / "again" / "tasks_rl.jsonl").exists()
     logged = [json.loads(line) for line in (tmp_path / "again" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == again["grpo"]["iterations"] and not any("stale" in row for row in logged)
     assert again["evaluations"]["sft"] == {mode: {**summary, "seconds": again["evaluations"]["sft"][mode]["seconds"]}

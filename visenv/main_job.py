@@ -67,10 +67,10 @@ class MainJobConfig:
         scenarios: VisGen scenario ids the tasks are drawn from (None: all 42).
         train_tasks: tasks in the training suite (the teacher plays each once; GRPO samples from it).
         train_task_seed: seed of the training suite.
-        rl_task_seed: None (default): GRPO samples its tasks from the training suite, the tasks the teacher
-            played for PST. A seed: GRPO samples from another ``train_tasks``-task suite drawn with it (checked
-            to share no task with the training or the held-out suite), so RL practises on tasks PST has not
-            memorised, as the held-out evaluation does.
+        rl_task_seed: GRPO samples its tasks from a third ``train_tasks``-task suite drawn with this seed
+            (checked to share no task with the training or the held-out suite), so RL practises on tasks
+            PST has not memorised, as the held-out evaluation does (docs/main-job.md, E14 and runs 10-12).
+            None: GRPO samples from the training suite, the tasks the teacher played for PST.
         eval_tasks: tasks in the held-out suite.
         eval_task_seed: seed of the held-out suite (must differ from ``train_task_seed``).
         eval_episodes: held-out episodes per policy and decoding mode (one per held-out task when
@@ -132,7 +132,7 @@ class MainJobConfig:
     scenarios: tuple[str, ...] | None = SHORT_SCENARIOS
     train_tasks: int = 400
     train_task_seed: int = 0
-    rl_task_seed: int | None = None
+    rl_task_seed: int | None = 20_000
     eval_tasks: int = 256
     eval_task_seed: int = 10_000
     eval_episodes: int = 256
@@ -479,6 +479,7 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     save_tasks(train_suite, train_path)
     save_tasks(eval_suite, eval_path)
     rl_path = train_path
+    (out / "tasks_rl.jsonl").unlink(missing_ok=True)  # a rerun into this folder may leave one behind
     if config.rl_task_seed is not None:  # GRPO on tasks that neither PST nor the evaluation sees
         rl_suite = _suite(config, config.train_tasks, config.rl_task_seed)
         shared = {t.task_id for t in rl_suite} & ({t.task_id for t in train_suite} | {t.task_id for t in eval_suite})
