@@ -39,6 +39,10 @@ class PPOConfig:
         epochs: passes over each iteration's episodes.
         minibatch_size: episodes per optimizer step; 0 for all in one.
         max_grad_norm: gradient clipping norm.
+        micro_batch_tokens: most padded tokens (rows x longest row) in one forward/backward pass; the
+            old-policy pass and every minibatch run in length-sorted chunks within this size, with
+            gradients accumulated (the loss is the same as in one pass; padding and peak memory
+            shrink). 0 runs each in one pass.
         seed: seeds the minibatch shuffling.
     """
 
@@ -56,6 +60,7 @@ class PPOConfig:
     epochs: int = 2
     minibatch_size: int = 0
     max_grad_norm: float = 1.0
+    micro_batch_tokens: int = 4096
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +77,8 @@ class PPOConfig:
             raise ValueError(f"kl_estimator ({self.kl_estimator!r}) must be one of {core.KL_ESTIMATORS}.")
         if self.loss_aggregation not in core.LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation ({self.loss_aggregation!r}) must be one of {core.LOSS_AGGREGATIONS}.")
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be >= 0 (0: one pass per minibatch).")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.value_coef < 0:
             raise ValueError(f"learning_rate ({self.learning_rate}) must be > 0, kl_coef ({self.kl_coef}) and "
                              f"value_coef ({self.value_coef}) >= 0.")
@@ -133,61 +140,101 @@ class PPO:
     def update(self, episodes: Sequence[Episode], iteration: int) -> dict[str, float]:
         cfg = self.config
         device = self.policy.device
-        # 1. Keep the episodes the environment could score; build their batch once.
+        # 1. Keep the episodes the environment could score.
         kept = [e for e in episodes if not math.isnan(e.reward)]
         metrics = {"episodes_trained": float(len(kept))}
         if len(kept) < 2:
             return metrics
-        batch = TokenBatch.from_segments([e.segments for e in kept], self.policy.pad_id)
+        rows = len(kept)
+        lengths = [sum(len(s.token_ids) for s in e.segments) for e in kept]
         num_turns = max(len(e.rewards) for e in kept)
-        positions, turn_mask = turn_state_positions(batch, num_turns)
-        positions, turn_mask = positions.to(device), turn_mask.to(device)
         rewards = torch.tensor([e.rewards + [0.0] * (num_turns - len(e.rewards)) for e in kept], device=device)
-        mask = batch.loss_mask.to(device)
-        # 2. Old log-probs and values, then GAE over turns and whitened advantages per token.
+        batches: dict[tuple[int, ...], TokenBatch] = {}
+
+        def chunks_of(index: list[int]) -> list[tuple[int, ...]]:
+            """The rows as length-sorted chunks (one forward/backward pass each), batches cached."""
+            found = []
+            for chunk in core.length_chunks([lengths[i] for i in index], cfg.micro_batch_tokens):
+                key = tuple(index[j] for j in chunk)
+                if key not in batches:
+                    batches[key] = TokenBatch.from_segments([kept[i].segments for i in key], self.policy.pad_id)
+                found.append(key)
+            return found
+
+        def aligned(per_row: list[torch.Tensor], key: tuple[int, ...]) -> torch.Tensor:
+            """Per-row tensors (each row's real tokens) as the left-padded ``(B, L)`` of the chunk ``key``."""
+            width = batches[key].input_ids.shape[1]
+            out = torch.zeros(len(key), width, device=device)
+            for j, i in enumerate(key):
+                out[j, width - lengths[i]:] = per_row[i]
+            return out
+
+        # 2. Old log-probs and values (chunk by chunk, kept per row), then GAE over turns and whitened
+        # advantages per turn.
+        old_logprobs: list[torch.Tensor] = [torch.empty(0)] * rows
+        ref_logprobs: list[torch.Tensor] = [torch.empty(0)] * rows
+        old_values = torch.zeros(rows, num_turns, device=device)
+        turn_mask = torch.zeros(rows, num_turns, dtype=torch.bool, device=device)
         with torch.no_grad():
-            old = self.policy.score(batch, with_hidden=True)
-            old_values = self._values(old, positions) * turn_mask
+            for key in chunks_of(list(range(rows))):
+                batch = batches[key]
+                old = self.policy.score(batch, with_hidden=True)
+                positions, has = turn_state_positions(batch, num_turns)
+                has = has.to(device)
+                old_values[list(key)] = self._values(old, positions.to(device)) * has
+                turn_mask[list(key)] = has
+                reference = self.reference.score(batch).logprobs if cfg.kl_coef > 0 else None
+                for j, i in enumerate(key):
+                    old_logprobs[i] = old.logprobs[j, -lengths[i]:]
+                    if reference is not None:
+                        ref_logprobs[i] = reference[j, -lengths[i]:]
             turn_adv, returns = core.gae(rewards, old_values, turn_mask, cfg.gamma, cfg.lam)
             turn_adv = core.masked_whiten(turn_adv, turn_mask)
-            token_adv = turn_adv.gather(1, batch.turn_index.to(device).clamp(min=0)) * mask
-            ref_logprobs = self.reference.score(batch).logprobs if cfg.kl_coef > 0 else None
-        # 3. Epochs of minibatch steps on the clipped losses.
-        rows = len(kept)
+        # 3. Epochs of minibatch steps on the clipped losses; the forward/backward passes run chunk by
+        # chunk (gradients accumulate; both losses are normalised over the whole minibatch).
         size = cfg.minibatch_size or rows
         shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + iteration)
+        parameters = [*self.policy.parameters(), *self.value_head.parameters()]
         sums: dict[str, float] = {}
         steps = 0
         for _ in range(cfg.epochs):
-            order = torch.randperm(rows, generator=shuffle)
+            order = torch.randperm(rows, generator=shuffle).tolist()
             for start in range(0, rows, size):
-                index = order[start:start + size]
-                sub = TokenBatch.from_segments([kept[i].segments for i in index], self.policy.pad_id)
-                cols = slice(batch.input_ids.shape[1] - sub.input_ids.shape[1], None)  # left padding aligns right
-                index = index.to(device)
-                scores = self.policy.score(sub, with_hidden=True)
-                sub_mask = mask[index, cols]
-                policy_loss, clipped = core.clipped_surrogate(scores.logprobs, old.logprobs[index, cols],
-                                                              token_adv[index, cols], cfg.clip)
-                per_token = policy_loss - cfg.entropy_coef * scores.entropy
-                step = {"clip_fraction": core.masked_mean(clipped.float(), sub_mask).item(),
-                        "entropy": core.masked_mean(scores.entropy.detach(), sub_mask).item()}
-                if cfg.kl_coef > 0:
-                    kl = core.kl_penalty(scores.logprobs, ref_logprobs[index, cols], cfg.kl_estimator)
-                    per_token = per_token + cfg.kl_coef * kl
-                    step["kl"] = core.masked_mean(kl.detach(), sub_mask).item()
-                sub_positions, _ = turn_state_positions(sub, num_turns)
-                values = self._values(scores, sub_positions.to(device))
-                value_loss = core.masked_mean(
-                    core.clipped_value_loss(values, old_values[index], returns[index], cfg.value_clip),
-                    turn_mask[index])
-                loss = core.aggregate(per_token, sub_mask, cfg.loss_aggregation) + cfg.value_coef * value_loss
+                keys = chunks_of(order[start:start + size])
+                denominator = max(1.0, sum(core.aggregate_count(batches[k].loss_mask, cfg.loss_aggregation)
+                                           for k in keys))
+                turns = max(1.0, sum(float(turn_mask[list(k)].sum()) for k in keys))
+                tokens = sum(float(batches[k].loss_mask.sum()) for k in keys)
+                step = dict.fromkeys(["clip_fraction", "entropy", "loss", "value_loss"]
+                                     + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [*self.policy.parameters(), *self.value_head.parameters()], cfg.max_grad_norm)
+                for key in keys:
+                    batch, index = batches[key], list(key)
+                    mask = batch.loss_mask.to(device)
+                    scores = self.policy.score(batch, with_hidden=True)
+                    token_adv = turn_adv[index].gather(1, batch.turn_index.to(device).clamp(min=0)) * mask
+                    policy_loss, clipped = core.clipped_surrogate(scores.logprobs, aligned(old_logprobs, key),
+                                                                  token_adv, cfg.clip)
+                    per_token = policy_loss - cfg.entropy_coef * scores.entropy
+                    share = float(mask.sum()) / max(tokens, 1.0)  # token-weighted means of the diagnostics
+                    step["clip_fraction"] += share * core.masked_mean(clipped.float(), mask).item()
+                    step["entropy"] += share * core.masked_mean(scores.entropy.detach(), mask).item()
+                    if cfg.kl_coef > 0:
+                        kl = core.kl_penalty(scores.logprobs, aligned(ref_logprobs, key), cfg.kl_estimator)
+                        per_token = per_token + cfg.kl_coef * kl
+                        step["kl"] += share * core.masked_mean(kl.detach(), mask).item()
+                    positions, _ = turn_state_positions(batch, num_turns)
+                    values = self._values(scores, positions.to(device))
+                    value_loss = (core.clipped_value_loss(values, old_values[index], returns[index], cfg.value_clip)
+                                  * turn_mask[index]).sum() / turns
+                    loss = (core.aggregate_sum(per_token, mask, cfg.loss_aggregation) / denominator
+                            + cfg.value_coef * value_loss)
+                    loss.backward()
+                    step["loss"] += loss.item()
+                    step["value_loss"] += value_loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
                 self.optimizer.step()
-                step |= {"loss": loss.item(), "value_loss": value_loss.item(), "grad_norm": float(grad_norm)}
+                step["grad_norm"] = float(grad_norm)
                 for key, value in step.items():
                     sums[key] = sums.get(key, 0.0) + value
                 steps += 1

@@ -12,6 +12,7 @@ max_new_tokens and its entropy collapsed, so every group had zero variance); PPO
 import pytest
 import torch
 
+from rl import core
 from rl.grpo import GRPO, GRPOConfig
 from rl.hf import reference_policy
 from rl.ppo import PPO, PPOConfig
@@ -121,6 +122,34 @@ def test_grpo_micro_batches_give_the_one_pass_update(aggregation):
     for key in one:
         assert chunked[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
     for name in grads_one:  # the gradient of the step (AdamW then rescales tiny float differences)
+        torch.testing.assert_close(grads_chunked[name], grads_one[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_ppo_micro_batches_give_the_one_pass_update(aggregation):
+    """PPO's old-policy pass and its update in length-sorted chunks take the same step as one padded pass."""
+    tokenizer = echo_tokenizer()
+    sampler = tiny_policy(tokenizer, max_new_tokens=8)
+    episodes = [e for turns in (1, 3) for e in SerialRollout(sampler, lambda t=turns: LetterEnv(turns=t), 8).sample(
+        make_specs(turns, 0, 4, 1))[0]]  # one-turn and three-turn episodes: chunks differ in length
+    lengths = [sum(len(s.token_ids) for s in e.segments) for e in episodes]
+    assert len(set(lengths)) > 1 and len(core.length_chunks(lengths, 60)) > 2  # several chunks of different widths
+    results = []
+    for micro_batch_tokens in (0, 60):
+        policy = tiny_policy(tokenizer, max_new_tokens=8)
+        torch.manual_seed(0)  # the same value head
+        algorithm = PPO(policy, reference_policy(policy), PPOConfig(
+            episodes_per_iteration=8, kl_coef=0.05, entropy_coef=0.01, epochs=1, loss_aggregation=aggregation,
+            micro_batch_tokens=micro_batch_tokens))
+        metrics = algorithm.update(episodes, 0)
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters()}
+        grads |= {f"value_head.{n}": p.grad.clone() for n, p in algorithm.value_head.named_parameters()}
+        results.append((metrics, grads))
+    (one, grads_one), (chunked, grads_chunked) = results
+    assert one.keys() == chunked.keys() and {"kl", "value_loss", "clip_fraction"} <= one.keys()
+    for key in one:
+        assert chunked[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    for name in grads_one:
         torch.testing.assert_close(grads_chunked[name], grads_one[name], rtol=1e-4, atol=1e-7)
 
 
