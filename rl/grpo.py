@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from rl import core
-from rl.policy import TokenBatch, TrainablePolicy
+from rl.policy import ChunkedBatches, TrainablePolicy
 from rl.rollout import Episode
 
 
@@ -139,18 +139,7 @@ class GRPO:
         for _ in range(cfg.epochs):
             order = rows[torch.randperm(len(rows), generator=shuffle)].tolist()
             minibatches += [order[i:i + size] for i in range(0, len(order), size)]
-        lengths = [sum(len(s.token_ids) for s in e.segments) for e in episodes]
-        batches: dict[tuple[int, ...], TokenBatch] = {}
-
-        def chunks_of(minibatch: list[int]) -> list[tuple[int, ...]]:
-            """The minibatch as length-sorted chunks (one forward/backward pass each), batches cached."""
-            found = []
-            for chunk in core.length_chunks([lengths[i] for i in minibatch], cfg.micro_batch_tokens):
-                key = tuple(minibatch[j] for j in chunk)
-                if key not in batches:
-                    batches[key] = TokenBatch.from_segments([episodes[i].segments for i in key], self.policy.pad_id)
-                found.append(key)
-            return found
+        batches = ChunkedBatches([e.segments for e in episodes], self.policy.pad_id, cfg.micro_batch_tokens)
 
         # 2. The old policy's log-probs: the sampler's, or the learner's before this update.
         exact_detach = len(minibatches) == 1 and not cfg.off_policy
@@ -158,7 +147,7 @@ class GRPO:
         if not exact_detach:
             with torch.no_grad():
                 for minibatch in minibatches:
-                    for key in chunks_of(minibatch):
+                    for key in batches.chunks(minibatch):
                         if key not in old:
                             batch = batches[key]
                             old[key] = (batch.sampled_logprobs if cfg.off_policy
@@ -167,7 +156,7 @@ class GRPO:
         # by chunk (gradients accumulate; the loss is normalised over the whole minibatch).
         sums: dict[str, float] = {}
         for minibatch in minibatches:
-            keys = chunks_of(minibatch)
+            keys = batches.chunks(minibatch)
             denominator = max(1.0, sum(core.aggregate_count(batches[k].loss_mask, cfg.loss_aggregation) for k in keys))
             tokens = sum(float(batches[k].loss_mask.sum()) for k in keys)
             step = dict.fromkeys(["clip_fraction", "entropy", "sampler_logprob_gap"]

@@ -23,6 +23,8 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
+from rl import core
+
 ENV, POLICY = "env", "policy"
 
 
@@ -183,6 +185,41 @@ class TokenBatch:
             turn_index=torch.tensor([[-1] * p + r[3] for p, r in zip(pad, rows)], dtype=torch.long),
             pixel_values=np.concatenate(images) if images else None,
         )
+
+
+class ChunkedBatches:
+    """Episodes as length-sorted :class:`TokenBatch` chunks, for learners that run forward/backward
+    passes chunk by chunk (each chunk padded only to its own longest row) and accumulate gradients.
+
+    Args:
+        episodes: each episode's segments, exactly as sampled.
+        pad_id: the padding token id.
+        max_tokens: most padded tokens (rows x longest row) in one chunk; 0 puts all rows in one.
+
+    Attributes:
+        lengths: each episode's token count (the real tokens of its row in any chunk, right-aligned).
+    """
+
+    def __init__(self, episodes: Sequence[Sequence[Segment]], pad_id: int, max_tokens: int):
+        self.episodes = episodes
+        self.pad_id = pad_id
+        self.max_tokens = max_tokens
+        self.lengths = [sum(len(s.token_ids) for s in segments) for segments in episodes]
+        self._batches: dict[tuple[int, ...], TokenBatch] = {}
+
+    def chunks(self, rows: Sequence[int]) -> list[tuple[int, ...]]:
+        """The rows (episode indices) split into chunks of similar length; each chunk's batch is
+        built once and then served by ``self[chunk]``."""
+        found = []
+        for chunk in core.length_chunks([self.lengths[i] for i in rows], self.max_tokens):
+            key = tuple(rows[j] for j in chunk)
+            if key not in self._batches:
+                self._batches[key] = TokenBatch.from_segments([self.episodes[i] for i in key], self.pad_id)
+            found.append(key)
+        return found
+
+    def __getitem__(self, chunk: tuple[int, ...]) -> TokenBatch:
+        return self._batches[chunk]
 
 
 class AgentPolicy:

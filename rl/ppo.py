@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from rl import core
-from rl.policy import Scores, TokenBatch, TrainablePolicy
+from rl.policy import ChunkedBatches, Scores, TokenBatch, TrainablePolicy
 from rl.rollout import Episode
 
 
@@ -146,20 +146,10 @@ class PPO:
         if len(kept) < 2:
             return metrics
         rows = len(kept)
-        lengths = [sum(len(s.token_ids) for s in e.segments) for e in kept]
+        batches = ChunkedBatches([e.segments for e in kept], self.policy.pad_id, cfg.micro_batch_tokens)
+        lengths = batches.lengths
         num_turns = max(len(e.rewards) for e in kept)
         rewards = torch.tensor([e.rewards + [0.0] * (num_turns - len(e.rewards)) for e in kept], device=device)
-        batches: dict[tuple[int, ...], TokenBatch] = {}
-
-        def chunks_of(index: list[int]) -> list[tuple[int, ...]]:
-            """The rows as length-sorted chunks (one forward/backward pass each), batches cached."""
-            found = []
-            for chunk in core.length_chunks([lengths[i] for i in index], cfg.micro_batch_tokens):
-                key = tuple(index[j] for j in chunk)
-                if key not in batches:
-                    batches[key] = TokenBatch.from_segments([kept[i].segments for i in key], self.policy.pad_id)
-                found.append(key)
-            return found
 
         def aligned(per_row: list[torch.Tensor], key: tuple[int, ...]) -> torch.Tensor:
             """Per-row tensors (each row's real tokens) as the left-padded ``(B, L)`` of the chunk ``key``."""
@@ -176,7 +166,7 @@ class PPO:
         old_values = torch.zeros(rows, num_turns, device=device)
         turn_mask = torch.zeros(rows, num_turns, dtype=torch.bool, device=device)
         with torch.no_grad():
-            for key in chunks_of(list(range(rows))):
+            for key in batches.chunks(range(rows)):
                 batch = batches[key]
                 old = self.policy.score(batch, with_hidden=True)
                 positions, has = turn_state_positions(batch, num_turns)
@@ -200,7 +190,7 @@ class PPO:
         for _ in range(cfg.epochs):
             order = torch.randperm(rows, generator=shuffle).tolist()
             for start in range(0, rows, size):
-                keys = chunks_of(order[start:start + size])
+                keys = batches.chunks(order[start:start + size])
                 denominator = max(1.0, sum(core.aggregate_count(batches[k].loss_mask, cfg.loss_aggregation)
                                            for k in keys))
                 turns = max(1.0, sum(float(turn_mask[list(k)].sum()) for k in keys))
