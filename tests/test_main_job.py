@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from visenv.error import ConfigError
 from rl.grpo import GRPOConfig
@@ -108,6 +109,24 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
                                            for mode, summary in results["evaluations"]["sft"].items()}
 
 
+@pytest.mark.slow
+def test_sft_steps_make_the_sft_only_policy_the_same_on_any_machine(tmp_path):
+    """With a step budget PST runs exactly those steps, so two runs of a seed train the same SFT-only policy
+    whatever the machine's speed (here: the same machine, a wall-clock budget the steps never reach)."""
+    from safetensors.torch import load_file
+
+    weights, stages = [], []
+    for name in ("a", "b"):
+        results = run_main_job(small_config(tmp_path / name, sft_steps=[3, 2], sft_seconds=30.0, grpo_seconds=0.0,
+                                            report_episodes=0, eval_episodes=2, rollout_backend="serial",
+                                            eval_backend="serial"), log=lambda line: None)
+        stages.append([s["steps"] for s in results["sft"]["stages"]])
+        weights.append(load_file(str(tmp_path / name / "sft" / "policy" / "model.safetensors")))
+        assert results["config"]["sft_steps"] == (3, 2)
+    assert stages == [[3, 2], [3, 2]]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.parametrize("bad, word", [
     ({"eval_task_seed": 0}, "eval_task_seed"),
     ({"scenarios": ("no_such_scenario",)}, "no_such_scenario"),
@@ -123,6 +142,9 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     ({"report_episodes": -1}, "report_episodes"),
     ({"keep_best_window": -1}, "keep_best_window"),
     ({"rl_task_seed": 0}, "rl_task_seed"),
+    ({"sft_steps": [300]}, "sft_steps"),
+    ({"sft_steps": [300, 0]}, "sft_steps"),
+    ({"sft_steps": 300}, "sft_steps"),
     ({"sft_policy": "/no/such/policy"}, "sft_policy"),
 ])
 def test_main_job_config_rejects_bad_values(bad, word):

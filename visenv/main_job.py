@@ -84,6 +84,10 @@ class MainJobConfig:
         hidden_size, num_layers, num_heads, intermediate_size: the tiny Llama.
         sft_seconds: wall-clock budget of the two PST stages together.
         sft_stage1_share: share of ``sft_seconds`` given to stage 1.
+        sft_steps: None (default): PST runs for ``sft_seconds``, so a faster machine trains longer. Two
+            step counts (stage 1, stage 2): each stage runs exactly that many optimizer steps and
+            ``sft_seconds`` is ignored, so the SFT-only policy of a seed is the same on any machine
+            (its wall time is not; e.g. ``--set sft_steps=[285,195]``, what 270 s gave on 2 cores).
         sft_batch_size: trajectories per SFT step.
         sft_learning_rates: AdamW learning rates of stage 1 and stage 2.
         sft_stage2_weight: lambda of stage 2 (copies of the visual set in its mixture).
@@ -148,6 +152,7 @@ class MainJobConfig:
     intermediate_size: int = 352
     sft_seconds: float = 270.0
     sft_stage1_share: float = 0.6
+    sft_steps: tuple[int, int] | None = None
     sft_batch_size: int = 32
     sft_learning_rates: tuple[float, float] = (2e-3, 1e-3)
     sft_stage2_weight: float = 2.0
@@ -184,6 +189,12 @@ class MainJobConfig:
             for name in self.scenarios:
                 get_scenario(name)  # raises ConfigError naming the unknown id
         self.sft_learning_rates = tuple(self.sft_learning_rates)
+        if self.sft_steps is not None:
+            steps = tuple(self.sft_steps) if isinstance(self.sft_steps, (list, tuple)) else ()
+            if len(steps) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in steps):
+                raise ConfigError(f"sft_steps ({self.sft_steps!r}) must be None or two positive integers (steps of PST "
+                                  "stage 1 and stage 2), e.g. [285, 195].")
+            self.sft_steps = steps
         from rl.grpo import GRPOConfig
 
         if isinstance(self.grpo, dict):
@@ -279,9 +290,10 @@ def _suite(config: MainJobConfig, n: int, task_seed: int):
     return make_suite(n, task_seed, scenarios=config.scenarios)
 
 
-def _sft_stage(policy, examples, seconds: float, batch_size: int, learning_rate: float, seed: int,
-               log: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
-    """:func:`rl.sft.train_sft` for ``seconds`` of wall time (whole epochs are repeated until then)."""
+def _sft_stage(policy, examples, seconds: float, steps: int | None, batch_size: int, learning_rate: float,
+               seed: int, log: Callable[[int, dict[str, float]], None]) -> dict[str, float]:
+    """:func:`rl.sft.train_sft` for ``steps`` optimizer steps, or (``steps`` None) for ``seconds`` of wall
+    time (whole epochs are repeated until then)."""
     from rl.sft import train_sft
 
     start = time.perf_counter()
@@ -290,7 +302,7 @@ def _sft_stage(policy, examples, seconds: float, batch_size: int, learning_rate:
     def on_step(step: int, metrics: dict[str, float]) -> None:
         losses.append(metrics["sft_loss"])
         log(step, metrics)
-        if time.perf_counter() - start >= seconds:
+        if len(losses) >= steps if steps is not None else time.perf_counter() - start >= seconds:
             raise _OutOfTime
 
     try:
@@ -425,7 +437,7 @@ def _teacher_data_and_pst(config: MainJobConfig, out: Path, train_path: str, tim
         f"policy {data_stats['parameters'] / 1e6:.2f}M parameters")
     timing["data"] = time.perf_counter() - mark
 
-    # 4. PST: two stages, each for its share of the wall-clock budget.
+    # 4. PST: two stages, each for its share of the wall-clock budget (or its number of steps).
     mark = time.perf_counter()
     (out / "sft" / "metrics.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a new log
     sft_logger = MetricsLogger(str(out / "sft"), tensorboard=False, total=None)
@@ -434,9 +446,11 @@ def _teacher_data_and_pst(config: MainJobConfig, out: Path, train_path: str, tim
     budgets = (config.sft_seconds * config.sft_stage1_share, config.sft_seconds * (1 - config.sft_stage1_share))
     weights = (1.0, config.sft_stage2_weight)
     offset = 0
-    for number, (seconds, weight, lr) in enumerate(zip(budgets, weights, config.sft_learning_rates)):
+    step_budgets = config.sft_steps or (None, None)
+    for number, (seconds, steps, weight, lr) in enumerate(zip(budgets, step_budgets, weights,
+                                                              config.sft_learning_rates)):
         stage_examples = mix([], examples, 0, weight, rng)
-        result = _sft_stage(policy, stage_examples, seconds, config.sft_batch_size, lr, config.seed + number,
+        result = _sft_stage(policy, stage_examples, seconds, steps, config.sft_batch_size, lr, config.seed + number,
                             lambda step, m, o=offset: sft_logger.log(o + step, m))
         offset += result["steps"]
         stages.append({"visual_weight": weight, "learning_rate": lr, **result})
