@@ -209,7 +209,9 @@ class ChunkedBatches:
 
     def chunks(self, rows: Sequence[int]) -> list[tuple[int, ...]]:
         """The rows (episode indices) split into chunks of similar length; each chunk's batch is
-        built once and then served by ``self[chunk]``."""
+        built once and then served by ``self[chunk]``. The same rows, in any order, give the same chunks
+        (ties in length go by row index), so a learner that chunks them again reuses the batches."""
+        rows = sorted(rows)
         found = []
         for chunk in core.length_chunks([self.lengths[i] for i in rows], self.max_tokens):
             key = tuple(rows[j] for j in chunk)
@@ -219,6 +221,7 @@ class ChunkedBatches:
         return found
 
     def __getitem__(self, chunk: tuple[int, ...]) -> TokenBatch:
+        """The batch of a chunk that :meth:`chunks` returned."""
         return self._batches[chunk]
 
 

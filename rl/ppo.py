@@ -154,7 +154,7 @@ class PPO:
         def aligned(per_row: list[torch.Tensor], key: tuple[int, ...]) -> torch.Tensor:
             """Per-row tensors (each row's real tokens) as the left-padded ``(B, L)`` of the chunk ``key``."""
             width = batches[key].input_ids.shape[1]
-            out = torch.zeros(len(key), width, device=device)
+            out = torch.zeros(len(key), width, dtype=per_row[key[0]].dtype, device=device)
             for j, i in enumerate(key):
                 out[j, width - lengths[i]:] = per_row[i]
             return out
@@ -174,10 +174,11 @@ class PPO:
                 old_values[list(key)] = self._values(old, positions.to(device)) * has
                 turn_mask[list(key)] = has
                 reference = self.reference.score(batch).logprobs if cfg.kl_coef > 0 else None
-                for j, i in enumerate(key):
-                    old_logprobs[i] = old.logprobs[j, -lengths[i]:]
+                width = batch.input_ids.shape[1]
+                for j, i in enumerate(key):  # each row's real tokens, the right end of its padded row
+                    old_logprobs[i] = old.logprobs[j, width - lengths[i]:]
                     if reference is not None:
-                        ref_logprobs[i] = reference[j, -lengths[i]:]
+                        ref_logprobs[i] = reference[j, width - lengths[i]:]
             turn_adv, returns = core.gae(rewards, old_values, turn_mask, cfg.gamma, cfg.lam)
             turn_adv = core.masked_whiten(turn_adv, turn_mask)
         # 3. Epochs of minibatch steps on the clipped losses; the forward/backward passes run chunk by

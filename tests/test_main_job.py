@@ -42,6 +42,7 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     # by default GRPO practised on a third suite, disjoint from the teacher's tasks and the held-out ones
     practised = {json.loads(line)["task_id"] for line in (out / "tasks_rl.jsonl").read_text().splitlines()}
     assert len(practised) == 24 and not practised & (train | held)
+    assert results["grpo"]["tasks"] == str(out / "tasks_rl.jsonl")  # the suite GRPO's environments were given
     funnel = results["funnel"]
     assert funnel["generated"] == 24 and funnel["kept"] + sum(funnel["dropped"].values()) == 24
     assert results["data"]["trajectories"] == funnel["kept"]
@@ -103,6 +104,7 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     assert again["report"] is None and not (tmp_path / "again" / "report").exists()
     # rl_task_seed None: GRPO practised on the training suite (no third suite is drawn; the stale one is gone)
     assert not (tmp_path / "again" / "tasks_rl.jsonl").exists()
+    assert again["grpo"]["tasks"] == str(tmp_path / "again" / "tasks_train.jsonl")
     logged = [json.loads(line) for line in (tmp_path / "again" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == again["grpo"]["iterations"] and not any("stale" in row for row in logged)
     assert again["evaluations"]["sft"] == {mode: {**summary, "seconds": again["evaluations"]["sft"][mode]["seconds"]}

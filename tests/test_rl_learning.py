@@ -117,12 +117,18 @@ def test_grpo_micro_batches_give_the_one_pass_update(aggregation):
                             micro_batch_tokens=micro_batch_tokens)
         metrics = GRPO(policy, reference_policy(policy), config).update(episodes, 0)
         results.append((metrics, {n: p.grad.clone() for n, p in policy.model.named_parameters()}))
-    (one, grads_one), (chunked, grads_chunked) = results
-    assert one.keys() == chunked.keys()
+    assert_same_step(*results)
+
+
+def assert_same_step(one_pass, chunked):
+    """Two ``(metrics, gradients)`` of one update: the same metrics and the same gradient of the step (AdamW
+    then rescales tiny float differences, so the gradients are compared, not the new weights)."""
+    (one, grads_one), (other, grads_other) = one_pass, chunked
+    assert one.keys() == other.keys()
     for key in one:
-        assert chunked[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
-    for name in grads_one:  # the gradient of the step (AdamW then rescales tiny float differences)
-        torch.testing.assert_close(grads_chunked[name], grads_one[name], rtol=1e-4, atol=1e-7)
+        assert other[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    for name in grads_one:
+        torch.testing.assert_close(grads_other[name], grads_one[name], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
@@ -134,23 +140,28 @@ def test_ppo_micro_batches_give_the_one_pass_update(aggregation):
         make_specs(turns, 0, 4, 1))[0]]  # one-turn and three-turn episodes: chunks differ in length
     lengths = [sum(len(s.token_ids) for s in e.segments) for e in episodes]
     assert len(set(lengths)) > 1 and len(core.length_chunks(lengths, 60)) > 2  # several chunks of different widths
-    results = []
-    for micro_batch_tokens in (0, 60):
+
+    def update(micro_batch_tokens, **extra):
         policy = tiny_policy(tokenizer, max_new_tokens=8)
         torch.manual_seed(0)  # the same value head
         algorithm = PPO(policy, reference_policy(policy), PPOConfig(
-            episodes_per_iteration=8, kl_coef=0.05, entropy_coef=0.01, epochs=1, loss_aggregation=aggregation,
-            micro_batch_tokens=micro_batch_tokens))
+            episodes_per_iteration=8, kl_coef=0.05, entropy_coef=0.01, loss_aggregation=aggregation,
+            micro_batch_tokens=micro_batch_tokens, **{"epochs": 1} | extra))
         metrics = algorithm.update(episodes, 0)
         grads = {n: p.grad.clone() for n, p in policy.model.named_parameters()}
         grads |= {f"value_head.{n}": p.grad.clone() for n, p in algorithm.value_head.named_parameters()}
-        results.append((metrics, grads))
-    (one, grads_one), (chunked, grads_chunked) = results
-    assert one.keys() == chunked.keys() and {"kl", "value_loss", "clip_fraction"} <= one.keys()
-    for key in one:
-        assert chunked[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
-    for name in grads_one:
-        torch.testing.assert_close(grads_chunked[name], grads_one[name], rtol=1e-4, atol=1e-7)
+        return metrics, grads
+
+    one, chunked = update(0), update(60)
+    assert {"kl", "value_loss", "clip_fraction"} <= one[0].keys()
+    assert_same_step(one, chunked)
+    # the learner starts at the weights the old pass scored, and the reference is a copy: ratio 1, KL 0
+    assert one[0]["clip_fraction"] == 0 and one[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    # minibatches of 3 over two epochs: the update's chunks are not the old pass's, so the old log-probs
+    # are re-aligned into batches of other widths; at a learning rate that barely moves the weights the
+    # ratio must still be 1 everywhere
+    moved, _ = update(60, minibatch_size=3, epochs=2, learning_rate=1e-9)
+    assert moved["clip_fraction"] == 0 and moved["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_one_ppo_update_changes_every_parameter_and_the_value_head():
@@ -202,6 +213,8 @@ def test_algorithm_configs_name_the_bad_value_and_the_fix():
         PPOConfig(loss_aggregation="batch")
     with pytest.raises(ValueError, match=r"gamma \(1.5\)"):
         PPOConfig(gamma=1.5)
+    with pytest.raises(ValueError, match=r"micro_batch_tokens \(-1\) must be >= 0"):
+        PPOConfig(micro_batch_tokens=-1)
     policy = tiny_policy(echo_tokenizer())
     with pytest.raises(ValueError, match="needs a reference policy"):
         GRPO(policy, None, GRPOConfig(kl_coef=0.1))

@@ -86,8 +86,10 @@ class MainJobConfig:
         sft_stage1_share: share of ``sft_seconds`` given to stage 1.
         sft_steps: None (default): PST runs for ``sft_seconds``, so a faster machine trains longer. Two
             step counts (stage 1, stage 2): each stage runs exactly that many optimizer steps and
-            ``sft_seconds`` is ignored, so the SFT-only policy of a seed is the same on any machine
-            (its wall time is not; e.g. ``--set sft_steps=[285,195]``, what 270 s gave on 2 cores).
+            ``sft_seconds`` is ignored, so PST does the same work on any machine (its wall time
+            differs) and two runs of a seed on one machine with the same ``torch_threads`` train the
+            same SFT-only policy, bit for bit (e.g. ``--set sft_steps=[285,196]``, what 270 s gave in
+            run 13 of docs/main-job.md).
         sft_batch_size: trajectories per SFT step.
         sft_learning_rates: AdamW learning rates of stage 1 and stage 2.
         sft_stage2_weight: lambda of stage 2 (copies of the visual set in its mixture).
@@ -302,7 +304,11 @@ def _sft_stage(policy, examples, seconds: float, steps: int | None, batch_size: 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         losses.append(metrics["sft_loss"])
         log(step, metrics)
-        if len(losses) >= steps if steps is not None else time.perf_counter() - start >= seconds:
+        if steps is not None:
+            done = len(losses) >= steps
+        else:
+            done = time.perf_counter() - start >= seconds
+        if done:
             raise _OutOfTime
 
     try:
@@ -592,7 +598,7 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
         policy.save(rl_dir)
         timing["grpo"] = time.perf_counter() - mark
         train_rewards = [h["reward"] for h in history]
-        grpo_summary = {"iterations": len(history), "seconds": timing["grpo"],
+        grpo_summary = {"iterations": len(history), "seconds": timing["grpo"], "tasks": train_env.options["tasks"],
                         "train_reward_first5": _head_mean(train_rewards, 5),
                         "train_reward_last5": _head_mean(train_rewards[::-1], 5),
                         "groups_skipped_mean": _head_mean([h.get("groups_skipped", float("nan")) for h in history],
