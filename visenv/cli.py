@@ -84,9 +84,8 @@ def _suite(args: argparse.Namespace):
     if args.tasks:
         return load_tasks(args.tasks)
     modality = None if args.suite == "all" else args.suite
-    scenarios = getattr(args, "scenarios", None)
     return make_suite(args.n, args.task_seed, modality=modality,
-                      scenarios=[s.strip() for s in scenarios.split(",")] if scenarios else None)
+                      scenarios=[s.strip() for s in args.scenarios.split(",")] if args.scenarios else None)
 
 
 def cmd_main(args: argparse.Namespace) -> int:
@@ -194,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task-seed", type=int, default=10_000,
                        help="seed of the task suite; the default differs from the training suite's (0)")
         p.add_argument("--tasks", help="a JSONL task file instead of the built-in suite")
+        p.add_argument("--scenarios", help="comma-separated scenario ids to draw the built-in tasks from (default: all)")
 
     p = sub.add_parser("main", help="the main job on embedded defaults (teacher data, PST, GRPO, evaluation)")
     p.add_argument("--n", type=int, default=None,
@@ -228,7 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-envs", type=int, default=16,
                    help="episodes a policy plays at once, one batched generate per step (default 16)")
     p.add_argument("--max-turns", type=int, default=None, help="the environment's turn budget (default: its own)")
-    p.add_argument("--scenarios", help="comma-separated scenario ids to draw the built-in tasks from (default: all)")
     suite_options(p, 84)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
     p.add_argument("--out", default="results.json", help="where to write the results")

@@ -182,7 +182,7 @@ class MainJobConfig:
     def __post_init__(self) -> None:
         from visenv.tasks.scenarios import get_scenario
 
-        _check_numbers(type(self), vars(self), kinds=("float",))  # ints get their positive check below
+        _check_numbers(type(self), vars(self), kinds=("float", "int"))  # the kinds first, the ranges below
 
         if self.scenarios is not None:
             self.scenarios = tuple(self.scenarios)
@@ -195,7 +195,7 @@ class MainJobConfig:
             steps = tuple(self.sft_steps) if isinstance(self.sft_steps, (list, tuple)) else ()
             if len(steps) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in steps):
                 raise ConfigError(f"sft_steps ({self.sft_steps!r}) must be None or two positive integers (steps of PST "
-                                  "stage 1 and stage 2), e.g. [285, 195].")
+                                  "stage 1 and stage 2), e.g. [285, 196].")
             self.sft_steps = steps
         from rl.grpo import GRPOConfig
 
@@ -208,12 +208,11 @@ class MainJobConfig:
                          "max_new_tokens", "num_workers", "envs_per_worker",
                          "ray_num_cpus", "torch_threads", "eval_envs")
         for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} ({value!r}) must be a positive integer.")
-        if isinstance(self.report_episodes, bool) or not isinstance(self.report_episodes, int) or self.report_episodes < 0:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)!r}) must be a positive integer.")
+        if self.report_episodes < 0:
             raise ConfigError(f"report_episodes ({self.report_episodes!r}) must be an integer >= 0 (0 skips the report).")
-        if isinstance(self.keep_best_window, bool) or not isinstance(self.keep_best_window, int) or self.keep_best_window < 0:
+        if self.keep_best_window < 0:
             raise ConfigError(f"keep_best_window ({self.keep_best_window!r}) must be an integer >= 0 (0 keeps the "
                               "last weights).")
         if self.sft_policy is not None and not (Path(self.sft_policy) / "config.json").is_file():
