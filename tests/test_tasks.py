@@ -448,7 +448,9 @@ def test_workflows_validate_their_steps(steps, message):
 
 def test_make_suite_cycles_through_every_scenario():
     tasks = make_suite(100, seed=3)
-    assert [t.scenario for t in tasks[:42]] == list(SCENARIOS)
+    first = [t.scenario for t in tasks[:42]]
+    assert sorted(first) == sorted(SCENARIOS)
+    assert first[0::2] == list(IMAGE_SCENARIOS) and first[1::2] == list(VIDEO_SCENARIOS)
     assert len({t.seed for t in tasks}) == 100
     assert make_suite(100, seed=3) == tasks and make_suite(100, seed=4) != tasks
     assert {t.scenario for t in make_suite(30, 0, modality="video")} <= set(VIDEO_SCENARIOS)
@@ -555,3 +557,11 @@ def test_malformed_lines_name_the_line(tmp_path, bad_line, message):
         load_tasks(path)
     assert str(path) in str(info.value)
 
+
+
+def test_a_small_default_suite_covers_both_modalities():
+    tasks = make_suite(12, seed=0)
+    modalities = [SCENARIOS[t.scenario].modality for t in tasks]
+    assert modalities.count("image") == 6 and modalities.count("video") == 6
+    assert len({t.scenario for t in tasks}) == 12
+    assert {t.scenario for t in make_suite(42, seed=1)} == set(SCENARIOS)

@@ -9,6 +9,7 @@ dimension (see :meth:`visenv.tasks.scenario.Scenario.make`).
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Mapping, Sequence
 
@@ -36,11 +37,15 @@ def make_suite(n: int, seed: int, modality: str | None = None,
                scenarios: Sequence[str] | None = None) -> list[Task]:
     """``n`` tasks with distinct seeds, cycling through the scenarios so that each appears.
 
+    Without an explicit ``scenarios`` list the cycle alternates image and video scenarios (in the
+    paper's order within each), so any ``n`` covers both modalities and ``n >= 42`` every scenario.
+
     Args:
         n: how many tasks.
         seed: the suite's seed; the same arguments always give the same tasks.
         modality: keep only "image" or "video" scenarios; None keeps both.
-        scenarios: scenario ids to cycle through, in order; None means all 42 in the paper's order.
+        scenarios: scenario ids to cycle through, in this order; None means all of them, image and
+            video alternating.
 
     Raises:
         ConfigError: ``n`` is negative, a scenario id is unknown, or no scenario is left.
@@ -49,13 +54,19 @@ def make_suite(n: int, seed: int, modality: str | None = None,
         raise ConfigError(f"n ({n!r}) must be a non-negative integer")
     if modality is not None and modality not in MODALITIES:
         raise ConfigError(f"modality ({modality!r}) must be None or one of {MODALITIES}")
-    chosen = [get_scenario(name) for name in (SCENARIOS if scenarios is None else scenarios)]
+    chosen = [get_scenario(name) for name in (_alternating_modalities() if scenarios is None else scenarios)]
     chosen = [s for s in chosen if modality is None or s.modality == modality]
     if not chosen:
         raise ConfigError(f"no scenario is left to draw from (scenarios={scenarios!r}, "
                           f"modality={modality!r}); pass scenarios of that modality")
     seeds = random.Random(f"suite/{seed}").sample(range(SEED_SPACE), n)
     return [chosen[i % len(chosen)].make(task_seed) for i, task_seed in enumerate(seeds)]
+
+
+def _alternating_modalities() -> list[str]:
+    """Every scenario id, image and video alternating (each modality in the paper's order)."""
+    by_modality = [[name for name, s in SCENARIOS.items() if s.modality == m] for m in MODALITIES]
+    return [name for pair in itertools.zip_longest(*by_modality) for name in pair if name is not None]
 
 
 def visgenbench(seed: int = 0) -> list[Task]:
