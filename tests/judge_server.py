@@ -2,13 +2,17 @@
 
 The ``reply`` callable sees each request's JSON and its 0-based arrival number and returns a
 :class:`Reply`: a status, headers, the answer text (wrapped as a chat completion) or a raw body,
-a delay before answering, or a stall (no answer until the client gives up; bounded by
-``stall_limit_s`` so the server's threads always end).
+a delay before answering, a stall (no answer until the client gives up; bounded by
+``stall_limit_s`` so the server's threads always end), a slow drip (headers at once, then the body
+one byte every ``drip_s`` seconds, as a hung proxy or a hostile server does) or a reset (the
+connection is closed with a TCP RST instead of an answer).
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +28,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     stall: bool = False
+    drip_s: float = 0.0
+    reset: bool = False
 
 
 def completion(content: str) -> bytes:
@@ -71,6 +77,11 @@ class JudgeServer:
                     if reply.stall:
                         server._closing.wait(server.stall_limit_s)
                         return
+                    if reply.reset:
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.rfile.close()  # the socket closes (with an RST) only once its files are closed
+                        self.connection.close()
+                        return
                     time.sleep(reply.delay_s)
                     body = reply.body if reply.body is not None else completion(reply.content or "")
                     self.send_response(reply.status)
@@ -78,8 +89,11 @@ class JudgeServer:
                         self.send_header(name, value)
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
+                    for chunk in [body[i:i + 1] for i in range(len(body))] if reply.drip_s else [body]:
+                        self.wfile.write(chunk)  # unbuffered: each byte is sent at once
+                        if reply.drip_s and server._closing.wait(reply.drip_s):
+                            return
+                except OSError:  # the client went away (broken pipe, reset)
                     pass
                 finally:
                     with server._lock:

@@ -5,6 +5,7 @@ import base64
 import dataclasses
 import json
 import logging
+import math
 import pickle
 import re
 import threading
@@ -84,6 +85,10 @@ def test_parser_scales_fields_and_ignores_think_blocks_and_fences():
     ('{"agreement": "7"}', "must be an integer, got '7'"),
     ('{"agreement": true}', "must be an integer, got True"),
     ('{"agreement": NaN}', "must be an integer, got nan"),
+    ('{"agreement": 1e999}', "must be an integer, got inf"),
+    ('{"agreement": 7, "agreement": 3}', "repeats the key 'agreement'"),
+    ('{"agreement": 7, "why": {"a": 1, "a": 1}}', "repeats the key 'a'"),
+    ('{"agreement": ' + "[" * 100_000, "nests JSON too deeply"),
 ])
 def test_parser_is_strict(answer, reason):
     with pytest.raises(ValueError, match=reason):
@@ -173,15 +178,37 @@ def test_client_errors_are_not_retried():
         assert len(srv.requests) == 1
 
 
-def test_stalls_time_out_and_give_up_within_the_bound():
+def test_a_stalled_server_fails_the_request_at_its_deadline():
     with JudgeServer(lambda p, n: Reply(stall=True), stall_limit_s=3.0) as srv:
-        chat = OpenAIChatBackend(srv.url, "m", timeout_s=0.2, max_retries=1, backoff_s=0.01)
+        chat = OpenAIChatBackend(srv.url, "m", timeout_s=0.3, max_retries=1, backoff_s=0.01)
         start = time.perf_counter()
-        with pytest.raises(BackendError, match=r"failed after 2 attempts; last: ReadTimeout"):
+        with pytest.raises(BackendError, match=r"no answer within timeout_s \(0.3 s\): attempt 1 was cut off"):
             chat.complete(ChatPrompt("s", ("u",)))
         elapsed = time.perf_counter() - start
-        assert len(srv.requests) == 2
-    assert 0.4 <= elapsed < 2.0
+        assert len(srv.requests) == 1  # the deadline covers the retries too
+    assert 0.3 <= elapsed < 1.3 and chat.failures == 1
+
+
+def test_a_slow_drip_is_cut_off_at_the_deadline():
+    """A byte every 0.5 s restarts httpx's read timeout each time; the deadline still holds."""
+    with JudgeServer(lambda p, n: Reply(content="ok", drip_s=0.5), stall_limit_s=30.0) as srv:
+        chat = OpenAIChatBackend(srv.url, "m", timeout_s=2.0, max_retries=2, backoff_s=0.01)
+        start = time.perf_counter()
+        with pytest.raises(BackendError, match=r"no answer within timeout_s \(2 s\): attempt 1 was cut off"):
+            chat.complete(ChatPrompt("s", ("u",)))
+        elapsed = time.perf_counter() - start
+    assert 2.0 <= elapsed < 3.0
+
+
+def test_a_retry_that_would_pass_the_deadline_fails_at_once():
+    with JudgeServer(lambda p, n: Reply(status=503)) as srv:
+        # The first delay is backoff_s x jitter >= 1.0 s, more than what is left of the 1 s deadline.
+        chat = OpenAIChatBackend(srv.url, "m", timeout_s=1.0, max_retries=10, backoff_s=2.0)
+        start = time.perf_counter()
+        with pytest.raises(BackendError, match=r"HTTP 503.*in 1\.\d\d s, would pass timeout_s \(1 s\)"):
+            chat.complete(ChatPrompt("s", ("u",)))
+        elapsed = time.perf_counter() - start
+    assert elapsed < 1.0 and chat.attempts == 1 and chat.retries == 0 and chat.failures == 1
 
 
 def test_malformed_response_bodies_fail():
@@ -221,6 +248,27 @@ def test_backend_pickles_without_its_client_and_still_works(server):
     clone = pickle.loads(pickle.dumps(chat))
     assert clone._client is None and clone.attempts == 0
     assert json.loads(clone.complete(ChatPrompt("vPlanJudger", ("x",)))) == PLAN_ANSWER
+
+
+def _complete_in_child(chat, queue):
+    queue.put(chat.complete(ChatPrompt("vPlanJudger", ("x",))))
+
+
+def test_backend_works_in_a_forked_child(server):
+    """A forked copy (multiprocessing's default on Linux, e.g. AsyncVectorEnv) starts its own loop."""
+    import multiprocessing
+
+    chat = backend(server.url)
+    chat.complete(ChatPrompt("vPlanJudger", ("x",)))  # the parent's loop thread is running
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_complete_in_child, args=(chat, queue))
+    child.start()
+    child.join(timeout=20)
+    if child.is_alive():  # hung: the parent's loop is gone in the child
+        child.kill()
+        child.join()
+    assert child.exitcode == 0 and json.loads(queue.get(timeout=1)) == PLAN_ANSWER
 
 
 @pytest.mark.parametrize("options, message", [
@@ -263,20 +311,35 @@ def test_no_plan_scores_zero_without_asking(server, folder):
     assert server.requests == [] and judge.last_details[0]["answers"] == []
 
 
-@pytest.mark.parametrize("reply, reason", [
-    (lambda p, n: Reply(content="I would rate it highly."), "unparseable answer"),
-    (lambda p, n: Reply(content='{"fulfilment": 1}'), "lacks the field 'coherence'"),
-    (lambda p, n: Reply(status=500), "failed after 2 attempts"),
-    (lambda p, n: Reply(status=429, headers={"Retry-After": "999"}), "rate-limited"),
-])
-def test_a_failed_judgement_is_none_counted_logged_and_not_cached(reply, reason, folder, caplog):
-    with JudgeServer(reply) as srv:
+HOSTILE = {
+    "prose": (Reply(content="I would rate it highly."), "unparseable answer"),
+    "missing field": (Reply(content='{"fulfilment": 1}'), "lacks the field 'coherence'"),
+    "duplicate key": (Reply(content=json.dumps(PLAN_ANSWER)[:-1] + ', "fulfilment": 0}'),
+                      "unparseable answer: the answer repeats the key 'fulfilment'"),
+    "deep answer": (Reply(content='{"fulfilment": ' + "[" * 100_000), "nests JSON too deeply"),
+    "5xx": (Reply(status=500), "failed after 2 attempts; last: HTTP 500"),
+    "long Retry-After": (Reply(status=429, headers={"Retry-After": "999"}), "rate-limited"),
+    "bad gzip": (Reply(body=b"this is not gzip", headers={"Content-Encoding": "gzip"}),
+                 r"cannot be read \(DecodingError"),
+    "invalid UTF-8": (Reply(body=b'{"choices": [{"message": {"content": "\xff\xfe"}}]}'), "no answer text"),
+    "bad JSON": (Reply(body=b'{"choices": [{"message": '), "no answer text"),
+    "deep JSON": (Reply(body=b"[" * 100_000 + b"]" * 100_000), "no answer text"),
+    "reset": (Reply(reset=True), r"failed after 2 attempts; last: (ReadError|RemoteProtocolError)"),
+}
+"""A hostile or broken judge server's replies and the reason the failed judgement logs."""
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_failed_judgement_is_none_counted_logged_and_not_cached(case, folder, caplog):
+    reply, reason = HOSTILE[case]
+    with JudgeServer(lambda p, n: reply) as srv:
         judge = PlanJudge(backend(srv.url, max_retries=1))
         record = plan_episode(folder)
         with caplog.at_level(logging.WARNING):
             assert judge([record, episode(task(), [], plan=None)]) == [None, 0.0]
         assert judge.failures == 1 and judge.last_details[0]["error"]
-        assert reason in caplog.text and judge.judge_id in caplog.text and "score None" in caplog.text
+        assert re.search(reason, caplog.text), caplog.text
+        assert judge.judge_id in caplog.text and "score None" in caplog.text
         sent = len(srv.requests)
         assert judge([record]) == [None] and len(srv.requests) > sent  # asked again, not cached
         assert judge.failures == 2
@@ -396,15 +459,20 @@ def test_judges_pickle_and_work_after(server, folder):
 
 # ---- rubric -------------------------------------------------------------------------------------
 
-def test_a_failing_required_judge_follows_the_none_policy(folder):
+def test_a_failed_plan_judgement_never_scores_above_a_successful_one(folder):
+    """The issue's case: a failed R_plan once gave R_fine (1.0), above the 0.7 its judgement gives."""
+    fine = {"R_format": Entry(FormatReward()), "R_tool": Entry(ToolReward())}  # both 1.0 on this episode
+    record = plan_episode(folder)
+    with JudgeServer(scripted) as srv:
+        judged = LtrReward(plan=Entry(PlanJudge(backend(srv.url)), required=True), fine=fine)([record])[0]
+    assert judged.total == pytest.approx(PLAN_SCORE * 1.0) and judged.none_policy == "invalid"
     with JudgeServer(lambda p, n: Reply(status=503)) as srv:
         judge = PlanJudge(backend(srv.url, max_retries=0))
-        fine = {"R_format": Entry(FormatReward()), "R_tool": Entry(ToolReward())}
-        record = plan_episode(folder)
-        invalid = LtrReward(plan=Entry(judge, required=True), fine=fine, none_policy="invalid")([record])[0]
-        renormalized = LtrReward(plan=Entry(judge, required=True), fine=fine)([record])[0]
-    assert invalid.total is None and not invalid.valid and invalid.components["R_plan"] is None
-    assert renormalized.total == renormalized.components["R_fine"] and "R_plan" in renormalized.dropped
+        default = LtrReward(plan=Entry(judge, required=True), fine=fine)([record])[0]
+        lowest = LtrReward(plan=Entry(judge, required=True), fine=fine, none_policy="lowest")([record])[0]
+    assert default.total is None and not default.valid and default.components["R_plan"] is None
+    assert default.components["R_fine"] == 1.0 and default.dropped == ("R_plan",)
+    assert lowest.total == 0.0 and lowest.none_policy == "lowest" and lowest.components["R_plan"] is None
     assert judge.failures == 2
 
 
@@ -532,3 +600,38 @@ def test_a_rubric_of_rule_clip_and_judge_components_runs_in_the_env_and_the_eval
     assert results[0].reward == pytest.approx(components["total"]) and components["total"] > 0
     assert summary["overall"]["components"]["R_plan"] == pytest.approx(PLAN_SCORE)
     assert len(server.requests) == 2  # one plan and one trajectory judgement
+    assert summary["reward_none_policy"] == "invalid"
+
+
+def judged_episode(url, **options):
+    """OneImageAgent's episode under LtrReward with a PlanJudge at ``url``: (the last step's
+    seconds, its reward and info)."""
+    from visenv.envs.visgen import VisGenEnv
+
+    judge = PlanJudge(OpenAIChatBackend(url, "judge-model", backoff_s=0.01, **options))
+    env = VisGenEnv(tasks=[task()], rubric=LtrReward(plan=Entry(judge, required=True)))
+    agent = OneImageAgent()
+    observation, _ = env.reset(seed=0)
+    agent.reset(observation)
+    observation, *_ = env.step(agent.act(observation))
+    action = agent.act(observation)
+    start = time.perf_counter()
+    _, reward, terminated, _, info = env.step(action)
+    assert terminated and judge.failures == 1
+    return time.perf_counter() - start, reward, info
+
+
+@pytest.mark.parametrize("case", ["duplicate key", "bad gzip", "invalid UTF-8", "bad JSON", "deep JSON", "reset", "5xx"])
+def test_a_hostile_judge_server_never_raises_out_of_env_step(case):
+    with JudgeServer(lambda p, n: HOSTILE[case][0]) as srv:
+        _, reward, info = judged_episode(srv.url, max_retries=1)
+    assert math.isnan(reward) and info["reward_valid"] is False and info["reward_none_policy"] == "invalid"
+    assert info["reward_components"]["R_plan"] is None and info["reward_dropped"] == ["R_plan", "R_cons"]
+    json.dumps(info, allow_nan=False)  # strict JSON
+
+
+def test_a_slow_drip_judge_holds_the_episode_no_longer_than_its_deadline():
+    """The issue's case: a byte every 0.5 s held one episode for 125 s with timeout_s=2, max_retries=2."""
+    with JudgeServer(lambda p, n: Reply(content=json.dumps(PLAN_ANSWER), drip_s=0.5), stall_limit_s=30.0) as srv:
+        seconds, reward, info = judged_episode(srv.url, timeout_s=2.0, max_retries=2)
+    assert 2.0 <= seconds < 3.5 and math.isnan(reward) and info["reward_components"]["R_plan"] is None

@@ -155,17 +155,45 @@ def test_format_reward_counts_problem_kinds():
     assert 0.0 < score < 1.0
 
 
-def test_none_policy_renormalize_versus_invalid():
+def test_none_policy_invalid_is_the_default_and_lowest_counts_zero():
     record, _ = episode(SCENARIOS["logo"].make(0))
     fine = {"R_result": Entry(ResultReward()), "judge": Entry(Constant(None), required=True)}
-    kept = LtrReward(fine=fine)([record])[0]
-    assert kept.valid and kept.total == pytest.approx(1.0) and "judge" in kept.dropped
-    strict = LtrReward(fine=fine, none_policy="invalid")([record])[0]
-    assert strict.total is None and not strict.valid
-    assert strict.components["judge"] is None
-    optional = LtrReward(fine={"R_result": Entry(ResultReward()), "judge": Entry(Constant(None))},
-                         none_policy="invalid")([record])[0]
-    assert optional.valid
+    strict = LtrReward(fine=fine)([record])[0]
+    assert strict.total is None and not strict.valid and strict.none_policy == "invalid"
+    assert strict.components["judge"] is None and strict.dropped == ("judge",)
+    lowest = LtrReward(fine=fine, none_policy="lowest")([record])[0]
+    assert lowest.total == pytest.approx(1.0 * (1.0 + 0.0) / 2) and lowest.dropped == ("judge",)
+    optional = LtrReward(fine={"R_result": Entry(ResultReward()), "judge": Entry(Constant(None))})([record])[0]
+    assert optional.valid and optional.total == pytest.approx(1.0)  # "not applicable": dropped, renormalised
+
+
+@pytest.mark.parametrize("policy, expected", [("invalid", None), ("lowest", 0.0)])
+def test_a_missing_required_plan_never_scores_above_any_present_plan(policy, expected):
+    """R_fine = (3 x 1.0 + 1 x 0.2) / 4 = 0.8; a present R_plan p gives 0.8 p, a missing one None or 0.0."""
+    record, _ = episode(SCENARIOS["logo"].make(0))
+    fine = {"a": Entry(Constant(1.0), weight=3.0), "b": Entry(Constant(0.2))}
+    present = [LtrReward(plan=Entry(Constant(p), required=True), fine=fine, none_policy=policy)([record])[0].total
+               for p in (0.0, 0.75, 1.0)]
+    assert present == pytest.approx([0.0, 0.6, 0.8])
+    missing = LtrReward(plan=Entry(Constant(None), required=True), fine=fine, none_policy=policy)([record])[0]
+    assert missing.total == expected and missing.components["R_fine"] == pytest.approx(0.8)
+    assert missing.none_policy == policy and missing.dropped == ("R_plan",)
+    optional = LtrReward(plan=Entry(Constant(None)), fine=fine, none_policy=policy)([record])[0]
+    assert optional.total == pytest.approx(0.8)  # an optional R_plan's None leaves the factor out
+
+
+@pytest.mark.parametrize("policy, expected", [("invalid", None), ("lowest", (0.0 + 2 * 0.9) / 3)])
+def test_additive_none_policy_hand_computed(policy, expected):
+    record, _ = episode(SCENARIOS["logo"].make(0))
+    rubric = AdditiveReward(entries={"plan": Entry(Constant(None), required=True),
+                                     "n/a": Entry(Constant(None), weight=5.0),
+                                     "tool": Entry(Constant(0.9), weight=2.0)}, none_policy=policy)
+    result = rubric([record])[0]
+    assert result.total == (None if expected is None else pytest.approx(expected))
+    assert result.dropped == ("plan", "n/a") and result.none_policy == policy
+    present = AdditiveReward(entries={"plan": Entry(Constant(0.0), required=True),
+                                      "tool": Entry(Constant(0.9), weight=2.0)})([record])[0]
+    assert present.total == pytest.approx(0.6)  # the lowest a present plan score gives: "lowest" matches it
 
 
 def test_invalid_total_reaches_the_env_as_nan():
@@ -174,6 +202,7 @@ def test_invalid_total_reaches_the_env_as_nan():
     env.reset(seed=0)
     _, reward, terminated, _, info = env.step("<think>x</think><answer>done</answer>")
     assert terminated and math.isnan(reward) and info["reward_valid"] is False
+    assert info["reward_none_policy"] == "invalid"
 
 
 def test_weights_matter_and_are_validated():
@@ -182,8 +211,8 @@ def test_weights_matter_and_are_validated():
     assert rubric([record])[0].total == pytest.approx(0.75)
     with pytest.raises(ConfigError, match="weight"):
         Entry(Constant(1.0), weight=-1)
-    with pytest.raises(ConfigError, match="none_policy"):
-        LtrReward(none_policy="zero")
+    with pytest.raises(ConfigError, match=r"none_policy \('renormalize'\) must be one of \('invalid', 'lowest'\)"):
+        LtrReward(none_policy="renormalize")
 
 
 def test_checks_on_a_video_task():

@@ -188,6 +188,7 @@ def evaluate(agent_factory: Callable[[], Any], tasks: Sequence[Task], *, seed: i
             bar.update(len(batch))
     summary = summarize(results)
     summary["visgenbench"] = grade_benchmark(records, grader=grader, metrics=metrics)
+    summary["reward_none_policy"] = envs[0].rubric.none_policy  # how a failed required component was scored
     return results, summary
 
 

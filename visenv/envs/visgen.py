@@ -197,7 +197,8 @@ class VisGenEnv(TextEnv):
             components = breakdown.components
             reward = reward + breakdown.total if breakdown.valid else float("nan")
             extra_info = {"checks": run_checks(record), "deliverables": list(record.deliverables),
-                          "reward_valid": breakdown.valid, "reward_dropped": list(breakdown.dropped)}
+                          "reward_valid": breakdown.valid, "reward_dropped": list(breakdown.dropped),
+                          "reward_none_policy": breakdown.none_policy}
             if truncated:
                 payload["truncated"] = (f"The episode ran out of budget ({len(record.turns)} turns, "
                                         f"{self._chars} characters).")

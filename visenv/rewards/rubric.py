@@ -9,9 +9,22 @@ Two rubrics, as in the papers (PAPER.md section 3):
 
 ``None`` policy. A component answers ``None`` when it does not apply (R_cons on a task without a
 consistency requirement) or when it failed (a judge that timed out). A ``None`` from an optional
-entry is dropped and the remaining weights are renormalised. A ``None`` from a *required* entry
-follows ``none_policy``: "renormalize" (drop it too) or "invalid" (the whole sample's total is
-``None``; trainers must mask it). A missing score is never turned into 0.0.
+entry means "not applicable": it is dropped and the remaining weights are renormalised. A ``None``
+from a *required* entry is a missing measurement and follows ``none_policy``:
+
+* "invalid" (the default): the sample's total is ``None`` (the env returns NaN with
+  ``info["reward_valid"] = False``; trainers mask it, the evaluator leaves it out of its means).
+* "lowest": the missing score counts as 0.0, the lowest score any component gives (scores lie in
+  [0, 1]); the total is the lowest the episode could have got from the judgement it lost.
+
+Why: a failed judgement must never score above the one it replaces. Dropping a required entry
+does not meet that: in LtrReward, dropping the R_plan factor means multiplying by 1.0, its best
+score (a failed judge gave 1.0 where a working one gave 0.75), and in a mean it stands in the mean
+of the others, which may beat the real score. "invalid" neither rewards nor punishes the episode
+for the judge's failure, so it is the default; "lowest" never rewards it but may punish it (use it
+where a number is needed for every episode). A missing score is never turned into 0.0 silently:
+the components keep the ``None``, ``dropped`` names it and every breakdown names its policy
+(``info["reward_none_policy"]``, the evaluator's ``summary["reward_none_policy"]``).
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ from visenv.rewards.rules import (ConsistencyReward, FormatReward, ResultReward,
                                   RuleReflectionReward, RuleTrajectoryReward, ToolReward)
 
 Component = Callable[[Sequence[EpisodeRecord]], list]
-NONE_POLICIES = ("renormalize", "invalid")
+NONE_POLICIES = ("invalid", "lowest")
 
 
 @dataclass(frozen=True)
@@ -35,11 +48,14 @@ class RewardBreakdown:
     Attributes:
         total: the scalar reward, or None when the sample is invalid (see the None policy).
         components: component name -> score or None (includes composite parts such as R_fine).
-        dropped: names of the components that answered None and were left out.
+        none_policy: the rubric's policy for a required component's None ("invalid" or "lowest").
+        dropped: names of the components that answered None (left out, or counted as 0.0 when
+            required under "lowest").
     """
 
     total: float | None
     components: dict[str, float | None]
+    none_policy: str
     dropped: tuple[str, ...] = ()
 
     @property
@@ -62,7 +78,9 @@ class Entry:
 
 def _check_policy(none_policy: str) -> None:
     if none_policy not in NONE_POLICIES:
-        raise ConfigError(f"none_policy ({none_policy!r}) must be one of {NONE_POLICIES}.")
+        raise ConfigError(f"none_policy ({none_policy!r}) must be one of {NONE_POLICIES}: 'invalid' makes the "
+                          "total None when a required component fails (trainers mask it), 'lowest' counts "
+                          "the missing score as 0.0.")
 
 
 def _weighted_mean(scores: Mapping[str, float | None], entries: Mapping[str, Entry], policy: str
@@ -70,7 +88,8 @@ def _weighted_mean(scores: Mapping[str, float | None], entries: Mapping[str, Ent
     dropped = tuple(name for name, value in scores.items() if value is None)
     if policy == "invalid" and any(entries[name].required for name in dropped):
         return None, dropped
-    kept = [(entries[name].weight, value) for name, value in scores.items() if value is not None]
+    kept = [(entries[name].weight, 0.0 if value is None else value) for name, value in scores.items()
+            if value is not None or entries[name].required]
     total_weight = sum(w for w, _ in kept)
     if total_weight == 0:
         return None, dropped
@@ -94,7 +113,7 @@ class AdditiveReward:
     entries: dict[str, Entry] = field(default_factory=lambda: {
         "R_reflect": Entry(RuleReflectionReward()), "R_plan": Entry(RulePlanReward()),
         "R_format": Entry(FormatReward()), "R_tool": Entry(ToolReward()), "R_result": Entry(ResultReward())})
-    none_policy: str = "renormalize"
+    none_policy: str = "invalid"
 
     def __post_init__(self) -> None:
         _check_policy(self.none_policy)
@@ -105,19 +124,24 @@ class AdditiveReward:
         out = []
         for scores in _score_all(self.entries, episodes):
             total, dropped = _weighted_mean(scores, self.entries, self.none_policy)
-            out.append(RewardBreakdown(total, {**scores, "total": total}, dropped))
+            out.append(RewardBreakdown(total, {**scores, "total": total}, self.none_policy, dropped))
         return out
 
 
 @dataclass
 class LtrReward:
-    """LtrReward: R_plan x R_fine, R_fine the weighted mean of the fine-grained components."""
+    """LtrReward: R_plan x R_fine, R_fine the weighted mean of the fine-grained components.
+
+    R_plan is required by default: when it is None (a failed plan judge) the total is None under
+    "invalid" and 0.0 (R_fine x 0.0, the lowest R_plan) under "lowest", never R_fine (see the
+    module docstring). An optional R_plan's None leaves the factor out.
+    """
 
     plan: Entry = field(default_factory=lambda: Entry(RulePlanReward(), required=True))
     fine: dict[str, Entry] = field(default_factory=lambda: {
         "R_format": Entry(FormatReward()), "R_tool": Entry(ToolReward()), "R_result": Entry(ResultReward()),
         "R_traj": Entry(RuleTrajectoryReward()), "R_cons": Entry(ConsistencyReward())})
-    none_policy: str = "renormalize"
+    none_policy: str = "invalid"
 
     def __post_init__(self) -> None:
         _check_policy(self.none_policy)
@@ -129,17 +153,17 @@ class LtrReward:
         out = []
         for plan, scores in zip(plans, _score_all(self.fine, episodes)):
             fine, dropped = _weighted_mean(scores, self.fine, self.none_policy)
-            components = {"R_plan": plan, **scores, "R_fine": fine}
+            if plan is not None:
+                factor: float | None = plan
+            elif not self.plan.required:
+                factor = 1.0  # "not applicable": the factor is left out
+            else:
+                factor = None if self.none_policy == "invalid" else 0.0
             if plan is None:
                 dropped = ("R_plan", *dropped)
-                if self.plan.required and self.none_policy == "invalid":
-                    total = None
-                else:
-                    total = fine
-            else:
-                total = None if fine is None else plan * fine
-            components["total"] = total
-            out.append(RewardBreakdown(total, components, dropped))
+            total = None if fine is None or factor is None else factor * fine
+            out.append(RewardBreakdown(total, {"R_plan": plan, **scores, "R_fine": fine, "total": total},
+                                       self.none_policy, dropped))
         return out
 
 

@@ -7,9 +7,12 @@ accepts images) and ``complete_many(prompts)``, which returns one answer text or
 as their settings alone: clients, locks and models are recreated on first use in each process.
 
 :class:`OpenAIChatBackend` talks to any ``/v1/chat/completions`` server (vLLM, SGLang, a hosted
-API). Each attempt has a timeout; connection errors, timeouts, 408, 429 and 5xx are retried with
-exponential backoff and jitter, a 429's ``Retry-After`` (seconds or HTTP date) is honoured, other
-4xx fail at once. At most ``concurrency`` requests are in flight per backend object, across all
+API). Each request has one deadline, ``timeout_s``, for everything: connect, send, read, retries
+and backoff; it holds against a server that drips its answer a byte at a time. Connection errors
+(refused, reset, closed early), 408, 429 and 5xx are retried with exponential backoff and jitter
+while the deadline allows, a 429's ``Retry-After`` (seconds or HTTP date) is honoured, other 4xx
+and undecodable bodies (bad gzip) fail at once; a body that is not JSON, not UTF-8 or holds no
+answer text fails too. At most ``concurrency`` requests are in flight per backend object, across all
 threads. Images travel as PNG data URLs. The API key is read from an environment variable at
 request time, so it never lands in a pickle or a log.
 
@@ -19,6 +22,7 @@ greedily, in batches, one batch at a time.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import io
@@ -27,7 +31,7 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -83,11 +87,16 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
 class OpenAIChatBackend:
     """An OpenAI-compatible chat-completions endpoint.
 
+    Requests run on this backend's own event loop (one daemon thread, started on first use), so
+    that the deadline cancels a request at any point: connecting, waiting for headers, or reading a
+    body that drips in a byte at a time (httpx's own timeouts restart with every byte read).
+
     Args:
         base_url: the API root, e.g. "http://127.0.0.1:8000/v1" (``/chat/completions`` is appended).
         model: the served model's name; it is the backend's ``model_id``.
         api_key_env: the environment variable holding the API key (None or unset: no key).
-        timeout_s: per-attempt timeout (connect, read and write each).
+        timeout_s: the deadline of one request, all of it: connect, send, read, every retry and
+            every backoff. A request still unanswered then fails (the judgement is None).
         max_retries: attempts after the first before giving up.
         backoff_s: first retry delay; doubles each retry, times a jitter in [0.5, 1].
         max_backoff_s: longest delay between attempts; a ``Retry-After`` longer than this fails the
@@ -109,7 +118,7 @@ class OpenAIChatBackend:
             raise ConfigError(f"OpenAIChatBackend.base_url ({base_url!r}) must start with http:// or https://, "
                               "e.g. 'http://127.0.0.1:8000/v1'.")
         for name, value in (("timeout_s", timeout_s), ("backoff_s", backoff_s), ("max_backoff_s", max_backoff_s)):
-            if value <= 0:
+            if not value > 0:
                 raise ConfigError(f"OpenAIChatBackend.{name} ({value}) must be > 0.")
         if max_retries < 0 or concurrency < 1:
             raise ConfigError(f"OpenAIChatBackend needs max_retries >= 0 and concurrency >= 1 "
@@ -120,14 +129,18 @@ class OpenAIChatBackend:
         self.temperature, self.max_tokens, self.vision = temperature, max_tokens, vision
         self._setup()
 
+    _UNPICKLED = ("_pid", "_lock", "_loop", "_client", "_slots")
+
     def _setup(self) -> None:
-        self._client: Any = None
+        self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(self.concurrency)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Any = None
+        self._slots: asyncio.Semaphore | None = None
         self.attempts = self.retries = self.rate_limited = self.failures = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_lock", "_slots")}
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -137,16 +150,24 @@ class OpenAIChatBackend:
     def model_id(self) -> str:
         return self.model
 
-    def _http(self) -> Any:
+    def _runner(self) -> asyncio.AbstractEventLoop:
+        """This backend's event loop, its client and its concurrency slots (made on first use)."""
+        if self._pid != os.getpid():  # a forked copy: the parent's loop thread did not come along
+            self._setup()
         with self._lock:
-            if self._client is None:
+            if self._loop is None:
                 try:
                     import httpx
                 except ImportError:
                     raise DependencyNotInstalled("httpx", "judge", "The OpenAI-compatible judge backend") from None
                 limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-                self._client = httpx.Client(timeout=httpx.Timeout(self.timeout_s), limits=limits)
-            return self._client
+                self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), limits=limits)
+                self._slots = asyncio.Semaphore(self.concurrency)
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name=f"judge-http {self.base_url}", daemon=True).start()
+                weakref.finalize(self, loop.call_soon_threadsafe, loop.stop)
+                self._loop = loop
+            return self._loop
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -166,75 +187,105 @@ class OpenAIChatBackend:
     def _delay(self, attempt: int) -> float:
         return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
 
-    def complete(self, prompt: ChatPrompt) -> str:
-        """The answer text of one prompt.
+    def _fail(self, message: str) -> BackendError:
+        self._count("failures")
+        return BackendError(message)
 
-        Raises:
-            BackendError: the request failed for good (retries exhausted, a non-retryable status,
-                a Retry-After beyond ``max_backoff_s``, or a response without answer text).
-        """
+    async def _complete(self, prompt: ChatPrompt) -> str:
+        """One request under its deadline (see :meth:`complete`)."""
+        url = f"{self.base_url}/chat/completions"
+        assert self._slots is not None
+        async with self._slots:
+            deadline = asyncio.get_running_loop().time() + self.timeout_s
+            failed: list[str] = []
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await self._attempts(url, prompt, deadline, failed)
+            except TimeoutError:
+                earlier = f"; earlier: {failed[-1]}" if failed else ""
+                raise self._fail(f"{url} gave no answer within timeout_s ({self.timeout_s:g} s): attempt "
+                                 f"{len(failed) + 1} was cut off{earlier}.") from None
+
+    async def _attempts(self, url: str, prompt: ChatPrompt, deadline: float, failed: list[str]) -> str:
+        """The attempts of one request; ``failed`` gets each failed attempt's reason."""
         import httpx
 
-        client = self._http()
         payload = {"model": self.model, "messages": self.messages(prompt),
                    "temperature": self.temperature, "max_tokens": self.max_tokens}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        url = f"{self.base_url}/chat/completions"
-        reason = ""
         for attempt in range(self.max_retries + 1):
             self._count("attempts")
-            with self._slots:
-                try:
-                    response = client.post(url, json=payload, headers=headers)
-                except httpx.TransportError as err:
-                    response, reason = None, f"{type(err).__name__}: {err}"
             delay = self._delay(attempt)
-            if response is not None:
+            try:
+                response = await self._client.post(url, json=payload, headers=headers)
+            except httpx.TransportError as err:  # refused, reset, closed early, protocol errors
+                failed.append(f"{type(err).__name__}: {err}")
+            except httpx.HTTPError as err:  # an undecodable body (bad gzip), too many redirects
+                raise self._fail(f"{url} sent a response that cannot be read ({type(err).__name__}: {err}); "
+                                 "not retried.") from None
+            else:
                 status = response.status_code
                 if status == 200:
                     return self._answer(response)
-                reason = f"HTTP {status}: {response.text[:300]}"
+                failed.append(f"HTTP {status}: {response.text[:300]}")
                 if status not in RETRY_STATUSES:
-                    self._count("failures")
-                    raise BackendError(f"{url} answered {reason}; not retried.")
+                    raise self._fail(f"{url} answered {failed[-1]}; not retried.")
                 if status == 429:
                     self._count("rate_limited")
                     wait = retry_after_seconds(response.headers.get("retry-after"))
                     if wait is not None and wait > self.max_backoff_s:
-                        self._count("failures")
-                        raise BackendError(f"{url} is rate-limited for {wait:.0f} s (Retry-After), longer than "
-                                           f"max_backoff_s ({self.max_backoff_s:g} s).")
+                        raise self._fail(f"{url} is rate-limited for {wait:.0f} s (Retry-After), longer than "
+                                         f"max_backoff_s ({self.max_backoff_s:g} s).")
                     delay = delay if wait is None else wait
-            if attempt < self.max_retries:
-                self._count("retries")
-                logger.debug("judge request to %s failed (%s); retry %d in %.2f s", url, reason, attempt + 1, delay)
-                time.sleep(delay)
-        self._count("failures")
-        raise BackendError(f"{url} failed after {self.max_retries + 1} attempts; last: {reason}")
+            if attempt == self.max_retries:
+                break
+            left = deadline - asyncio.get_running_loop().time()
+            if delay >= left:
+                raise self._fail(f"{url} failed ({failed[-1]}); the next attempt, in {delay:.2f} s, would pass "
+                                 f"timeout_s ({self.timeout_s:g} s), {max(left, 0.0):.2f} s from now.")
+            self._count("retries")
+            logger.debug("judge request to %s failed (%s); retry %d in %.2f s", url, failed[-1], attempt + 1, delay)
+            await asyncio.sleep(delay)
+        raise self._fail(f"{url} failed after {self.max_retries + 1} attempts; last: {failed[-1]}")
 
     def _answer(self, response: Any) -> str:
         try:
             content = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            content = None
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+            content = None  # ValueError covers bad JSON and invalid UTF-8
         if not isinstance(content, str):
-            self._count("failures")
-            raise BackendError(f"The chat endpoint returned no answer text: {response.text[:300]!r}")
+            raise self._fail(f"The chat endpoint returned no answer text: {response.text[:300]!r}")
         return content
 
-    def complete_many(self, prompts: Sequence[ChatPrompt]) -> list[str | BackendError]:
-        """Each prompt's answer, or its BackendError; up to ``concurrency`` at once."""
-        def one(prompt: ChatPrompt) -> str | BackendError:
+    async def _gather(self, prompts: Sequence[ChatPrompt]) -> list[str | BackendError]:
+        async def one(prompt: ChatPrompt) -> str | BackendError:
             try:
-                return self.complete(prompt)
+                return await self._complete(prompt)
             except BackendError as err:
                 return err
 
-        if len(prompts) <= 1:
-            return [one(p) for p in prompts]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-            return list(pool.map(one, prompts))
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    def complete_many(self, prompts: Sequence[ChatPrompt]) -> list[str | BackendError]:
+        """Each prompt's answer, or its BackendError; up to ``concurrency`` at once. Each request
+        ends within ``timeout_s`` of getting its slot."""
+        if not prompts:
+            return []
+        return asyncio.run_coroutine_threadsafe(self._gather(prompts), self._runner()).result()
+
+    def complete(self, prompt: ChatPrompt) -> str:
+        """The answer text of one prompt.
+
+        Raises:
+            BackendError: the request failed for good: the deadline passed, retries ran out, a
+                non-retryable status, a Retry-After beyond ``max_backoff_s``, an undecodable body,
+                or a response without answer text.
+        """
+        answer = self.complete_many([prompt])[0]
+        if isinstance(answer, BackendError):
+            raise answer
+        return answer
 
     def __repr__(self) -> str:
         return f"OpenAIChatBackend({self.base_url!r}, {self.model!r})"

@@ -6,8 +6,8 @@ episodes, answers what it can from the :class:`~visenv.rewards.judges.cache.Judg
 rest to the backend at once (the backend bounds the concurrency), parses each answer strictly
 (:mod:`visenv.rewards.judges.templates`) and combines each episode's answers into one score.
 
-Failure policy: when any request of an episode fails (transport, HTTP, unparseable answer) the
-episode's score is ``None``, never 0.0; the judge counts it in ``failures`` and logs a warning
+Failure policy: when any request of an episode fails (transport, HTTP, the deadline, an
+undecodable body, an unparseable answer) the episode's score is ``None``, never 0.0; the judge counts it in ``failures`` and logs a warning
 with the judge id, the task id and the reason. The rubric then applies its None policy.
 
 Provenance: ``judge.judge_id`` is ``"<model id>|<name>:<template hash>"``. After each call

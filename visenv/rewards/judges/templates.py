@@ -6,8 +6,8 @@ the system prompt from the fields, so the template's :attr:`~PromptTemplate.hash
 judge id) changes whenever anything the judge reads changes.
 
 Parsing is strict: the answer must hold exactly one JSON object (reasoning models' ``<think>``
-blocks and Markdown fences are ignored) with every field, each an integer in its range: 0 or 1 for
-a binary field, 0 to 10 for a scale. Anything else raises :class:`ValueError` with the reason;
+blocks and Markdown fences are ignored), no JSON object in it may repeat a key, and it must hold
+every field, each an integer in its range: 0 or 1 for a binary field, 0 to 10 for a scale. Anything else raises :class:`ValueError` with the reason;
 the judge then scores ``None`` for the sample. A number is never guessed from prose.
 
 Templates:
@@ -25,12 +25,23 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
 SCALE_MAX = 10
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_DECODER = json.JSONDecoder()
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        twice = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise ValueError(f"the answer repeats the key {twice!r}")
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_refuse_duplicate_keys)
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,8 @@ def single_json_object(answer: str) -> dict:
     """The one JSON object in ``answer``, outside any ``<think>`` block.
 
     Raises:
-        ValueError: no JSON object, or more than one.
+        ValueError: no JSON object, more than one, an object that repeats a key (which of the two
+            values the judge meant is unknowable), or nesting too deep to decode.
     """
     text = _THINK.sub("", answer)
     found, position = [], 0
@@ -124,6 +136,8 @@ def single_json_object(answer: str) -> dict:
         except json.JSONDecodeError:
             position = start + 1
             continue
+        except RecursionError:
+            raise ValueError(f"the answer nests JSON too deeply to decode: {answer[:200]!r}") from None
         if isinstance(obj, dict):
             found.append(obj)
         position = end
