@@ -17,9 +17,9 @@ import difflib
 import json
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import visenv.tools.simulated_text as simulate
 from visenv.error import ConfigError, UnknownToolError
 from visenv.resolutions import VIDEO_RESOLUTIONS, aspect_resolutions
-from visenv.tools import simulated_text as simulate
 from visenv.tools.attribute import DERIVE_RULES
 from visenv.tools.spec import ArtifactInput, CostModel, OutputSpec, ToolSpec
 
@@ -302,12 +302,18 @@ def _simulation_problem(spec: ToolSpec) -> str | None:
     return None
 
 
+def _can_call(spec: ToolSpec, made: set[str]) -> bool:
+    """Whether every artifact ``spec`` requires is of a kind in ``made``."""
+    return all(made.intersection(inp.kinds) for inp in spec.inputs if inp.required)
+
+
 class ToolSet(Mapping[str, ToolSpec]):
     """The tools an environment offers, by name, in order: checked as a whole when built.
 
     Raises :class:`~visenv.error.ConfigError` when an entry is not a ToolSpec, two tools share a
     name, a tool cannot be simulated (see ``OutputSpec.derive``), or a tool requires an artifact
-    kind that no tool of the set makes (an image edit without any image tool).
+    kind that no sequence of calls of the set can make first (an image edit without an image
+    generator).
 
     Args:
         specs: the tool specifications.
@@ -328,14 +334,17 @@ class ToolSet(Mapping[str, ToolSpec]):
         problems = [p for p in map(_simulation_problem, self._specs.values()) if p]
         if problems:
             raise ConfigError("Cannot simulate every tool: " + " ".join(problems))
-        made = {spec.output.kind for spec in self._specs.values()}
-        for spec in self._specs.values():
-            for inp in spec.inputs:
-                if inp.required and not made.intersection(inp.kinds):
-                    raise ConfigError(
-                        f"{spec.name} needs a {' or '.join(inp.kinds)} artifact (argument {inp.argument!r}), "
-                        f"but no tool of the set makes one (they make {sorted(made)}); add a tool that "
-                        f"makes {' or '.join(inp.kinds)}, or remove {spec.name}.")
+        made: set[str] = set()  # the kinds that some order of calls can make, starting from nothing
+        waiting = dict(self._specs)
+        while ready := [name for name, spec in waiting.items() if _can_call(spec, made)]:
+            made.update(waiting.pop(name).output.kind for name in ready)
+        if waiting:
+            spec = next(iter(waiting.values()))
+            inp = next(inp for inp in spec.inputs if inp.required and not made.intersection(inp.kinds))
+            kinds = " or ".join(inp.kinds)
+            raise ConfigError(f"{spec.name} needs an artifact of kind {kinds} (argument {inp.argument!r}), but no "
+                              f"sequence of calls of the set makes one (it can make {sorted(made) or 'nothing'}); "
+                              f"add a tool that makes {kinds}, or remove {spec.name}.")
 
     def __getitem__(self, name: str) -> ToolSpec:
         return self._specs[name]
