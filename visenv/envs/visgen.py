@@ -81,6 +81,13 @@ class VisGenEnv(TextEnv):
     nearest-neighbour answer (with its similarity), so that a replay from the exact cache shows the
     agent exactly what the recorded run showed; ``info["tool_result"]["backend"]`` always names it.
 
+    ## Tools
+    ``env.tools``, a :class:`~visenv.tools.specs.ToolSet`: the default tools
+    (:data:`~visenv.tools.specs.DEFAULT_TOOLS`) unless ``tools`` picks a subset of them and adds your
+    own :class:`~visenv.tools.spec.ToolSpec` s, each carrying its simulation (``output.derive``).
+    ``env.system_prompt`` documents them; a call to a tool outside the set gets an "unknown tool"
+    error observation. Construction warns when a task's reference workflow needs a missing tool.
+
     ## Spaces
     Action: ``Text`` (one model turn; any string is accepted, longer than ``max_turn_chars`` is cut).
     Observation: ``Dict(text=Text, artifacts=Sequence(Text))``; with ``observe_pixels=True`` also
@@ -110,8 +117,8 @@ class VisGenEnv(TextEnv):
     (RLlib passes its env_config) and ``options`` override it; see :class:`VisGenConfig`.
 
     ## Version history
-    * v0: initial release; ``pixels_mask`` added to the opt-in pixel observations (default
-      observations, dynamics and rewards unchanged).
+    * v0: initial release; ``pixels_mask`` added to the opt-in pixel observations, and the ``tools``
+      option (default observations, dynamics and rewards unchanged).
     """
 
     def __init__(self, config: Any = None, **options: Any):

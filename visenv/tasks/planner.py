@@ -73,7 +73,6 @@ class PlannedCall:
         return int(self.arguments.get("n", 1)) if spec.output.kind == "image" else 1
 
 
-
 @dataclass(frozen=True)
 class Timeline:
     """The planned shots of a video: which tool makes them and how long each lasts.
