@@ -18,7 +18,7 @@ from visenv.tasks import (BENCH_DIMENSIONS, DIMENSIONS, IMAGE_SCENARIOS, SCENARI
                           load_tasks, make_suite, plan_timeline, save_tasks, split_suite, visgenbench)
 from visenv.tasks.planner import DEFAULT_SHOTS, MAX_CHOSEN_SHOTS, PLANNABLE_TOOLS
 from visenv.tasks.scenario import AUDIO_PHRASES, NUMBER_WORDS
-from visenv.tools.specs import TOOLS
+from visenv.tools.specs import DEFAULT_TOOLS
 
 PAPER_IMAGE = ["product_images", "detail_page", "key_visual", "landing_page", "brand_visual_identity",
                "banner", "official_account_cover", "social_media_cover", "marketing_poster", "avatar",
@@ -284,14 +284,14 @@ def test_vocabulary_is_unambiguous():
 def _fake_ids(calls, call) -> dict:
     """The call's arguments with artifact refs replaced by ids of the right kind."""
     args = dict(call.arguments)
-    spec = TOOLS[call.tool]
+    spec = DEFAULT_TOOLS[call.tool]
     for inp in spec.inputs:
         if inp.argument not in call.refs:
             continue
         ids = []
         for index, output in call.refs[inp.argument]:
             source = calls[index]
-            kind = TOOLS[source.tool].output.kind
+            kind = DEFAULT_TOOLS[source.tool].output.kind
             outputs = range(source.media_outputs) if output is None else [output]
             ids += [f"{FAKE_PREFIX[kind]}_{index:06d}{j:06d}" for j in outputs]
         args[inp.argument] = ids if inp.many else ids[0]
@@ -316,13 +316,13 @@ def _check_plan(task: Task) -> None:
     assert 2 <= len(calls) <= 25
     assert [c.index for c in calls] == list(range(len(calls)))
     for call in calls:
-        spec = TOOLS[call.tool]
+        spec = DEFAULT_TOOLS[call.tool]
         assert not spec.validate(_fake_ids(calls, call)), (task.task_id, call)
         kinds = {inp.argument: inp.kinds for inp in spec.inputs}
         for argument, entries in call.refs.items():
             for index, output in entries:
                 assert index < call.index
-                assert TOOLS[calls[index].tool].output.kind in kinds[argument]
+                assert DEFAULT_TOOLS[calls[index].tool].output.kind in kinds[argument]
                 assert output is None or 0 <= output < calls[index].media_outputs
         if spec.group in ("text2image", "image_edit", "video_generation"):
             assert all(k in call.arguments["prompt"] for k in req.keywords)
@@ -334,11 +334,11 @@ def _check_plan(task: Task) -> None:
     tools = [c.tool for c in calls]
     if req.modality == "image":
         assert sum(c.media_outputs for c in delivered) == req.amount
-        assert all(TOOLS[c.tool].output.kind == "image" for c in delivered)
-        assert not any(TOOLS[t].group in ("video_generation", "audio") for t in tools)
+        assert all(DEFAULT_TOOLS[c.tool].output.kind == "image" for c in delivered)
+        assert not any(DEFAULT_TOOLS[t].group in ("video_generation", "audio") for t in tools)
     else:
-        assert delivered == [media[-1]] and TOOLS[media[-1].tool].output.kind == "video"
-        clips = [c for c in calls if TOOLS[c.tool].group == "video_generation"]
+        assert delivered == [media[-1]] and DEFAULT_TOOLS[media[-1].tool].output.kind == "video"
+        clips = [c for c in calls if DEFAULT_TOOLS[c.tool].group == "video_generation"]
         if clips:
             count, seconds = len(clips), sum(c.arguments["duration"] for c in clips)
         else:
@@ -356,7 +356,7 @@ def _check_plan(task: Task) -> None:
                 if call.tool == track_tool:  # every audio track reaches the answer
                     assert call.index in _ancestors(calls, media[-1].index) | {media[-1].index}
     if req.consistency:
-        generated = [c for c in calls if TOOLS[c.tool].group == "text2image"]
+        generated = [c for c in calls if DEFAULT_TOOLS[c.tool].group == "text2image"]
         for call in generated[1:]:
             assert (generated[0].index, None) in call.refs["reference_images"]
 
@@ -391,10 +391,10 @@ def test_requested_video_lengths_are_met_as_closely_as_the_clip_tools_allow(work
         assert abs(timeline.total - seconds) <= max(0.1 * seconds, 2)
     else:  # both given: the closest total any single clip tool of the step can reach, found by brute force
         clip_tools = {t for step in workflow.steps for t in step.tools
-                      if TOOLS[t].group == "video_generation" or t == "tool_video_auto_pipeline"}
+                      if DEFAULT_TOOLS[t].group == "video_generation" or t == "tool_video_auto_pipeline"}
         reachable = set()
         for tool in clip_tools:
-            schema = TOOLS[tool].parameters["properties"].get("duration" if tool != "tool_video_auto_pipeline"
+            schema = DEFAULT_TOOLS[tool].parameters["properties"].get("duration" if tool != "tool_video_auto_pipeline"
                                                                else "duration_per_image", {})
             if "enum" in schema:
                 reachable |= {sum(c) for c in itertools.combinations_with_replacement(schema["enum"], shots)}

@@ -7,60 +7,16 @@ agent answers. Rewards read an :class:`EpisodeRecord`; they never call back into
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Mapping
 
 from visenv.media import Artifact
 from visenv.protocol import Turn
 from visenv.tasks import Task
+from visenv.tools.calls import CALL_ERROR, CALL_OK, CallRecord
+from visenv.tools.spec import ToolSpec
+from visenv.tools.specs import DEFAULT_TOOLS
 
-CALL_OK = "ok"
-CALL_ERROR = "error"
-
-
-@dataclass(frozen=True)
-class CallRecord:
-    """One executed (or refused) tool call.
-
-    Attributes:
-        index: 0-based index among the episode's calls.
-        tool: the tool name as the agent wrote it.
-        arguments: the arguments as the agent wrote them.
-        status: "ok" or "error".
-        error: the agent-readable reason when status is "error".
-        error_kind: "unknown_tool", "bad_arguments", "bad_artifact", "tool_failure" or "".
-        outputs: ids of the artifacts produced.
-        inputs: ids of the artifacts consumed.
-        text: the text result (text, understanding and search tools).
-        backend: the tier that answered ("" when refused before any backend ran).
-        similarity: the neighbour similarity when the nearest tier answered.
-        gpu_seconds: what the call would have cost on the real tool.
-        latency_seconds: how long the real tool would have taken.
-    """
-
-    index: int
-    tool: str
-    arguments: Any
-    status: str
-    error: str = ""
-    error_kind: str = ""
-    outputs: tuple[str, ...] = ()
-    inputs: tuple[str, ...] = ()
-    text: str = ""
-    backend: str = ""
-    similarity: float | None = None
-    gpu_seconds: float = 0.0
-    latency_seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == CALL_OK
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "tool": self.tool, "arguments": self.arguments,
-                "status": self.status, "error": self.error, "error_kind": self.error_kind,
-                "outputs": list(self.outputs), "inputs": list(self.inputs), "text": self.text,
-                "backend": self.backend, "similarity": self.similarity,
-                "gpu_seconds": self.gpu_seconds, "latency_seconds": self.latency_seconds}
+__all__ = ["CALL_ERROR", "CALL_OK", "CallRecord", "EpisodeRecord", "TurnRecord"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +39,7 @@ class EpisodeRecord:
         truncated: whether the turn or character budget ended the episode.
         deliverables: the artifact ids the agent delivered (see :func:`visenv.rewards.checks.deliverables`).
         answer_problems: agent-readable problems with the answer (unknown ids cited, ...).
+        tools: the tool set the episode was played with (rewards read the called tools' specs).
     """
 
     task: Task
@@ -92,6 +49,7 @@ class EpisodeRecord:
     truncated: bool = False
     deliverables: tuple[str, ...] = ()
     answer_problems: tuple[str, ...] = ()
+    tools: Mapping[str, ToolSpec] = field(default_factory=lambda: DEFAULT_TOOLS)
 
     @property
     def calls(self) -> list[CallRecord]:

@@ -7,7 +7,7 @@ holds real files that Pillow, PyAV and :mod:`wave` open with the recorded attrib
 Contents (:func:`write_default_media`):
 
 - images: 3 PNGs (a two-colour gradient with a few flat shapes) at every resolution that a
-  text-to-image tool of :data:`visenv.tools.specs.TOOLS` can produce;
+  default text-to-image tool can produce (:func:`visenv.resolutions.image_resolutions`);
 - video: H.264 MP4 (yuv420p, 24 fps, moving shapes), 2 clips for each of 1280x720 and 720x1280 and
   each of 4, 5, 6, 8 and 10 seconds;
 - audio: 16-bit mono 22050 Hz WAV (a sine chord over a kick drum beat), 2 tracks for each of 5, 10,
@@ -28,22 +28,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visenv.media import BlobStore
-from visenv.tools.specs import TOOLS
+from visenv.resolutions import VIDEO_RESOLUTIONS, image_resolutions
 
 DEFAULT_MEDIA_VERSION = 1
 IMAGES_PER_RESOLUTION = 3
-VIDEO_RESOLUTIONS = ((1280, 720), (720, 1280))
 VIDEO_DURATIONS = (4, 5, 6, 8, 10)
 VIDEO_FPS = 24
 AUDIO_DURATIONS = (5, 10, 15, 30, 60)
 AUDIO_SAMPLE_RATE = 22050
 CLIPS_PER_SETTING = 2
-
-
-def image_resolutions() -> list[tuple[int, int]]:
-    """Every (width, height) that a text-to-image tool's ``output.resolutions`` lists, sorted."""
-    return sorted({tuple(res) for spec in TOOLS.values() if spec.group == "text2image"
-                   for res in spec.output.resolutions.values()})
 
 
 def png_image(width: int, height: int, seed: int) -> bytes:
@@ -146,7 +139,7 @@ def write_default_media(blobs: BlobStore) -> list[tuple[str, str, str, dict[str,
         for _ in range(IMAGES_PER_RESOLUTION):
             seed += 1
             store(png_image(width, height, seed), ".png", "image", {"width": width, "height": height})
-    for width, height in VIDEO_RESOLUTIONS:
+    for width, height in VIDEO_RESOLUTIONS.values():
         for seconds in VIDEO_DURATIONS:
             for _ in range(CLIPS_PER_SETTING):
                 seed += 1

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from visenv.error import ConfigError
 from visenv.tools.backends import Backend, BackendChain
 from visenv.tools.spec import GROUPS
-from visenv.tools.specs import TOOLS
+from visenv.tools.specs import ToolSet, make_tool_set
 
 TASK_SUITES = ("all", "image", "video")
 
@@ -28,6 +28,10 @@ class VisGenConfig:
         max_turn_chars: characters kept from one turn; longer turns are cut (a format problem).
         max_episode_chars: characters of all turns together after which the episode is truncated.
         max_observation_chars: most characters in one observation's text.
+        tools: the tools the agent can call: None (the default tools), a
+            :class:`~visenv.tools.specs.ToolSet`, or a list of default tool names (a subset) and your
+            own :class:`~visenv.tools.spec.ToolSpec` s (``[*DEFAULT_TOOLS, my_spec]`` adds one); see
+            :func:`~visenv.tools.specs.make_tool_set`. After construction it is always a ToolSet.
         backends: None (the attribute tier alone), a :class:`BackendChain`, a list of backends, or a
             mapping from a tool name, a tool group or "*" to a list of backends or a chain.
         media: a folder of your own media for the attribute tier (None: the procedural database).
@@ -46,6 +50,7 @@ class VisGenConfig:
     max_turn_chars: int = 8192
     max_episode_chars: int = 262144
     max_observation_chars: int = 8192
+    tools: Any = None
     backends: Any = None
     media: str | None = None
     rubric: Any = "ltr"
@@ -72,10 +77,12 @@ class VisGenConfig:
             raise ConfigError(f"rubric ({self.rubric!r}) must be 'ltr', 'r1' or a rubric object.")
         if self.media is not None and not os.path.isdir(self.media):
             raise ConfigError(f"media ({self.media!r}) must be a folder of images, videos and audio.")
+        self.tools = make_tool_set(self.tools)
         if isinstance(self.backends, Mapping):
             for key in self.backends:
-                if key != "*" and key not in TOOLS and key not in GROUPS:
-                    raise ConfigError(f"backends key {key!r} must be '*', a tool name or a group {GROUPS}.")
+                if key != "*" and key not in self.tools and key not in GROUPS:
+                    raise ConfigError(f"backends key {key!r} must be '*', a tool of the tool set or a group "
+                                      f"{GROUPS}.")
 
     @classmethod
     def from_any(cls, config: Any = None, **overrides: Any) -> "VisGenConfig":
@@ -84,7 +91,7 @@ class VisGenConfig:
             values: dict[str, Any] = {}
         elif isinstance(config, cls):
             values = dataclasses.asdict(config) | {"backends": config.backends, "rubric": config.rubric,
-                                                   "tasks": config.tasks}
+                                                   "tasks": config.tasks, "tools": config.tools}
         elif isinstance(config, Mapping):
             values = dict(config)
         else:
@@ -97,8 +104,8 @@ class VisGenConfig:
         return cls(**values)
 
 
-def build_chains(backends: Any, default: Sequence[Backend]) -> dict[str, BackendChain]:
-    """One chain per tool name, from the ``backends`` setting (see :class:`VisGenConfig`)."""
+def build_chains(backends: Any, default: Sequence[Backend], tools: ToolSet) -> dict[str, BackendChain]:
+    """One chain per tool of ``tools``, from the ``backends`` setting (see :class:`VisGenConfig`)."""
 
     def as_chain(value: Any) -> BackendChain:
         if isinstance(value, BackendChain):
@@ -109,13 +116,13 @@ def build_chains(backends: Any, default: Sequence[Backend]) -> dict[str, Backend
 
     if backends is None:
         chain = BackendChain(list(default))
-        return {name: chain for name in TOOLS}
+        return {name: chain for name in tools}
     if not isinstance(backends, Mapping):
         chain = as_chain(backends)
-        return {name: chain for name in TOOLS}
+        return {name: chain for name in tools}
     fallback = as_chain(backends["*"]) if "*" in backends else BackendChain(list(default))
     chains = {}
-    for name, spec in TOOLS.items():
+    for name, spec in tools.items():
         if name in backends:
             chains[name] = as_chain(backends[name])
         elif spec.group in backends:

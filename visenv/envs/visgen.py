@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import warnings
 from typing import Any
 
 import numpy as np
@@ -15,10 +15,10 @@ from visenv.media import ArtifactRegistry
 from visenv.mediadb import MediaDatabase, thumbnail
 from visenv.protocol import Turn, parse_turn, render_error, render_tool_response
 from visenv.rewards import deliverables, make_rubric, run_checks
-from visenv.tasks import Task, load_tasks, make_suite
+from visenv.tasks import WORKFLOWS, Task, load_tasks, make_suite
 from visenv.tools.attribute import AttributeBackend
 from visenv.tools.calls import execute_call
-from visenv.tools.specs import TOOLS
+from visenv.tools.specs import ToolSet
 
 PROTOCOL_HELP = (
     "Work in turns. First turn: <think>what is needed</think><plan>numbered steps, one tool each</plan> "
@@ -44,6 +44,19 @@ def load_suite(config: VisGenConfig) -> list[Task]:
     return suite
 
 
+def _warn_unplayable_workflows(tasks: list[Task], tools: ToolSet) -> None:
+    """Warn when a task's reference workflow needs a tool that ``tools`` lacks."""
+    lacking = []
+    for workflow_id in sorted({task.workflow for task in tasks if task.workflow in WORKFLOWS}):
+        steps = WORKFLOWS[workflow_id].unavailable_steps(tools)
+        lacking += [f"{workflow_id} (step {step.id!r} needs one of {list(step.tools)})" for step in steps]
+    if lacking:
+        warnings.warn(f"The tool set lacks tools that the reference workflows of some tasks use: "
+                      f"{'; '.join(lacking)}. The expert plan of those tasks cannot be executed (R_plan "
+                      "still compares plans with it); add the tools, or choose tasks whose workflows "
+                      "need only the tools you keep.", stacklevel=3)
+
+
 def turn_summary(turn: Turn) -> dict[str, Any]:
     """The parsed turn as plain data (for info dicts and trajectory files)."""
     return {"think": turn.think, "plan": turn.plan, "plan_steps": list(turn.plan_steps),
@@ -55,7 +68,7 @@ def turn_summary(turn: Turn) -> dict[str, Any]:
 
 
 class VisGenEnv(TextEnv):
-    """A visual-creation request, 36 virtual tools, and a plan-aware reward.
+    """A visual-creation request, virtual tools (the default tools or your own set), and a plan-aware reward.
 
     ## Description
     Each episode draws a task (one of 42 scenarios: 21 image, 21 video) whose request states its
@@ -67,6 +80,13 @@ class VisGenEnv(TextEnv):
     ``<tool_response>`` observation. The observation names the serving tier only for a
     nearest-neighbour answer (with its similarity), so that a replay from the exact cache shows the
     agent exactly what the recorded run showed; ``info["tool_result"]["backend"]`` always names it.
+
+    ## Tools
+    ``env.tools``, a :class:`~visenv.tools.specs.ToolSet`: the default tools
+    (:data:`~visenv.tools.specs.DEFAULT_TOOLS`) unless ``tools`` picks a subset of them and adds your
+    own :class:`~visenv.tools.spec.ToolSpec` s, each carrying its simulation (``output.derive``).
+    ``env.system_prompt`` documents them; a call to a tool outside the set gets an "unknown tool"
+    error observation. Construction warns when a task's reference workflow needs a missing tool.
 
     ## Spaces
     Action: ``Text`` (one model turn; any string is accepted, longer than ``max_turn_chars`` is cut).
@@ -97,8 +117,8 @@ class VisGenEnv(TextEnv):
     (RLlib passes its env_config) and ``options`` override it; see :class:`VisGenConfig`.
 
     ## Version history
-    * v0: initial release; ``pixels_mask`` added to the opt-in pixel observations (default
-      observations, dynamics and rewards unchanged).
+    * v0: initial release; ``pixels_mask`` added to the opt-in pixel observations, and the ``tools``
+      option (default observations, dynamics and rewards unchanged).
     """
 
     def __init__(self, config: Any = None, **options: Any):
@@ -107,7 +127,9 @@ class VisGenEnv(TextEnv):
         self.tasks = load_suite(cfg)
         self.rubric = make_rubric(cfg.rubric)
         media = MediaDatabase.from_folder(cfg.media) if cfg.media else None
-        self.chains = build_chains(cfg.backends, [AttributeBackend(media)])
+        self.tools = cfg.tools
+        self.chains = build_chains(cfg.backends, [AttributeBackend(media)], self.tools)
+        _warn_unplayable_workflows(self.tasks, self.tools)
         pixels = (cfg.max_pixel_images, cfg.pixel_size) if cfg.observe_pixels else None
         self.observation_space = observation_space(cfg.max_observation_chars, pixels)
         self.action_space = action_space(cfg.max_turn_chars)
@@ -122,15 +144,14 @@ class VisGenEnv(TextEnv):
     @property
     def system_prompt(self) -> str:
         """The tool documentation and protocol, for a policy's system message."""
-        tools = "\n".join(json.dumps(spec.to_prompt(), sort_keys=True) for spec in TOOLS.values())
-        return f"You are a visual-creation agent with these tools:\n{tools}\n\n{PROTOCOL_HELP}"
+        return f"You are a visual-creation agent with these tools:\n{self.tools.prompt()}\n\n{PROTOCOL_HELP}"
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         task = self._choose_task(options or {})
         self._episode_seed = int(self.np_random.integers(2**62))
         self.registry.new_episode(f"ep{self._episode_seed:016x}")
-        self.record = EpisodeRecord(task=task)
+        self.record = EpisodeRecord(task=task, tools=self.tools)
         self._state, self._chars = {}, 0
         self._gpu_seconds = self._latency_seconds = 0.0
         self._begin_episode()
@@ -163,7 +184,8 @@ class VisGenEnv(TextEnv):
         extra_info: dict[str, Any] = {}
         if turn.tool_call is not None:
             seed = (self._episode_seed * 6364136223846793005 + len(record.calls)) % 2**63
-            call = execute_call(turn.tool_call, len(record.calls), self.registry, self.chains, seed, self._state)
+            call = execute_call(turn.tool_call, len(record.calls), self.registry, self.chains, seed, self._state,
+                                self.tools)
             for artifact_id in call.outputs:
                 record.artifacts[artifact_id] = self.registry.get(artifact_id)
             self._gpu_seconds += call.gpu_seconds

@@ -14,7 +14,6 @@ from typing import Sequence
 from visenv.episode import EpisodeRecord
 from visenv.rewards.checks import AUDIO_PRODUCERS, RESULT_CHECKS
 from visenv.tasks import WORKFLOWS
-from visenv.tools.specs import TOOLS
 
 TOOL_NAME = re.compile(r"\btool_[a-z0-9_]+")
 GENERATION_GROUPS = ("text2image", "image_edit", "video_generation")
@@ -35,11 +34,11 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def plan_tools(record: EpisodeRecord) -> list[list[str]]:
-    """For each step of the episode's plan, the known tool names it mentions."""
+    """For each step of the episode's plan, the names of the episode's tools it mentions."""
     turn = record.plan_turn
     if turn is None:
         return []
-    return [[t for t in TOOL_NAME.findall(step) if t in TOOLS] for step in turn.plan_steps]
+    return [[t for t in TOOL_NAME.findall(step) if t in record.tools] for step in turn.plan_steps]
 
 
 class EpisodeRule:
@@ -113,7 +112,7 @@ class ConsistencyReward(EpisodeRule):
     def score(self, episode: EpisodeRecord) -> float | None:
         if not episode.task.requirements.consistency:
             return None
-        generations = [c for c in episode.calls if c.ok and TOOLS[c.tool].group in GENERATION_GROUPS]
+        generations = [c for c in episode.calls if c.ok and episode.tools[c.tool].group in GENERATION_GROUPS]
         if not generations:
             return 0.0
         later = generations[1:]
@@ -159,10 +158,11 @@ class RulePlanReward(EpisodeRule):
         req = episode.task.requirements
         workflow = WORKFLOWS[episode.task.workflow]
         plan_text = (episode.plan_turn.plan or "").lower()
-        needs = [any(TOOLS[t].output.kind == req.modality for t in planned)]
+        tools = episode.tools
+        needs = [any(tools[t].output.kind == req.modality for t in planned)]
         if req.consistency:
             needs.append("reference" in plan_text or any(
-                TOOLS[t].group in GENERATION_GROUPS and any(i.required for i in TOOLS[t].inputs)
+                tools[t].group in GENERATION_GROUPS and any(i.required for i in tools[t].inputs)
                 for t in planned))
         needs.extend(bool(set(AUDIO_PRODUCERS[a]) & set(planned)) for a in req.audio)
         fulfilment = all(needs)

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from visenv.error import ConfigError
-from visenv.tasks.workflows import PlannedCall
-from visenv.tools.specs import TOOLS
+from visenv.tools.specs import DEFAULT_TOOLS
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the workflow templates import the planner
     from visenv.tasks.task import Task
     from visenv.tasks.workflows import Workflow, WorkflowStep
 
@@ -39,6 +38,39 @@ _BEATS = ("establishing wide shot", "medium shot", "close-up", "tracking shot", 
           "over-the-shoulder shot", "detail insert", "aerial shot", "reaction close-up", "closing wide shot")
 _MOTIONS = ("slow push-in", "gentle pan", "orbit around the subject", "dolly out", "handheld follow",
             "tilt up", "crane down", "rack focus", "slow zoom out", "steady hold")
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """One concrete tool call of an instantiated workflow.
+
+    Attributes:
+        index: position in the plan (0-based); refs point at earlier indices.
+        step: the id of the workflow step it comes from.
+        tool: the tool to call.
+        arguments: the literal arguments (prompts written from the task), without artifact ids.
+        refs: artifact argument -> ((planned call index, output index or None = all outputs of
+            that call), ...); the executor substitutes the ids those calls produced.
+        purpose: one line for the plan.
+        deliver: whether the call's outputs are part of the answer (the images of an image task,
+            the final video of a video task).
+    """
+
+    index: int
+    step: str
+    tool: str
+    arguments: dict[str, Any]
+    refs: dict[str, tuple[tuple[int, int | None], ...]]
+    purpose: str
+    deliver: bool = False
+
+    @property
+    def media_outputs(self) -> int:
+        """How many media artifacts the call makes (images: its ``n``; text tools: 0)."""
+        spec = DEFAULT_TOOLS[self.tool]
+        if spec.output.kind == "text":
+            return 0
+        return int(self.arguments.get("n", 1)) if spec.output.kind == "image" else 1
 
 
 @dataclass(frozen=True)
@@ -66,13 +98,13 @@ class Timeline:
 
 def _clip_step(workflow: Workflow) -> WorkflowStep:
     for step in workflow.steps:
-        if TOOLS[step.tool].group == "video_generation" or step.tool == SLIDESHOW_TOOL:
+        if DEFAULT_TOOLS[step.tool].group == "video_generation" or step.tool == SLIDESHOW_TOOL:
             return step
     raise ConfigError(f"Workflow {workflow.id!r} has no clip or slideshow step to time")
 
 
 def _duration_schema(tool: str) -> dict[str, Any]:
-    props = TOOLS[tool].parameters["properties"]
+    props = DEFAULT_TOOLS[tool].parameters["properties"]
     return props["duration_per_image" if tool == SLIDESHOW_TOOL else "duration"]
 
 
@@ -146,14 +178,14 @@ class _Planner:
             more_to_deliver = any(s.deliver for s in active[position + 1:])
             self._add(step, more_to_deliver)
         if self.video:  # the answer is the last video made
-            last = max(c.index for c in self.calls if TOOLS[c.tool].output.kind == "video")
+            last = max(c.index for c in self.calls if DEFAULT_TOOLS[c.tool].output.kind == "video")
             self.calls[last] = dataclasses.replace(self.calls[last], deliver=True)
         return self.calls
 
     def _add(self, step: WorkflowStep, more_to_deliver: bool) -> None:
         timed = self.timeline is not None and step.id == self.clip_step
         tool = self.timeline.tool if timed else step.tool
-        group = TOOLS[tool].group
+        group = DEFAULT_TOOLS[tool].group
         jobs = self._jobs(step, tool, more_to_deliver)
         self.outputs[step.id] = []
         for k, images in enumerate(jobs):
@@ -178,7 +210,7 @@ class _Planner:
 
     def _jobs(self, step: WorkflowStep, tool: str, more_to_deliver: bool) -> list[int | None]:
         """One entry per call: the images it makes (image tools) or None."""
-        spec = TOOLS[tool]
+        spec = DEFAULT_TOOLS[tool]
         makes_images = spec.output.kind == "image"
         if step.repeat == "shots":
             return [1 if makes_images else None] * self.timeline.shots
@@ -203,18 +235,18 @@ class _Planner:
         if step_id in self.outputs:
             return self.outputs[step_id]
         step = self.steps[step_id]
-        kind = TOOLS[step.tool].output.kind
-        return [out for name in step.inputs if TOOLS[self.steps[name].tool].output.kind == kind
+        kind = DEFAULT_TOOLS[step.tool].output.kind
+        return [out for name in step.inputs if DEFAULT_TOOLS[self.steps[name].tool].output.kind == kind
                 for out in self._resolve(name)]
 
     def _refs(self, step: WorkflowStep, tool: str, k: int, count: int) -> dict[str, list[tuple[int, int]]]:
         refs: dict[str, list[tuple[int, int]]] = {}
         for name in step.inputs:
-            kind = TOOLS[self.steps[name].tool].output.kind
+            kind = DEFAULT_TOOLS[self.steps[name].tool].output.kind
             outs = self._resolve(name)
             if kind == "text" or not outs:
                 continue
-            arg = next(inp for inp in TOOLS[tool].inputs if kind in inp.kinds)
+            arg = next(inp for inp in DEFAULT_TOOLS[tool].inputs if kind in inp.kinds)
             if arg.many or len(outs) == 1:
                 picked = outs
             elif len(outs) == count:
@@ -227,7 +259,7 @@ class _Planner:
 
     def _compress(self, tool: str, refs: dict[str, list[tuple[int, int]]]) -> dict[str, tuple]:
         """List arguments name whole calls where they take all of a call's outputs."""
-        many = {inp.argument for inp in TOOLS[tool].inputs if inp.many}
+        many = {inp.argument for inp in DEFAULT_TOOLS[tool].inputs if inp.many}
         result: dict[str, tuple] = {}
         for argument, outs in refs.items():
             if argument not in many:
@@ -270,7 +302,7 @@ class _Writer:
             seconds: the clip's length (clip steps), else None.
             position: how many images were delivered before this call (delivering steps), else None.
         """
-        spec = TOOLS[tool]
+        spec = DEFAULT_TOOLS[tool]
         if spec.group == "text2image":
             if self.timeline:
                 detail = self._shot(k)
@@ -333,6 +365,6 @@ _WRITERS: dict[str, Callable[[_Writer], dict[str, Any]]] = {
 }
 
 PLANNABLE_TOOLS = frozenset(_WRITERS) | {
-    name for name, spec in TOOLS.items()
+    name for name, spec in DEFAULT_TOOLS.items()
     if spec.group in ("text2image", "image_edit", "video_generation")}
 """The tools the planner can write arguments for; every workflow step uses only these."""

@@ -31,11 +31,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from visenv.error import ConfigError
+from visenv.tasks.planner import PlannedCall, plan_calls
 from visenv.tasks.task import AUDIO, MODALITIES
-from visenv.tools.specs import TOOLS
+from visenv.tools.spec import ToolSpec
+from visenv.tools.specs import DEFAULT_TOOLS
 
 if TYPE_CHECKING:
     from visenv.tasks.task import Task
+
+__all__ = ["REFERENCE_GROUPS", "WORKFLOWS", "PlannedCall", "Workflow", "WorkflowStep", "get_workflow"]
 
 REFERENCE_GROUPS = ("text2image", "image_edit")
 """Tool groups that can carry an identity, scene or style forward by reference."""
@@ -47,7 +51,7 @@ class WorkflowStep:
 
     Attributes:
         id: unique within the workflow, e.g. "keyframes".
-        tool: the default tool (a name in :data:`visenv.tools.TOOLS`).
+        tool: the step's tool (a default tool, :data:`visenv.tools.specs.DEFAULT_TOOLS`).
         alternatives: other acceptable tools for the step, from the same tool group.
         purpose: one line, used in plans and as the instruction of edit prompts.
         repeat: None, "amount" (once per image) or "shots" (once per shot).
@@ -69,39 +73,6 @@ class WorkflowStep:
     def tools(self) -> tuple[str, ...]:
         """The default tool followed by the alternatives."""
         return (self.tool, *self.alternatives)
-
-
-@dataclass(frozen=True)
-class PlannedCall:
-    """One concrete tool call of an instantiated workflow.
-
-    Attributes:
-        index: position in the plan (0-based); refs point at earlier indices.
-        step: the id of the workflow step it comes from.
-        tool: the tool to call.
-        arguments: the literal arguments (prompts written from the task), without artifact ids.
-        refs: artifact argument -> ((planned call index, output index or None = all outputs of
-            that call), ...); the executor substitutes the ids those calls produced.
-        purpose: one line for the plan.
-        deliver: whether the call's outputs are part of the answer (the images of an image task,
-            the final video of a video task).
-    """
-
-    index: int
-    step: str
-    tool: str
-    arguments: dict[str, Any]
-    refs: dict[str, tuple[tuple[int, int | None], ...]]
-    purpose: str
-    deliver: bool = False
-
-    @property
-    def media_outputs(self) -> int:
-        """How many media artifacts the call makes (images: its ``n``; text tools: 0)."""
-        spec = TOOLS[self.tool]
-        if spec.output.kind == "text":
-            return 0
-        return int(self.arguments.get("n", 1)) if spec.output.kind == "image" else 1
 
 
 @dataclass(frozen=True)
@@ -131,11 +102,11 @@ class Workflow:
             if step.id in seen:
                 raise ConfigError(f"{where}: step id {step.id!r} is used twice; step ids must be unique")
             for tool in step.tools:
-                if tool not in TOOLS:
+                if tool not in DEFAULT_TOOLS:
                     raise ConfigError(f"{where}, step {step.id!r}: unknown tool {tool!r}")
-                if TOOLS[tool].group != TOOLS[step.tool].group:
+                if DEFAULT_TOOLS[tool].group != DEFAULT_TOOLS[step.tool].group:
                     raise ConfigError(f"{where}, step {step.id!r}: alternative {tool!r} is not in the "
-                                      f"group of {step.tool!r} ({TOOLS[step.tool].group})")
+                                      f"group of {step.tool!r} ({DEFAULT_TOOLS[step.tool].group})")
             wanted = "shots" if self.modality == "video" else "amount"
             if step.repeat not in (None, wanted):
                 raise ConfigError(f"{where}, step {step.id!r}: repeat {step.repeat!r} must be None or "
@@ -145,8 +116,8 @@ class Workflow:
             for name in step.inputs:
                 if name not in seen:
                     raise ConfigError(f"{where}, step {step.id!r}: input {name!r} is not an earlier step")
-                kind = TOOLS[seen[name].tool].output.kind
-                if kind != "text" and not any(kind in inp.kinds for inp in TOOLS[step.tool].inputs):
+                kind = DEFAULT_TOOLS[seen[name].tool].output.kind
+                if kind != "text" and not any(kind in inp.kinds for inp in DEFAULT_TOOLS[step.tool].inputs):
                     raise ConfigError(f"{where}, step {step.id!r}: {step.tool} takes no {kind} "
                                       f"artifact, but input {name!r} makes one")
             seen[step.id] = step
@@ -159,7 +130,7 @@ class Workflow:
     @property
     def supports_consistency(self) -> bool:
         """Whether it makes images that can carry an identity, scene or style by reference."""
-        return any(TOOLS[step.tool].group in REFERENCE_GROUPS for step in self.steps)
+        return any(DEFAULT_TOOLS[step.tool].group in REFERENCE_GROUPS for step in self.steps)
 
     def instantiate(self, task: Task) -> list[PlannedCall]:
         """The concrete, executable calls that meet ``task``'s requirements exactly.
@@ -167,9 +138,11 @@ class Workflow:
         Raises:
             ConfigError: the task's modality is not the workflow's.
         """
-        from visenv.tasks.planner import plan_calls  # imported here: the planner imports this module
-
         return plan_calls(self, task)
+
+    def unavailable_steps(self, tools: Mapping[str, ToolSpec]) -> list[WorkflowStep]:
+        """The steps that no tool of ``tools`` can play (neither the step's tool nor an alternative)."""
+        return [step for step in self.steps if not any(tool in tools for tool in step.tools)]
 
 
 _T2I = ("tool_text2image_gemini", "tool_text2image_hunyuan", "tool_text2image_seed",

@@ -1,4 +1,4 @@
-"""The attribute tier: the paper's simulation of the 36 tools.
+"""The attribute tier: the paper's simulation of the tools.
 
 Each tool's simulation reproduces the real tool's state transitions, parameter validation and output
 specification (PAPER.md section 2): the :class:`AttributeBackend` derives the attributes of every
@@ -31,7 +31,10 @@ Rules (``derive``; durations in seconds, floats rounded to 3 decimals):
 - ``subtitle`` sets ``has_subtitles``; ``voiceover`` sets ``has_voiceover`` and ``has_audio`` and
   says whether the speech (2.5 words/s) fits the clip.
 - ``music``: ``duration``; ``soundtrack``: the video's duration; ``tts``: max(1, words / 2.5).
-- ``text``: templated text (:mod:`visenv.tools.simulated_text`).
+- a function instead of a rule name: a tool's own rule, ``rule(request) -> (attributes of each
+  output, note) | ToolFailure``.
+- text tools: ``output.derive`` is the tool's text simulator, ``simulate(request, rng) -> str |
+  ToolFailure`` (the default tools' templates are in :mod:`visenv.tools.simulated_text`).
 
 Every video carries ``width, height, duration, fps, shots, has_audio, has_subtitles,
 has_voiceover``; audio carries ``duration`` and the file's ``sample_rate``.
@@ -49,9 +52,9 @@ from typing import Any, Callable, Mapping
 
 from visenv.media import Artifact
 from visenv.mediadb import MediaDatabase
+from visenv.resolutions import VIDEO_RESOLUTIONS
 from visenv.tools.backends import BackendAnswer, MediaOutput, ToolFailure, ToolRequest
-from visenv.tools.simulated_text import TEXT_TOOLS, WORDS_PER_SECOND
-from visenv.tools.specs import VIDEO_RESOLUTIONS
+from visenv.tools.simulated_text import WORDS_PER_SECOND
 
 _EPS = 1e-6
 _VIDEO_FLAGS = ("has_audio", "has_subtitles", "has_voiceover")
@@ -270,11 +273,12 @@ class AttributeBackend:
         rng = random.Random(request.seed)
         output = request.spec.output
         if output.kind == "text":
-            text = TEXT_TOOLS[request.spec.name](request, rng)
+            text = output.derive(request, rng)
             if isinstance(text, ToolFailure):
                 return text
             return BackendAnswer(outputs=(), text=text, backend=self.name)
-        derived = DERIVE_RULES[output.derive](request)
+        rule = output.derive if callable(output.derive) else DERIVE_RULES[output.derive]
+        derived = rule(request)
         if isinstance(derived, ToolFailure):
             return derived
         outputs, note = derived

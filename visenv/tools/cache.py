@@ -39,7 +39,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from visenv.error import BackendError, CacheSchemaError
 from visenv.media import BlobStore, sha256_file
 from visenv.tools.backends import BackendAnswer, MediaOutput, ToolRequest
-from visenv.tools.cache_key import STATEFUL_TOOLS, CallKey, canonical_json, nearest_eligible, query_text, shape_of
+from visenv.tools.cache_key import CallKey, canonical_json, nearest_eligible, query_text, shape_of
 from visenv.tools.spec import ToolSpec
 
 SCHEMA_VERSION = 1
@@ -336,7 +336,7 @@ class ToolCache:
         for spec, key, outputs, text, source in items:
             if (spec.name, spec.version) != (key.tool, key.version):
                 raise ValueError(f"Key for {key.tool} v{key.version} cannot store a {spec.name} v{spec.version} answer.")
-            if spec.name in STATEFUL_TOOLS:
+            if spec.stateful:
                 raise ValueError(f"{spec.name} answers from episode state and cannot be cached.")
             rows.append((spec, key, self.store_media(outputs), text, source))
         conn = self._conn()
@@ -548,7 +548,7 @@ class ExactCacheBackend:
 
     def lookup(self, request: ToolRequest) -> CacheEntry | None:
         """The entry that answers ``request``, or None (counts nothing)."""
-        if request.spec.name in STATEFUL_TOOLS:
+        if request.spec.stateful:
             return None
         key = CallKey.of(request.spec, request.arguments, request.inputs, request.seed)
         entry = self.cache.get(key)

@@ -37,13 +37,10 @@ from typing import Any, Mapping
 
 from visenv.media import Artifact
 from visenv.tools.spec import ToolSpec
-from visenv.tools.specs import TOOLS
 
 KEY_FORMAT = 1
 """Bump when the normalisation below changes: every earlier key then misses (and so bump the env id)."""
 HASH_PREFIX = "sha256:"
-STATEFUL_TOOLS = frozenset(name for name, spec in TOOLS.items() if spec.stateful)
-"""Tools whose answer depends on episode state, not only on the call: never cached."""
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -171,7 +168,7 @@ def nearest_eligible(spec: ToolSpec, arguments: Mapping[str, Any]) -> bool:
     A call that edits, animates or composes a given artifact depends on that artifact, so another
     prompt's output would have the wrong content and attributes.
     """
-    if spec.name in STATEFUL_TOOLS:
+    if spec.stateful:
         return False
     return not any(inp.argument in arguments for inp in spec.inputs)
 

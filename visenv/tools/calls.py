@@ -3,21 +3,69 @@
 :func:`execute_call` checks the tool name, the arguments (JSON Schema) and every artifact reference
 (exists in this episode, right kind), asks the tool's backend chain, registers the produced media
 as artifacts and prices the call with the tool's cost model. Every policy mistake becomes a
-:class:`~visenv.episode.CallRecord` with status "error" and an agent-readable message.
+:class:`CallRecord` with status "error" and an agent-readable message.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from visenv.episode import CALL_ERROR, CALL_OK, CallRecord
 from visenv.media import Artifact, ArtifactRegistry
 from visenv.protocol import ToolCall
 from visenv.tools.backends import BackendChain, ToolFailure, ToolRequest
 from visenv.tools.spec import ToolSpec
-from visenv.tools.specs import TOOLS
+
+CALL_OK = "ok"
+CALL_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One executed (or refused) tool call.
+
+    Attributes:
+        index: 0-based index among the episode's calls.
+        tool: the tool name as the agent wrote it.
+        arguments: the arguments as the agent wrote them.
+        status: "ok" or "error".
+        error: the agent-readable reason when status is "error".
+        error_kind: "unknown_tool", "bad_arguments", "bad_artifact", "tool_failure" or "".
+        outputs: ids of the artifacts produced.
+        inputs: ids of the artifacts consumed.
+        text: the text result (text, understanding and search tools).
+        backend: the tier that answered ("" when refused before any backend ran).
+        similarity: the neighbour similarity when the nearest tier answered.
+        gpu_seconds: what the call would have cost on the real tool.
+        latency_seconds: how long the real tool would have taken.
+    """
+
+    index: int
+    tool: str
+    arguments: Any
+    status: str
+    error: str = ""
+    error_kind: str = ""
+    outputs: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    text: str = ""
+    backend: str = ""
+    similarity: float | None = None
+    gpu_seconds: float = 0.0
+    latency_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == CALL_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "tool": self.tool, "arguments": self.arguments,
+                "status": self.status, "error": self.error, "error_kind": self.error_kind,
+                "outputs": list(self.outputs), "inputs": list(self.inputs), "text": self.text,
+                "backend": self.backend, "similarity": self.similarity,
+                "gpu_seconds": self.gpu_seconds, "latency_seconds": self.latency_seconds}
 
 
 def _refuse(index: int, call: ToolCall, kind: str, message: str, inputs: tuple[str, ...] = ()) -> CallRecord:
@@ -60,7 +108,7 @@ def _units(spec: ToolSpec, outputs: list[Artifact]) -> float:
 
 
 def execute_call(call: ToolCall, index: int, registry: ArtifactRegistry, chains: Mapping[str, BackendChain],
-                 seed: int, state: dict[str, Any]) -> CallRecord:
+                 seed: int, state: dict[str, Any], tools: Mapping[str, ToolSpec]) -> CallRecord:
     """Validate and run ``call``; returns its record (the new artifacts are in ``registry``).
 
     Args:
@@ -70,10 +118,11 @@ def execute_call(call: ToolCall, index: int, registry: ArtifactRegistry, chains:
         chains: tool name -> backend chain.
         seed: the per-call seed handed to the backend.
         state: the episode's scratch state (for stateful tools such as the to-do list).
+        tools: the environment's tool set; a name outside it is an unknown tool.
     """
-    spec = TOOLS.get(call.name)
+    spec = tools.get(call.name)
     if spec is None:
-        close = difflib.get_close_matches(call.name, TOOLS, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(call.name, tools, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(close)}?" if close else " Tool names start with 'tool_'."
         return _refuse(index, call, "unknown_tool", f"There is no tool named {call.name!r}.{hint}")
     problems = spec.validate(call.arguments)

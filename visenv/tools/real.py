@@ -32,7 +32,7 @@ from visenv.media import BlobStore
 from visenv.mediadb import MEDIA_SUFFIXES, probe
 from visenv.tools.backends import BackendAnswer, MediaOutput, ToolFailure, ToolRequest
 from visenv.tools.cache import CacheEntry, ToolCache, open_cache
-from visenv.tools.cache_key import STATEFUL_TOOLS, CallKey
+from visenv.tools.cache_key import CallKey
 from visenv.tools.specs import tools_in_group
 
 ON_ERROR = ("raise", "pass")
@@ -119,7 +119,7 @@ class RealBackend:
             answer (no cache), the tool's refusal, or None when the call is not served.
         """
         spec = request.spec
-        if (self.tools is not None and spec.name not in self.tools) or spec.name in STATEFUL_TOOLS:
+        if (self.tools is not None and spec.name not in self.tools) or spec.stateful:
             return None
         try:
             generated = self.generate(request)

@@ -8,7 +8,7 @@ lives in the episode state, an analysis reports the artifact's true attributes a
 
 Each simulator takes the :class:`~visenv.tools.backends.ToolRequest` and a seeded
 :class:`random.Random`, and returns the text or a :class:`~visenv.tools.backends.ToolFailure`.
-:data:`TEXT_TOOLS` maps tool names to simulators.
+Each default text tool carries its simulator as ``output.derive`` (:mod:`visenv.tools.specs`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import html
 import math
 import random
 import re
-from typing import Callable, Mapping
 
 from visenv.media import Artifact
 from visenv.tools.backends import ToolFailure, ToolRequest
@@ -319,22 +318,3 @@ def search_inspire(request: ToolRequest, rng: random.Random) -> str:
     return f"Inspiration for '{query}':\n" + "\n".join(
         f"{i}. {style} take on {query}: palette {rng.choice(_PALETTES)}; {rng.choice(_COMPOSITIONS)}; "
         f"mood {rng.choice(_MOODS)}." for i, style in enumerate(styles, start=1))
-
-
-TEXT_TOOLS: Mapping[str, Callable[[ToolRequest, random.Random], str | ToolFailure]] = {
-    "tool_prompt_refine": prompt_refine,
-    "tool_video_shot_gen": video_shot_gen,
-    "tool_video_script_gen": video_script_gen,
-    "tool_storyboard_polish": storyboard_polish,
-    "tool_script_storyboard_merge": script_storyboard_merge,
-    "tool_content_summary": content_summary,
-    "tool_task_manager": task_manager,
-    "tool_html_builder": html_builder,
-    "tool_beat_detect": beat_detect,
-    "tool_image_analysis": image_analysis,
-    "tool_video_analysis": video_analysis,
-    "tool_audio_analysis": audio_analysis,
-    "tool_search_content": search_content,
-    "tool_search_inspire": search_inspire,
-}
-"""Tool name -> simulator, for every tool whose output kind is "text"."""

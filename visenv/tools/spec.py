@@ -3,15 +3,16 @@
 A :class:`ToolSpec` says what a tool accepts (a JSON Schema for its arguments, validated by the
 ``jsonschema`` library), which artifacts it consumes (an edit needs an image, a composite needs
 clips), what it produces (modality, count, resolution and duration rules) and what one real call
-would cost (GPU-seconds and latency). The 36 specs of the VisGen environment live in
-:mod:`visenv.tools.specs`.
+would cost (GPU-seconds and latency), and how the attribute tier simulates its output. The default
+tools of the VisGen environment, and the :class:`~visenv.tools.specs.ToolSet` an environment plays
+with, live in :mod:`visenv.tools.specs`.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import fastjsonschema
 import jsonschema
@@ -51,16 +52,19 @@ class OutputSpec:
 
     Attributes:
         kind: "image", "video", "audio" or "text".
-        derive: the rule family used by the attribute tier (see :mod:`visenv.tools.attribute`):
-            "generate", "edit", "animate", "concat", "slideshow", "trim", "speed", "same",
-            "voiceover", "subtitle", "soundtrack", "music", "tts", "cut", or "text".
+        derive: how the attribute tier simulates the output (see :mod:`visenv.tools.attribute`).
+            Media: a rule family, "generate", "edit", "animate", "concat", "slideshow", "trim",
+            "speed", "same", "voiceover", "subtitle", "soundtrack", "music", "tts" or "cut", or your
+            own rule ``rule(request) -> (attributes of each output, note) | ToolFailure``. Text: the
+            tool's text simulator ``simulate(request, rng) -> str | ToolFailure``. Give a
+            module-level function, so that the spec pickles to Ray workers.
         resolutions: aspect ratio -> (width, height) for generated images or videos.
         fps: frames per second of produced video.
         max_count: most outputs one call may return (images).
     """
 
     kind: str
-    derive: str
+    derive: str | Callable[..., Any]
     resolutions: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     fps: int | None = None
     max_count: int = 1

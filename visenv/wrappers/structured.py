@@ -22,7 +22,7 @@ from visenv.envs.visgen import VisGenEnv
 from visenv.error import ConfigError, ResetNeeded
 from visenv.protocol import format_turn
 from visenv.tasks.task import AUDIO, CONSISTENCY, MAX_DURATION, MAX_IMAGES, MAX_SHOTS
-from visenv.tools.specs import TOOLS
+from visenv.tools.spec import ToolSpec
 
 RLLIB_ENV_ID = "visenv/VisGenStructured-v0"
 DEFAULT_TOOLS = ("tool_prompt_refine", "tool_text2image_qwen", "tool_image_edit_qwen", "tool_image_analysis")
@@ -38,14 +38,14 @@ FILLED_ARGUMENTS = ("prompt", "query", "question")
 """Required free-text arguments the wrapper can write from the request; a tool needing others is refused."""
 
 
-def _check_tools(tools: Sequence[str]) -> tuple[str, ...]:
+def _check_tools(tools: Sequence[str], available: Mapping[str, ToolSpec]) -> tuple[str, ...]:
     tools = tuple(tools)
     if not tools or len(set(tools)) != len(tools):
         raise ConfigError(f"tools ({list(tools)}) must be a non-empty list of distinct tool names.")
     for name in tools:
-        if name not in TOOLS:
-            raise ConfigError(f"tools: {name!r} is not a VisGen tool; see visenv.tools.specs.TOOLS.")
-        spec = TOOLS[name]
+        if name not in available:
+            raise ConfigError(f"tools: {name!r} is not a VisGen tool of the environment; see env.unwrapped.tools.")
+        spec = available[name]
         artifacts = {i.argument for i in spec.inputs}
         missing = [a for a in spec.parameters.get("required", ()) if a not in artifacts | set(FILLED_ARGUMENTS)]
         if missing:
@@ -86,7 +86,7 @@ class StructuredVisGen(gym.Wrapper):
 
     def __init__(self, env: VisGenEnv, tools: Sequence[str] = DEFAULT_TOOLS):
         super().__init__(env)
-        self.tools = _check_tools(tools)
+        self.tools = _check_tools(tools, env.unwrapped.tools)
         self.action_space = spaces.MultiDiscrete([len(KINDS), len(self.tools), len(COUNTS), len(REFERENCES)])
         self.observation_space = spaces.Box(0.0, 1.0, (len(self.feature_names),), np.float32)
         self._last_status = 0
@@ -130,7 +130,7 @@ class StructuredVisGen(gym.Wrapper):
             return format_turn(think=f"I deliver what I made ({len(made)} {modality}).", answer=f"Delivered: {cited}")
         name = self.tools[tool]
         plan = None if record.turns else "\n".join(
-            f"{i}. {t}: {TOOLS[t].description.split('.')[0]}" for i, t in enumerate(self.tools, 1))
+            f"{i}. {t}: {self.env.unwrapped.tools[t].description.split('.')[0]}" for i, t in enumerate(self.tools, 1))
         think = f"Call {name} (n: {COUNTS[count]}, reference: {REFERENCES[reference]})."
         call = {"name": name, "arguments": self._arguments(name, count, reference)}
         return format_turn(think=think, plan=plan, tool_call=call)
@@ -138,7 +138,7 @@ class StructuredVisGen(gym.Wrapper):
     def _arguments(self, name: str, count: int, reference: int) -> dict[str, Any]:
         record = self.env.unwrapped.record
         req = record.task.requirements
-        spec = TOOLS[name]
+        spec = self.env.unwrapped.tools[name]
         properties = spec.parameters["properties"]
         subject = ", ".join(req.keywords) or "the requested subject"
         arguments: dict[str, Any] = {}

@@ -37,7 +37,7 @@ from visenv.rewards.judges.backends import ChatBackend, ChatPrompt
 from visenv.rewards.judges.cache import JudgeCache, judge_key
 from visenv.rewards.judges.templates import GRADER, PLAN, REFLECTION, TRAJECTORY, PromptTemplate
 from visenv.tasks import WORKFLOWS, Requirements, Workflow
-from visenv.tools.specs import TOOLS
+from visenv.tools.spec import ToolSpec
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ def requirements_text(req: Requirements) -> str:
     return "\n".join(lines)
 
 
-def tools_text() -> str:
-    """Every tool, one per line: name, group and description."""
-    return "\n".join(f"- {s.name} ({s.group}): {s.description}" for s in TOOLS.values())
+def tools_text(tools: Mapping[str, ToolSpec]) -> str:
+    """Every tool of ``tools``, one per line: name, group and description."""
+    return "\n".join(f"- {s.name} ({s.group}): {s.description}" for s in tools.values())
 
 
 def workflow_text(workflow: Workflow) -> str:
@@ -251,7 +251,7 @@ class PlanJudge(Judge):
         workflow = WORKFLOWS[episode.task.workflow]
         return [JudgeRequest(PLAN, {
             "request": episode.task.request, "requirements": requirements_text(episode.task.requirements),
-            "tools": tools_text(), "workflow": f"{workflow.name}. {workflow.description}",
+            "tools": tools_text(episode.tools), "workflow": f"{workflow.name}. {workflow.description}",
             "workflow_steps": workflow_text(workflow), "plan": turn.plan})]
 
     def combine(self, episode: EpisodeRecord, answers: list[dict[str, float]]) -> float | None:
