@@ -4,8 +4,13 @@ A run is one :class:`TrainConfig` (``rl train``), :class:`SFTConfig` (``rl sft``
 :class:`EvalConfig` (``rl eval``). Each section is a dataclass whose docstring documents every field;
 ``__post_init__`` rejects a bad value with a message naming it and the fix. YAML files mirror the
 nesting (``grpo: {group_size: 8}``); on the command line every field is an option
-``--section.field VALUE`` whose help is the field's docstring (values are read as YAML: ``true``,
-``3e-4``, ``[a, b]``).
+``--section.field VALUE`` whose help is the field's docstring, and ``--set FIELD=VALUE`` sets any
+field by its dotted name (values are read as YAML: ``true``, ``3e-4``, ``[a, b]``).
+
+:func:`from_dict` (and so :func:`load` and :func:`apply_overrides`, which any nested dataclass config
+can use) checks every value's kind against the type hints before ``__post_init__`` checks its range;
+each error is a :class:`~visenv.error.ConfigError` naming the field by its dotted path, the value
+and the fix.
 """
 
 from __future__ import annotations
@@ -405,7 +410,7 @@ def _kind_error(path: str, value: Any, expected: str, fix: str) -> ConfigError:
 
 
 def _scalar(value: Any, hint: type, path: str) -> Any:
-    """``value`` as a bool, int, float or str field, or a ConfigError naming the field, the value and the fix."""
+    """``value`` as a bool, int, float or str field; a ConfigError names the field, the value and the fix."""
     if hint is bool:
         ok = isinstance(value, bool)
     elif isinstance(value, bool):  # YAML's true is not a number
@@ -424,9 +429,9 @@ def _scalar(value: Any, hint: type, path: str) -> Any:
     fix = f"write {_EXAMPLES[hint]}"
     if isinstance(value, str) and hint in (int, float):
         fix += " without quotes"
-    elif isinstance(value, float) and hint is int:
+    elif isinstance(value, float) and hint is int and value == value and abs(value) != float("inf"):
         fix = f"write a whole number such as {int(value)} or {int(value) + 1}"
-    return _kind_error(path, value, _KINDS[hint], fix)
+    raise _kind_error(path, value, _KINDS[hint], fix)
 
 
 def _convert(value: Any, hint: Any, path: str) -> Any:
@@ -452,18 +457,16 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     if origin in (list, tuple) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise _kind_error(path, value, "a list", "write it as [a, b] or one '- item' line per item")
-        item = args[0] if args else Any
-        return type(value)(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+        item = args[0] if args else Any  # list[X] or tuple[X, ...]
+        kind = tuple if tuple in (origin, hint) else list
+        return kind(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict or hint is dict:
         if not isinstance(value, typing.Mapping):
             raise _kind_error(path, value, "a mapping", "write it as {key: value, ...}")
         key_hint, value_hint = args or (Any, Any)
         return {_convert(k, key_hint, path): _convert(v, value_hint, f"{path}.{k}") for k, v in value.items()}
     if hint in _KINDS:
-        result = _scalar(value, hint, path)
-        if isinstance(result, ConfigError):
-            raise result
-        return result
+        return _scalar(value, hint, path)
     raise TypeError(f"rl.config cannot check fields of type {hint!r} ({path}); use bool, int, float, str, "
                     "Any, a list, a dict, a dataclass, or X | None.")
 

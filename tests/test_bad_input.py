@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from rl.cli import COMMANDS
+from rl.config import EvalConfig
 from visenv.envs.visgen import VisGenEnv
 from visenv.protocol import format_turn, parse_tool_response
 
@@ -128,7 +130,8 @@ def test_answer_citing_unknown_ids_is_penalised_and_ends(env):
 
 # ---------------------------------------------------------------- the command lines (rl, visenv)
 
-EVAL = "eval"  # the rl command that plays a policy, agent or API on fresh tasks (EvalConfig)
+# the rl command that plays a policy, agent or API on fresh tasks and saves trajectories
+EVAL = next(name for name, (cls, _) in COMMANDS.items() if cls is EvalConfig)
 
 
 def refused_url() -> str:
@@ -261,6 +264,17 @@ def test_command_turns_bad_input_into_one_message(program, case, files, capsys):
     line = err.strip().splitlines()[-1]
     assert f"{program} {argv[0]}: error: " in line and "Traceback" not in err
     assert re.search(message, line), line
+
+
+@pytest.mark.parametrize("package, option", [("peft", "policy.lora={rank: 4}"), ("tensorboardX", "tensorboard=true")])
+def test_a_missing_dependency_names_the_pip_extra(package, option, files, capsys, monkeypatch):
+    import rl.cli
+
+    monkeypatch.setitem(sys.modules, package, None)  # import package -> ImportError
+    assert rl.cli.main(fill(TRAIN + ["--output_dir", "{tmp}/deps", "--set", option], files)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(rf"needs the package '{package}', which is not installed. Install it with: "
+                     r"pip install 'visenv\[rl\]'", line), line
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -136,6 +136,18 @@ def test_help_explains_every_option(capsys):
     assert "--grpo.kl_estimator VALUE" in text and '"k1", "k2" or "k3"' in text
     assert "--rollout.max_staleness VALUE" in text and "(default: 0)" in text
     assert "--sft.tiny.hidden_size" in text
+    for command in ("train", "sft", "eval"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        assert "--set FIELD=VALUE set any field by its dotted name" in " ".join(capsys.readouterr().out.split())
+
+
+def test_set_options_win_over_section_options_and_reach_nested_fields():
+    args = build_parser().parse_args(["train", "--policy.model", "a", "--set", "policy.model=b", "--grpo.epochs", "2",
+                                      "--set", "env.options={subjects: [cat]}", "--set", "policy.lora.rank=4"])
+    config = load(TrainConfig, None, overrides_from(args))
+    assert (config.policy.model, config.grpo.epochs, config.env.options, config.policy.lora.rank) == (
+        "b", 2, {"subjects": ["cat"]}, 4)
 
 
 def test_cli_reports_bad_values_without_a_traceback(capsys):
