@@ -8,10 +8,12 @@ so the policy can act and be evaluated, not trained.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from rl.errors import ConfigError, EndpointError
 from rl.policy import ENV, POLICY, Conversation, Segment
 
 
@@ -31,6 +33,9 @@ class ApiPolicy:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, system_prompt: str | None = None,
                  max_tokens: int = 1024, temperature: float = 1.0, timeout: float = 120.0, concurrency: int = 8):
+        if temperature < 0 or max_tokens < 1 or timeout <= 0 or concurrency < 1:
+            raise ConfigError(f"ApiPolicy: temperature ({temperature}) must be >= 0, max_tokens ({max_tokens}) and "
+                              f"concurrency ({concurrency}) >= 1, timeout ({timeout}) > 0.")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = api_key
@@ -57,12 +62,16 @@ class ApiPolicy:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            reply = json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                reply = json.loads(response.read())
+        except (OSError, ValueError) as exc:  # refused, timed out, HTTP error status, or a body that is not JSON
+            raise EndpointError(f"POST {self.url} failed ({exc}); expected an OpenAI-compatible server answering "
+                                "JSON there: start it, or fix the base URL (it ends in /v1 for most servers).") from None
         try:
             text = reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise RuntimeError(f"{self.url} answered without choices[0].message.content: {str(reply)[:200]}") from None
+            raise EndpointError(f"{self.url} answered without choices[0].message.content: {str(reply)[:200]}") from None
         return Segment(POLICY, text)
 
     def generate(self, conversations: Sequence[Conversation]) -> list[Segment]:

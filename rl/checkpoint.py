@@ -14,9 +14,11 @@ exact resume needs.
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 
+from rl.errors import CheckpointError, CheckpointNotFound
 from rl.policy import TrainablePolicy
 
 
@@ -32,10 +34,15 @@ def load(path: str, policy: TrainablePolicy) -> tuple[dict, int]:
     """Load the weights of checkpoint ``path`` into ``policy``; returns ``(algorithm_state, iteration)``."""
     file = os.path.join(path, "trainer.pt")
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (no trainer.pt); pass a folder such as "
-                                f"{os.path.join(path, 'iter_000010')} or use latest(...).")
-    state = torch.load(file, weights_only=False)
-    policy.set_weights(state["weights"])
+        raise CheckpointNotFound(f"{path} is not a checkpoint folder (no trainer.pt); pass a folder such as "
+                                 f"{os.path.join(path, 'iter_000010')} or use latest(...).")
+    try:
+        state = torch.load(file, weights_only=False)
+        policy.set_weights(state["weights"])
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file} cannot be restored ({' '.join(str(exc).split())[:200]}); expected a complete "
+                              "trainer.pt written for this policy's model. Delete the folder "
+                              f"{path} to resume from the checkpoint before it, or use a new output_dir.") from None
     return state["algorithm"], state["iteration"]
 
 

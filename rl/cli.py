@@ -8,7 +8,9 @@ Examples::
     rl eval  --config configs/eval_visgen.yaml --policy.model runs/visgen/grpo/checkpoints/iter_000200/policy
 
 Every option of the YAML file is also a ``--section.field`` option; ``rl <command> --help`` lists
-them with their meaning and default.
+them with their meaning and default. ``--set FIELD=VALUE`` (repeatable) sets any field by its dotted
+name (``--set env.options.max_turns=5``). Bad input (a config, a path, data, an endpoint) ends with
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from rl import checkpoint
 from rl.config import EvalConfig, SFTConfig, TrainConfig, add_options, load, overrides_from, to_dict
+from rl.errors import ConfigError, VisenvError
 from rl.logging import MetricsLogger
 from rl.rollout import SerialRollout, make_specs
 from rl.train import Trainer, episode_metrics
@@ -93,7 +96,11 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
 
 def _import(spec: str) -> Any:
     module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"agent ({spec!r}): cannot import it ({exc}); expected 'module:Class' of an importable "
+                          "module, e.g. 'baselines.random_agent:RandomAgent'.") from None
 
 
 def run_eval(config: EvalConfig) -> dict[str, float]:
@@ -140,13 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = load(COMMANDS[args.command][0], args.config, overrides_from(args))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"rl {args.command}: {exc}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> None:
+    """Load the command's config (YAML file, then options) and run it."""
+    config = load(COMMANDS[args.command][0], args.config, overrides_from(args))
     if args.command == "sft":
         run_sft(config)
     elif args.command == "train":
@@ -155,6 +158,20 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: round(v, 4) for k, v in history[-1].items() if not k.startswith("time/")}))
     else:
         print(json.dumps(run_eval(config), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; a user's mistake (bad config, file, path, data, endpoint) is one line on stderr and
+    exit code 2, never a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except VisenvError as exc:
+        print(f"rl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file named by the config or an option: the message names it
+        print(f"rl {args.command}: error: {exc}; check the path in the config or options.", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -4,24 +4,36 @@ A run is one :class:`TrainConfig` (``rl train``), :class:`SFTConfig` (``rl sft``
 :class:`EvalConfig` (``rl eval``). Each section is a dataclass whose docstring documents every field;
 ``__post_init__`` rejects a bad value with a message naming it and the fix. YAML files mirror the
 nesting (``grpo: {group_size: 8}``); on the command line every field is an option
-``--section.field VALUE`` whose help is the field's docstring (values are read as YAML: ``true``,
-``3e-4``, ``[a, b]``).
+``--section.field VALUE`` whose help is the field's docstring, and ``--set FIELD=VALUE`` sets any
+field by its dotted name (values are read as YAML: ``true``, ``3e-4``, ``[a, b]``).
+
+:func:`from_dict` (and so :func:`load` and :func:`apply_overrides`, which any nested dataclass config
+can use) checks every value's kind against the type hints before ``__post_init__`` checks its range;
+each error is a :class:`~visenv.error.ConfigError` naming the field by its dotted path, the value
+and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
 import functools
 import inspect
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import yaml
+
+from visenv.error import ConfigError, VisenvError
 from visenv.yamlio import load_yaml
 
+from rl.errors import ModelLoadError
 from rl.grpo import GRPOConfig
 from rl.ppo import PPOConfig
 from rl.sft import SFTStage
@@ -45,8 +57,12 @@ class EnvConfig:
         import visenv  # noqa: F401  (registers the ids)
 
         if self.id not in gymnasium.envs.registry:
-            raise ValueError(f"env.id ({self.id!r}) is not a registered environment; "
+            raise ConfigError(f"env.id ({self.id!r}) is not a registered environment; "
                              f"use one of {list(visenv.ENV_IDS)}.")
+        try:  # the environment checks its own options (cheap: no episode runs)
+            self.make().close()
+        except ConfigError as exc:
+            raise ConfigError(f"env.options ({self.options!r}): {exc}") from None
 
     def make(self):
         """A new environment (picklable: Ray workers call it)."""
@@ -73,7 +89,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 1 or not self.target_modules:
-            raise ValueError(f"lora.rank ({self.rank}) must be >= 1 and lora.target_modules non-empty.")
+            raise ConfigError(f"lora.rank ({self.rank}) must be >= 1 and lora.target_modules non-empty.")
 
 
 @dataclass
@@ -112,27 +128,37 @@ class PolicyConfig:
                    "dtype": ("float32", "bfloat16", "float16"), "device": ("cpu", "cuda", "auto")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"policy.{name} ({getattr(self, name)!r}) must be one of {allowed}.")
+                raise ConfigError(f"policy.{name} ({getattr(self, name)!r}) must be one of {allowed}.")
         if self.max_new_tokens < 1 or self.temperature < 0:
-            raise ValueError(f"policy.max_new_tokens ({self.max_new_tokens}) must be >= 1 and "
+            raise ConfigError(f"policy.max_new_tokens ({self.max_new_tokens}) must be >= 1 and "
                              f"policy.temperature ({self.temperature}) >= 0.")
 
     def build(self):
         """Load the policy (picklable: Ray workers call it)."""
         import torch
+        from safetensors import SafetensorError
 
         from rl.hf import CausalLMPolicy, add_lora, vision_policy_class
 
         if not self.model:
-            raise ValueError("policy.model is empty: give the folder of a model (e.g. the policy folder "
+            raise ConfigError("policy.model is empty: give the folder of a model (e.g. the policy folder "
                              "written by `rl sft`) or a hub id.")
         options = dict(chat=self.chat, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                        system_prompt=self.system_prompt)
-        if self.kind == "vlm":
-            policy = vision_policy_class(self.model).from_pretrained(self.model, self.dtype,
-                                                                     images_per_turn=self.images_per_turn, **options)
-        else:
-            policy = CausalLMPolicy.from_pretrained(self.model, self.dtype, **options)
+        try:
+            if self.kind == "vlm":
+                policy = vision_policy_class(self.model).from_pretrained(
+                    self.model, self.dtype, images_per_turn=self.images_per_turn, **options)
+            else:
+                policy = CausalLMPolicy.from_pretrained(self.model, self.dtype, **options)
+        except VisenvError:
+            raise
+        except (OSError, ValueError, SafetensorError) as exc:  # transformers' ways of saying "cannot read it"
+            found = "is a folder that cannot be read" if os.path.isdir(self.model) else "is not a folder"
+            raise ModelLoadError(
+                f"policy.model ({self.model!r}) {found} ({str(exc).splitlines()[0]}). Expected a model folder "
+                "with config.json, weights and tokenizer (the policy folder written by `rl sft`, a checkpoint's "
+                "policy/ folder) or a hub id in the local cache: fix the path, or re-save a damaged folder.") from None
         if self.lora is not None:
             add_lora(policy, self.lora.rank, self.lora.alpha, self.lora.target_modules)
         device = "cuda" if self.device == "auto" and torch.cuda.is_available() else self.device
@@ -171,17 +197,27 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         if self.backend not in ("serial", "ray"):
-            raise ValueError(f"rollout.backend ({self.backend!r}) must be 'serial' or 'ray'.")
+            raise ConfigError(f"rollout.backend ({self.backend!r}) must be 'serial' or 'ray'.")
         if self.placement not in ("colocate", "spread"):
-            raise ValueError(f"rollout.placement ({self.placement!r}) must be 'colocate' or 'spread'.")
+            raise ConfigError(f"rollout.placement ({self.placement!r}) must be 'colocate' or 'spread'.")
         if self.num_envs < 1 or self.num_workers < 1 or self.torch_threads < 1:
-            raise ValueError(f"rollout.num_envs ({self.num_envs}), num_workers ({self.num_workers}) and "
+            raise ConfigError(f"rollout.num_envs ({self.num_envs}), num_workers ({self.num_workers}) and "
                              f"torch_threads ({self.torch_threads}) must be at least 1.")
         if self.max_staleness < 0:
-            raise ValueError(f"rollout.max_staleness ({self.max_staleness}) must be >= 0.")
+            raise ConfigError(f"rollout.max_staleness ({self.max_staleness}) must be >= 0.")
         if self.max_staleness and self.backend == "serial":
-            raise ValueError(f"rollout.max_staleness ({self.max_staleness}) needs backend 'ray': the serial "
+            raise ConfigError(f"rollout.max_staleness ({self.max_staleness}) needs backend 'ray': the serial "
                              "backend always samples with the learner's latest weights. Set it to 0.")
+
+    def check_local_cpus(self) -> None:
+        """Before a local Ray starts (no ray_address, Ray not running): the workers fit this machine's CPUs."""
+        import ray
+
+        cpus, needed = os.cpu_count() or 1, self.num_workers * self.worker_num_cpus
+        if self.ray_address is None and not ray.is_initialized() and needed > cpus:
+            raise ConfigError(f"rollout.num_workers ({self.num_workers}) x rollout.worker_num_cpus "
+                              f"({self.worker_num_cpus}) needs {needed:g} CPUs; this machine has {cpus}. Lower "
+                              "num_workers or worker_num_cpus (fractions allowed), or join a cluster with ray_address.")
 
     def build(self, policy, make_policy: Callable[[], Any], make_env: Callable[[], Any]):
         """The rollout backend; Ray is started (or joined) here when needed."""
@@ -189,6 +225,7 @@ class RolloutConfig:
 
         if self.backend == "serial":
             return SerialRollout(policy, make_env, self.num_envs)
+        self.check_local_cpus()
         import ray
 
         if not ray.is_initialized():
@@ -217,7 +254,7 @@ class TinyModelConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"tiny.hidden_size ({self.hidden_size}) must be divisible by tiny.num_heads "
+            raise ConfigError(f"tiny.hidden_size ({self.hidden_size}) must be divisible by tiny.num_heads "
                              f"({self.num_heads}).")
 
 
@@ -243,7 +280,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         if not self.stages:
-            raise ValueError("sft.stages is empty: give at least one stage with a 'visual' JSONL path.")
+            raise ConfigError("sft.stages is empty: give at least one stage with a 'visual' JSONL path.")
 
 
 @dataclass
@@ -286,17 +323,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("grpo", "ppo"):
-            raise ValueError(f"algorithm ({self.algorithm!r}) must be 'grpo' or 'ppo'.")
+            raise ConfigError(f"algorithm ({self.algorithm!r}) must be 'grpo' or 'ppo'.")
         if self.iterations < 1 or self.checkpoint_every < 0:
-            raise ValueError(f"iterations ({self.iterations}) must be >= 1 and checkpoint_every "
+            raise ConfigError(f"iterations ({self.iterations}) must be >= 1 and checkpoint_every "
                              f"({self.checkpoint_every}) >= 0.")
         if self.algorithm == "grpo" and self.rollout.max_staleness and not self.grpo.off_policy:
-            raise ValueError(f"rollout.max_staleness ({self.rollout.max_staleness}) > 0 needs grpo.off_policy: "
+            raise ConfigError(f"rollout.max_staleness ({self.rollout.max_staleness}) > 0 needs grpo.off_policy: "
                              "true (the old log-probs must come from the stale sampler).")
         if self.algorithm == "ppo" and self.rollout.max_staleness:
-            raise ValueError(f"rollout.max_staleness ({self.rollout.max_staleness}) must be 0 with ppo.")
+            raise ConfigError(f"rollout.max_staleness ({self.rollout.max_staleness}) must be 0 with ppo.")
         if self.sft is None and not self.policy.model:
-            raise ValueError("policy.model is empty and there is no sft section: give a model folder, or an "
+            raise ConfigError("policy.model is empty and there is no sft section: give a model folder, or an "
                              "sft section to build one first.")
 
     @property
@@ -337,12 +374,12 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or self.num_envs < 1:
-            raise ValueError(f"episodes ({self.episodes}) and num_envs ({self.num_envs}) must be at least 1.")
+            raise ConfigError(f"episodes ({self.episodes}) and num_envs ({self.num_envs}) must be at least 1.")
         if self.agent is not None and not re.fullmatch(r"[\w.]+:\w+", self.agent):
-            raise ValueError(f"agent ({self.agent!r}) must look like 'module:Class', e.g. "
+            raise ConfigError(f"agent ({self.agent!r}) must look like 'module:Class', e.g. "
                              "'baselines.random_agent:RandomAgent'.")
         if self.api_base_url and not self.api_model:
-            raise ValueError("api_base_url is set but api_model is empty: name the model the endpoint serves.")
+            raise ConfigError("api_base_url is set but api_model is empty: name the model the endpoint serves.")
 
 
 # ---------------------------------------------------------------- dicts, YAML and command lines
@@ -363,31 +400,121 @@ def _dataclass_in(hint: Any) -> type | None:
     return None
 
 
-def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
-    """Build dataclass ``cls`` from nested dicts; unknown keys are an error naming the valid ones."""
-    data = dict(data or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"Unknown option(s) {[where + k for k in unknown]}; the options of "
-                         f"{where.rstrip('.') or cls.__name__} are {sorted(names)}.")
+_EXAMPLES = {bool: "true or false", int: "an integer such as 8", float: "a number such as 0.001",
+             str: 'text in quotes, e.g. "abc"'}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _kind_error(path: str, value: Any, expected: str, fix: str) -> ConfigError:
+    return ConfigError(f"{path}: expected {expected}, got {value!r} ({type(value).__name__}); {fix}.")
+
+
+def _scalar(value: Any, hint: type, path: str) -> Any:
+    """``value`` as a bool, int, float or str field; a ConfigError names the field, the value and the fix."""
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool):  # YAML's true is not a number
+        ok = False
+    elif hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e3 and 2.0 are whole numbers
+        ok = isinstance(value, int)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and value == value  # NaN is no setting
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if ok:
+        return value
+    fix = f"write {_EXAMPLES[hint]}"
+    if isinstance(value, str) and hint in (int, float):
+        fix += " without quotes"
+    elif isinstance(value, float) and hint is int and value == value and abs(value) != float("inf"):
+        fix = f"write a whole number such as {int(value)} or {int(value) + 1}"
+    raise _kind_error(path, value, _KINDS[hint], fix)
+
+
+def _convert(value: Any, hint: Any, path: str) -> Any:
+    """``value`` checked (and converted: int -> float, mapping -> dataclass) against the type hint ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if len(options) == 1:
+            return _convert(value, options[0], path)
+        raise TypeError(f"rl.config cannot check the union {hint!r} of {path}; give the field one kind.")
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, typing.Mapping):
+            return from_dict(hint, value, f"{path}.")
+        names = ", ".join(f.name for f in dataclasses.fields(hint))
+        raise _kind_error(path, value, f"a mapping of options ({names})",
+                          f"write it as `{path.rsplit('.', 1)[-1]}: {{option: value, ...}}`")
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _kind_error(path, value, "a list", "write it as [a, b] or one '- item' line per item")
+        item = args[0] if args else Any  # list[X] or tuple[X, ...]
+        kind = tuple if tuple in (origin, hint) else list
+        return kind(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        if not isinstance(value, typing.Mapping):
+            raise _kind_error(path, value, "a mapping", "write it as {key: value, ...}")
+        key_hint, value_hint = args or (Any, Any)
+        return {_convert(k, key_hint, path): _convert(v, value_hint, f"{path}.{k}") for k, v in value.items()}
+    if hint in _KINDS:
+        return _scalar(value, hint, path)
+    raise TypeError(f"rl.config cannot check fields of type {hint!r} ({path}); use bool, int, float, str, "
+                    "Any, a list, a dict, a dataclass, or X | None.")
+
+
+def _unknown_key(cls: type, key: Any, where: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f"did you mean {where + close[0]!r}? " if close else ""
+    return ConfigError(f"{where}{key}: unknown option; {hint}The options of {where.rstrip('.') or cls.__name__} "
+                       f"are {sorted(names)}.")
+
+
+def from_dict(cls: type, data: typing.Mapping[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts (a YAML file), checking every value against the type hints.
+
+    Kinds are checked here (an integer field refuses 1.5 and "3", a number field takes 3 as 3.0, bool is
+    not a number, ``X | None`` takes null, lists, dicts and nested dataclasses recurse); ranges by each
+    dataclass's ``__post_init__``. Every error is a :class:`~visenv.error.ConfigError` that names the
+    field by its dotted path (``where`` is the prefix, e.g. ``"grpo."``), the value and the fix; an
+    unknown key is named with the closest valid one.
+    """
+    section = where.rstrip(".") or cls.__name__
+    if data is None:
+        data = {}
+    if not isinstance(data, typing.Mapping):
+        raise _kind_error(section, data, f"a mapping of options ({', '.join(f.name for f in dataclasses.fields(cls))})",
+                          "write `option: value` lines")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(cls, key, where)
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        docs = field_docs(cls)
+        raise ConfigError(f"{section}: the option(s) {missing} are required but missing; add them "
+                          f"({'; '.join(f'{name}: {docs.get(name, name)}' for name in missing)}).")
     hints = _hints(cls)
-    values = {}
-    for name, value in data.items():
-        hint = hints[name]
-        inner = _dataclass_in(hint)
-        if inner is not None and isinstance(value, dict):
-            value = from_dict(inner, value, f"{where}{name}.")
-        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
-            if not isinstance(value, list):
-                raise ValueError(f"{where}{name} must be a list, not {type(value).__name__}.")
-            item_cls = typing.get_args(hint)[0]
-            value = [from_dict(item_cls, item, f"{where}{name}[{i}].") for i, item in enumerate(value)]
-        values[name] = value
+    values = {name: _convert(value, hints[name], f"{where}{name}") for name, value in data.items()}
     try:
         return cls(**values)
-    except TypeError as exc:
-        raise ValueError(f"{where.rstrip('.') or cls.__name__}: {exc}") from None
+    except ValueError as exc:  # a range check of __post_init__: name the field by its full path
+        message = str(exc)
+        if not where or message.startswith(where):
+            raise ConfigError(message) from None
+        named = re.match(r"(\w+) \(", message)
+        prefix = where if named and named.group(1) in fields else f"{section}: "
+        raise ConfigError(prefix + message) from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -395,23 +522,88 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def load(cls: type, path: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """Build ``cls`` from a YAML file (or defaults) with dotted-key overrides (``{"grpo.group_size": 4}``)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as handle:
-            data = load_yaml(handle) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a YAML mapping of options, not {type(data).__name__}.")
-    for dotted, value in (overrides or {}).items():
-        node = data
+def read_yaml_value(text: str, where: str) -> Any:
+    """``text`` read as YAML (``3e-4`` a float, ``[a, b]`` a list); ``where`` names the option in the error."""
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: {text!r} is not valid YAML ({' '.join(str(exc).split())}); quote text "
+                          "that holds ':', '{' or '['.") from None
+
+
+def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` pairs -> ``{FIELD: VALUE}``, values read as YAML (``3e-4``, ``null``, ``[a, b]``).
+
+    FIELD is dotted (``grpo.kl_coef``, ``env.options.max_turns``, ``stages.0.epochs``); a pair without
+    ``=`` or with an empty field is a ConfigError.
+    """
+    found = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not re.fullmatch(r"\w+(\.\w+)*", name.strip()):
+            raise ConfigError(f"--set {pair!r}: expected FIELD=VALUE with a dotted FIELD, e.g. "
+                              "--set grpo.kl_coef=0.05 or --set env.options.max_turns=5.")
+        found[name.strip()] = read_yaml_value(text, f"--set {name.strip()}")
+    return found
+
+
+def _with_dotted(data: typing.Mapping[str, Any], overrides: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the nested dicts ``data`` with dotted-key ``overrides`` set; list items by index.
+
+    A missing or null section along the way becomes a mapping; a plain value cannot take a sub-key.
+    """
+    result = copy.deepcopy(dict(data))
+    for dotted, value in overrides.items():
+        node: Any = result
         *parents, leaf = dotted.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    return from_dict(cls, data)
+        for depth, part in enumerate([*parents, leaf]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{dotted}: {part!r} is not an index of the {len(node)}-item list "
+                                      f"{'.'.join(parents[:depth])} (0 to {len(node) - 1}).")
+                part = int(part)
+            elif not isinstance(node, dict):
+                parent = ".".join(parents[:depth])
+                raise ConfigError(f"{dotted}: {parent} holds {node!r}, not a section of options; set {parent} "
+                                  "itself, or give a field of a section.")
+            if depth == len(parents):
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:  # an unset optional section: start it empty
+                    node[part] = {}
+                node = node[part]
+    return result
+
+
+def apply_overrides(config: Any, overrides: typing.Mapping[str, Any]) -> Any:
+    """A copy of dataclass ``config`` with dotted-key overrides, rebuilt (and so checked) by :func:`from_dict`.
+
+    Works for any nested dataclass config: a key names a field through its sections, list items by
+    index (``{"grpo.kl_coef": 0.1, "stages.0.epochs": 2, "env.options.max_turns": 3}``). Fields that
+    are not overridden keep ``config``'s values.
+    """
+    return from_dict(type(config), _with_dotted(to_dict(config), overrides))
+
+
+def load(cls: type, path: str | None = None, overrides: typing.Mapping[str, Any] | None = None) -> Any:
+    """Build ``cls`` from a YAML file (or defaults) with dotted-key overrides (``{"grpo.group_size": 4}``)."""
+    data: Any = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = load_yaml(handle)
+        except OSError as exc:
+            raise ConfigError(f"--config {path!r}: cannot read it ({exc.strerror}); give the path of a YAML "
+                              "file (see configs/ for examples).") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}. Fix the line it names "
+                              "(indent nested options, quote text that holds ':').") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping of options (option: value lines), not "
+                              f"{type(data).__name__}.")
+    return from_dict(cls, _with_dotted(data, overrides or {}))
 
 
 @functools.lru_cache(maxsize=None)
@@ -433,8 +625,14 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One ``--prefix.field`` option per leaf field of ``cls`` (nested dataclasses recurse)."""
+    """One ``--prefix.field`` option per leaf field of ``cls`` (nested dataclasses recurse), and at the top
+    ``--set FIELD=VALUE`` (repeatable); :func:`overrides_from` reads them all."""
     docs = field_docs(cls)
+    if not prefix:
+        parser.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
+                            help="set any field by its dotted name, the value read as YAML (e.g. --set "
+                                 "grpo.kl_coef=0.05 --set env.options.max_turns=5); repeatable; wins over the "
+                                 "--section.field options")
     for f in dataclasses.fields(cls):
         inner = _dataclass_in(_hints(cls)[f.name])
         if inner is not None:
@@ -446,6 +644,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") ->
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``--section.field`` options given on the command line, values parsed as YAML."""
-    return {key[4:]: load_yaml(value) for key, value in vars(args).items()
-            if key.startswith("set:") and value is not None}
+    """The ``--section.field VALUE`` options given on the command line, then ``--set FIELD=VALUE`` (which
+    wins), values read as YAML."""
+    found = {key[4:]: read_yaml_value(value, f"--{key[4:]}") for key, value in vars(args).items()
+             if key.startswith("set:") and value is not None}
+    return found | parse_sets(args.set)

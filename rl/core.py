@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from rl.errors import ConfigError
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGREGATIONS = ("token", "sequence")
 
@@ -104,7 +106,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     variance), ``k3 = exp(d) - d - 1`` (unbiased, non-negative; the one GRPO uses).
     """
     if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl estimator {estimator!r} must be one of {KL_ESTIMATORS}.")
+        raise ConfigError(f"kl estimator {estimator!r} must be one of {KL_ESTIMATORS}.")
     d = ref_logprobs - logprobs
     if estimator == "k1":
         return -d
@@ -141,7 +143,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.T
     sequences that have any (every sequence weighs the same; the original GRPO).
     """
     if mode not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss aggregation {mode!r} must be one of {LOSS_AGGREGATIONS}.")
+        raise ConfigError(f"loss aggregation {mode!r} must be one of {LOSS_AGGREGATIONS}.")
     if mode == "token":
         return masked_mean(per_token, mask)
     rows = mask.sum(1) > 0
@@ -156,7 +158,7 @@ def aggregate_sum(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> tor
     (each chunk padded only to its own longest row) and take one optimizer step.
     """
     if mode not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss aggregation {mode!r} must be one of {LOSS_AGGREGATIONS}.")
+        raise ConfigError(f"loss aggregation {mode!r} must be one of {LOSS_AGGREGATIONS}.")
     mask = mask.to(per_token.dtype)
     if mode == "token":
         return (per_token * mask).sum()
@@ -166,7 +168,7 @@ def aggregate_sum(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> tor
 def aggregate_count(mask: torch.Tensor, mode: str) -> float:
     """The denominator of :func:`aggregate`: masked tokens ("token") or rows that have any ("sequence")."""
     if mode not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss aggregation {mode!r} must be one of {LOSS_AGGREGATIONS}.")
+        raise ConfigError(f"loss aggregation {mode!r} must be one of {LOSS_AGGREGATIONS}.")
     return float(mask.sum()) if mode == "token" else float((mask.sum(1) > 0).sum())
 
 

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from rl import core
+from rl.errors import ConfigError
 from rl.policy import ChunkedBatches, TrainablePolicy
 from rl.rollout import Episode
 
@@ -71,22 +72,22 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         for name in ("tasks_per_iteration", "epochs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1.")
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be at least 1.")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be >= 0 (0: no warm-up).")
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be >= 0 (0: no warm-up).")
         if self.group_size < 2:
-            raise ValueError(f"group_size ({self.group_size}) must be at least 2: GRPO's baseline is the "
+            raise ConfigError(f"group_size ({self.group_size}) must be at least 2: GRPO's baseline is the "
                              "group mean, so a group of one has nothing to compare with.")
         if self.kl_estimator not in core.KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator ({self.kl_estimator!r}) must be one of {core.KL_ESTIMATORS}.")
+            raise ConfigError(f"kl_estimator ({self.kl_estimator!r}) must be one of {core.KL_ESTIMATORS}.")
         if self.loss_aggregation not in core.LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_aggregation ({self.loss_aggregation!r}) must be one of {core.LOSS_AGGREGATIONS}.")
+            raise ConfigError(f"loss_aggregation ({self.loss_aggregation!r}) must be one of {core.LOSS_AGGREGATIONS}.")
         if not 0 < self.clip < 1:
-            raise ValueError(f"clip ({self.clip}) must be in (0, 1); 0.2 is usual.")
+            raise ConfigError(f"clip ({self.clip}) must be in (0, 1); 0.2 is usual.")
         if self.micro_batch_tokens < 0:
-            raise ValueError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be >= 0 (0: one pass per minibatch).")
+            raise ConfigError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be >= 0 (0: one pass per minibatch).")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.minibatch_size < 0:
-            raise ValueError(f"learning_rate ({self.learning_rate}) must be > 0, kl_coef ({self.kl_coef}) and "
+            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0, kl_coef ({self.kl_coef}) and "
                              f"minibatch_size ({self.minibatch_size}) >= 0.")
 
     @property
@@ -105,7 +106,7 @@ class GRPO:
 
     def __init__(self, policy: TrainablePolicy, reference: TrainablePolicy | None, config: GRPOConfig):
         if config.kl_coef > 0 and reference is None:
-            raise ValueError(f"kl_coef ({config.kl_coef}) > 0 needs a reference policy; pass one or set kl_coef: 0.")
+            raise ConfigError(f"kl_coef ({config.kl_coef}) > 0 needs a reference policy; pass one or set kl_coef: 0.")
         self.policy = policy
         self.reference = reference
         self.config = config

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rl import core
+from rl.errors import ConfigError, DependencyNotInstalled
 from rl.policy import ENV, POLICY, Conversation, Scores, Segment, TokenBatch
 
 PLAIN_SPECIAL_TOKENS = ("<|pad|>", "<|system|>", "<|env|>", "<|agent|>", "<|end|>", "<|image|>")
@@ -65,7 +66,7 @@ class ChatFormat:
                        first_no_system="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
                        env="\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", stop="<|im_end|>",
                        image="<|image_pad|>")
-        raise ValueError(f"chat format {name!r} must be 'plain' or 'chatml'.")
+        raise ConfigError(f"chat format {name!r} must be 'plain' or 'chatml'.")
 
     def render(self, text: str, first: bool, system: str | None) -> str:
         """The text of one environment segment."""
@@ -142,7 +143,7 @@ def tiny_qwen_vl(tokenizer, model_type: str = "qwen2_vl", hidden_size: int = 64,
         vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64,
                       window_size=4 * patch_size, fullatt_block_indexes=[0])
     else:
-        raise ValueError(f"model_type ({model_type!r}) must be 'qwen2_vl' or 'qwen2_5_vl'.")
+        raise ConfigError(f"model_type ({model_type!r}) must be 'qwen2_vl' or 'qwen2_5_vl'.")
     config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     torch.manual_seed(seed)
     processor = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
@@ -174,7 +175,7 @@ def vision_policy_class(model: str) -> type:
 
     model_type = AutoConfig.from_pretrained(model).model_type
     if model_type not in VISION_POLICIES:
-        raise ValueError(f"The model at {model!r} has model_type {model_type!r}; policy.kind 'vlm' supports "
+        raise ConfigError(f"The model at {model!r} has model_type {model_type!r}; policy.kind 'vlm' supports "
                          f"{sorted(VISION_POLICIES)}. Use kind 'causal_lm' for a text-only model.")
     return VISION_POLICIES[model_type]
 
@@ -227,10 +228,10 @@ class CausalLMPolicy:
         """The id of a token the chat format needs; ``expected``: the id the model reserves for it."""
         ids = self.tokenizer.convert_tokens_to_ids([token])
         if ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
-            raise ValueError(f"The tokenizer has no token {token!r}, which the chat format needs: train it "
+            raise ConfigError(f"The tokenizer has no token {token!r}, which the chat format needs: train it "
                              "with rl.tokenizer.train_tokenizer or pick the chat format of the model family.")
         if expected is not None and ids[0] != expected:
-            raise ValueError(f"The chat format's token {token!r} has id {ids[0]}, but the model expects id "
+            raise ConfigError(f"The chat format's token {token!r} has id {ids[0]}, but the model expects id "
                              f"{expected} for it: pick the chat format of the model family.")
         return ids[0]
 
@@ -431,7 +432,7 @@ class QwenVLPolicy(CausalLMPolicy):
         for name, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
                              ("temporal_patch_size", "temporal_patch_size")):
             if getattr(image_processor, name) != getattr(vision, theirs):
-                raise ValueError(f"The image processor's {name} ({getattr(image_processor, name)}) differs from the "
+                raise ConfigError(f"The image processor's {name} ({getattr(image_processor, name)}) differs from the "
                                  f"vision tower's {theirs} ({getattr(vision, theirs)}): load the processor saved "
                                  "with the model.")
         self.image_processor = image_processor
@@ -512,8 +513,7 @@ def add_lora(policy: CausalLMPolicy, rank: int, alpha: float, target_modules: Se
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise ImportError("LoRA needs the package 'peft', which is not installed. Install it with: "
-                          "pip install peft") from None
+        raise DependencyNotInstalled("peft", "rl", "LoRA (policy.lora)") from None
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
     policy.model = get_peft_model(policy.model, config).eval()  # no dropout, as for the base model
     return policy

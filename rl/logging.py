@@ -8,6 +8,8 @@ import os
 import time
 from typing import Any
 
+from rl.errors import ConfigError, DependencyNotInstalled
+
 
 class MetricsLogger:
     """Writes one record per step to every configured sink.
@@ -33,15 +35,14 @@ class MetricsLogger:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                raise ImportError("TensorBoard logging needs the package 'tensorboardX', which is not installed. "
-                                  "Install it with: pip install tensorboardX (or set tensorboard: false).") from None
+                raise DependencyNotInstalled("tensorboardX", "rl", "TensorBoard logging (tensorboard: true)") from None
             self._tb = SummaryWriter(directory)
         if wandb_project:
             try:
                 import wandb
             except ImportError:
-                raise ImportError("W&B logging needs the package 'wandb', which is not installed. Install it "
-                                  "with: pip install wandb (or set wandb_project: null).") from None
+                raise ConfigError(f"wandb_project ({wandb_project!r}) needs the package 'wandb', which is not "
+                                  "installed and in no visenv extra: pip install wandb, or set wandb_project: null.") from None
             self._wandb = wandb.init(project=wandb_project, config=config, dir=directory)
         if total is not None:
             from tqdm import tqdm

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from rl import core
+from rl.errors import ConfigError
 from rl.policy import ChunkedBatches, Scores, TokenBatch, TrainablePolicy
 from rl.rollout import Episode
 
@@ -65,22 +66,22 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if self.episodes_per_iteration < 2:
-            raise ValueError(f"episodes_per_iteration ({self.episodes_per_iteration}) must be at least 2 "
+            raise ConfigError(f"episodes_per_iteration ({self.episodes_per_iteration}) must be at least 2 "
                              "(advantages are whitened over the batch).")
         if self.epochs < 1 or self.minibatch_size < 0:
-            raise ValueError(f"epochs ({self.epochs}) must be >= 1 and minibatch_size ({self.minibatch_size}) >= 0.")
+            raise ConfigError(f"epochs ({self.epochs}) must be >= 1 and minibatch_size ({self.minibatch_size}) >= 0.")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"gamma ({self.gamma}) and lam ({self.lam}) must be in [0, 1].")
+            raise ConfigError(f"gamma ({self.gamma}) and lam ({self.lam}) must be in [0, 1].")
         if not 0 < self.clip < 1 or self.value_clip <= 0:
-            raise ValueError(f"clip ({self.clip}) must be in (0, 1) and value_clip ({self.value_clip}) > 0.")
+            raise ConfigError(f"clip ({self.clip}) must be in (0, 1) and value_clip ({self.value_clip}) > 0.")
         if self.kl_estimator not in core.KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator ({self.kl_estimator!r}) must be one of {core.KL_ESTIMATORS}.")
+            raise ConfigError(f"kl_estimator ({self.kl_estimator!r}) must be one of {core.KL_ESTIMATORS}.")
         if self.loss_aggregation not in core.LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_aggregation ({self.loss_aggregation!r}) must be one of {core.LOSS_AGGREGATIONS}.")
+            raise ConfigError(f"loss_aggregation ({self.loss_aggregation!r}) must be one of {core.LOSS_AGGREGATIONS}.")
         if self.micro_batch_tokens < 0:
-            raise ValueError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be >= 0 (0: one pass per minibatch).")
+            raise ConfigError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be >= 0 (0: one pass per minibatch).")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.value_coef < 0:
-            raise ValueError(f"learning_rate ({self.learning_rate}) must be > 0, kl_coef ({self.kl_coef}) and "
+            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0, kl_coef ({self.kl_coef}) and "
                              f"value_coef ({self.value_coef}) >= 0.")
 
 
@@ -118,7 +119,7 @@ class PPO:
 
     def __init__(self, policy: TrainablePolicy, reference: TrainablePolicy | None, config: PPOConfig):
         if config.kl_coef > 0 and reference is None:
-            raise ValueError(f"kl_coef ({config.kl_coef}) > 0 needs a reference policy; pass one or set kl_coef: 0.")
+            raise ConfigError(f"kl_coef ({config.kl_coef}) > 0 needs a reference policy; pass one or set kl_coef: 0.")
         self.policy = policy
         self.reference = reference
         self.config = config

@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rl.errors import ConfigError, RolloutError
+
 from rl.policy import POLICY, Conversation, Policy, Segment
 
 
@@ -176,7 +178,7 @@ class SerialRollout:
 
     def __init__(self, policy: Policy, make_env: Callable[[], Any], num_envs: int):
         if num_envs < 1:
-            raise ValueError(f"num_envs ({num_envs}) must be at least 1.")
+            raise ConfigError(f"num_envs ({num_envs}) must be at least 1.")
         self.policy = policy
         self.envs = [make_env() for _ in range(num_envs)]
         self.weight_version = 0
@@ -251,15 +253,15 @@ class RayRollout:
         import ray
 
         if num_workers < 1 or envs_per_worker < 1:
-            raise ValueError(f"num_workers ({num_workers}) and envs_per_worker ({envs_per_worker}) must be >= 1.")
+            raise ConfigError(f"num_workers ({num_workers}) and envs_per_worker ({envs_per_worker}) must be >= 1.")
         if placement not in ("colocate", "spread"):
-            raise ValueError(f"placement ({placement!r}) must be 'colocate' or 'spread'.")
+            raise ConfigError(f"placement ({placement!r}) must be 'colocate' or 'spread'.")
         if not ray.is_initialized():
-            raise RuntimeError("RayRollout needs Ray running: call ray.init() (or ray.init(address='auto') "
+            raise RolloutError("RayRollout needs Ray running: call ray.init() (or ray.init(address='auto') "
                                "to join a cluster) first.")
         available = ray.cluster_resources()
         if num_workers * num_cpus > available.get("CPU", 0) or num_workers * num_gpus > available.get("GPU", 0):
-            raise ValueError(f"{num_workers} workers x (num_cpus {num_cpus}, num_gpus {num_gpus}) exceed the "
+            raise ConfigError(f"{num_workers} workers x (num_cpus {num_cpus}, num_gpus {num_gpus}) exceed the "
                              f"cluster's CPU {available.get('CPU', 0)} / GPU {available.get('GPU', 0)}: "
                              "lower num_workers or the per-worker resources.")
         self._ray = ray
@@ -313,7 +315,7 @@ class RayRollout:
             except RayActorError:
                 stats.worker_restarts += 1
                 if stats.worker_restarts > self.max_restarts:
-                    raise RuntimeError(f"Rollout workers died {stats.worker_restarts} times in one iteration "
+                    raise RolloutError(f"Rollout workers died {stats.worker_restarts} times in one iteration "
                                        f"(max_restarts={self.max_restarts}); see the Ray logs.") from None
                 self._replace(index)
                 pending.appendleft(chunk)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rl import core
+from rl.errors import ChatDataError, ConfigError
 from rl.hf import CausalLMPolicy
 from rl.policy import ENV, POLICY, Segment, TokenBatch
 
@@ -39,25 +40,25 @@ def load_chat_jsonl(path: str) -> list[list[dict[str, str]]]:
             try:
                 messages = json.loads(line)["messages"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{number}: expected a JSON object with a 'messages' list ({exc}).") from None
+                raise ChatDataError(f"{path}:{number}: expected a JSON object with a 'messages' list ({exc}).") from None
             check_messages(messages, f"{path}:{number}")
             examples.append(messages)
     return examples
 
 
 def check_messages(messages: Any, where: str) -> None:
-    """Raise ValueError unless ``messages`` is a trajectory this module can train on."""
+    """Raise ChatDataError unless ``messages`` is a trajectory this module can train on."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list.")
+        raise ChatDataError(f"{where}: 'messages' must be a non-empty list.")
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ("system", "assistant", *ENV_ROLES) or not isinstance(message.get("content"), str):
-            raise ValueError(f"{where}: message {i} must have a role in system/user/tool/assistant and a "
+            raise ChatDataError(f"{where}: message {i} must have a role in system/user/tool/assistant and a "
                              f"string content; got {message!r:.80}.")
         if role == "system" and i:
-            raise ValueError(f"{where}: a system message may only come first (message {i}).")
+            raise ChatDataError(f"{where}: a system message may only come first (message {i}).")
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: the trajectory has no assistant message to learn from.")
+        raise ChatDataError(f"{where}: the trajectory has no assistant message to learn from.")
 
 
 def chat_segments(policy: CausalLMPolicy, messages: Sequence[dict[str, str]]) -> list[Segment]:
@@ -87,7 +88,7 @@ def mix(general: Sequence[Any], visual: Sequence[Any], general_count: int, visua
     The result is shuffled.
     """
     if general_count < 0 or visual_weight < 0:
-        raise ValueError(f"general_count ({general_count}) and visual_weight ({visual_weight}) must be >= 0.")
+        raise ConfigError(f"general_count ({general_count}) and visual_weight ({visual_weight}) must be >= 0.")
     mixed = rng.sample(list(general), min(general_count, len(general)))
     whole = math.floor(visual_weight)
     mixed += list(visual) * whole
@@ -128,11 +129,11 @@ class SFTStage:
 
     def __post_init__(self) -> None:
         if self.general is None and self.general_count:
-            raise ValueError(f"general_count ({self.general_count}) needs a general dataset path: set general.")
+            raise ConfigError(f"general_count ({self.general_count}) needs a general dataset path: set general.")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be at least 1.")
+            raise ConfigError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be at least 1.")
         if self.visual_weight <= 0 and not self.general_count:
-            raise ValueError("The stage is empty: set visual_weight > 0 or general_count > 0.")
+            raise ConfigError("The stage is empty: set visual_weight > 0 or general_count > 0.")
 
     def examples(self, rng: random.Random) -> list[list[dict[str, str]]]:
         general = load_chat_jsonl(self.general) if self.general else []

@@ -14,6 +14,7 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from rl.errors import ConfigError
 from rl.hf import PLAIN_SPECIAL_TOKENS
 
 
@@ -30,7 +31,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000,
         The tokenizer, with ``pad_token`` set; every string can be encoded (byte fallback).
     """
     if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"vocab_size ({vocab_size}) must be at least {256 + len(special_tokens)} "
+        raise ConfigError(f"vocab_size ({vocab_size}) must be at least {256 + len(special_tokens)} "
                          "(256 byte tokens plus the special tokens).")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([

@@ -17,6 +17,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from rl import checkpoint
+from rl.errors import ConfigError
 from rl.policy import TrainablePolicy
 from rl.rollout import Episode, RolloutStats, SerialRollout, make_specs
 
@@ -70,7 +71,7 @@ class KeepBest(Callback):
 
     def __init__(self, policy: TrainablePolicy, window: int = 5):
         if window < 1:
-            raise ValueError(f"window ({window}) must be at least 1.")
+            raise ConfigError(f"window ({window}) must be at least 1.")
         self.policy = policy
         self.window = window
         self.recent: deque[list[float]] = deque(maxlen=window)

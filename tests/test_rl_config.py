@@ -7,7 +7,8 @@ import pytest
 
 from rl.cli import build_parser, main
 from rl.config import (EnvConfig, EvalConfig, PolicyConfig, RolloutConfig, SFTConfig, TinyModelConfig,
-                       TrainConfig, load, overrides_from, to_dict)
+                       TrainConfig, apply_overrides, from_dict, load, overrides_from, parse_sets, to_dict)
+from rl.errors import ConfigError
 from visenv.yamlio import load_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,11 +40,75 @@ def test_yaml_overrides_and_unknown_keys(tmp_path):
     assert config.groups == (64, 1)
     assert to_dict(config)["ppo"]["gamma"] == 0.9
     path.write_text("policy: {model: m, tempreature: 0.5}\n")
-    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['policy.tempreature'\]; the options of policy"):
+    with pytest.raises(ConfigError, match=r"policy.tempreature: unknown option; did you mean 'policy.temperature'\? "
+                                          r"The options of policy are"):
         load(TrainConfig, str(path))
     path.write_text("- a list\n")
     with pytest.raises(ValueError, match="must hold a YAML mapping"):
         load(TrainConfig, str(path))
+
+
+MODEL = {"policy": {"model": "m"}}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"iterations": 1.5}, r"^iterations: expected an integer, got 1.5 \(float\); write a whole number such as 1 or 2"),
+    ({"iterations": "3"}, r"^iterations: expected an integer, got '3' \(str\); write an integer such as 8 without quotes"),
+    ({"iterations": True}, r"^iterations: expected an integer, got True \(bool\)"),
+    ({"grpo": {"learning_rate": "abc"}}, r"^grpo.learning_rate: expected a number, got 'abc' \(str\); write a number"),
+    ({"grpo": {"learning_rate": float("nan")}}, r"^grpo.learning_rate: expected a number, got nan"),
+    ({"grpo": {"scale_rewards": "yes please"}}, r"^grpo.scale_rewards: expected true or false, got 'yes please'"),
+    ({"policy": {"model": 7}}, r"^policy.model: expected a string, got 7 \(int\); write text in quotes"),
+    ({"rollout": 7}, r"^rollout: expected a mapping of options \(backend, num_envs, .*\), got 7 \(int\)"),
+    ({"policy": {"model": "m", "lora": [1]}}, r"^policy.lora: expected a mapping of options \(rank, alpha"),
+    ({"policy": {"model": "m", "lora": {"target_modules": "q_proj"}}},
+     r"^policy.lora.target_modules: expected a list, got 'q_proj'"),
+    ({"policy": {"model": "m", "lora": {"target_modules": ["q", 3]}}},
+     r"^policy.lora.target_modules\[1\]: expected a string, got 3"),
+    ({"env": {"options": [1]}}, r"^env.options: expected a mapping, got \[1\]"),
+    ({"sft": {"stages": [{"epochs": 2}]}}, r"^sft.stages\[0\]: the option\(s\) \['visual'\] are required but missing; "
+                                           r"add them \(visual: JSONL path"),
+    ({"sft": {"stages": [{"visual": "v.jsonl", "epochs": 0}]}}, r"^sft.stages\[0\].epochs \(0\) and batch_size"),
+    ({"grpo": {"group_size": 1}}, r"^grpo.group_size \(1\) must be at least 2"),
+    ({"grpo": {"group_size": 1.0}}, r"^grpo.group_size \(1\) must be at least 2"),
+    ({"grpo": {"learning_rat": 1}}, r"^grpo.learning_rat: unknown option; did you mean 'grpo.learning_rate'\?"),
+    ({"policy": {"model": "m", "temperature": -1}}, r"policy.temperature \(-1.0\) >= 0"),
+    ({"env": {"options": {"max_turn": 3}}}, r"^env.options \(\{'max_turn': 3\}\): Unknown ToolEcho option"),
+])
+def test_from_dict_checks_kinds_and_ranges_naming_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TrainConfig, {**MODEL, **data})
+
+
+def test_from_dict_converts_what_is_meant():
+    config = from_dict(TrainConfig, {**MODEL, "iterations": 1e3, "grpo": {"learning_rate": 1, "clip": 0.1},
+                                     "policy": {"model": "m", "system_prompt": None, "lora": {"rank": 4}},
+                                     "sft": None, "env": {"options": {"subjects": ["cat"]}}})
+    assert config.iterations == 1000 and type(config.iterations) is int
+    assert config.grpo.learning_rate == 1.0 and type(config.grpo.learning_rate) is float
+    assert config.policy.lora.rank == 4 and config.policy.lora.alpha == 32.0 and config.sft is None
+
+
+def test_dotted_overrides_on_any_nested_config():
+    assert parse_sets(["grpo.kl_coef=0.05", "env.options={max_turns: 5}", "policy.model=a=b"]) == {
+        "grpo.kl_coef": 0.05, "env.options": {"max_turns": 5}, "policy.model": "a=b"}
+    with pytest.raises(ConfigError, match=r"--set 'grpo.kl_coef': expected FIELD=VALUE"):
+        parse_sets(["grpo.kl_coef"])
+    with pytest.raises(ConfigError, match=r"--set grpo.kl_coef: '\[1' is not valid YAML"):
+        parse_sets(["grpo.kl_coef=[1"])
+    config = load(TrainConfig, None, {"policy.model": "m"})
+    changed = apply_overrides(config, {"grpo.group_size": 4, "seed": 2, "sft.model": "tiny",
+                                       "sft.stages": [{"visual": "v.jsonl"}], "sft.stages.0.epochs": 3})
+    assert (changed.grpo.group_size, changed.seed, changed.policy.model, changed.sft.stages[0].epochs) == (4, 2, "m", 3)
+    assert config.grpo.group_size == 8 and config.sft is None  # the input is not changed
+    with pytest.raises(ConfigError, match=r"^grpo.group_size: expected an integer, got 'four'"):
+        apply_overrides(config, {"grpo.group_size": "four"})
+    with pytest.raises(ConfigError, match=r"iterations.x: iterations holds 100, not a section of options"):
+        apply_overrides(config, {"iterations.x": 1})
+    with pytest.raises(ConfigError, match=r"sft.stages.1.epochs: '1' is not an index of the 1-item list sft.stages"):
+        apply_overrides(changed, {"sft.stages.1.epochs": 1})
+    with pytest.raises(ConfigError, match=r"grpo.clipp: unknown option; did you mean 'grpo.clip'"):
+        apply_overrides(config, {"grpo.clipp": 0.1})
 
 
 def test_exponent_numbers_are_floats_in_files_and_on_the_command_line(tmp_path):
@@ -71,6 +136,18 @@ def test_help_explains_every_option(capsys):
     assert "--grpo.kl_estimator VALUE" in text and '"k1", "k2" or "k3"' in text
     assert "--rollout.max_staleness VALUE" in text and "(default: 0)" in text
     assert "--sft.tiny.hidden_size" in text
+    for command in ("train", "sft", "eval"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        assert "--set FIELD=VALUE set any field by its dotted name" in " ".join(capsys.readouterr().out.split())
+
+
+def test_set_options_win_over_section_options_and_reach_nested_fields():
+    args = build_parser().parse_args(["train", "--policy.model", "a", "--set", "policy.model=b", "--grpo.epochs", "2",
+                                      "--set", "env.options={subjects: [cat]}", "--set", "policy.lora.rank=4"])
+    config = load(TrainConfig, None, overrides_from(args))
+    assert (config.policy.model, config.grpo.epochs, config.env.options, config.policy.lora.rank) == (
+        "b", 2, {"subjects": ["cat"]}, 4)
 
 
 def test_cli_reports_bad_values_without_a_traceback(capsys):

@@ -52,7 +52,11 @@ def _generator(spec: str):
     module, _, name = spec.partition(":")
     if not name:
         raise ConfigError(f"--callable ({spec!r}) must be 'package.module:function'.")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"--callable ({spec!r}): cannot import it ({error}); give an importable "
+                          "'package.module:function'.") from None
 
 
 def cmd_build(args: argparse.Namespace) -> int:

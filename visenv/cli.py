@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (VisenvError, FileNotFoundError) as error:  # a user's mistake: the message says the fix
+    except (VisenvError, OSError) as error:  # a user's mistake (OSError: a path it named): the message says the fix
         print(f"visenv {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -277,7 +277,12 @@ def _load_judge(spec: str) -> tuple[str, Any]:
     if not name or not module or not attribute:
         raise ConfigError(f"--judge ({spec!r}) must be NAME=package.module:factory, where factory() "
                           "returns a judge, e.g. plan=myjudges:plan_judge.")
-    return name, getattr(importlib.import_module(module), attribute)()
+    try:
+        factory = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"--judge ({spec!r}): cannot import {target!r} ({error}); give an importable "
+                          "package.module:factory, e.g. plan=myjudges:plan_judge.") from None
+    return name, factory()
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from visenv.envs.visgen import VisGenEnv
 from visenv.episode import EpisodeRecord
+from visenv.error import ConfigError
 from visenv.rewards.judges.grader import grade_benchmark
 from visenv.tasks import Task
 
@@ -171,7 +172,7 @@ def evaluate(agent_factory: Callable[[], Any], tasks: Sequence[Task], *, seed: i
         ValueError: ``num_envs`` is below 1.
     """
     if num_envs < 1:
-        raise ValueError(f"num_envs ({num_envs}) must be at least 1.")
+        raise ConfigError(f"num_envs ({num_envs}) must be at least 1.")
     envs = [VisGenEnv(env_config or {}, tasks=list(tasks)) for _ in range(min(num_envs, max(1, len(tasks))))]
     agents = [agent_factory() for _ in envs]
     results, records = [], []
