@@ -1,14 +1,18 @@
-"""The ``rl`` command: ``rl sft``, ``rl train`` and ``rl eval``, each from a YAML file plus overrides.
+"""The ``rl`` command: the trainer's runs, the main job, benchmark evaluation and teacher data.
 
-Examples::
+``rl sft``, ``rl train`` and ``rl record`` each run from a YAML file plus overrides::
 
-    rl eval  --config configs/teacher_visgen.yaml          # teacher trajectories -> SFT data
-    rl sft   --config configs/sft_visgen.yaml
-    rl train --config configs/visgen_pst_grpo.yaml --grpo.group_size 4 --rollout.backend ray
-    rl eval  --config configs/eval_visgen.yaml --policy.model runs/visgen/grpo/checkpoints/iter_000200/policy
+    rl record --config configs/teacher_visgen.yaml         # teacher trajectories -> SFT data
+    rl sft    --config configs/sft_visgen.yaml
+    rl train  --config configs/visgen_pst_grpo.yaml --grpo.group_size 4 --rollout.backend ray
+    rl record --config configs/eval_visgen.yaml --policy.model runs/visgen/grpo/checkpoints/iter_000200/policy
 
 Every option of the YAML file is also a ``--section.field`` option; ``rl <command> --help`` lists
-them with their meaning and default.
+them with their meaning and default. The applications (:mod:`rl.jobs.cli`, :mod:`baselines.data`)::
+
+    rl main                          # the main job (bash scripts/main.sh): PST, GRPO, SFT-only vs RL
+    rl eval --agent teacher          # an agent, a policy folder or an API model on a benchmark suite
+    rl data build --n 200 --out data.jsonl    # teacher trajectories through the data funnel
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import os
 import sys
 from typing import Any
 
+from baselines.data import add_data_commands
 from rl import checkpoint
 from rl.config import EvalConfig, SFTConfig, TrainConfig, add_options, load, overrides_from, to_dict
+from rl.jobs.cli import add_job_commands
 from rl.logging import MetricsLogger
 from rl.rollout import SerialRollout, make_specs
 from rl.train import Trainer, episode_metrics
+from visenv.error import VisenvError
 
 
 def run_sft(config: SFTConfig, progress: bool = True) -> str:
@@ -96,7 +103,7 @@ def _import(spec: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def run_eval(config: EvalConfig) -> dict[str, float]:
+def run_record(config: EvalConfig) -> dict[str, float]:
     """Run ``episodes`` fresh tasks; write summary.json and trajectories.jsonl; return the summary."""
     from rl.api import ApiPolicy
     from rl.policy import AgentPolicy
@@ -125,7 +132,7 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
 COMMANDS = {
     "sft": (SFTConfig, "Supervised fine-tuning in PST stages (optionally a tiny model from scratch)."),
     "train": (TrainConfig, "RL: optional PST, then GRPO or PPO, serial or on Ray, with checkpoints."),
-    "eval": (EvalConfig, "Evaluate a policy, baseline agent or API endpoint; save trajectories."),
+    "record": (EvalConfig, "Record a policy, baseline agent or API endpoint on fresh tasks; save trajectories."),
 }
 
 
@@ -137,11 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=f"{help_text}\n\n{cls.__doc__.split(chr(10))[0]}")
         sub.add_argument("--config", metavar="YAML", help="YAML file of options; the options below override it.")
         add_options(sub, cls)
+    add_job_commands(commands)
+    add_data_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in COMMANDS:  # main, eval, data: their options are their own
+        try:
+            return args.func(args)
+        except (ValueError, VisenvError, FileNotFoundError) as exc:  # a user's mistake: the message says the fix
+            print(f"rl {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     try:
         config = load(COMMANDS[args.command][0], args.config, overrides_from(args))
     except (ValueError, FileNotFoundError) as exc:
@@ -154,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if history:
             print(json.dumps({k: round(v, 4) for k, v in history[-1].items() if not k.startswith("time/")}))
     else:
-        print(json.dumps(run_eval(config), indent=2))
+        print(json.dumps(run_record(config), indent=2))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Run configurations: small self-validating dataclasses, YAML files, and command-line overrides.
 
 A run is one :class:`TrainConfig` (``rl train``), :class:`SFTConfig` (``rl sft``) or
-:class:`EvalConfig` (``rl eval``). Each section is a dataclass whose docstring documents every field;
+:class:`EvalConfig` (``rl record``). Each section is a dataclass whose docstring documents every field;
 ``__post_init__`` rejects a bad value with a message naming it and the fix. YAML files mirror the
 nesting (``grpo: {group_size: 8}``); on the command line every field is an option
 ``--section.field VALUE`` whose help is the field's docstring (values are read as YAML: ``true``,
@@ -189,12 +189,28 @@ class RolloutConfig:
 
         if self.backend == "serial":
             return SerialRollout(policy, make_env, self.num_envs)
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=self.ray_address, include_dashboard=False)
+        start_ray(self.ray_address)
         return RayRollout(make_policy, make_env, self.num_workers, self.num_envs, self.placement,
                           self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts)
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:
+    """Start a local Ray (``address`` None) or join a cluster, unless Ray is already up; True if this call did.
+
+    The workers import visenv, rl and baselines from the same checkout as this process (its root goes
+    first on their PYTHONPATH). Whoever gets True shuts Ray down when done.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    return True
 
 
 @dataclass
@@ -309,7 +325,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """An evaluation (``rl eval``): run a policy on fresh tasks, report rewards, save trajectories.
+    """An evaluation (``rl record``): run a policy on fresh tasks, report rewards, save trajectories.
 
     Attributes:
         env: the environment.
@@ -412,6 +428,60 @@ def load(cls: type, path: str | None = None, overrides: dict[str, Any] | None = 
             node = node[part]
         node[leaf] = value
     return from_dict(cls, data)
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """A copy of dataclass ``config`` with dotted-key overrides, rebuilt (and so checked) by :func:`from_dict`.
+
+    A key names a field through its sections, list items by index: ``{"grpo.kl_coef": 0.1,
+    "stages.0.max_steps": 285, "env.options.max_turns": 3}``. Fields that are not overridden keep
+    ``config``'s values (not the section's defaults).
+    """
+    data = to_dict(config)
+    for dotted, value in overrides.items():
+        node: Any = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = _child(node, part, dotted)
+        if isinstance(node, list):
+            node[_index(node, leaf, dotted)] = value
+        elif isinstance(node, dict):
+            node[leaf] = value
+        else:
+            raise ValueError(f"{dotted}: {dotted.rsplit('.', 1)[0]} is {node!r}, not a section; set it whole.")
+    return from_dict(type(config), data)
+
+
+def _index(items: list, part: str, dotted: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ValueError(f"{dotted}: {part!r} is not an index of a {len(items)}-item list (0 to {len(items) - 1}).")
+    return int(part)
+
+
+def _child(node: Any, part: str, dotted: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, dotted)]
+    if not isinstance(node, dict):
+        raise ValueError(f"{dotted}: {part!r} is inside {node!r}, which is not a section.")
+    if node.get(part) is None:  # an optional section (or a dict option) that is unset: start it empty
+        node[part] = {}
+    return node[part]
+
+
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` pairs -> ``{FIELD: VALUE}``, values read as YAML (``3e-4``, ``null``, ``[a, b]``)."""
+    import yaml
+
+    found = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE, e.g. grpo.kl_coef=0.05.")
+        try:
+            found[name.strip()] = load_yaml(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {pair!r}: the value is not valid YAML ({error}).") from None
+    return found
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rl.sft import load_chat_jsonl
-from visenv.data import DataConfig, Funnel, add_data_commands, build_dataset
+from baselines.data import DataConfig, Funnel, add_data_commands, build_dataset
 from visenv.envs.visgen import VisGenEnv
 from visenv.error import ConfigError
 from visenv.protocol import parse_turn
