@@ -35,9 +35,13 @@ SERIAL = {"rollout.backend": "serial", "eval_rollout.backend": "serial"}
 
 
 @pytest.mark.slow
-def test_main_job_small_end_to_end(ray_session, tmp_path):
+def test_main_job_small_end_to_end(ray_session, tmp_path, capfd):
     lines = []
     results = run_main_job(small_config(tmp_path / "job"), log=lines.append)
+    # transformers' loading/saving bars and open_clip's expected random-weight warnings stay out of the output
+    printed = "".join(capfd.readouterr())
+    for noise in ("Loading weights", "Writing model shards", "Model initialized randomly", "no CLIP weights"):
+        assert noise not in printed
     out = tmp_path / "job"
     for name in ("results.json", "tasks_train.jsonl", "tasks_heldout.jsonl", "data/teacher.jsonl",
                  "tokenizer/tokenizer.json", "sft/policy/config.json", "rl/policy/config.json",
