@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in COMMANDS:  # main, eval, data: their options are their own
         try:
             return args.func(args)
-        except (ValueError, VisenvError, FileNotFoundError) as exc:  # a user's mistake: the message says the fix
+        except (VisenvError, FileNotFoundError) as exc:  # a user's mistake: the message says the fix
             print(f"rl {args.command}: error: {exc}", file=sys.stderr)
             return 2
     try:

@@ -138,7 +138,8 @@ class SFTStage:
             raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be at least 1.")
         if self.visual_weight <= 0 and not self.general_count:
             raise ValueError("The stage is empty: set visual_weight > 0 or general_count > 0.")
-        if (self.max_steps is not None and self.max_steps < 1) or (self.max_seconds is not None and self.max_seconds <= 0):
+        if ((self.max_steps is not None and self.max_steps < 1)
+                or (self.max_seconds is not None and self.max_seconds <= 0)):
             raise ValueError(f"max_steps ({self.max_steps}) must be null or >= 1 and max_seconds ({self.max_seconds}) "
                              "null or > 0.")
 

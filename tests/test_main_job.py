@@ -145,7 +145,8 @@ def test_sft_steps_make_the_sft_only_policy_the_same_on_any_machine(tmp_path):
 @pytest.mark.parametrize("bad, word", [
     ({"eval_task_seed": 0}, "eval_task_seed"),
     ({"scenarios": ["no_such_scenario"]}, "no_such_scenario"),
-    ({"rollout.num_workers": 3}, "rollout.num_workers x rollout.worker_num_cpus \\(3 x 1.0\\) must be at most ray_num_cpus"),
+    ({"rollout.num_workers": 3},
+     "rollout.num_workers x rollout.worker_num_cpus \\(3 x 1.0\\) must be at most ray_num_cpus"),
     ({"eval_rollout.worker_num_cpus": 1.5}, "eval_rollout.num_workers"),
     ({"grpo.group_size": 1}, "group_size \\(1\\) must be at least 2"),
     ({"grpo.kl_coeff": 0.1}, "kl_coeff"),
@@ -196,7 +197,7 @@ def test_main_job_defaults_fit_two_cpus():
     config = MainJobConfig()
     for rollout in (config.rollout, config.eval_rollout):
         assert rollout.backend == "ray" and rollout.num_workers * rollout.worker_num_cpus <= config.ray_num_cpus == 2
-    assert [s.max_seconds for s in config.stages] == [162.0, 108.0] and [s.max_steps for s in config.stages] == [None] * 2
+    assert [(s.max_seconds, s.max_steps) for s in config.stages] == [(162.0, None), (108.0, None)]
     assert sum(s.max_seconds for s in config.stages) + config.grpo_seconds < config.time_limit_seconds
     assert config.eval_task_seed != config.train_task_seed and config.mistake_rate > 0
 

@@ -30,7 +30,8 @@ def suite_options(parser: argparse.ArgumentParser, n: int) -> None:
     parser.add_argument("--task-seed", type=int, default=10_000,
                         help="seed of the task suite; the default differs from the training suite's (0)")
     parser.add_argument("--tasks", help="a JSONL task file instead of the built-in suite")
-    parser.add_argument("--scenarios", help="comma-separated scenario ids to draw the built-in tasks from (default: all)")
+    parser.add_argument("--scenarios",
+                        help="comma-separated scenario ids to draw the built-in tasks from (default: all)")
 
 
 def suite_from_args(args: argparse.Namespace) -> list[Task]:

@@ -121,7 +121,11 @@ def cmd_main(args: argparse.Namespace) -> int:
         overrides["eval_greedy"] = True
     if args.from_sft:
         overrides["sft_policy"] = args.from_sft
-    run_main_job(apply_overrides(MainJobConfig(), overrides | parse_sets(args.set)))
+    try:
+        config = apply_overrides(MainJobConfig(), overrides | parse_sets(args.set))
+    except ValueError as error:  # rl's sections raise ValueError for a bad value: the user's, not a bug
+        raise ConfigError(str(error)) from None
+    run_main_job(config)
     return 0
 
 
@@ -156,7 +160,8 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-model", help="the model name the endpoint serves")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of a policy (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens in one policy turn (default 512)")
-    p.add_argument("--device", default="cpu", help="torch device of a --policy: cpu, cuda or auto (default cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="torch device of a --policy (default cpu)")
     p.add_argument("--num-envs", type=int, default=16,
                    help="episodes a policy plays at once, one batched generate per step (default 16)")
     p.add_argument("--max-turns", type=int, default=None, help="the environment's turn budget (default: its own)")

@@ -75,7 +75,7 @@ class MainJobConfig:
         policy: how the policy samples (``max_new_tokens``, ``device``; its ``model`` is set by the job).
         grpo: GRPO's hyperparameters: GRPOConfig's defaults with :data:`MAIN_JOB_GRPO` on top.
         rollout: where GRPO's rollouts run: "ray" (``num_workers`` actors of ``num_envs`` environments)
-            or "serial" (this process, ``num_envs`` x ``num_workers`` environments; no Ray needed).
+            or "serial" (``num_envs`` environments in this process; no Ray needed).
         eval_rollout: where the held-out evaluation runs ("ray": in Ray workers, both cores busy; "serial":
             in this process); ``num_envs`` is the generate batch size (per worker on Ray).
         grpo_seconds: wall-clock budget of GRPO (the iteration running when it runs out finishes; 0 skips

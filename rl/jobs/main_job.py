@@ -262,11 +262,11 @@ def grpo(config: MainJobConfig, policy: CausalLMPolicy, sft_dir: str, env: EnvCo
     if config.grpo_seconds > 0:
         rollout = _rollout(config, config.rollout, policy, sft_dir, env, 1.0)
         (out / "grpo" / "metrics.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a new log
-        trainer = Trainer(policy, GRPO(policy, reference_policy(policy) if settings.kl_coef > 0 else None, settings),
-                          rollout, iterations=config.grpo_max_iterations, num_groups=settings.tasks_per_iteration,
-                          group_size=settings.group_size, seed=config.seed,
-                          logger=MetricsLogger(str(out / "grpo"), tensorboard=False, total=None),
-                          callbacks=[Budget(seconds=config.grpo_seconds, deadline=deadline)] + ([keeper] if keeper else []))
+        algorithm = GRPO(policy, reference_policy(policy) if settings.kl_coef > 0 else None, settings)
+        callbacks = [Budget(seconds=config.grpo_seconds, deadline=deadline), *([keeper] if keeper else [])]
+        trainer = Trainer(policy, algorithm, rollout, iterations=config.grpo_max_iterations,
+                          num_groups=settings.tasks_per_iteration, group_size=settings.group_size, seed=config.seed,
+                          logger=MetricsLogger(str(out / "grpo"), tensorboard=False, total=None), callbacks=callbacks)
         try:
             history = trainer.run()
         finally:
