@@ -197,8 +197,9 @@ class RolloutConfig:
 def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:
     """Start a local Ray (``address`` None) or join a cluster, unless Ray is already up; True if this call did.
 
-    The workers import visenv, rl and baselines from the same checkout as this process (its root goes
-    first on their PYTHONPATH). Whoever gets True shuts Ray down when done.
+    A local Ray's workers import visenv, rl and baselines from the same checkout as this process (its
+    root goes first on their PYTHONPATH); a cluster's workers keep their own environment. Whoever gets
+    True shuts Ray down when done.
     """
     import os
 
@@ -206,10 +207,13 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_dr
 
     if ray.is_initialized():
         return False
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    runtime_env = None
+    if address is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        runtime_env = {"env_vars": {"PYTHONPATH": path}}
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+             runtime_env=runtime_env)
     return True
 
 

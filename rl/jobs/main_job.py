@@ -71,23 +71,7 @@ def run_main_job(config: MainJobConfig | None = None, log: Log = print) -> dict[
     torch.manual_seed(config.seed)
     with _quiet_loading():
         suites = draw_suites(config, out)
-        mark = time.perf_counter()
-        if config.sft_policy:
-            policy = dataclasses.replace(config.policy, model=config.sft_policy, temperature=1.0).build()
-            log(f"SFT-only policy loaded from {config.sft_policy} (teacher data and PST skipped)")
-            sft_dir, funnel, data_stats, stages = config.sft_policy, None, None, []
-            timing["data"] = timing["sft"] = 0.0
-        else:
-            funnel, data_path = teacher_data(config, out, suites["train"])
-            log(funnel.format())
-            policy, data_stats = tiny_policy(config, out, data_path, log)
-            timing["data"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            stages = pst(config, policy, data_path, out, log)
-            sft_dir = str(out / "sft" / "policy")
-            policy.save(sft_dir)
-            timing["sft"] = time.perf_counter() - mark
-
+        policy, sft_dir, funnel, data_stats, stages = sft_only(config, out, suites["train"], timing, log)
         modes = {"sampled": 1.0, **({"greedy": 0.0} if config.eval_greedy else {})}
         eval_seed = config.seed + 777
         eval_env = _env(config, suites["heldout"])
@@ -142,11 +126,10 @@ def run_main_job(config: MainJobConfig | None = None, log: Log = print) -> dict[
                "timing": timing, "report": report, "time_limit_seconds": config.time_limit_seconds,
                "within_time_limit": timing["total"] <= config.time_limit_seconds}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    for name in ("sft", "rl"):
+    for name, by_mode in episodes.items():
         with open(out / f"episodes_{name}.jsonl", "w", encoding="utf-8") as handle:
-            for mode, rows in episodes[name].items():
-                for row in rows:
-                    handle.write(json.dumps({"mode": mode, **row}) + "\n")
+            handle.writelines(json.dumps({"mode": mode, **row}) + "\n"
+                              for mode, rows in by_mode.items() for row in rows)
     log(format_comparison(results))
     log(f"wrote {out / 'results.json'}")
     return results
@@ -179,6 +162,30 @@ def _check_disjoint(suite: Sequence, others: Sequence, name: str, seed_field: st
     shared = {t.task_id for t in suite} & {t.task_id for t in others}
     if shared:
         raise ConfigError(f"{name} shares {len(shared)} tasks with the other suites; choose another {seed_field}.")
+
+
+def sft_only(config: MainJobConfig, out: Path, train_path: str, timing: dict[str, float], log: Log):
+    """Steps 2-4, or the ``sft_policy`` of an earlier run: ``(policy, sft_dir, funnel, data_stats, stages)``.
+
+    ``timing`` gets ``data`` and ``sft`` (0 when loaded); ``funnel``, ``data_stats`` are None and
+    ``stages`` empty when the policy is loaded.
+    """
+    if config.sft_policy:
+        policy = dataclasses.replace(config.policy, model=config.sft_policy, temperature=1.0).build()
+        log(f"SFT-only policy loaded from {config.sft_policy} (teacher data and PST skipped)")
+        timing["data"] = timing["sft"] = 0.0
+        return policy, config.sft_policy, None, None, []
+    mark = time.perf_counter()
+    funnel, data_path = teacher_data(config, out, train_path)
+    log(funnel.format())
+    policy, data_stats = tiny_policy(config, out, data_path, log)
+    timing["data"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    stages = pst(config, policy, data_path, out, log)
+    sft_dir = str(out / "sft" / "policy")
+    policy.save(sft_dir)
+    timing["sft"] = time.perf_counter() - mark
+    return policy, sft_dir, funnel, data_stats, stages
 
 
 def teacher_data(config: MainJobConfig, out: Path, train_path: str):
