@@ -210,7 +210,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_dr
     runtime_env = None
     if address is None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        path = os.pathsep.join(dict.fromkeys([root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
         runtime_env = {"env_vars": {"PYTHONPATH": path}}
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
              runtime_env=runtime_env)
