@@ -17,7 +17,7 @@ with prompt 'cat' and n=2.") and the reward (0 to 1) is for making exactly that 
    never used in training; temperature 1) in the same workers. ToolEcho has only 32 distinct
    requests, so this measures learning, not generalisation to unseen requests.
 
-The last checkpoint (policy folder and trainer state) goes to ``--out``/checkpoints; ``rl eval
+The last checkpoint (policy folder and trainer state) goes to ``--out``/checkpoints; ``rl record
 --env.id visenv/ToolEcho-v0 --policy.model OUT/checkpoints/iter_.../policy`` evaluates it again.
 """
 

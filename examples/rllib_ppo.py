@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 
 from visenv.wrappers import make_structured  # noqa: E402
-from visenv.wrappers.rllib_ppo import greedy_policy, mean_return, ppo_config, random_policy  # noqa: E402
+from baselines.rllib_ppo import greedy_policy, mean_return, ppo_config, random_policy  # noqa: E402
 
 
 def main() -> int:

@@ -7,8 +7,9 @@ The pieces, each in one module:
 * :mod:`rl.rollout` one rollout contract, serial and Ray backends.
 * :mod:`rl.core` the pure math; :mod:`rl.grpo` and :mod:`rl.ppo` one file per algorithm;
   :mod:`rl.sft` SFT and PST; :mod:`rl.train` the loop they share.
-* :mod:`rl.config`, :mod:`rl.cli` (``rl sft|train|eval``), :mod:`rl.checkpoint`, :mod:`rl.logging`,
-  :mod:`rl.tokenizer`.
+* :mod:`rl.config`, :mod:`rl.cli` (``rl sft|train|record|main|eval|data``), :mod:`rl.checkpoint`,
+  :mod:`rl.logging`, :mod:`rl.tokenizer`.
+* :mod:`rl.jobs` the applications composed from these pieces: the main job and ``rl eval``.
 
 See docs/trainer.md.
 """

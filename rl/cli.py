@@ -1,16 +1,22 @@
-"""The ``rl`` command: ``rl sft``, ``rl train`` and ``rl eval``, each from a YAML file plus overrides.
+"""The ``rl`` command: the trainer's runs, the main job, benchmark evaluation and teacher data.
 
-Examples::
+``rl sft``, ``rl train`` and ``rl record`` each run from a YAML file plus overrides::
 
-    rl eval  --config configs/teacher_visgen.yaml          # teacher trajectories -> SFT data
-    rl sft   --config configs/sft_visgen.yaml
-    rl train --config configs/visgen_pst_grpo.yaml --grpo.group_size 4 --rollout.backend ray
-    rl eval  --config configs/eval_visgen.yaml --policy.model runs/visgen/grpo/checkpoints/iter_000200/policy
+    rl record --config configs/teacher_visgen.yaml         # teacher trajectories -> SFT data
+    rl sft    --config configs/sft_visgen.yaml
+    rl train  --config configs/visgen_pst_grpo.yaml --grpo.group_size 4 --rollout.backend ray
+    rl record --config configs/eval_visgen.yaml --policy.model runs/visgen/grpo/checkpoints/iter_000200/policy
 
 Every option of the YAML file is also a ``--section.field`` option; ``rl <command> --help`` lists
 them with their meaning and default. ``--set FIELD=VALUE`` (repeatable) sets any field by its dotted
 name (``--set env.options.max_turns=5``). Bad input (a config, a path, data, an endpoint) ends with
 one line on stderr and exit code 2.
+
+The applications (:mod:`rl.jobs.cli`, :mod:`baselines.data`)::
+
+    rl main                          # the main job (bash scripts/main.sh): PST, GRPO, SFT-only vs RL
+    rl eval --agent teacher          # an agent, a policy folder or an API model on a benchmark suite
+    rl data build --n 200 --out data.jsonl    # teacher trajectories through the data funnel
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import os
 import sys
 from typing import Any
 
+from baselines.data import add_data_commands
 from rl import checkpoint
 from rl.config import EvalConfig, SFTConfig, TrainConfig, add_options, load, overrides_from, to_dict
 from rl.errors import ConfigError, VisenvError
+from rl.jobs.cli import add_job_commands
 from rl.logging import MetricsLogger
 from rl.rollout import SerialRollout, make_specs
 from rl.train import Trainer, episode_metrics
+from visenv.error import VisenvError
 
 
 def run_sft(config: SFTConfig, progress: bool = True) -> str:
@@ -103,7 +112,7 @@ def _import(spec: str) -> Any:
                           "module, e.g. 'baselines.random_agent:RandomAgent'.") from None
 
 
-def run_eval(config: EvalConfig) -> dict[str, float]:
+def run_record(config: EvalConfig) -> dict[str, float]:
     """Run ``episodes`` fresh tasks; write summary.json and trajectories.jsonl; return the summary."""
     from rl.api import ApiPolicy
     from rl.policy import AgentPolicy
@@ -132,7 +141,7 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
 COMMANDS = {
     "sft": (SFTConfig, "Supervised fine-tuning in PST stages (optionally a tiny model from scratch)."),
     "train": (TrainConfig, "RL: optional PST, then GRPO or PPO, serial or on Ray, with checkpoints."),
-    "eval": (EvalConfig, "Evaluate a policy, baseline agent or API endpoint; save trajectories."),
+    "record": (EvalConfig, "Record a policy, baseline agent or API endpoint on fresh tasks; save trajectories."),
 }
 
 
@@ -144,11 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=f"{help_text}\n\n{cls.__doc__.split(chr(10))[0]}")
         sub.add_argument("--config", metavar="YAML", help="YAML file of options; the options below override it.")
         add_options(sub, cls)
+    add_job_commands(commands)
+    add_data_commands(commands)
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
-    """Load the command's config (YAML file, then options) and run it."""
+def run(args: argparse.Namespace) -> int:
+    """Run the command: the applications (main, eval, data) parse their own options; the trainer's
+    commands load their config (YAML file, then options) first."""
+    if args.command not in COMMANDS:
+        return args.func(args)
     config = load(COMMANDS[args.command][0], args.config, overrides_from(args))
     if args.command == "sft":
         run_sft(config)
@@ -157,7 +171,8 @@ def run(args: argparse.Namespace) -> None:
         if history:
             print(json.dumps({k: round(v, 4) for k, v in history[-1].items() if not k.startswith("time/")}))
     else:
-        print(json.dumps(run_eval(config), indent=2))
+        print(json.dumps(run_record(config), indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,14 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     exit code 2, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        return run(args)
     except VisenvError as exc:
         print(f"rl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file named by the config or an option: the message names it
         print(f"rl {args.command}: error: {exc}; check the path in the config or options.", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

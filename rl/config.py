@@ -1,7 +1,7 @@
 """Run configurations: small self-validating dataclasses, YAML files, and command-line overrides.
 
 A run is one :class:`TrainConfig` (``rl train``), :class:`SFTConfig` (``rl sft``) or
-:class:`EvalConfig` (``rl eval``). Each section is a dataclass whose docstring documents every field;
+:class:`EvalConfig` (``rl record``). Each section is a dataclass whose docstring documents every field;
 ``__post_init__`` rejects a bad value with a message naming it and the fix. YAML files mirror the
 nesting (``grpo: {group_size: 8}``); on the command line every field is an option
 ``--section.field VALUE`` whose help is the field's docstring, and ``--set FIELD=VALUE`` sets any
@@ -226,12 +226,32 @@ class RolloutConfig:
         if self.backend == "serial":
             return SerialRollout(policy, make_env, self.num_envs)
         self.check_local_cpus()
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=self.ray_address, include_dashboard=False)
+        start_ray(self.ray_address)
         return RayRollout(make_policy, make_env, self.num_workers, self.num_envs, self.placement,
                           self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts)
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:
+    """Start a local Ray (``address`` None) or join a cluster, unless Ray is already up; True if this call did.
+
+    A local Ray's workers import visenv, rl and baselines from the same checkout as this process (its
+    root goes first on their PYTHONPATH); a cluster's workers keep their own environment. Whoever gets
+    True shuts Ray down when done.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = None
+    if address is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(dict.fromkeys([root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+        runtime_env = {"env_vars": {"PYTHONPATH": path}}
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+             runtime_env=runtime_env)
+    return True
 
 
 @dataclass
@@ -346,7 +366,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """An evaluation (``rl eval``): run a policy on fresh tasks, report rewards, save trajectories.
+    """An evaluation (``rl record``): run a policy on fresh tasks, report rewards, save trajectories.
 
     Attributes:
         env: the environment.

@@ -114,9 +114,12 @@ class SFTStage:
         general: JSONL path of the general tool-use trajectories (D_gen), or None.
         general_count: general trajectories in this stage (the paper: 500K, then 200K).
         visual_weight: lambda, copies of D_vis in this stage.
-        epochs: passes over the stage's mixture.
+        epochs: passes over the stage's mixture (an upper bound when a budget below ends the stage first).
         batch_size: trajectories per optimizer step.
         learning_rate: AdamW learning rate.
+        max_steps: the stage stops after this many optimizer steps, or null for no step budget.
+        max_seconds: the stage stops after the step during which this much wall time (data encoding
+            included) was spent, or null for no time budget.
     """
 
     visual: str
@@ -126,6 +129,8 @@ class SFTStage:
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 1e-3
+    max_steps: int | None = None
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.general is None and self.general_count:
@@ -134,6 +139,10 @@ class SFTStage:
             raise ConfigError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be at least 1.")
         if self.visual_weight <= 0 and not self.general_count:
             raise ConfigError("The stage is empty: set visual_weight > 0 or general_count > 0.")
+        if ((self.max_steps is not None and self.max_steps < 1)
+                or (self.max_seconds is not None and self.max_seconds <= 0)):
+            raise ConfigError(f"max_steps ({self.max_steps}) must be null or >= 1 and max_seconds ({self.max_seconds}) "
+                              "null or > 0.")
 
     def examples(self, rng: random.Random) -> list[list[dict[str, str]]]:
         general = load_chat_jsonl(self.general) if self.general else []
@@ -142,18 +151,30 @@ class SFTStage:
 
 def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]]], epochs: int,
               batch_size: int, learning_rate: float, seed: int,
-              on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+              on_step: Callable[[int, dict[str, float]], None] | None = None, max_steps: int | None = None,
+              max_seconds: float | None = None) -> dict[str, float]:
     """Minimise the mean negative log-likelihood of the assistant tokens, in length-bucketed batches.
 
+    Training ends after ``epochs`` passes, or earlier when a budget is spent: ``max_steps`` optimizer
+    steps, or ``max_seconds`` of wall time since the call (checked after each step, so the step running
+    when it runs out finishes). A step budget does the same work on any machine; a time budget does not.
+
     Returns:
-        ``loss`` (the last epoch's mean), ``steps``, ``tokens_per_second``.
+        ``loss`` (the last epoch's mean), ``steps``, ``tokens_per_second``, ``seconds`` (wall time of the call).
     """
+    began = time.perf_counter()
     encoded = [chat_segments(policy, messages) for messages in examples]
     lengths = [sum(len(s.token_ids) for s in segments) for segments in encoded]
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
     step, tokens, start = 0, 0, time.perf_counter()
+
+    def spent() -> bool:
+        return step == max_steps or (max_seconds is not None and time.perf_counter() - began >= max_seconds)
+
     for _ in range(epochs):
+        if step and spent():
+            break
         losses = []
         for index in length_batches(lengths, batch_size, rng):
             batch = TokenBatch.from_segments([encoded[i] for i in index], policy.pad_id)
@@ -167,8 +188,10 @@ def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]
             losses.append(loss.item())
             if on_step is not None:
                 on_step(step, {"sft_loss": losses[-1]})
+            if spent():
+                break
     return {"loss": sum(losses) / len(losses), "steps": float(step),
-            "tokens_per_second": tokens / (time.perf_counter() - start)}
+            "tokens_per_second": tokens / (time.perf_counter() - start), "seconds": time.perf_counter() - began}
 
 
 def run_pst(policy: CausalLMPolicy, stages: Sequence[SFTStage], seed: int,
@@ -179,5 +202,5 @@ def run_pst(policy: CausalLMPolicy, stages: Sequence[SFTStage], seed: int,
     for number, stage in enumerate(stages):
         examples = stage.examples(rng)
         results.append(train_sft(policy, examples, stage.epochs, stage.batch_size, stage.learning_rate,
-                                 seed + number, on_step))
+                                 seed + number, on_step, stage.max_steps, stage.max_seconds))
     return results

@@ -3,7 +3,8 @@
 An *algorithm* is any object with ``update(episodes, iteration) -> metrics`` and
 ``state_dict()`` / ``load_state_dict()`` (:class:`~rl.grpo.GRPO`, :class:`~rl.ppo.PPO`); the
 loop owns everything around it. Four callbacks are the extension points (:class:`Callback`);
-:class:`KeepBest` is one (keep the weights of the best stretch of training reward).
+:class:`KeepBest` (keep the weights of the best stretch of training reward) and :class:`Budget` (stop on a
+time or iteration budget) are two.
 """
 
 from __future__ import annotations
@@ -95,6 +96,41 @@ class KeepBest(Callback):
             return False
         self.policy.set_weights(self.best_weights)
         return True
+
+
+class Budget(Callback):
+    """Stops training when a wall-time or iteration budget is spent, or before it would overrun a deadline.
+
+    Budgets count from :meth:`on_start`; they are checked after each iteration, so the iteration running
+    when time runs out finishes.
+
+    Args:
+        seconds: wall-time budget of the run, or None for none.
+        iterations: most iterations this run makes (a resumed run counts from where it resumed), or None.
+        deadline: a ``time.perf_counter()`` instant that training must not run past, or None: training
+            stops when the next iteration, if it took as long as the last, would end after it.
+    """
+
+    def __init__(self, seconds: float | None = None, iterations: int | None = None, deadline: float | None = None):
+        if (seconds is not None and seconds < 0) or (iterations is not None and iterations < 1):
+            raise ValueError(f"seconds ({seconds}) must be None or >= 0 and iterations ({iterations}) None or >= 1.")
+        self.seconds = seconds
+        self.iterations = iterations
+        self.deadline = deadline
+        self.start = self.previous = time.perf_counter()
+        self.done = 0
+
+    def on_start(self, trainer: "Trainer") -> None:
+        self.start = self.previous = time.perf_counter()
+        self.done = 0
+
+    def on_step(self, iteration: int, metrics: dict[str, float]) -> bool:
+        now = time.perf_counter()
+        last, self.previous = now - self.previous, now
+        self.done += 1
+        return ((self.seconds is not None and now - self.start >= self.seconds)
+                or (self.iterations is not None and self.done >= self.iterations)
+                or (self.deadline is not None and now + last > self.deadline))
 
 
 def _nanmean(values: Sequence[float]) -> float:

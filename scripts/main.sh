@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 source scripts/env.sh
-python -m visenv.cli main "$@"
+python -m rl.cli main "$@"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rl.sft import load_chat_jsonl
-from visenv.data import DataConfig, Funnel, add_data_commands, build_dataset
+from baselines.data import DataConfig, Funnel, add_data_commands, build_dataset
 from visenv.envs.visgen import VisGenEnv
 from visenv.error import ConfigError
 from visenv.protocol import parse_turn
@@ -152,17 +152,20 @@ def test_config_errors(options, message, tmp_path):
 
 
 def test_data_build_command(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="visenv")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", "build", "--out", str(tmp_path / "d.jsonl"), "--n", "10", "--suite", "image",
-                              "--mistake-rate", "0.5", "--mistakes", "skip_step,wrong_count", "--min-reward", "0.9",
-                              "--funnel", str(tmp_path / "funnel.json"), "--quiet"])
-    assert args.func(args) == 0
+    from rl.cli import main
+
+    assert main(["data", "build", "--out", str(tmp_path / "d.jsonl"), "--n", "10", "--suite", "image",
+                 "--mistake-rate", "0.5", "--mistakes", "skip_step,wrong_count", "--min-reward", "0.9",
+                 "--funnel", str(tmp_path / "funnel.json"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     funnel = json.loads((tmp_path / "funnel.json").read_text())
     assert f"generated {funnel['generated']}" in printed and funnel["generated"] == 10
     assert len(lines(tmp_path / "d.jsonl")) == funnel["kept"]
     assert f"dropped   {funnel['dropped']['below_threshold']:>4}  below_threshold" in printed
+    assert main(["data", "build", "--out", str(tmp_path / "e.jsonl"), "--judge", "broken"]) == 2
+    assert "NAME=package.module:factory" in capsys.readouterr().err
+    parser = argparse.ArgumentParser(prog="mine")  # the command registers on any subparsers object
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["data", "build", "--out", str(tmp_path / "e.jsonl"), "--judge", "broken"])
     with pytest.raises(ConfigError, match="NAME=package.module:factory"):
         args.func(args)

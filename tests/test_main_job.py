@@ -1,4 +1,5 @@
-"""The main job (visenv.main_job) end to end on a small configuration, and its configuration checks.
+"""The main job (rl.jobs) end to end on a small configuration, its configuration checks, and the library
+pieces it is composed of (rl.train.Budget, rl.sft.train_sft's budgets, rl.config.apply_overrides).
 
 The small run only proves that every stage runs and that the outputs agree with each other; whether
 RL beats SFT-only within 15 minutes is measured by the full job (docs/main-job.md), not here.
@@ -10,25 +11,37 @@ import math
 import pytest
 import torch
 
-from visenv.error import ConfigError
+from rl.config import apply_overrides
 from rl.grpo import GRPOConfig
-from visenv.main_job import MAIN_JOB_GRPO, MainJobConfig, format_comparison, run_main_job
+from rl.jobs.compare import format_comparison
+from rl.jobs.config import MAIN_JOB_GRPO, MainJobConfig
+from rl.jobs.main_job import run_main_job
+from visenv.error import ConfigError
 
 
 def small_config(out, **extra):
-    values = dict(out=str(out), train_tasks=24, eval_tasks=8, eval_episodes=8, eval_greedy=False, max_turns=3,
-                  vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                  sft_seconds=6.0, sft_batch_size=8, grpo_seconds=1.0, grpo_max_iterations=2,
-                  grpo={"tasks_per_iteration": 2, "group_size": 2, "warmup_steps": 2}, keep_best_window=1,
-                  max_new_tokens=24, num_workers=2, worker_num_cpus=0.5,
-                  envs_per_worker=2, eval_envs=8, report_episodes=3, time_limit_seconds=900.0)
-    return MainJobConfig(**(values | extra))
+    values = {"out": str(out), "train_tasks": 24, "eval_tasks": 8, "eval_episodes": 8, "eval_greedy": False,
+              "env.options.max_turns": 3, "tiny": {"vocab_size": 400, "hidden_size": 32, "num_layers": 1,
+                                                   "num_heads": 2, "intermediate_size": 64},
+              "stages.0.max_seconds": 3.6, "stages.1.max_seconds": 2.4, "stages.0.batch_size": 8,
+              "stages.1.batch_size": 8, "grpo_seconds": 1.0, "grpo_max_iterations": 2,
+              "grpo.tasks_per_iteration": 2, "grpo.group_size": 2, "grpo.warmup_steps": 2, "keep_best_window": 1,
+              "policy.max_new_tokens": 24, "rollout.worker_num_cpus": 0.5, "rollout.num_envs": 2,
+              "eval_rollout.worker_num_cpus": 0.5, "eval_rollout.num_envs": 8, "report_episodes": 3}
+    return apply_overrides(MainJobConfig(), values | extra)
+
+
+SERIAL = {"rollout.backend": "serial", "eval_rollout.backend": "serial"}
 
 
 @pytest.mark.slow
-def test_main_job_small_end_to_end(ray_session, tmp_path):
+def test_main_job_small_end_to_end(ray_session, tmp_path, capfd):
     lines = []
     results = run_main_job(small_config(tmp_path / "job"), log=lines.append)
+    # transformers' loading/saving bars and open_clip's expected random-weight warnings stay out of the output
+    printed = "".join(capfd.readouterr())
+    for noise in ("Loading weights", "Writing model shards", "Model initialized randomly", "no CLIP weights"):
+        assert noise not in printed
     out = tmp_path / "job"
     for name in ("results.json", "tasks_train.jsonl", "tasks_heldout.jsonl", "data/teacher.jsonl",
                  "tokenizer/tokenizer.json", "sft/policy/config.json", "rl/policy/config.json",
@@ -98,8 +111,7 @@ def test_main_job_small_end_to_end(ray_session, tmp_path):
     (tmp_path / "again" / "grpo" / "metrics.jsonl").write_text('{"step": 0, "stale": 1}\n')
     (tmp_path / "again" / "tasks_rl.jsonl").write_text('{"task_id": "stale"}\n')
     again = run_main_job(small_config(tmp_path / "again", sft_policy=str(out / "sft" / "policy"), report_episodes=0,
-                                      rollout_backend="serial", eval_backend="serial", rl_task_seed=None),
-                         log=lines.append)
+                                      rl_task_seed=None, **SERIAL), log=lines.append)
     assert again["funnel"] is None and again["data"] is None and again["sft"]["stages"] == []
     assert again["report"] is None and not (tmp_path / "again" / "report").exists()
     # rl_task_seed None: GRPO practised on the training suite (no third suite is drawn; the stale one is gone)
@@ -119,65 +131,112 @@ def test_sft_steps_make_the_sft_only_policy_the_same_on_any_machine(tmp_path):
 
     weights, stages = [], []
     for name in ("a", "b"):
-        results = run_main_job(small_config(tmp_path / name, sft_steps=[3, 2], sft_seconds=30.0, grpo_seconds=0.0,
-                                            report_episodes=0, eval_episodes=2, rollout_backend="serial",
-                                            eval_backend="serial"), log=lambda line: None)
+        budgets = {"stages.0.max_steps": 3, "stages.1.max_steps": 2, "stages.0.max_seconds": 30.0,
+                   "stages.1.max_seconds": 30.0}
+        results = run_main_job(small_config(tmp_path / name, grpo_seconds=0.0, report_episodes=0, eval_episodes=2,
+                                            **budgets, **SERIAL), log=lambda line: None)
         stages.append([s["steps"] for s in results["sft"]["stages"]])
         weights.append(load_file(str(tmp_path / name / "sft" / "policy" / "model.safetensors")))
-        assert results["config"]["sft_steps"] == (3, 2)
+        assert [s["max_steps"] for s in results["config"]["stages"]] == [3, 2]
     assert stages == [[3, 2], [3, 2]]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 @pytest.mark.parametrize("bad, word", [
     ({"eval_task_seed": 0}, "eval_task_seed"),
-    ({"scenarios": ("no_such_scenario",)}, "no_such_scenario"),
-    ({"num_workers": 3, "worker_num_cpus": 1.0}, "ray_num_cpus"),
-    ({"grpo": {"group_size": 1}}, "grpo: group_size \\(1\\) must be at least 2"),
-    ({"grpo": {"kl_coeff": 0.1}}, "grpo has no field kl_coeff"),
-    ({"grpo": {"learning_rate": "fast"}}, "grpo.learning_rate \\('fast'\\) must be a number"),
-    ({"grpo": 3}, "must be an rl.grpo.GRPOConfig or a dict"),
-    ({"rollout_backend": "gpu"}, "rollout_backend"),
+    ({"scenarios": ["no_such_scenario"]}, "no_such_scenario"),
+    ({"rollout.num_workers": 3},
+     "rollout.num_workers x rollout.worker_num_cpus \\(3 x 1.0\\) must be at most ray_num_cpus"),
+    ({"eval_rollout.worker_num_cpus": 1.5}, "eval_rollout.num_workers"),
+    ({"grpo.group_size": 1}, "group_size \\(1\\) must be at least 2"),
+    ({"grpo.kl_coeff": 0.1}, "kl_coeff"),
+    ({"rollout.backend": "gpu"}, "rollout.backend"),
     ({"mistake_rate": 1.5}, "mistake_rate"),
-    ({"sft_stage1_share": 1.0}, "sft_stage1_share"),
-    ({"hidden_size": 130}, "num_heads"),
+    ({"tiny.hidden_size": 130}, "num_heads"),
+    ({"tiny.vocab_size": 200}, "tiny.vocab_size"),
     ({"report_episodes": -1}, "report_episodes"),
     ({"keep_best_window": -1}, "keep_best_window"),
     ({"rl_task_seed": 0}, "rl_task_seed"),
-    ({"sft_steps": [300]}, "sft_steps"),
-    ({"sft_steps": [300, 0]}, "sft_steps"),
-    ({"sft_steps": 300}, "sft_steps"),
+    ({"stages.0.max_seconds": None}, "stages.0: .* max_steps or max_seconds set"),
+    ({"stages.1.visual": "mine.jsonl"}, "stages.1: visual"),
+    ({"stages.0.max_steps": 0}, "max_steps \\(0\\) must be null or >= 1"),
+    ({"stages.2.max_steps": 5}, "'2' is not an index of a 2-item list"),
+    ({"stages": []}, "stages is empty"),
+    ({"env.options.tasks": "x.jsonl"}, "must not set 'tasks'"),
     ({"sft_policy": "/no/such/policy"}, "sft_policy"),
 ])
 def test_main_job_config_rejects_bad_values(bad, word):
-    with pytest.raises(ConfigError, match=word):
-        MainJobConfig(**bad)
+    with pytest.raises(ValueError, match=word):
+        apply_overrides(MainJobConfig(), bad)
 
 
-def test_command_line_overrides_read_yaml_numbers_and_name_bad_fields(capsys):
-    from visenv.cli import _field_overrides, main
+def test_command_line_overrides_reach_the_sections_on_top_of_the_job_defaults(capsys):
+    from rl.cli import main
+    from rl.config import parse_sets
 
-    overrides = _field_overrides(["grpo.learning_rate=5e-4", "grpo.tasks_per_iteration=8", "scenarios=[avatar]",
-                                  "grpo_seconds=60"], MainJobConfig)
-    assert overrides == {"grpo": {"learning_rate": 5e-4, "tasks_per_iteration": 8}, "scenarios": ["avatar"],
-                         "grpo_seconds": 60}
-    config = MainJobConfig(**overrides)
-    assert config.scenarios == ("avatar",) and config.grpo.learning_rate == 5e-4 and config.grpo.group_size == 8
+    overrides = parse_sets(["grpo.learning_rate=5e-4", "grpo.tasks_per_iteration=8", "scenarios=[avatar]",
+                            "grpo_seconds=60", "stages.1.max_steps=7"])
+    assert overrides == {"grpo.learning_rate": 5e-4, "grpo.tasks_per_iteration": 8, "scenarios": ["avatar"],
+                         "grpo_seconds": 60, "stages.1.max_steps": 7}
+    config = apply_overrides(MainJobConfig(), overrides)
+    assert config.scenarios == ["avatar"] and config.grpo.learning_rate == 5e-4 and config.grpo.tasks_per_iteration == 8
+    assert isinstance(config.stages[1], type(config.stages[0])) and config.stages[1].max_steps == 7
+    assert (config.stages[1].max_seconds, config.stages[0].max_steps) == (108.0, None)  # the rest kept
     # overrides go on top of the main job's GRPO settings, not GRPOConfig's bare defaults
     assert (config.grpo.warmup_steps, config.grpo.kl_coef) == (10, 0.05) == tuple(MAIN_JOB_GRPO.values())
     assert MainJobConfig().grpo == GRPOConfig(**MAIN_JOB_GRPO)
-    with pytest.raises(ConfigError, match="grpo_seconds \\('fast'\\) must be a number"):
-        MainJobConfig(grpo_seconds="fast")
-    with pytest.raises(ConfigError, match="nested config"):
-        _field_overrides(["grpo=null", "grpo.kl_coef=0.1"], MainJobConfig)
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+        parse_sets(["grpo.kl_coef"])
     assert main(["main", "--set", "no_such_field=1"]) == 2
-    assert "expected FIELD=VALUE (or FIELD.KEY=VALUE for a nested config) with FIELD one of" in capsys.readouterr().err
+    assert "Unknown option(s) ['no_such_field']" in capsys.readouterr().err
     assert main(["main", "--from-sft", "/no/such/policy"]) == 2
     assert "is not a policy folder" in capsys.readouterr().err
 
 
 def test_main_job_defaults_fit_two_cpus():
     config = MainJobConfig()
-    assert config.num_workers * config.worker_num_cpus <= config.ray_num_cpus == 2
-    assert config.sft_seconds + config.grpo_seconds < config.time_limit_seconds
+    for rollout in (config.rollout, config.eval_rollout):
+        assert rollout.backend == "ray" and rollout.num_workers * rollout.worker_num_cpus <= config.ray_num_cpus == 2
+    assert [(s.max_seconds, s.max_steps) for s in config.stages] == [(162.0, None), (108.0, None)]
+    assert sum(s.max_seconds for s in config.stages) + config.grpo_seconds < config.time_limit_seconds
     assert config.eval_task_seed != config.train_task_seed and config.mistake_rate > 0
+
+
+def test_budget_stops_on_iterations_seconds_or_before_a_deadline(monkeypatch):
+    import rl.train
+
+    now = [100.0]
+    monkeypatch.setattr(rl.train.time, "perf_counter", lambda: now[0])
+
+    def steps(budget, times):
+        now[0] = 100.0
+        budget.on_start(None)
+        stops = []
+        for t in times:
+            now[0] = t
+            stops.append(budget.on_step(len(stops), {}))
+        return stops
+
+    assert steps(rl.train.Budget(iterations=2), [101, 102, 103]) == [False, True, True]
+    assert steps(rl.train.Budget(seconds=10), [105, 109.9, 110]) == [False, False, True]
+    # the next iteration is expected to take as long as the last: 108 + 8 <= 120, 115 + 7 > 120
+    assert steps(rl.train.Budget(deadline=120), [108, 115]) == [False, True]
+    assert steps(rl.train.Budget(), [1e9]) == [False]
+    with pytest.raises(ValueError, match="iterations \\(0\\)"):
+        rl.train.Budget(iterations=0)
+
+
+def test_train_sft_stops_at_its_step_or_time_budget():
+    from rl.sft import train_sft
+    from rl_helpers import echo_examples, echo_tokenizer, tiny_policy
+
+    torch.set_num_threads(1)
+    policy = tiny_policy(echo_tokenizer())
+    examples = echo_examples(32, correct_share=1.0)  # 4 batches of 8 an epoch
+    seen = []
+    result = train_sft(policy, examples, epochs=100, batch_size=8, learning_rate=1e-3, seed=0,
+                       on_step=lambda step, m: seen.append(step), max_steps=6)
+    assert result["steps"] == 6 and seen == [1, 2, 3, 4, 5, 6]  # into the second epoch, then stopped
+    assert train_sft(policy, examples, epochs=2, batch_size=8, learning_rate=1e-3, seed=0, max_steps=50)["steps"] == 8
+    timed = train_sft(policy, examples, epochs=10_000, batch_size=8, learning_rate=1e-3, seed=0, max_seconds=0.5)
+    assert 1 <= timed["steps"] < 40_000 and 0.5 <= timed["seconds"] < 30

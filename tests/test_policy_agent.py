@@ -217,7 +217,7 @@ def test_policy_report_escapes_malformed_turns(policies, tmp_path):
         write_policy_report(hostile, make_suite(1, 5), tmp_path, episodes=0, seed=0)
 
 
-# ------------------------------------------------------------------ visenv eval: any agent or policy
+# ------------------------------------------------------------------ rl eval: any agent or policy
 
 
 def eval_args(out, *who):
@@ -225,8 +225,8 @@ def eval_args(out, *who):
             "--out", str(out / "results.json")]
 
 
-def test_visenv_eval_plays_a_saved_policy_as_evaluate_does(policies, tmp_path):
-    from visenv.cli import main
+def test_rl_eval_plays_a_saved_policy_as_evaluate_does(policies, tmp_path):
+    from rl.cli import main
 
     folder = tmp_path / "policy"
     policies["SFT-only"].save(str(folder))
@@ -242,8 +242,8 @@ def test_visenv_eval_plays_a_saved_policy_as_evaluate_does(policies, tmp_path):
     assert written["summary"]["overall"]["reward"] == pytest.approx(summary["overall"]["reward"])
 
 
-def test_visenv_eval_takes_an_agent_class_and_names_bad_choices(tmp_path, capsys):
-    from visenv.cli import main
+def test_rl_eval_takes_an_agent_class_and_names_bad_choices(tmp_path, capsys):
+    from rl.cli import main
 
     assert main(eval_args(tmp_path / "teacher", "--agent", "teacher", "--no-report")) == 0
     assert main(eval_args(tmp_path / "class", "--agent", "baselines.workflow_agent:WorkflowAgent", "--no-report")) == 0

@@ -1,4 +1,4 @@
-"""End to end through the ``rl`` command on VisGen: teacher data (rl eval), PST then GRPO (rl train)
+"""End to end through the ``rl`` command on VisGen: teacher data (rl record), PST then GRPO (rl train)
 serially and on Ray, resume from a checkpoint, and evaluation of the trained checkpoint."""
 
 import json
@@ -14,7 +14,7 @@ from rl.logging import read_metrics
 @pytest.fixture(scope="module")
 def teacher_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    assert main(["eval", "--env.id", "visenv/VisGen-v0", "--agent", "baselines.workflow_agent:WorkflowAgent",
+    assert main(["record", "--env.id", "visenv/VisGen-v0", "--agent", "baselines.workflow_agent:WorkflowAgent",
                  "--episodes", "16", "--num_envs", "8", "--output_dir", str(out), "--min_reward", "0.5"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     lines = (out / "trajectories.jsonl").read_text().splitlines()
@@ -57,7 +57,7 @@ def test_pst_then_grpo_on_visgen_resumes_and_evaluates(teacher_data, tmp_path):
     assert "kl" in record or record["groups_skipped"] == 1.0  # no KL to report when every group was skipped
     checkpoint = run / "checkpoints" / "iter_000003" / "policy"
     out = tmp_path / "eval"
-    assert main(["eval", "--env.id", "visenv/VisGen-v0", "--env.options", "{max_turns: 2}", "--policy.model",
+    assert main(["record", "--env.id", "visenv/VisGen-v0", "--env.options", "{max_turns: 2}", "--policy.model",
                  str(checkpoint), "--policy.max_new_tokens", "24", "--episodes", "4", "--output_dir", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["episodes"] == 4
 

@@ -12,7 +12,7 @@ from gymnasium.utils.env_checker import check_env
 from visenv.error import ConfigError, ResetNeeded
 from visenv.protocol import parse_turn
 from visenv.wrappers import StructuredVisGen, make_structured
-from visenv.wrappers.rllib_ppo import mean_return
+from baselines.rllib_ppo import mean_return
 
 
 CALL, ANSWER = 0, 1
@@ -127,7 +127,7 @@ def test_errors_and_pickling():
 @pytest.mark.slow
 def test_rllib_ppo_beats_random(ray_session):
     """A few PPO iterations (new API stack, all in the driver) already beat the random policy on held-out tasks."""
-    from visenv.wrappers.rllib_ppo import greedy_policy, mean_return, ppo_config, random_policy
+    from baselines.rllib_ppo import greedy_policy, mean_return, ppo_config, random_policy
 
     algo = ppo_config({"task_seed": 0}, seed=0).build_algo()
     try:

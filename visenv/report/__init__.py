@@ -8,7 +8,7 @@ Typical use::
     results, summary = evaluate_with_report(lambda: WorkflowAgent(), tasks, "runs/report")
     write_results("runs/report/results.json", results, summary)  # beside report.html and media/*.png
 
-or, for a results.json written by ``visenv eval --trajectories``: ``visenv report results.json``.
+or, for a results.json written by ``rl eval --trajectories``: ``visenv report results.json``.
 
 Several named runs of the same tasks on one page::
 

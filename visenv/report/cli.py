@@ -1,10 +1,10 @@
-"""``visenv report``: the HTML report of a results.json written by ``visenv eval``.
+"""``visenv report``: the HTML report of a results.json written by ``rl eval``.
 
-    visenv eval --agent teacher --trajectories --out runs/eval/results.json
+    rl eval --agent teacher --trajectories --out runs/eval/results.json
     visenv report runs/eval/results.json          # runs/eval/report.html + runs/eval/media/
 
 The pictures come from re-playing the recorded actions on the same suite and seed (defaults: those
-of ``visenv eval``); pass the same ``--suite/--n/--task-seed`` (or ``--tasks``) and ``--seed`` that
+of ``rl eval``); pass the same ``--suite/--n/--task-seed`` (or ``--tasks``) and ``--seed`` that
 the evaluation used, or ``--no-media`` for the tables, plots and turns without pictures. Register
 the command on a parser with :func:`add_report_commands`.
 """
@@ -28,7 +28,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         payload = json.loads(Path(args.results).read_text(encoding="utf-8"))
         episodes, summary = payload["episodes"], payload["summary"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{args.results} is not a results.json written by `visenv eval` ({err}).") from None
+        raise ConfigError(f"{args.results} is not a results.json written by `rl eval` ({err}).") from None
     out = Path(args.out) if args.out else Path(args.results).parent
     captures = None
     if not args.no_media:
@@ -50,7 +50,7 @@ def add_report_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     """
     p = subparsers.add_parser("report", help="write the HTML report of a results.json", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", help="results.json written by `visenv eval --trajectories`")
+    p.add_argument("results", help="results.json written by `rl eval --trajectories`")
     p.add_argument("--out", help="the report folder (default: the folder of RESULTS)")
     p.add_argument("--suite", choices=TASK_SUITES, default="all", help="the evaluated built-in suite (default all)")
     p.add_argument("--n", type=int, default=84, help="number of built-in tasks evaluated (default 84)")

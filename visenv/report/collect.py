@@ -70,7 +70,7 @@ def evaluate_with_report(agent_factory: Callable[[], Any], tasks: Sequence[Task]
                          ) -> tuple[list[EpisodeResult], dict[str, Any]]:
     """:func:`visenv.evaluation.evaluate` with trajectories kept, plus ``report.html`` and its pictures.
 
-    Write results.json beside the page with :func:`visenv.evaluation.write_results`, as ``visenv eval`` does.
+    Write results.json beside the page with :func:`visenv.evaluation.write_results`, as ``rl eval`` does.
 
     Args:
         agent_factory: makes the agent (any object with ``reset(observation, seed)`` and ``act(observation)``).
@@ -130,7 +130,7 @@ def replay_captures(episodes: Sequence[Mapping[str, Any]], tasks: Sequence[Task]
                               f"{task.task_id!r}: pass the suite the evaluation used.")
         if not episode["trajectory"]:
             raise ConfigError(f"episode {i} ({task.task_id}) has no trajectory: evaluate with "
-                              "keep_trajectories=True (`visenv eval --trajectories`).")
+                              "keep_trajectories=True (`rl eval --trajectories`).")
         env.reset(seed=seed + i, options={"task": task})
         total = 0.0
         for step in episode["trajectory"]:

@@ -367,7 +367,7 @@ def _viewer(runs: Sequence[_Shown]) -> str:
         viewer = "".join(sections)
     if not viewer:
         viewer = "<p>No trajectories were kept: evaluate with <code>keep_trajectories=True</code> " \
-                 "(<code>visenv eval --trajectories</code>).</p>"
+                 "(<code>rl eval --trajectories</code>).</p>"
     return viewer
 
 

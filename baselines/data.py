@@ -25,7 +25,7 @@ that pass LtrReward and a VLM grader):
    ``include_tool_docs`` a ``system`` message with the environment's tool documentation opens each
    trajectory; leave it off when the policy brings its own system prompt (``rl.sft`` then uses it).
 
-Command line: ``visenv data build --out data/visgen.jsonl --n 200`` (see :func:`add_data_commands`).
+Command line: ``python -m rl.cli data build --out data/visgen.jsonl --n 200`` (see :func:`add_data_commands`).
 """
 
 from __future__ import annotations

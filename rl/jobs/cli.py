@@ -1,0 +1,171 @@
+"""``rl main`` (the main job) and ``rl eval`` (any agent, trained policy or API model on a benchmark suite).
+
+    rl main                          # the main job: teacher data, PST, GRPO on Ray, SFT-only vs RL table
+    rl main --baselines-only         # the scripted teacher and the random agent on held-out tasks
+    rl main --set grpo_seconds=120 --set grpo.kl_coef=0.1     # any MainJobConfig field, dotted into sections
+    rl eval --agent teacher          # evaluate a baseline on a suite, write results.json + report.html
+    rl eval --policy runs/main/rl/policy --scenarios official_account_cover --max-turns 5
+                                     # ... or a trained policy, an agent class (module:Class), an API model
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import inspect
+import time
+from pathlib import Path
+
+from visenv.cli import suite_from_args, suite_options
+from visenv.error import ConfigError
+from visenv.evaluation import act_each, evaluate, format_table, write_results
+from visenv.report.collect import evaluate_with_report
+from visenv.rewards.judges.grader import format_benchmark
+from visenv.tasks import make_suite
+
+
+def agent_factory(name: str, seed: int):
+    """``teacher``, ``random`` or ``module:Class`` (an agent class; given ``seed=`` when it takes one)."""
+    from baselines.random_agent import RandomAgent
+    from baselines.workflow_agent import WorkflowAgent
+
+    factories = {"teacher": lambda: WorkflowAgent(seed=seed), "random": lambda: RandomAgent(seed=seed)}
+    if name in factories:
+        return factories[name]
+    module, colon, attribute = name.partition(":")
+    if not colon or not module or not attribute:
+        raise ConfigError(f"--agent {name!r}: expected 'teacher', 'random' or an agent class as 'module:Class' "
+                          "(e.g. baselines.workflow_agent:WorkflowAgent).")
+    try:
+        cls = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"--agent {name!r}: cannot import it ({error}).") from None
+    try:
+        takes_seed = "seed" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        takes_seed = False
+    return (lambda: cls(seed=seed)) if takes_seed else cls
+
+
+def policy_factory(args: argparse.Namespace):
+    """``--policy DIR`` or ``--api-base-url``: an rl policy played as an agent, turns batched over the episodes."""
+    from rl.agent import PolicyAgent, act_together
+
+    if args.policy:
+        from rl.config import PolicyConfig
+
+        if not (Path(args.policy) / "config.json").is_file():
+            raise ConfigError(f"--policy {args.policy!r} is not a policy folder (no config.json): give a folder "
+                              "written by rl (e.g. runs/main/rl/policy or a checkpoint's policy/).")
+        policy = PolicyConfig(model=args.policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              device=args.device).build()
+    else:
+        from rl.api import ApiPolicy
+
+        if not args.api_model:
+            raise ConfigError("--api-base-url needs --api-model (the model name the endpoint serves).")
+        policy = ApiPolicy(args.api_base_url, args.api_model, max_tokens=args.max_new_tokens,
+                           temperature=args.temperature)
+    return functools.partial(PolicyAgent, policy, seed=args.seed), act_together
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate an agent or a policy on a suite; print the tables, write results.json (and report.html)."""
+    tasks = suite_from_args(args)
+    if args.policy or args.api_base_url:
+        factory, act_batch = policy_factory(args)
+        name, num_envs = args.policy or f"{args.api_model} at {args.api_base_url}", args.num_envs
+    else:
+        factory, act_batch = agent_factory(args.agent, args.seed), act_each
+        name, num_envs = args.agent, 1
+    env_config = {"max_turns": args.max_turns} if args.max_turns else None
+    if args.no_report:
+        results, summary = evaluate(factory, tasks, seed=args.seed, keep_trajectories=args.trajectories,
+                                    env_config=env_config, num_envs=num_envs, act_batch=act_batch)
+    else:
+        results, summary = evaluate_with_report(factory, tasks, Path(args.out).parent, seed=args.seed,
+                                                env_config=env_config, num_envs=num_envs, act_batch=act_batch,
+                                                title=f"{name} on {len(tasks)} tasks")
+    print(format_table(summary, title=f"== {name} on {len(tasks)} tasks =="))
+    print(format_benchmark(summary["visgenbench"]))
+    write_results(args.out, results, summary)
+    print(f"wrote {args.out}" + ("" if args.no_report else f" and {Path(args.out).parent / 'report.html'}"))
+    return 0
+
+
+def cmd_main(args: argparse.Namespace) -> int:
+    """The main job (:mod:`rl.jobs.main_job`): teacher data -> PST -> GRPO on Ray -> SFT-only vs RL on held-out tasks.
+
+    ``--baselines-only`` prints the old table instead: the scripted teacher and the random agent.
+    """
+    if args.baselines_only:
+        tasks = make_suite(84 if args.n is None else args.n, args.task_seed)
+        start = time.perf_counter()
+        for name in ("teacher", "random"):
+            results, summary = evaluate(agent_factory(name, args.seed), tasks, seed=args.seed)
+            print(format_table(summary, title=f"== {name} on {len(tasks)} held-out tasks (seed {args.seed}) =="))
+            print()
+            if args.out:
+                write_results(f"{args.out}/{name}.json", results, summary)
+        print(f"done in {time.perf_counter() - start:.1f} s")
+        return 0
+    from rl.config import apply_overrides, parse_sets
+    from rl.jobs.config import MainJobConfig
+    from rl.jobs.main_job import run_main_job
+
+    overrides = {"out": args.out or "runs/main", "seed": args.seed, "eval_task_seed": args.task_seed}
+    if args.n is not None:
+        overrides["eval_tasks"] = overrides["eval_episodes"] = args.n
+    if args.greedy:
+        overrides["eval_greedy"] = True
+    if args.from_sft:
+        overrides["sft_policy"] = args.from_sft
+    run_main_job(apply_overrides(MainJobConfig(), overrides | parse_sets(args.set)))
+    return 0
+
+
+def add_job_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``main`` and ``eval`` on a subparsers object; each sets ``func`` (namespace -> exit status)."""
+    p = sub.add_parser("main", help="the main job on embedded defaults (teacher data, PST, GRPO, evaluation)")
+    p.add_argument("--n", type=int, default=None,
+                   help="held-out tasks (main job default 256; --baselines-only default 84, two per scenario)")
+    p.add_argument("--task-seed", type=int, default=10_000, help="seed of the held-out suite")
+    p.add_argument("--seed", type=int, default=0, help="seed of the job (data, model, GRPO, evaluation)")
+    p.add_argument("--out", default="runs/main", help="output folder ('' to skip the baselines' JSON)")
+    p.add_argument("--greedy", action="store_true", help="also evaluate both policies greedily (takes longer)")
+    p.add_argument("--from-sft", metavar="DIR",
+                   help="skip teacher data and PST: start GRPO from this SFT-only policy (<out>/sft/policy of an "
+                        "earlier run)")
+    p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
+                   help="override a field of rl.jobs.config.MainJobConfig (value read as YAML; sections and list "
+                        "items dotted), e.g. --set grpo_seconds=120, --set grpo.kl_coef=0.05 or --set "
+                        "stages.0.max_steps=285; repeatable")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="only evaluate the scripted teacher and the random agent (the old main table)")
+    p.set_defaults(func=cmd_main)
+
+    p = sub.add_parser("eval", help="evaluate an agent or a policy on a suite; write results.json and report.html")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--agent", default="teacher",
+                     help="teacher, random, or an agent class as module:Class (reset(observation, seed) / "
+                          "act(observation); built with seed= when it takes one). Default: teacher")
+    who.add_argument("--policy", metavar="DIR", help="a policy folder written by rl (e.g. runs/main/rl/policy)")
+    who.add_argument("--api-base-url", metavar="URL",
+                     help="an OpenAI-compatible endpoint (POST URL/chat/completions), with --api-model")
+    p.add_argument("--api-model", help="the model name the endpoint serves")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of a policy (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens in one policy turn (default 512)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="torch device of a --policy (default cpu)")
+    p.add_argument("--num-envs", type=int, default=16,
+                   help="episodes a policy plays at once, one batched generate per step (default 16)")
+    p.add_argument("--max-turns", type=int, default=None, help="the environment's turn budget (default: its own)")
+    suite_options(p, 84)
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    p.add_argument("--out", default="results.json", help="where to write the results")
+    p.add_argument("--trajectories", action="store_true",
+                   help="keep every turn in results.json (always kept when the report is written)")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip report.html (written beside results.json by default)")
+    p.set_defaults(func=cmd_eval)

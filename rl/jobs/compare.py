@@ -1,0 +1,85 @@
+"""Two policies on the same held-out episodes: each one's summary and rows, their margin, the table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+from rl.rollout import make_specs
+from rl.train import episode_metrics
+
+
+def evaluate_policy(policy, make_rollout: Callable[[], Any], episodes: int, seed: int,
+                    temperature: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Play ``episodes`` held-out episodes with ``policy``'s weights; summary metrics and one row per episode.
+
+    ``make_rollout()`` builds the rollout (serial, or Ray workers that get the weights); episode ``i`` is
+    :func:`rl.rollout.make_specs` ``(seed, 0, episodes, 1)[i]``, so two policies play the same tasks.
+    """
+    saved = policy.temperature
+    policy.temperature = temperature
+    rollout = make_rollout()
+    try:
+        rollout.set_weights(policy.get_weights(), 0)
+        found, stats = rollout.sample(make_specs(seed, 0, episodes, 1))
+    finally:
+        rollout.close()
+        policy.temperature = saved
+    rows = []
+    for episode in found:
+        total = episode.components.get("total")
+        rows.append({"task_seed": episode.spec.task_seed, "reward": episode.reward,
+                     "rubric_total": None if total is None else float(total),
+                     "success": total is not None and not math.isnan(total) and total >= 0.999,
+                     "turns": len(episode.rewards), "terminated": episode.terminated, "truncated": episode.truncated,
+                     "components": {k: (None if v is None else float(v)) for k, v in episode.components.items()},
+                     "policy_tokens": episode.policy_tokens})
+    metrics = episode_metrics(found, stats)
+    valid = [r["reward"] for r in rows if not math.isnan(r["reward"])]
+    summary = {"episodes": len(rows), "temperature": temperature,
+               "reward": sum(valid) / len(valid) if valid else float("nan"),
+               "reward_stderr": _stderr(valid),
+               "success_rate": sum(r["success"] for r in rows) / len(rows),
+               "answered_rate": sum(r["terminated"] for r in rows) / len(rows),
+               "truncated_rate": sum(r["truncated"] for r in rows) / len(rows),
+               "invalid_rate": 1 - len(valid) / len(rows),
+               "turns": metrics["turns"], "policy_tokens": metrics["policy_tokens"],
+               "components": {k[len("reward/"):]: v for k, v in metrics.items() if k.startswith("reward/")},
+               "seconds": stats.wall_seconds}
+    return summary, rows
+
+
+def _stderr(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
+def margin(sft: dict[str, Any], rl: dict[str, Any]) -> dict[str, float]:
+    """RL minus SFT-only of two :func:`evaluate_policy` summaries (reward also relative to SFT-only's)."""
+    return {"reward": rl["reward"] - sft["reward"],
+            "reward_relative": (rl["reward"] - sft["reward"]) / abs(sft["reward"]) if sft["reward"] else float("nan"),
+            "success_rate": rl["success_rate"] - sft["success_rate"]}
+
+
+def format_comparison(results: dict[str, Any]) -> str:
+    """The SFT-only vs RL table of a results dict (``results.json``)."""
+    evaluations = results["evaluations"]
+    modes = [m for m in ("sampled", "greedy") if m in evaluations["sft"]]
+    lines = [f"== held-out: {results['eval']['episodes']} episodes on {results['eval']['tasks']} tasks "
+             f"(task seed {results['eval']['task_seed']}) ==",
+             f"{'policy':<10}{'mode':<9}{'reward':>14}{'success':>9}{'answered':>10}{'turns':>7}"]
+    for mode in modes:
+        for name in ("sft", "rl"):
+            s = evaluations[name][mode]
+            lines.append(f"{name:<10}{mode:<9}{s['reward']:>8.3f} ±{s['reward_stderr']:.3f}"
+                         f"{s['success_rate']:>9.1%}{s['answered_rate']:>10.1%}{s['turns']:>7.2f}")
+    for mode in modes:
+        m = results["margin"][mode]
+        lines.append(f"RL - SFT ({mode}): reward {m['reward']:+.3f} ({m['reward_relative']:+.1%}), "
+                     f"success {m['success_rate']:+.1%} points")
+    lines.append(f"wall time {results['timing']['total']:.0f} s (limit {results['time_limit_seconds']:.0f} s)")
+    if results.get("report"):
+        lines.append(f"report: {results['report']['path']}")
+    return "\n".join(lines)
