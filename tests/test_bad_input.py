@@ -240,6 +240,10 @@ VISENV_CASES = {
     "corrupt results.json": (["report", "{tmp}/results.json"], r"is not a results.json written by"),
     "unknown callable module": (["cache", "build", "{tmp}/cache", "{tmp}/tasks.jsonl", "--callable", "no_such_mod:f"],
                                 r"--callable \('no_such_mod:f'\): cannot import it"),
+}
+
+# The applications (main job, benchmark evaluation, teacher data) are rl commands.
+RL_CASES.update({
     "unknown judge module": (["data", "build", "--n", "1", "--out", "{tmp}/d.jsonl", "--judge", "plan=no_such_mod:f"],
                              r"--judge \('plan=no_such_mod:f'\): cannot import 'no_such_mod:f'"),
     "--num-envs 0": (["eval", "--policy", "{policy}", "--num-envs", "0", "--n", "1", "--no-report", "--out",
@@ -248,7 +252,7 @@ VISENV_CASES = {
                                   "1", "--no-report", "--out", "{tmp}/r.json"], r"temperature \(-1.0\) must be >= 0"),
     "refused API connection": (["eval", "--api-base-url", "{api}", "--api-model", "m", "--n", "1", "--no-report",
                                 "--out", "{tmp}/r.json"], r"failed .*Connection refused"),
-}
+})
 
 
 @pytest.mark.parametrize("program, case", [("rl", case) for case in sorted(RL_CASES)]

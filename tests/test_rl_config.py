@@ -136,7 +136,7 @@ def test_help_explains_every_option(capsys):
     assert "--grpo.kl_estimator VALUE" in text and '"k1", "k2" or "k3"' in text
     assert "--rollout.max_staleness VALUE" in text and "(default: 0)" in text
     assert "--sft.tiny.hidden_size" in text
-    for command in ("train", "sft", "eval"):
+    for command in ("train", "sft", "record"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         assert "--set FIELD=VALUE set any field by its dotted name" in " ".join(capsys.readouterr().out.split())
