@@ -121,14 +121,26 @@ def test_ties_are_broken_by_the_call_seed(tmp_path, embedder):
     assert served[:3] == served[3:]
 
 
-def test_quarantined_neighbours_are_skipped(cache, tmp_path, embedder):
+def test_damaged_neighbours_are_quarantined_and_skipped(cache, tmp_path, embedder, caplog):
     backend = NearestBackend(cache, threshold=0.6, embedder=embedder)
     fox = request(T2I.name, {"prompt": "a fox asleep in snow"})
-    first = backend.answer(fox).outputs[0]
-    os.remove(first.path)
+    first = backend.answer(fox)
+    os.remove(first.outputs[0].path)
     assert backend.answer(fox) is None  # file gone: not served
-    assert cache.verify().quarantined_entries == 1
-    assert backend.answer(fox) is None  # entry gone from the index: skipped
+    [entry_id] = [i for i, _ in backend.neighbours(fox)][:1]
+    assert cache.get_by_id(entry_id) is None  # quarantined by the lookup
+    assert cache.verify().ok
+    assert backend.answer(fox) is None and cache.counters()[T2I.name]["missing_file"] == 1
+    city = request(T2I.name, {"prompt": "a rainy cyberpunk street at night"})
+    served = backend.answer(city).outputs[0]
+    raw = bytearray(open(served.path, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(served.path, "wb").write(bytes(raw))
+    os.utime(served.path, ns=(1, 1))  # a later write: the served file's signature changes
+    with caplog.at_level(logging.WARNING, logger="visenv.tools.cache"):
+        assert backend.answer(city) is None
+    assert "does not hash to its name" in caplog.text and cache.counters()[T2I.name]["corrupt_file"] == 1
+    assert (cache.root / "quarantine" / os.path.basename(served.path)).exists()
 
 
 def test_nearest_backend_pickles_and_rebuilds_its_index(cache, embedder):
