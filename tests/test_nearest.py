@@ -17,7 +17,7 @@ import pytest
 
 from cache_fixtures import image_output, request, write_png
 from visenv.cache_cli import add_cache_commands
-from visenv.error import DependencyNotInstalled
+from visenv.error import CacheCorruptError, DependencyNotInstalled
 from visenv.tools.cache import ToolCache
 from visenv.tools.cache_key import CallKey
 from visenv.tools.nearest import IndexLoad, MiniLMEmbedder, NearestBackend, SavedIndex, VectorIndex
@@ -329,6 +329,39 @@ def test_a_corrupt_saved_index_is_rebuilt_with_a_warning(big_cache, embedder, ca
     third = NearestBackend(ToolCache(big_cache.root), embedder=embedder, ann_threshold=ann_threshold)
     third.refresh()
     assert third.index_load == IndexLoad(40, 0, 0, 0, saved=False, problem=None) and not caplog.records
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89 not json \xff" * 50], ids=["empty", "garbage"])
+def test_an_empty_or_garbage_manifest_is_rebuilt_with_a_warning(cache, embedder, caplog, content):
+    NearestBackend(cache, embedder=embedder).refresh()
+    (cache.root / "nearest" / embedder.name / "manifest.json").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="visenv.tools.nearest"):
+        backend = NearestBackend(ToolCache(cache.root), threshold=0.6, embedder=embedder)
+        answer = backend.answer(request(T2I.name, {"prompt": "a fox asleep in snow"}))
+    assert answer.outputs[0].prompt == "a red fox sleeping in the snow"
+    assert "manifest.json" in caplog.text and "rebuilt from the cache" in caplog.text
+    assert (backend.index_load.loaded, backend.index_load.added, backend.index_load.saved) == (0, 4, True)
+
+
+def test_a_damaged_embeddings_database_is_one_clear_error_until_verify_moves_it_aside(cache, embedder):
+    first = NearestBackend(cache, embedder=embedder)
+    first.refresh()
+    del first  # closes its connection
+    shutil.rmtree(cache.root / "nearest")  # the next backend must read embeddings.sqlite
+    for suffix in ("-wal", "-shm"):
+        (cache.root / f"embeddings.sqlite{suffix}").unlink(missing_ok=True)
+    (cache.root / "embeddings.sqlite").write_bytes(b"not a database " * 500)
+    fox = request(T2I.name, {"prompt": "a fox asleep in snow"})
+    with pytest.raises(CacheCorruptError, match="embeddings.sqlite.*not a database.*`visenv cache verify"):
+        NearestBackend(ToolCache(cache.root), threshold=0.6, embedder=embedder).answer(fox)
+    report = ToolCache(cache.root).verify()
+    assert not report.ok and report.embeddings_problems == ("file is not a database",)
+    assert [p.name.startswith("embeddings.sqlite.") for p in (cache.root / "quarantine").iterdir()] == [True]
+    counting = CountingEmbedder(embedder)
+    again = NearestBackend(ToolCache(cache.root), threshold=0.6, embedder=counting)
+    assert again.answer(fox).outputs[0].prompt == "a red fox sleeping in the snow"
+    assert counting.texts == 4 + 1  # the entries embedded again, and the query
+    assert ToolCache(cache.root).verify().ok
 
 
 def test_another_embedding_model_or_ann_threshold_rebuilds(cache, embedder, caplog):

@@ -110,6 +110,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"checked {report.checked} files: {len(report.missing)} missing, {len(report.corrupt)} corrupt, "
           f"{report.quarantined_entries} entries quarantined ({len(report.bad_rows)} for corrupt rows), "
           f"{report.orphans} unreferenced files, {report.temporary_removed} stale temporary files removed")
+    if report.embeddings_problems:
+        print(f"embeddings.sqlite was damaged ({'; '.join(report.embeddings_problems)}): moved to quarantine/; "
+              "the nearest tier embeds the prompts again")
     return 0 if report.ok else 1
 
 

@@ -57,6 +57,7 @@ from visenv.tools.spec import ToolSpec
 
 SCHEMA_VERSION = 1
 INDEX_NAME = "index.sqlite"
+EMBEDDINGS_NAME = "embeddings.sqlite"
 FLUSH_SECONDS = 5.0
 FLUSH_EVENTS = 1000
 QUARANTINE_DIR = "quarantine"
@@ -165,6 +166,8 @@ class VerifyReport:
         orphans: files in the blob store that no entry uses (harmless: a writer stopped early).
         temporary_removed: stale temporary files of interrupted writers that were deleted.
         bad_rows: ids of entries whose index rows did not parse (quarantined).
+        embeddings_problems: what SQLite's integrity check found wrong with ``embeddings.sqlite``
+            (then moved to ``quarantine/``; the nearest tier embeds the prompts again).
         index_problems: what SQLite's integrity check (or opening the index) reported; when any, the
             index cannot be trusted, nothing else was checked, and ``recovery`` says what to do.
     """
@@ -176,12 +179,13 @@ class VerifyReport:
     orphans: int
     temporary_removed: int
     bad_rows: tuple[int, ...] = ()
+    embeddings_problems: tuple[str, ...] = ()
     index_problems: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         """True when the index is sound and every indexed file is present and intact."""
-        return not (self.missing or self.corrupt or self.bad_rows or self.index_problems)
+        return not (self.missing or self.corrupt or self.bad_rows or self.embeddings_problems or self.index_problems)
 
     @property
     def recovery(self) -> str | None:
@@ -222,6 +226,19 @@ def index_guard(root_of: Callable[[Any], Path], files: str = INDEX_NAME) -> Call
 
 
 _guarded = index_guard(operator.attrgetter("root"))
+
+
+def _integrity_problems(conn: sqlite3.Connection, limit: int = 20) -> tuple[str, ...]:
+    """What SQLite's ``integrity_check`` finds wrong with the database of ``conn`` (empty when sound)."""
+    try:
+        rows = conn.execute(f"PRAGMA integrity_check({limit})").fetchall()
+    except UnicodeDecodeError as exc:
+        return (f"not UTF-8: {exc}",)
+    except sqlite3.DatabaseError as exc:
+        if type(exc) is not sqlite3.DatabaseError:
+            raise
+        return (str(exc),)
+    return tuple(row[0] for row in rows if row[0] != "ok")
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
@@ -337,6 +354,14 @@ def _flush_counts(index_path: str, pending: collections.Counter) -> None:
         conn.close()
 
 
+def _flush_at_exit(index_path: str, pending: collections.Counter) -> None:
+    """The finaliser's flush: with a damaged index the counts are lost (logged) rather than raised at exit."""
+    try:
+        _flush_counts(index_path, pending)
+    except CacheCorruptError as exc:
+        logger.warning("%s The last lookup counts were not saved.", exc)
+
+
 def _prepare_index(conn: sqlite3.Connection, root: Path, timeout: float) -> None:
     """Switch to WAL, create the tables, check the schema version and give the index its id."""
     deadline = time.monotonic() + timeout
@@ -392,7 +417,7 @@ class ToolCache:
         self._checked: collections.OrderedDict[str, tuple[int, int, int]] = collections.OrderedDict()
         self._checked_lock = threading.Lock()
         self._last_flush = time.monotonic()
-        self._finalizer = weakref.finalize(self, _flush_counts, str(self.index_path), self._pending)
+        self._finalizer = weakref.finalize(self, _flush_at_exit, str(self.index_path), self._pending)
         self._open_index()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -462,7 +487,11 @@ class ToolCache:
 
     @_guarded
     def _entry(self, column: str, value: Any) -> CacheEntry | None:
-        rows = self._conn().execute(_SELECT_ENTRY.format(column=column), (value,)).fetchall()
+        try:
+            rows = self._conn().execute(_SELECT_ENTRY.format(column=column), (value,)).fetchall()
+        except UnicodeDecodeError as exc:
+            which = f"entry {value}" if column == "id" else f"the entry with key {value.hex()[:16]}..."
+            raise CacheCorruptError(self.root, f"the row of {which} is corrupt: text that is not UTF-8 ({exc})") from None
         if not rows:
             return None
         first = rows[0]
@@ -651,17 +680,28 @@ class ToolCache:
         return {"entries": sum(row["entries"] for row in tools.values()), "blobs": blobs, "bytes": size,
                 "tools": dict(sorted(tools.items()))}
 
-    def index_problems(self, limit: int = 20) -> tuple[str, ...]:
-        """What SQLite's ``integrity_check`` finds wrong with the index (at most ``limit`` lines; empty when sound)."""
-        try:
-            rows = self._conn().execute(f"PRAGMA integrity_check({int(limit)})").fetchall()
-        except UnicodeDecodeError as exc:
-            return (f"not UTF-8: {exc}",)
-        except sqlite3.DatabaseError as exc:
-            if type(exc) is not sqlite3.DatabaseError:
-                raise
-            return (str(exc),)
-        return tuple(row[0] for row in rows if row[0] != "ok")
+    def index_problems(self) -> tuple[str, ...]:
+        """What SQLite's ``integrity_check`` finds wrong with the index (empty when sound)."""
+        return _integrity_problems(self._conn())
+
+    def _quarantine_embeddings(self) -> tuple[str, ...]:
+        """Check ``embeddings.sqlite`` (the nearest tier's, derived data); move it to ``quarantine/`` when damaged."""
+        path = self.root / EMBEDDINGS_NAME
+        if not path.exists():
+            return ()
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=self.timeout)
+        conn.text_factory = bytes.decode
+        problems = _integrity_problems(conn)
+        conn.close()
+        if problems:
+            (self.root / QUARANTINE_DIR).mkdir(exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{path}{suffix}", self.root / QUARANTINE_DIR / f"{EMBEDDINGS_NAME}.{stamp}{suffix}")
+            logger.warning("tool cache %s: %s is damaged (%s); moved it to %s: the nearest tier embeds the "
+                           "prompts again", self.root, EMBEDDINGS_NAME, "; ".join(problems), QUARANTINE_DIR)
+        return problems
 
     @_guarded
     def verify(self, check_hashes: bool = True, stale_seconds: float = 3600.0, progress: bool = False) -> VerifyReport:
@@ -673,7 +713,8 @@ class ToolCache:
         UTF-8) is quarantined. Then every file: a missing one, or one whose size or hash is wrong,
         is moved to ``quarantine/`` (when present). A quarantined entry is removed from the index
         and kept, as JSON, in the ``quarantine`` table, so lookups miss and a later write can record
-        the call afresh.
+        the call afresh. Last, the nearest tier's ``embeddings.sqlite``: when damaged it is moved
+        to ``quarantine/`` (it is derived data).
 
         Args:
             check_hashes: re-hash every file (slow on large caches); False checks presence and size.
@@ -716,7 +757,7 @@ class ToolCache:
             elif path.name not in known:
                 orphans += 1
         return VerifyReport(len(rows), tuple(missing), tuple(corrupt), quarantined, orphans, removed,
-                            bad_rows=tuple(bad_rows))
+                            bad_rows=tuple(bad_rows), embeddings_problems=self._quarantine_embeddings())
 
     # ---- integrity ---------------------------------------------------------------------------
 

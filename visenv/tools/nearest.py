@@ -52,10 +52,9 @@ import numpy as np
 from visenv.error import DependencyNotInstalled, NearestIndexError
 from visenv.media import sha256_file
 from visenv.tools.backends import BackendAnswer, ToolRequest
-from visenv.tools.cache import ToolCache, index_guard, open_cache
+from visenv.tools.cache import EMBEDDINGS_NAME, ToolCache, index_guard, open_cache
 from visenv.tools.cache_key import canonical_json, nearest_eligible, normalise_arguments, query_text, shape_of
 
-EMBEDDINGS_NAME = "embeddings.sqlite"
 INDEX_DIR = "nearest"
 INDEX_FORMAT = 1
 RESAVE_FRACTION = 0.01
@@ -398,7 +397,7 @@ class SavedIndex:
             return _Snapshot(text, int(manifest["last_id"]), groups)
         except (NearestIndexError, ValueError, KeyError, TypeError, AttributeError) as exc:
             detail = (str(exc).rstrip(".") if isinstance(exc, NearestIndexError)
-                      else f"its manifest is malformed ({type(exc).__name__}: {exc})")
+                      else f"its {_MANIFEST} is malformed ({type(exc).__name__}: {exc})")
             error = NearestIndexError(f"The saved nearest index in {self.folder} cannot be used: {detail}. It is "
                                       f"rebuilt from the cache now; `visenv cache index {self.folder.parent.parent}` "
                                       "rebuilds it ahead of time.")
