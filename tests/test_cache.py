@@ -49,6 +49,13 @@ def test_put_then_get_round_trips(cache, tmp_path):
     assert len(cache) == 1
 
 
+def test_a_cache_at_a_relative_path_opens_and_serves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    entry = put_image(ToolCache("runs/cache"), tmp_path, "fox", seed=1, image_seed=1)
+    assert ExactCacheBackend("runs/cache").answer(request(T2I.name, {"prompt": "fox"}, seed=1)).outputs[0].sha256 == \
+        entry.outputs[0].sha256
+
+
 def test_first_writer_wins_and_the_loser_gets_the_winner(cache, tmp_path):
     first = put_image(cache, tmp_path, "fox", seed=1, image_seed=1)
     second = put_image(cache, tmp_path, "fox", seed=1, image_seed=2)
@@ -288,6 +295,19 @@ def test_a_damaged_blob_is_a_counted_logged_quarantined_miss(cache, tmp_path, ho
     assert reason.startswith(f"{kind} file: ") and json.loads(record)["arguments"]["prompt"] == "fox"
     assert cache.verify().ok
     assert chain.answer(request(T2I.name, {"prompt": "good"}, seed=1)).backend == "exact_cache"
+
+
+def test_a_damaged_blob_that_cannot_be_quarantined_is_still_a_logged_miss(cache, tmp_path, monkeypatch, caplog):
+    entry = put_image(cache, tmp_path, "fox", seed=1, image_seed=2)
+    damage_file(entry.outputs[0].path, "truncate")
+
+    def read_only(*args):
+        raise PermissionError(13, "Read-only file system")
+    monkeypatch.setattr(ToolCache, "_quarantine_file", read_only)
+    with caplog.at_level(logging.WARNING, logger="visenv.tools.cache"):
+        assert ExactCacheBackend(cache).answer(request(T2I.name, {"prompt": "fox"}, seed=1)) is None
+    assert "quarantining it failed" in caplog.text and "Read-only" in caplog.text
+    assert cache.get(entry.key) == entry  # still indexed, never served
 
 
 def test_a_flipped_byte_is_caught_on_a_process_first_serve_even_with_its_mtime_kept(cache, tmp_path):

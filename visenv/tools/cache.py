@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import operator
@@ -94,8 +95,9 @@ _SELECT_ENTRY = """
 SELECT e.id, e.key, e.tool, e.tool_version, e.seed, e.arguments, e.prompt, e.text, e.source, e.created,
        o.sha256, o.kind, o.attributes, o.prompt, b.suffix, b.size
 FROM entries e LEFT JOIN outputs o ON o.entry_id = e.id LEFT JOIN blobs b ON b.sha256 = o.sha256
-WHERE e.{column} = ? ORDER BY o.position
+WHERE {where} ORDER BY e.id, o.position
 """
+VERIFY_CHUNK = 1000  # entries whose rows verify reads at once
 
 
 @dataclass(frozen=True)
@@ -410,6 +412,7 @@ class ToolCache:
         self._write_lock = _WriteLock(self.root / "write.lock")
         self.blobs = CacheBlobStore(self.root / "blobs", self.root / QUARANTINE_DIR, self._write_lock)
         self.index_path = self.root / INDEX_NAME
+        self._index_uri = f"{self.index_path.absolute().as_uri()}?mode=rw"  # opening never creates it
         self._local = threading.local()
         self._pid = os.getpid()
         self._pending: collections.Counter = collections.Counter()
@@ -439,7 +442,7 @@ class ToolCache:
             self._checked.clear()
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(f"{self.index_path.as_uri()}?mode=rw", uri=True, timeout=self.timeout,
+            conn = sqlite3.connect(self._index_uri, uri=True, timeout=self.timeout,
                                    isolation_level=None, check_same_thread=True)
             conn.text_factory = bytes.decode  # text that is not UTF-8 raises UnicodeDecodeError (see index_errors)
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -488,12 +491,14 @@ class ToolCache:
     @_guarded
     def _entry(self, column: str, value: Any) -> CacheEntry | None:
         try:
-            rows = self._conn().execute(_SELECT_ENTRY.format(column=column), (value,)).fetchall()
+            rows = self._conn().execute(_SELECT_ENTRY.format(where=f"e.{column} = ?"), (value,)).fetchall()
         except UnicodeDecodeError as exc:
             which = f"entry {value}" if column == "id" else f"the entry with key {value.hex()[:16]}..."
             raise CacheCorruptError(self.root, f"the row of {which} is corrupt: text that is not UTF-8 ({exc})") from None
-        if not rows:
-            return None
+        return self._parse_entry(rows) if rows else None
+
+    def _parse_entry(self, rows: Sequence[tuple]) -> CacheEntry:
+        """The entry read by ``_SELECT_ENTRY`` as ``rows`` (one per output); CacheCorruptError when they do not parse."""
         first = rows[0]
         try:
             outputs = []
@@ -509,6 +514,29 @@ class ToolCache:
                               source=first[8], created=first[9], outputs=tuple(outputs))
         except ValueError as exc:  # JSONDecodeError included
             raise CacheCorruptError(self.root, f"the row of entry {first[0]} ({first[2]}) is corrupt: {exc}") from None
+
+    def _bad_rows(self, progress: bool) -> dict[int, str]:
+        """Entries whose rows do not parse: id -> why."""
+        from tqdm import tqdm
+
+        conn = self._conn()
+        ids = [row[0] for row in conn.execute("SELECT id FROM entries ORDER BY id")]
+        bad = {}
+        for start in tqdm(range(0, len(ids), VERIFY_CHUNK), desc="verify rows", unit="chunk", disable=not progress):
+            chunk = ids[start:start + VERIFY_CHUNK]
+            try:
+                rows = conn.execute(_SELECT_ENTRY.format(where="e.id BETWEEN ? AND ?"), (chunk[0], chunk[-1])).fetchall()
+            except UnicodeDecodeError:  # text that is not UTF-8 in the chunk: read it entry by entry
+                readers = [(entry_id, functools.partial(self.get_by_id, entry_id)) for entry_id in chunk]
+            else:
+                readers = [(entry_id, functools.partial(self._parse_entry, list(group)))
+                           for entry_id, group in itertools.groupby(rows, key=operator.itemgetter(0))]
+            for entry_id, read in readers:
+                try:
+                    read()
+                except CacheCorruptError as exc:
+                    bad[entry_id] = exc.detail
+        return bad
 
     def get(self, key: CallKey | bytes) -> CacheEntry | None:
         """The entry stored under ``key``, or None."""
@@ -689,7 +717,7 @@ class ToolCache:
         path = self.root / EMBEDDINGS_NAME
         if not path.exists():
             return ()
-        conn = sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=self.timeout)
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=self.timeout)
         conn.text_factory = bytes.decode
         problems = _integrity_problems(conn)
         conn.close()
@@ -727,13 +755,7 @@ class ToolCache:
         if problems:
             return VerifyReport(0, (), (), 0, 0, 0, index_problems=problems)
         conn = self._conn()
-        bad_rows = {}
-        ids = [row[0] for row in conn.execute("SELECT id FROM entries ORDER BY id")]
-        for entry_id in tqdm(ids, desc="verify rows", unit="entry", disable=not progress):
-            try:
-                self.get_by_id(entry_id)
-            except CacheCorruptError as exc:
-                bad_rows[entry_id] = exc.detail
+        bad_rows = self._bad_rows(progress)
         if bad_rows:
             with self._write_lock.held():
                 self._transaction(lambda: [self._quarantine_rows(conn, [i], f"corrupt row: {why}")

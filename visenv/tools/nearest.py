@@ -26,6 +26,11 @@ saved, drops the entries that have left the cache, and writes it back when it wa
 unusable or at least 1% behind. A truncated or corrupt file is detected (size and sha256 in the
 manifest), logged as a warning, and the index is rebuilt; another embedding model or
 ``ann_threshold`` also means a rebuild. ``visenv cache index CACHE`` builds it ahead of time.
+
+A neighbour is served only when its files are intact (:meth:`~visenv.tools.cache.ToolCache.servable`):
+a damaged one is quarantined and the next neighbour tried. A damaged ``embeddings.sqlite`` (or
+index) raises :class:`~visenv.error.CacheCorruptError`, naming ``visenv cache verify``, which moves
+it aside (the prompts are embedded again).
 """
 
 from __future__ import annotations
