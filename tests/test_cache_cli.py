@@ -161,3 +161,15 @@ def test_stats_show_damaged_entries_found_by_lookups(imported, capsys):
     assert run("cache", "stats", imported) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(T2I))
     assert row.split()[1:] == ["2", "0", "0.0%", "0", "-", "1"]  # 2 entries left, 1 damaged
+
+
+def test_commands_on_a_damaged_index_print_one_clear_error(imported, capsys):
+    from visenv.cli import main
+
+    empty_index(imported, "0-byte index")
+    for command in ("stats", "export"):
+        argv = ["cache", command, str(imported)] + ([str(imported.parent / "out")] if command == "export" else [])
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "index.sqlite is empty (0 bytes)" in err and f"Run `visenv cache verify {imported}`" in err
+        assert "Traceback" not in err

@@ -6,6 +6,7 @@ simulation, and the observation says when an output is a neighbour.
 
 import io
 import json
+import logging
 import os
 import sqlite3
 
@@ -163,3 +164,25 @@ def test_a_damaged_cache_never_serves_nor_raises_out_of_step_and_a_damaged_index
     cache.index_path.write_bytes(b"")
     with pytest.raises(CacheCorruptError, match="0 bytes.*visenv cache verify"):  # at env construction
         VisGenEnv(tasks=[task], backends={"*": [ExactCacheBackend(cache.root), AttributeBackend(media_db)]})
+
+
+@pytest.mark.parametrize("damage", ["garbage manifest", "truncated vectors"])
+def test_env_step_with_a_damaged_saved_nearest_index_rebuilds_it_and_serves(tmp_path, task, media_db, damage, caplog):
+    cache = ToolCache(tmp_path / "cache")
+    play(VisGenEnv(tasks=[task], backends={"*": [RealBackend(unrepeatable_generator, cache=cache)]}), 5, task)
+    embedder = MiniLMEmbedder()
+    NearestBackend(cache, embedder=embedder).refresh()  # saves the index next to the cache
+    folder = cache.root / "nearest" / embedder.name
+    if damage == "garbage manifest":
+        (folder / "manifest.json").write_bytes(b"\xff\xfe not json" * 20)
+    else:
+        vectors = max(folder.glob("*.npy"), key=lambda p: p.stat().st_size)
+        os.truncate(vectors, vectors.stat().st_size // 2)
+    chain = [ExactCacheBackend(cache), NearestBackend(cache, threshold=0.7, embedder=embedder),
+             AttributeBackend(media_db)]
+    env = VisGenEnv(tasks=[task], backends={"*": chain})
+    env.reset(seed=99, options={"task": task})
+    with caplog.at_level(logging.WARNING, logger="visenv.tools.nearest"):
+        _, _, _, _, info = env.step('<tool_call>{"name": "tool_text2image_qwen", "arguments": '
+                                    '{"prompt": "a red fox standing in snow", "n": 2}}</tool_call>')
+    assert info["tool_result"]["backend"] == "nearest" and "rebuilt from the cache" in caplog.text
