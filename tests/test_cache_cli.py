@@ -148,7 +148,7 @@ def test_verify_finds_every_kind_of_damage(imported, capsys, how, damage, stream
     captured = capsys.readouterr()
     assert message in getattr(captured, stream)
     if stream == "err":  # the index itself: verify says how to recover it
-        assert "Restore" in captured.err and ".recover" in captured.err
+        assert "Restore" in captured.err and ".dump" in captured.err
     else:  # entries: quarantined, and the cache is sound again
         assert run("cache", "verify", imported, "--quiet") == 0
         assert len(ToolCache(imported)) == 2

@@ -64,10 +64,10 @@ FLUSH_EVENTS = 1000
 QUARANTINE_DIR = "quarantine"
 CHECKED_MEMO = 65_536  # files whose hash a process remembers having checked
 INDEX_RECOVERY = ("Its rows cannot be trusted. Restore CACHE/index.sqlite from a backup; or salvage the readable "
-                  "rows with the sqlite3 shell (`sqlite3 CACHE/index.sqlite .recover | sqlite3 fixed.sqlite`, then "
-                  "delete CACHE/index.sqlite-wal and CACHE/index.sqlite-shm, move fixed.sqlite to "
-                  "CACHE/index.sqlite and run `visenv cache verify CACHE` again); or move CACHE aside and rebuild "
-                  "it (`visenv cache import` or `visenv cache build`).")
+                  "rows with the sqlite3 shell: `sqlite3 CACHE/index.sqlite .dump | sed 's/^ROLLBACK; -- due to "
+                  "errors$/COMMIT;/' | sqlite3 fixed.sqlite`, delete CACHE/index.sqlite-wal and "
+                  "CACHE/index.sqlite-shm, move fixed.sqlite to CACHE/index.sqlite and run `visenv cache verify "
+                  "CACHE` again; or move CACHE aside and rebuild it (`visenv cache import` or `visenv cache build`).")
 
 logger = logging.getLogger(__name__)
 
