@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import sqlite3
 
 import pytest
 
@@ -99,3 +100,76 @@ def test_fidelity_command(imported, tmp_path, capsys):
     # the "held-out" calls are the cached ones here, so the cache tiers return the very files
     assert report["tiers"]["exact_cache"]["c_tool"] == report["tiers"]["nearest"]["c_tool"] == 1.0
     assert report["tiers"]["attribute"]["served"] == 3
+
+
+def damage_blob(cache, how):
+    path = next(ToolCache(cache).entries()).outputs[0].path
+    raw = bytearray(open(path, "rb").read())
+    if how == "truncated blob":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+def corrupt_attributes_row(cache, how):
+    with sqlite3.connect(cache / "index.sqlite") as conn:
+        conn.execute("UPDATE outputs SET attributes = '{\"width\": ' WHERE entry_id = 1")
+    conn.close()
+
+
+def flip_index_pages(cache, how):
+    with sqlite3.connect(cache / "index.sqlite") as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    path = cache / "index.sqlite"
+    raw = bytearray(path.read_bytes())
+    last = len(raw) - 4096  # the last page: a b-tree page that opening the index does not read
+    raw[last: last + 16] = bytes(b ^ 0xFF for b in raw[last: last + 16])
+    path.write_bytes(bytes(raw))
+
+
+def empty_index(cache, how):
+    for suffix in ("-wal", "-shm"):
+        (cache / f"index.sqlite{suffix}").unlink(missing_ok=True)
+    (cache / "index.sqlite").write_bytes(b"")
+
+
+@pytest.mark.parametrize("how, damage, stream, message", [
+    ("truncated blob", damage_blob, "out", "0 missing, 1 corrupt, 1 entries quarantined"),
+    ("flipped blob", damage_blob, "out", "0 missing, 1 corrupt, 1 entries quarantined"),
+    ("corrupt attributes row", corrupt_attributes_row, "out", "1 entries quarantined (1 for corrupt rows)"),
+    ("flipped index pages", flip_index_pages, "err", "damaged (SQLite integrity check)"),
+    ("0-byte index", empty_index, "err", "index.sqlite is empty (0 bytes)"),
+])
+def test_verify_finds_every_kind_of_damage(imported, capsys, how, damage, stream, message):
+    damage(imported, how)
+    assert run("cache", "verify", imported, "--quiet") == 1
+    captured = capsys.readouterr()
+    assert message in getattr(captured, stream)
+    if stream == "err":  # the index itself: verify says how to recover it
+        assert "Restore" in captured.err and ".dump" in captured.err
+    else:  # entries: quarantined, and the cache is sound again
+        assert run("cache", "verify", imported, "--quiet") == 0
+        assert len(ToolCache(imported)) == 2
+
+
+def test_stats_show_damaged_entries_found_by_lookups(imported, capsys):
+    damage_blob(imported, "flipped blob")
+    entry = next(ToolCache(imported).entries())
+    assert ExactCacheBackend(imported).answer(request(T2I, {"prompt": entry.arguments["prompt"]}, seed=1)) is None
+    assert run("cache", "stats", imported) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(T2I))
+    assert row.split()[1:] == ["2", "0", "0.0%", "0", "-", "1"]  # 2 entries left, 1 damaged
+
+
+def test_commands_on_a_damaged_index_print_one_clear_error(imported, capsys):
+    from visenv.cli import main
+
+    empty_index(imported, "0-byte index")
+    for command in ("stats", "export"):
+        argv = ["cache", command, str(imported)] + ([str(imported.parent / "out")] if command == "export" else [])
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "index.sqlite is empty (0 bytes)" in err and f"Run `visenv cache verify {imported}`" in err
+        assert "Traceback" not in err

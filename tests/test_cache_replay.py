@@ -6,14 +6,16 @@ simulation, and the observation says when an output is a neighbour.
 
 import io
 import json
+import logging
 import os
+import sqlite3
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from visenv.envs.visgen import VisGenEnv
-from visenv.error import BackendMiss
+from visenv.error import BackendMiss, CacheCorruptError
 from visenv.protocol import parse_tool_response
 from visenv.tasks import make_suite
 from visenv.tools.attribute import AttributeBackend
@@ -127,3 +129,60 @@ def test_training_chain_serves_neighbours_and_falls_back_to_simulation(tmp_path,
     summary = counter.summary()
     assert summary["tiers"]["nearest"]["calls"] == 1 and summary["tiers"]["attribute"]["calls"] == 1
     assert summary["gpu_seconds_avoided"] == pytest.approx(2 * 2 * 9.0)
+
+
+def test_a_damaged_cache_never_serves_nor_raises_out_of_step_and_a_damaged_index_is_one_clear_error(
+        tmp_path, task, media_db):
+    cache = ToolCache(tmp_path / "cache")
+    play(VisGenEnv(tasks=[task], backends={"*": [RealBackend(unrepeatable_generator, cache=cache)]}), 5, task)
+    [pictures] = [e for e in cache.entries() if e.tool == "tool_text2image_qwen"]
+    first, second = (out.path for out in pictures.outputs)
+    os.truncate(first, os.path.getsize(first) // 2)
+    raw = bytearray(open(second, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(second, "wb").write(bytes(raw))
+    env = VisGenEnv(tasks=[task], backends={"*": [ExactCacheBackend(cache), AttributeBackend(media_db)]})
+    steps = play(env, 5, task)
+    served = [info["tool_result"]["backend"] for _, info in steps[1:] if info["tool_result"]]
+    assert served == ["exact_cache", "attribute", "attribute"]  # the damaged pictures: a miss, the next tier
+    assert steps[-1][1]["terminated"] and cache.counters()["tool_text2image_qwen"]["corrupt_file"] == 1
+    with pytest.raises(BackendMiss, match="strict chain"):  # replay never serves the damaged entry
+        play(VisGenEnv(tasks=[task], backends={"*": BackendChain([ExactCacheBackend(cache)], strict=True)}), 5, task)
+
+    [refine] = [e for e in cache.entries() if e.tool == "tool_prompt_refine"]
+    with sqlite3.connect(cache.index_path) as conn:
+        conn.execute("UPDATE entries SET arguments = '{\"prompt\": ' WHERE id = ?", (refine.id,))
+    conn.close()
+    with pytest.raises(CacheCorruptError, match=f"entry .* is corrupt.*visenv cache verify {cache.root}"):
+        play(env, 5, task)  # the first use names the fix
+    assert ToolCache(cache.root).verify().bad_rows == (refine.id,)
+    assert play(env, 5, task)[-1][1]["terminated"]
+
+    cache.close()
+    for suffix in ("-wal", "-shm"):
+        (cache.root / f"index.sqlite{suffix}").unlink(missing_ok=True)
+    cache.index_path.write_bytes(b"")
+    with pytest.raises(CacheCorruptError, match="0 bytes.*visenv cache verify"):  # at env construction
+        VisGenEnv(tasks=[task], backends={"*": [ExactCacheBackend(cache.root), AttributeBackend(media_db)]})
+
+
+@pytest.mark.parametrize("damage", ["garbage manifest", "truncated vectors"])
+def test_env_step_with_a_damaged_saved_nearest_index_rebuilds_it_and_serves(tmp_path, task, media_db, damage, caplog):
+    cache = ToolCache(tmp_path / "cache")
+    play(VisGenEnv(tasks=[task], backends={"*": [RealBackend(unrepeatable_generator, cache=cache)]}), 5, task)
+    embedder = MiniLMEmbedder()
+    NearestBackend(cache, embedder=embedder).refresh()  # saves the index next to the cache
+    folder = cache.root / "nearest" / embedder.name
+    if damage == "garbage manifest":
+        (folder / "manifest.json").write_bytes(b"\xff\xfe not json" * 20)
+    else:
+        vectors = max(folder.glob("*.npy"), key=lambda p: p.stat().st_size)
+        os.truncate(vectors, vectors.stat().st_size // 2)
+    chain = [ExactCacheBackend(cache), NearestBackend(cache, threshold=0.7, embedder=embedder),
+             AttributeBackend(media_db)]
+    env = VisGenEnv(tasks=[task], backends={"*": chain})
+    env.reset(seed=99, options={"task": task})
+    with caplog.at_level(logging.WARNING, logger="visenv.tools.nearest"):
+        _, _, _, _, info = env.step('<tool_call>{"name": "tool_text2image_qwen", "arguments": '
+                                    '{"prompt": "a red fox standing in snow", "n": 2}}</tool_call>')
+    assert info["tool_result"]["backend"] == "nearest" and "rebuilt from the cache" in caplog.text

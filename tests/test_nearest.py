@@ -17,7 +17,7 @@ import pytest
 
 from cache_fixtures import image_output, request, write_png
 from visenv.cache_cli import add_cache_commands
-from visenv.error import DependencyNotInstalled
+from visenv.error import CacheCorruptError, DependencyNotInstalled
 from visenv.tools.cache import ToolCache
 from visenv.tools.cache_key import CallKey
 from visenv.tools.nearest import IndexLoad, MiniLMEmbedder, NearestBackend, SavedIndex, VectorIndex
@@ -121,14 +121,26 @@ def test_ties_are_broken_by_the_call_seed(tmp_path, embedder):
     assert served[:3] == served[3:]
 
 
-def test_quarantined_neighbours_are_skipped(cache, tmp_path, embedder):
+def test_damaged_neighbours_are_quarantined_and_skipped(cache, tmp_path, embedder, caplog):
     backend = NearestBackend(cache, threshold=0.6, embedder=embedder)
     fox = request(T2I.name, {"prompt": "a fox asleep in snow"})
-    first = backend.answer(fox).outputs[0]
-    os.remove(first.path)
+    first = backend.answer(fox)
+    os.remove(first.outputs[0].path)
     assert backend.answer(fox) is None  # file gone: not served
-    assert cache.verify().quarantined_entries == 1
-    assert backend.answer(fox) is None  # entry gone from the index: skipped
+    [entry_id] = [i for i, _ in backend.neighbours(fox)][:1]
+    assert cache.get_by_id(entry_id) is None  # quarantined by the lookup
+    assert cache.verify().ok
+    assert backend.answer(fox) is None and cache.counters()[T2I.name]["missing_file"] == 1
+    city = request(T2I.name, {"prompt": "a rainy cyberpunk street at night"})
+    served = backend.answer(city).outputs[0]
+    raw = bytearray(open(served.path, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(served.path, "wb").write(bytes(raw))
+    os.utime(served.path, ns=(1, 1))  # a later write: the served file's signature changes
+    with caplog.at_level(logging.WARNING, logger="visenv.tools.cache"):
+        assert backend.answer(city) is None
+    assert "does not hash to its name" in caplog.text and cache.counters()[T2I.name]["corrupt_file"] == 1
+    assert (cache.root / "quarantine" / os.path.basename(served.path)).exists()
 
 
 def test_nearest_backend_pickles_and_rebuilds_its_index(cache, embedder):
@@ -317,6 +329,39 @@ def test_a_corrupt_saved_index_is_rebuilt_with_a_warning(big_cache, embedder, ca
     third = NearestBackend(ToolCache(big_cache.root), embedder=embedder, ann_threshold=ann_threshold)
     third.refresh()
     assert third.index_load == IndexLoad(40, 0, 0, 0, saved=False, problem=None) and not caplog.records
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89 not json \xff" * 50], ids=["empty", "garbage"])
+def test_an_empty_or_garbage_manifest_is_rebuilt_with_a_warning(cache, embedder, caplog, content):
+    NearestBackend(cache, embedder=embedder).refresh()
+    (cache.root / "nearest" / embedder.name / "manifest.json").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="visenv.tools.nearest"):
+        backend = NearestBackend(ToolCache(cache.root), threshold=0.6, embedder=embedder)
+        answer = backend.answer(request(T2I.name, {"prompt": "a fox asleep in snow"}))
+    assert answer.outputs[0].prompt == "a red fox sleeping in the snow"
+    assert "manifest.json" in caplog.text and "rebuilt from the cache" in caplog.text
+    assert (backend.index_load.loaded, backend.index_load.added, backend.index_load.saved) == (0, 4, True)
+
+
+def test_a_damaged_embeddings_database_is_one_clear_error_until_verify_moves_it_aside(cache, embedder):
+    first = NearestBackend(cache, embedder=embedder)
+    first.refresh()
+    del first  # closes its connection
+    shutil.rmtree(cache.root / "nearest")  # the next backend must read embeddings.sqlite
+    for suffix in ("-wal", "-shm"):
+        (cache.root / f"embeddings.sqlite{suffix}").unlink(missing_ok=True)
+    (cache.root / "embeddings.sqlite").write_bytes(b"not a database " * 500)
+    fox = request(T2I.name, {"prompt": "a fox asleep in snow"})
+    with pytest.raises(CacheCorruptError, match="embeddings.sqlite.*not a database.*`visenv cache verify"):
+        NearestBackend(ToolCache(cache.root), threshold=0.6, embedder=embedder).answer(fox)
+    report = ToolCache(cache.root).verify()
+    assert not report.ok and report.embeddings_problems == ("file is not a database",)
+    assert [p.name.startswith("embeddings.sqlite.") for p in (cache.root / "quarantine").iterdir()] == [True]
+    counting = CountingEmbedder(embedder)
+    again = NearestBackend(ToolCache(cache.root), threshold=0.6, embedder=counting)
+    assert again.answer(fox).outputs[0].prompt == "a red fox sleeping in the snow"
+    assert counting.texts == 4 + 1  # the entries embedded again, and the query
+    assert ToolCache(cache.root).verify().ok
 
 
 def test_another_embedding_model_or_ann_threshold_rebuilds(cache, embedder, caplog):

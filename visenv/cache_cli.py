@@ -4,7 +4,7 @@
     visenv cache build CACHE CALLS --url URL --model M   # run a real backend, resumable
     visenv cache build CACHE CALLS --callable pkg.mod:generate
     visenv cache stats CACHE [--json]                    # entries per tool, size, hit rates
-    visenv cache verify CACHE [--no-hash]                # quarantine missing or corrupt files
+    visenv cache verify CACHE [--no-hash]                # check the index, quarantine damaged entries
     visenv cache export CACHE OUT [--tool NAME]          # calls.jsonl + media/, re-importable
     visenv cache fidelity CACHE HELDOUT.jsonl [--clip MODEL:TAG]  # C_tool per tier (CLIP or pHash proxy)
     visenv cache index CACHE [--device cuda]             # prebuild the nearest tier's saved index
@@ -22,8 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from visenv.error import ConfigError
-from visenv.tools.cache import ToolCache
+from visenv.error import CacheCorruptError, ConfigError
+from visenv.tools.cache import INDEX_RECOVERY, ToolCache
 
 
 def _size(n: float) -> str:
@@ -89,19 +89,34 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2))
         return 0
     print(f"{stats['entries']} entries, {stats['blobs']} files, {_size(stats['bytes'])} in {args.cache}")
-    print(f"{'tool':32} {'entries':>8} {'exact hits':>11} {'exact rate':>11} {'nearest hits':>13} {'nearest rate':>13}")
+    print(f"{'tool':32} {'entries':>8} {'exact hits':>11} {'exact rate':>11} {'nearest hits':>13} {'nearest rate':>13} "
+          f"{'damaged':>8}")
     for tool, row in stats["tools"].items():
+        damaged = row.get("missing_file", 0) + row.get("corrupt_file", 0)
         print(f"{tool:32} {row['entries']:>8} {row.get('exact_hit', 0):>11} {_rate(row['exact_hit_rate']):>11} "
-              f"{row.get('nearest_hit', 0):>13} {_rate(row['nearest_hit_rate']):>13}")
+              f"{row.get('nearest_hit', 0):>13} {_rate(row['nearest_hit_rate']):>13} {damaged:>8}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check every file; quarantine missing or corrupt ones. Exit status 1 when any was found."""
-    report = ToolCache(args.cache).verify(check_hashes=not args.no_hash, progress=not args.quiet)
+    """Check the index and every file; quarantine damaged entries. Exit status 1 when anything was damaged."""
+    try:
+        cache = ToolCache(args.cache)
+    except CacheCorruptError as error:  # the index cannot even be opened
+        print(f"the index of {args.cache} is damaged: {error.detail}.\n{INDEX_RECOVERY}", file=sys.stderr)
+        return 1
+    report = cache.verify(check_hashes=not args.no_hash, progress=not args.quiet)
+    if report.index_problems:
+        problems = "\n  ".join(report.index_problems)
+        print(f"the index of {args.cache} is damaged (SQLite integrity check):\n  {problems}\n{report.recovery}",
+              file=sys.stderr)
+        return 1
     print(f"checked {report.checked} files: {len(report.missing)} missing, {len(report.corrupt)} corrupt, "
-          f"{report.quarantined_entries} entries quarantined, {report.orphans} unreferenced files, "
-          f"{report.temporary_removed} stale temporary files removed")
+          f"{report.quarantined_entries} entries quarantined ({len(report.bad_rows)} for corrupt rows), "
+          f"{report.orphans} unreferenced files, {report.temporary_removed} stale temporary files removed")
+    if report.embeddings_problems:
+        print(f"embeddings.sqlite was damaged ({'; '.join(report.embeddings_problems)}): moved to quarantine/; "
+              "the nearest tier embeds the prompts again")
     return 0 if report.ok else 1
 
 
@@ -201,7 +216,7 @@ def add_cache_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p = command("stats", cmd_stats, "entries per tool, size and hit rates")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = command("verify", cmd_verify, "check files; quarantine missing or corrupt ones")
+    p = command("verify", cmd_verify, "check the index and files; quarantine damaged entries")
     p.add_argument("--no-hash", action="store_true", help="check presence and size only (fast)")
 
     p = command("export", cmd_export, "write calls.jsonl and media/")

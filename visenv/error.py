@@ -73,3 +73,21 @@ class CacheSchemaError(VisenvError):
 
 class NearestIndexError(VisenvError):
     """A saved nearest-tier index file is missing, truncated or corrupt; the backend rebuilds the index."""
+
+
+class CacheCorruptError(VisenvError):
+    """A tool cache's index (``index.sqlite``, ``embeddings.sqlite``) or one of its rows is damaged.
+
+    Args:
+        root: the cache directory.
+        detail: what is damaged.
+    """
+
+    def __init__(self, root: object, detail: str):
+        super().__init__(f"The tool cache {root} is damaged: {detail}. Run `visenv cache verify {root}`: it "
+                         "quarantines damaged entries and says how to recover a damaged index.")
+        self.root = str(root)
+        self.detail = detail
+
+    def __reduce__(self):  # crosses to Ray workers and back
+        return type(self), (self.root, self.detail)

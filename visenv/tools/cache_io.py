@@ -191,7 +191,8 @@ def import_calls(cache: ToolCache, calls_file: str | os.PathLike, progress: bool
     """Import a folder of outputs described by a calls file into ``cache``.
 
     Every line is checked before anything is written. Lines whose key is already cached are
-    skipped (the stored entry stands), so an import can be re-run.
+    skipped (the stored entry stands), so an import can be re-run; an entry whose file is damaged
+    is quarantined and imported afresh, and a damaged file of the same content is rewritten.
 
     Returns:
         (entries imported, lines skipped because already cached).
@@ -204,7 +205,7 @@ def import_calls(cache: ToolCache, calls_file: str | os.PathLike, progress: bool
         items = []
         for call in calls[start:start + batch_size]:
             key = call.key()
-            if cache.get(key) is not None:
+            if cache.get_intact(key) is not None:
                 skipped += 1
                 continue
             prompt = call.arguments.get("prompt", "")
@@ -227,7 +228,8 @@ def export_cache(cache: ToolCache, folder: str | os.PathLike, tool: str | None =
                  progress: bool = True) -> int:
     """Write the cache (or one tool's entries) as ``folder/calls.jsonl`` plus ``folder/media/``.
 
-    Media files are hard-linked when the folder is on the cache's file system, else copied.
+    Media files are hard-linked when the folder is on the cache's file system, else copied. An
+    entry whose file is damaged is quarantined instead (:meth:`~visenv.tools.cache.ToolCache.servable`).
 
     Returns:
         The number of entries exported.
@@ -239,6 +241,8 @@ def export_cache(cache: ToolCache, folder: str | os.PathLike, tool: str | None =
     count = 0
     with open(folder / "calls.jsonl", "w", encoding="utf-8") as fh:
         for entry in tqdm(cache.entries(tool), desc="export", unit="entry", disable=not progress):
+            if not cache.servable(entry):
+                continue
             names = []
             for out in entry.outputs:
                 target = folder / "media" / Path(out.path).name

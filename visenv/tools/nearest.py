@@ -26,6 +26,11 @@ saved, drops the entries that have left the cache, and writes it back when it wa
 unusable or at least 1% behind. A truncated or corrupt file is detected (size and sha256 in the
 manifest), logged as a warning, and the index is rebuilt; another embedding model or
 ``ann_threshold`` also means a rebuild. ``visenv cache index CACHE`` builds it ahead of time.
+
+A neighbour is served only when its files are intact (:meth:`~visenv.tools.cache.ToolCache.servable`):
+a damaged one is quarantined and the next neighbour tried. A damaged ``embeddings.sqlite`` (or
+index) raises :class:`~visenv.error.CacheCorruptError`, naming ``visenv cache verify``, which moves
+it aside (the prompts are embedded again).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import os
 import re
 import sqlite3
@@ -51,10 +57,9 @@ import numpy as np
 from visenv.error import DependencyNotInstalled, NearestIndexError
 from visenv.media import sha256_file
 from visenv.tools.backends import BackendAnswer, ToolRequest
-from visenv.tools.cache import ToolCache, open_cache
+from visenv.tools.cache import EMBEDDINGS_NAME, ToolCache, index_guard, open_cache
 from visenv.tools.cache_key import canonical_json, nearest_eligible, normalise_arguments, query_text, shape_of
 
-EMBEDDINGS_NAME = "embeddings.sqlite"
 INDEX_DIR = "nearest"
 INDEX_FORMAT = 1
 RESAVE_FRACTION = 0.01
@@ -64,6 +69,7 @@ _ELIGIBLE = "e.shape IS NOT NULL AND e.prompt != ''"
 _QUERY_MEMO = 4096
 
 logger = logging.getLogger(__name__)
+_guarded = index_guard(operator.attrgetter("cache.root"), f"{EMBEDDINGS_NAME} or the attached index.sqlite")
 
 
 class Embedder(Protocol):
@@ -366,7 +372,7 @@ class SavedIndex:
     def manifest_text(self) -> str | None:
         """The manifest as saved, or None when no index was saved."""
         try:
-            return (self.folder / _MANIFEST).read_text(encoding="utf-8")
+            return (self.folder / _MANIFEST).read_text(encoding="utf-8", errors="replace")  # garbage fails the checksum
         except FileNotFoundError:
             return None
 
@@ -396,7 +402,7 @@ class SavedIndex:
             return _Snapshot(text, int(manifest["last_id"]), groups)
         except (NearestIndexError, ValueError, KeyError, TypeError, AttributeError) as exc:
             detail = (str(exc).rstrip(".") if isinstance(exc, NearestIndexError)
-                      else f"its manifest is malformed ({type(exc).__name__}: {exc})")
+                      else f"its {_MANIFEST} is malformed ({type(exc).__name__}: {exc})")
             error = NearestIndexError(f"The saved nearest index in {self.folder} cannot be used: {detail}. It is "
                                       f"rebuilt from the cache now; `visenv cache index {self.folder.parent.parent}` "
                                       "rebuilds it ahead of time.")
@@ -496,6 +502,7 @@ class NearestBackend:
         if self._conn is None:
             conn = sqlite3.connect(self.cache.root / EMBEDDINGS_NAME, timeout=self.cache.timeout,
                                    isolation_level=None, check_same_thread=False)
+            conn.text_factory = bytes.decode  # text that is not UTF-8 raises (see visenv.tools.cache.index_errors)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("CREATE TABLE IF NOT EXISTS vectors (model TEXT NOT NULL, key BLOB NOT NULL, "
                          "vector BLOB NOT NULL, PRIMARY KEY (model, key)) WITHOUT ROWID")
@@ -503,6 +510,7 @@ class NearestBackend:
             self._conn = conn
         return self._conn
 
+    @_guarded
     def store_vectors(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
         """Keep embeddings of entries (by entry key digest) so that no process computes them again."""
         vectors = np.ascontiguousarray(vectors, np.float32)
@@ -513,6 +521,7 @@ class NearestBackend:
                          "ON CONFLICT (model, key) DO NOTHING", rows)
         conn.execute("COMMIT")
 
+    @_guarded
     def refresh(self, progress: bool = False, batch_size: int = 256) -> int:
         """Index the entries stored since the last refresh, embedding those never embedded.
 
@@ -527,6 +536,7 @@ class NearestBackend:
             return report.loaded - report.dropped + report.added
         return self._add_new(progress, batch_size)[0]
 
+    @_guarded
     def load_index(self, progress: bool = False, batch_size: int = 256) -> IndexLoad:
         """Load the saved index (:class:`SavedIndex`), bring it up to date, and save it back when worthwhile.
 
@@ -552,6 +562,7 @@ class NearestBackend:
             return self._install(snapshot, dead, saved if self._worth_saving(snapshot, new, dead) else None,
                                  progress, batch_size)
 
+    @_guarded
     def save_index(self) -> Path:
         """Write the index to the cache directory now; returns the folder it was saved in."""
         self._connection()  # after a fork, start afresh
@@ -664,7 +675,7 @@ class NearestBackend:
             if similarity < self.threshold or (entries and similarity < entries[0][1] - 1e-4):
                 break
             entry = self.cache.get_by_id(entry_id)
-            if entry is not None and all(os.path.exists(out.path) for out in entry.outputs):
+            if entry is not None and self.cache.servable(entry):  # a damaged one is quarantined and skipped
                 entries.append((entry, similarity))
         if not entries:
             self.cache.count(tool, "nearest_miss")

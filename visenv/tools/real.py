@@ -358,7 +358,7 @@ def record_calls(backend: RealBackend, requests: Sequence[tuple[ToolRequest, int
     todo = []
     for position, (request, seed) in enumerate(requests):
         key = CallKey.of(request.spec, request.arguments, request.inputs, seed)
-        if backend.cache.get(key) is None:
+        if backend.cache.get_intact(key) is None:  # a damaged entry is quarantined and made again
             todo.append((position, request, seed))
     failed: list[tuple[int, str]] = []
     recorded = 0
