@@ -80,11 +80,12 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
         if not (config.resume and os.path.exists(os.path.join(sft_policy, "config.json"))):
             run_sft(config.sft, progress=config.progress)
         config.policy.model = sft_policy
-    policy = config.policy.build()
+    policy_config = config.policy.for_env(config.env)
+    policy = policy_config.build()
     settings = config.grpo if config.algorithm == "grpo" else config.ppo
     reference = reference_policy(policy) if settings.kl_coef > 0 else None
     algorithm = (GRPO if config.algorithm == "grpo" else PPO)(policy, reference, settings)
-    rollout = config.rollout.build(policy, config.policy.build, config.env.make)
+    rollout = config.rollout.build(policy, policy_config.build, config.env.make)
     checkpoints = os.path.join(config.output_dir, "checkpoints")
     num_groups, group_size = config.groups
     trainer = Trainer(policy, algorithm, rollout, iterations=config.iterations, num_groups=num_groups,
@@ -122,7 +123,7 @@ def run_record(config: EvalConfig) -> dict[str, float]:
     elif config.api_base_url:
         policy = ApiPolicy(config.api_base_url, config.api_model)
     else:
-        policy = config.policy.build()
+        policy = config.policy.for_env(config.env).build()
     rollout = SerialRollout(policy, config.env.make, config.num_envs)
     episodes, stats = rollout.sample(make_specs(config.seed, 0, config.episodes, 1))
     rollout.close()

@@ -72,6 +72,18 @@ class EnvConfig:
 
         return gymnasium.make(self.id, **self.options)
 
+    def tool_prompt(self) -> str:
+        """The environment's documentation of its tools (``env.unwrapped.system_prompt``)."""
+        env = self.make()
+        try:
+            prompt = getattr(env.unwrapped, "system_prompt", None)
+        finally:
+            env.close()
+        if not prompt:
+            raise ConfigError(f"policy.system_prompt 'tools' needs an environment that documents its tools; "
+                              f"{self.id!r} has no system_prompt. Give the prompt's text or null.")
+        return prompt
+
 
 @dataclass
 class LoraConfig:
@@ -103,7 +115,8 @@ class PolicyConfig:
             follows the model's model_type: "llava" (fixed tokens per image), "qwen2_vl" or
             "qwen2_5_vl" (dynamic resolution; needs chat "chatml").
         chat: chat format: "plain" (tokenizers trained by rl) or "chatml" (Qwen and similar).
-        system_prompt: text of the system segment that opens each episode, or null.
+        system_prompt: text of the system segment that opens each episode, "tools" for the
+            environment's documentation of its tools (what a policy needs to call them), or null.
         max_new_tokens: most tokens in one policy turn.
         temperature: sampling temperature (0: greedy).
         dtype: "float32", "bfloat16" or "float16".
@@ -133,8 +146,14 @@ class PolicyConfig:
             raise ConfigError(f"policy.max_new_tokens ({self.max_new_tokens}) must be >= 1 and "
                              f"policy.temperature ({self.temperature}) >= 0.")
 
+    def for_env(self, env: EnvConfig) -> "PolicyConfig":
+        """This config, with ``system_prompt: tools`` replaced by ``env``'s tool documentation."""
+        if self.system_prompt != "tools":
+            return self
+        return dataclasses.replace(self, system_prompt=env.tool_prompt())
+
     def build(self):
-        """Load the policy (picklable: Ray workers call it)."""
+        """Load the policy (picklable: Ray workers call it); resolve ``system_prompt: tools`` first (:meth:`for_env`)."""
         import torch
         from safetensors import SafetensorError
 
@@ -143,6 +162,9 @@ class PolicyConfig:
         if not self.model:
             raise ConfigError("policy.model is empty: give the folder of a model (e.g. the policy folder "
                              "written by `rl sft`) or a hub id.")
+        if self.system_prompt == "tools":
+            raise ConfigError("policy.system_prompt 'tools' is resolved from the environment: build the policy "
+                              "through a run config (rl train / rl record) or call PolicyConfig.for_env(env) first.")
         options = dict(chat=self.chat, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                        system_prompt=self.system_prompt)
         try:

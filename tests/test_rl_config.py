@@ -175,7 +175,8 @@ def test_gpu_qwen2vl_preset_builds_a_lora_qwen_vl_policy_that_sees_visgen_images
     QwenVLPolicy(model, tokenizer, processor, chat="chatml").save(str(tmp_path))
     config = load(TrainConfig, preset, {"policy.model": str(tmp_path), "policy.device": "cpu",
                                         "policy.max_new_tokens": 4})
-    policy = config.policy.build()
+    policy = config.policy.for_env(config.env).build()
+    assert "tool_text2image_qwen" in policy.system_prompt  # the preset shows the model its tools
     assert isinstance(policy, QwenVLPolicy) and policy.model.dtype == torch.bfloat16
     trainable = [name for name, p in policy.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
@@ -192,3 +193,17 @@ def test_gpu_qwen2vl_preset_builds_a_lora_qwen_vl_policy_that_sees_visgen_images
     scores = policy.score(batch)
     (-scores.logprobs.sum()).backward()
     assert all(p.grad is not None for p in policy.parameters())
+
+
+def test_system_prompt_tools_is_the_environments_tool_documentation():
+    import gymnasium
+
+    env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": "image", "num_tasks": 2})
+    resolved = PolicyConfig(model="m", system_prompt="tools").for_env(env)
+    expected = gymnasium.make("visenv/VisGen-v0").unwrapped.system_prompt
+    assert resolved.system_prompt == expected and "tool_text2image_qwen" in expected
+    assert PolicyConfig(model="m", system_prompt="hi").for_env(env).system_prompt == "hi"
+    with pytest.raises(ConfigError, match="resolved from the environment"):
+        PolicyConfig(model="m", system_prompt="tools").build()
+    with pytest.raises(ConfigError, match="has no system_prompt"):
+        PolicyConfig(model="m", system_prompt="tools").for_env(EnvConfig(id="visenv/ToolEcho-v0"))
