@@ -128,10 +128,11 @@ class SlowSyncPolicy(CausalLMPolicy):
 
 
 class RaisingEnv(gym.Wrapper):
-    """ToolEcho whose ``step`` raises (as a buggy env would) in episodes reset with ``fail_seed``."""
+    """An env (ToolEcho by default) whose ``step`` raises, as a buggy env would, in episodes reset with
+    ``fail_seed``."""
 
-    def __init__(self, fail_seed: int):
-        super().__init__(ECHO.make())
+    def __init__(self, fail_seed: int, make_env=ECHO.make):
+        super().__init__(make_env())
         self.fail_seed = fail_seed
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):

@@ -23,10 +23,9 @@ from typing import Any, Sequence
 from visenv.cache_cli import add_cache_commands
 from visenv.data import add_data_commands
 from visenv.error import ConfigError, VisenvError
-from visenv.evaluation import evaluate, format_table, write_results
+from visenv.evaluation import format_table, write_results
 from visenv.report.cli import add_report_commands
 from visenv.rewards.judges.grader import format_benchmark
-from visenv.report.collect import evaluate_with_report
 from visenv.tasks import load_tasks, make_suite, save_tasks, visgenbench
 
 
@@ -56,12 +55,8 @@ def _agent_factory(name: str, seed: int):
     return (lambda: cls(seed=seed)) if takes_seed else cls
 
 
-def _policy_factory(args: argparse.Namespace):
-    """``--policy DIR`` or ``--api-base-url``: an rl policy played as an agent, turns batched over the episodes."""
-    import functools
-
-    from rl.agent import PolicyAgent, act_together
-
+def _policy(args: argparse.Namespace):
+    """``--policy DIR`` or ``--api-base-url``: an rl policy (its turns batched over the episodes)."""
     if args.policy:
         from rl.config import PolicyConfig
 
@@ -77,15 +72,18 @@ def _policy_factory(args: argparse.Namespace):
             raise ConfigError("--api-base-url needs --api-model (the model name the endpoint serves).")
         policy = ApiPolicy(args.api_base_url, args.api_model, max_tokens=args.max_new_tokens,
                            temperature=args.temperature)
-    return functools.partial(PolicyAgent, policy, seed=args.seed), act_together
+    return policy
+
+
+def _scenarios(args: argparse.Namespace) -> list[str] | None:
+    return [s.strip() for s in args.scenarios.split(",")] if args.scenarios else None
 
 
 def _suite(args: argparse.Namespace):
     if args.tasks:
         return load_tasks(args.tasks)
     modality = None if args.suite == "all" else args.suite
-    return make_suite(args.n, args.task_seed, modality=modality,
-                      scenarios=[s.strip() for s in args.scenarios.split(",")] if args.scenarios else None)
+    return make_suite(args.n, args.task_seed, modality=modality, scenarios=_scenarios(args))
 
 
 def cmd_main(args: argparse.Namespace) -> int:
@@ -94,6 +92,8 @@ def cmd_main(args: argparse.Namespace) -> int:
     ``--baselines-only`` prints the old table instead: the scripted teacher and the random agent.
     """
     if args.baselines_only:
+        from rl.evaluate import evaluate
+
         tasks = make_suite(84 if args.n is None else args.n, args.task_seed)
         start = time.perf_counter()
         for name in ("teacher", "random"):
@@ -150,26 +150,28 @@ def _field_overrides(pairs: Sequence[str], config_class: type) -> dict[str, Any]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from rl.evaluate import evaluate, evaluate_with_report
+
     tasks = _suite(args)
     if args.policy or args.api_base_url:
-        factory, act_batch = _policy_factory(args)
+        player = _policy(args)
         name, num_envs = args.policy or f"{args.api_model} at {args.api_base_url}", args.num_envs
     else:
-        from visenv.evaluation import act_each
-
-        factory, act_batch = _agent_factory(args.agent, args.seed), act_each
-        name, num_envs = args.agent, 1
+        player, name, num_envs = _agent_factory(args.agent, args.seed), args.agent, 1
     env_config = {"max_turns": args.max_turns} if args.max_turns else None
     if args.no_report:
-        results, summary = evaluate(factory, tasks, seed=args.seed, keep_trajectories=args.trajectories,
-                                    env_config=env_config, num_envs=num_envs, act_batch=act_batch)
+        results, summary = evaluate(player, tasks, seed=args.seed, keep_trajectories=args.trajectories,
+                                    env_config=env_config, num_envs=num_envs)
     else:
-        results, summary = evaluate_with_report(factory, tasks, Path(args.out).parent, seed=args.seed,
-                                                env_config=env_config, num_envs=num_envs, act_batch=act_batch,
+        results, summary = evaluate_with_report(player, tasks, Path(args.out).parent, seed=args.seed,
+                                                env_config=env_config, num_envs=num_envs,
                                                 title=f"{name} on {len(tasks)} tasks")
     print(format_table(summary, title=f"== {name} on {len(tasks)} tasks =="))
     print(format_benchmark(summary["visgenbench"]))
-    write_results(args.out, results, summary)
+    suite = ({"tasks": args.tasks} if args.tasks else
+             {"suite": args.suite, "n": args.n, "task_seed": args.task_seed,
+              "scenarios": _scenarios(args)})
+    write_results(args.out, results, summary, suite | {"seed": args.seed, "env_config": env_config or {}})
     print(f"wrote {args.out}" + ("" if args.no_report else f" and {Path(args.out).parent / 'report.html'}"))
     return 0
 

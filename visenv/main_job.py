@@ -14,9 +14,10 @@ defaults of :class:`MainJobConfig`, sized to finish within 15 minutes on a 2-cor
    wall-clock budget. This is the *SFT-only* policy.
 5. **GRPO** (:class:`rl.grpo.GRPO`) inside the environment, rollouts in Ray actors on a local Ray
    (``ray.init(num_cpus=2)``), for a wall-clock budget.
-6. **Evaluation.** The SFT-only and the RL policy play the same held-out episodes (same task and
-   sampling seeds), sampled at temperature 1 and greedily; ``results.json`` holds both, and a
-   comparison table is printed.
+6. **Evaluation.** The SFT-only and the RL policy play the same held-out episodes (episode ``i``:
+   held-out task ``i``, seed ``seed + 777 + i``), once each, through the one episode runner
+   (:func:`rl.evaluate.play`), sampled at temperature 1 and greedily; ``results.json`` holds both, and
+   a comparison table is printed. The report shows the first ``report_episodes`` of the sampled ones.
 
 Why the default VisGen configuration is smaller than the full benchmark (docs/main-job.md): with a BPE
 tokenizer a full VisGen teacher trajectory averages ~1,700 tokens over ~9 turns (video scenarios
@@ -129,7 +130,8 @@ class MainJobConfig:
         clip_pretrained: the weights of a non-tiny ``clip_model`` (a checkpoint file, a pretrained tag,
             or "local" for a local-dir folder's weights).
         report_episodes: held-out episodes per policy in the HTML report (``<out>/report/report.html``:
-            the SFT-only and the RL policy side by side, with the pictures they made); 0 skips it.
+            the first sampled evaluation episodes of the SFT-only and the RL policy side by side, with
+            the pictures they made); 0 skips it.
         time_limit_seconds: the job's target wall time; the report says whether it was met.
         safety_seconds: slack kept back from ``time_limit_seconds`` when GRPO's budget is cut.
     """
@@ -320,33 +322,36 @@ def _sft_stage(policy, examples, seconds: float, steps: int | None, batch_size: 
             "loss_last20": sum(tail) / max(1, len(tail)), "loss_first": losses[0] if losses else float("nan")}
 
 
-def _evaluate(policy, make_rollout: Callable[[float], Any], episodes: int, seed: int,
-              temperature: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Play ``episodes`` held-out episodes with ``policy``'s weights; summary metrics and one row per episode.
+def _evaluate(policy, make_rollout: Callable[[float], Any], tasks: Sequence[Any], seed: int, temperature: float,
+              env_config: dict[str, Any], report_dir: Path | None = None, report_episodes: int = 0
+              ) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
+    """Play the held-out episodes (episode ``i``: ``tasks[i]``, seed ``seed + i``) once with ``policy``'s
+    weights through the one episode runner; summary metrics, one row per episode, and the episodes.
 
-    ``make_rollout(temperature)`` builds the rollout (serial, or Ray workers that get the weights).
+    ``make_rollout(temperature)`` gives the backend factory (serial, or Ray workers that get the weights).
+    The first ``report_episodes`` episodes keep their trajectories and pictures (under ``report_dir``).
     """
-    from rl.rollout import make_specs
+    from rl.evaluate import Recorder, play
     from rl.train import episode_metrics
 
     saved = policy.temperature
     policy.temperature = temperature
-    rollout = make_rollout(temperature)
+    recorder = Recorder(keep_trajectories=report_episodes > 0,
+                        report_dir=None if report_dir is None else str(report_dir), captured=report_episodes)
     try:
-        rollout.set_weights(policy.get_weights(), 0)
-        found, stats = rollout.sample(make_specs(seed, 0, episodes, 1))
+        found, stats = play(policy, tasks, seed=seed, env_config=env_config, recorder=recorder,
+                            make_rollout=make_rollout(temperature), progress=False)
     finally:
-        rollout.close()
         policy.temperature = saved
     rows = []
     for episode in found:
         total = episode.components.get("total")
-        rows.append({"task_seed": episode.spec.task_seed, "reward": episode.reward,
-                     "rubric_total": None if total is None else float(total),
+        rows.append({"task_id": episode.spec.task.task_id, "task_seed": episode.spec.task_seed,
+                     "reward": episode.reward, "rubric_total": None if total is None else float(total),
                      "success": total is not None and not math.isnan(total) and total >= 0.999,
                      "turns": len(episode.rewards), "terminated": episode.terminated, "truncated": episode.truncated,
                      "components": {k: (None if v is None else float(v)) for k, v in episode.components.items()},
-                     "policy_tokens": episode.policy_tokens})
+                     "policy_tokens": episode.policy_tokens, "error": episode.error})
     metrics = episode_metrics(found, stats)
     valid = [r["reward"] for r in rows if not math.isnan(r["reward"])]
     summary = {"episodes": len(rows), "temperature": temperature,
@@ -356,10 +361,11 @@ def _evaluate(policy, make_rollout: Callable[[float], Any], episodes: int, seed:
                "answered_rate": sum(r["terminated"] for r in rows) / len(rows),
                "truncated_rate": sum(r["truncated"] for r in rows) / len(rows),
                "invalid_rate": 1 - len(valid) / len(rows),
+               "episodes_failed": stats.episodes_failed,
                "turns": metrics["turns"], "policy_tokens": metrics["policy_tokens"],
                "components": {k[len("reward/"):]: v for k, v in metrics.items() if k.startswith("reward/")},
                "seconds": stats.wall_seconds}
-    return summary, rows
+    return summary, rows, found
 
 
 def _stderr(values: Sequence[float]) -> float:
@@ -476,7 +482,7 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
     from rl.grpo import GRPO
     from rl.hf import reference_policy
     from rl.logging import MetricsLogger
-    from rl.rollout import SerialRollout
+    from rl.rollout import RayRollout, SerialRollout
     from rl.train import Callback, KeepBest, Trainer
     from visenv.tasks import save_tasks
 
@@ -523,25 +529,38 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
         started_ray = True
     try:
-        eval_env = EnvConfig(id="visenv/VisGen-v0", options={"tasks": eval_path, "max_turns": config.max_turns})
-
         def make_eval_rollout(temperature: float):
+            """The evaluation's backend factory (``make_rollout`` of :func:`rl.evaluate.play`)."""
             if config.eval_backend == "serial":
-                return SerialRollout(policy, eval_env.make, config.eval_envs)
+                return lambda policy, make_env, finish: SerialRollout(policy, make_env, config.eval_envs, finish)
             make_policy = PolicyConfig(model=sft_dir, max_new_tokens=config.max_new_tokens, temperature=temperature,
                                        device="cpu").build
-            return RolloutConfig(backend="ray", num_workers=config.num_workers, num_envs=config.eval_envs,
-                                 worker_num_cpus=config.worker_num_cpus, torch_threads=1).build(
-                policy, make_policy, eval_env.make)
+            return lambda policy, make_env, finish: RayRollout(
+                make_policy, make_env, config.num_workers, config.eval_envs, num_cpus=config.worker_num_cpus,
+                torch_threads=1, finish=finish)
 
+        # the held-out episodes, played once per policy and mode; the report shows the first ones (sampled)
+        held_out = [eval_suite[i % len(eval_suite)] for i in range(config.eval_episodes)]
+        report_dir = out / "report"
+        shown = min(config.report_episodes, len(held_out))
         modes = {"sampled": 1.0, **({"greedy": 0.0} if config.eval_greedy else {})}
         eval_seed = config.seed + 777
         evaluations: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
         episodes: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
+        played: dict[str, list[Any]] = {}
+
+        def evaluate_policy(name: str) -> None:
+            for mode, temperature in modes.items():
+                pictures = shown if mode == "sampled" else 0
+                evaluations[name][mode], episodes[name][mode], found = _evaluate(
+                    policy, make_eval_rollout, held_out, eval_seed, temperature, {"max_turns": config.max_turns},
+                    report_dir, pictures)
+                if pictures:
+                    played[name] = found[:pictures]
+
         mark = time.perf_counter()
-        for mode, temperature in modes.items():
-            evaluations["sft"][mode], episodes["sft"][mode] = _evaluate(
-                policy, make_eval_rollout, config.eval_episodes, eval_seed, temperature)
+        evaluate_policy("sft")
+        for mode in modes:
             s = evaluations["sft"][mode]
             log(f"SFT-only held-out ({mode}): reward {s['reward']:.3f}, success {s['success_rate']:.1%} "
                 f"({s['seconds']:.0f} s)")
@@ -608,23 +627,18 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
 
         # 7. Evaluate the RL policy on the same held-out episodes.
         mark = time.perf_counter()
-        for mode, temperature in modes.items():
-            evaluations["rl"][mode], episodes["rl"][mode] = _evaluate(
-                policy, make_eval_rollout, config.eval_episodes, eval_seed, temperature)
+        evaluate_policy("rl")
         timing["eval_rl"] = time.perf_counter() - mark
     finally:  # a failure after Ray started must not leave it running
         if started_ray:
             ray.shutdown()
 
-    # 8. The HTML report: both policies on the same held-out episodes, side by side, with pictures.
+    # 8. The HTML report: both policies on the first held-out episodes of their evaluations, side by side.
     report = None
-    if config.report_episodes:
-        from rl.agent import write_policy_report
+    if shown:
+        from rl.evaluate import run_of, write_comparison_report
 
         mark = time.perf_counter()
-        sft_policy = PolicyConfig(model=sft_dir, max_new_tokens=config.max_new_tokens, temperature=1.0,
-                                  device="cpu").build()
-        report_dir = out / "report"
         metrics = {}
         if config.clip_model:
             from visenv.rewards.clip import ClipAlignment, ClipScorer
@@ -632,13 +646,14 @@ def run_main_job(config: MainJobConfig | None = None, log: Callable[[str], None]
             scorer = (ClipScorer.tiny(out / "clip", seed=config.seed) if config.clip_model == "tiny" else
                       ClipScorer(model=config.clip_model, pretrained=config.clip_pretrained))
             metrics["clip_alignment"] = ClipAlignment(scorer)
-        shown = write_policy_report({"SFT-only": sft_policy, "RL (SFT + GRPO)": policy}, eval_suite, report_dir,
-                                    episodes=config.report_episodes, seed=eval_seed, metrics=metrics,
-                                    env_options={"max_turns": config.max_turns},
-                                    title=f"main job: SFT-only vs RL on {config.report_episodes} held-out episodes")
-        overall = {name: run["summary"]["visgenbench"]["overall"] for name, run in shown["policies"].items()}
-        report = {"path": str(report_dir / "report.html"), "episodes": config.report_episodes,
-                  "policies": {name: {"reward": shown["policies"][name]["summary"]["overall"]["reward"],
+        runs = [run_of(name, played[key], metrics=metrics)
+                for name, key in (("SFT-only", "sft"), ("RL (SFT + GRPO)", "rl"))]
+        written = write_comparison_report(
+            runs, report_dir, f"main job: SFT-only vs RL on {shown} held-out episodes", seed=eval_seed,
+            episodes=shown, env_options={"max_turns": config.max_turns}, tasks=[t.task_id for t in held_out[:shown]])
+        overall = {name: run["summary"]["visgenbench"]["overall"] for name, run in written["policies"].items()}
+        report = {"path": str(report_dir / "report.html"), "episodes": shown,
+                  "policies": {name: {"reward": written["policies"][name]["summary"]["overall"]["reward"],
                                       "s_rate": block["s_rate"], **{m: block[m] for m in metrics}}
                                for name, block in overall.items()}}
         timing["report"] = time.perf_counter() - mark
