@@ -149,6 +149,7 @@ class _Live:
     env: Any
     spec: EpisodeSpec
     conversation: Conversation
+    weight_version: int
     rewards: list[float] = field(default_factory=list)
     steps: list[tuple[dict[str, Any], float, dict[str, Any]]] = field(default_factory=list)
     backends: Counter = field(default_factory=Counter)
@@ -165,8 +166,7 @@ class _Live:
         self.conversation.segments.append(policy.encode(observation, first=True))
         return None
 
-    def advance(self, policy: Policy, turn: Segment, stats: RolloutStats, weight_version: int,
-                finish: Finish | None) -> Episode | None:
+    def advance(self, policy: Policy, turn: Segment, stats: RolloutStats, finish: Finish | None) -> Episode | None:
         """Step the environment with ``turn``; the finished episode when it ended (or the env raised)."""
         self.conversation.segments.append(turn)
         start = time.perf_counter()
@@ -184,7 +184,7 @@ class _Live:
             episode = Episode(self.spec, self.conversation.segments, self.rewards,
                               dict(info.get("reward_components", {})), bool(terminated), bool(truncated),
                               dict(self.backends), float(info.get("cost", {}).get("episode_gpu_seconds", 0.0)),
-                              weight_version)
+                              self.weight_version)
             if finish is not None:
                 episode.extra = finish(self.env, episode, self.steps)
             return episode
@@ -196,8 +196,9 @@ class _Live:
     def _failed(self, error: Exception, stats: RolloutStats, start: float) -> Episode:
         stats.env_seconds += time.perf_counter() - start
         stats.episodes_failed += 1
-        return Episode(self.spec, self.conversation.segments, self.rewards + [float("nan")], {}, False, True,
-                       dict(self.backends), error=f"{type(error).__name__}: {error}")
+        return Episode(self.spec, self.conversation.segments, self.rewards + [float("nan")], {}, False, False,
+                       dict(self.backends), weight_version=self.weight_version,
+                       error=f"{type(error).__name__}: {error}")
 
 
 def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpec], weight_version: int = 0,
@@ -236,7 +237,7 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
     while queue or active:
         while queue and free:
             spec = queue.popleft()
-            live = _Live(free.pop(), spec, Conversation(seed=spec.sample_seed))
+            live = _Live(free.pop(), spec, Conversation(seed=spec.sample_seed), weight_version)
             if release(live, live.start(policy, stats)):
                 active.append(live)
         if not active:
@@ -245,7 +246,7 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
         turns = policy.generate([live.conversation for live in active])
         stats.generate_seconds += time.perf_counter() - start
         active = [live for live, turn in zip(active, turns, strict=True)
-                  if release(live, live.advance(policy, turn, stats, weight_version, finish))]
+                  if release(live, live.advance(policy, turn, stats, finish))]
     return [done[spec.episode_id] for spec in specs], stats
 
 

@@ -139,6 +139,7 @@ def test_stale_weights_sync_on_schedule_and_grpo_uses_the_sampler_logprobs(ray_s
     assert history[0]["sampler_logprob_gap"] < 1e-4 < history[1]["sampler_logprob_gap"]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_while_idle_is_replaced_at_the_next_sample_or_sync(ray_session, saved_policy):
     policy, make_policy = saved_policy
     first, second = make_specs(4, 0, 3, 2), make_specs(4, 1, 3, 2)
@@ -161,6 +162,7 @@ def test_a_worker_killed_while_idle_is_replaced_at_the_next_sample_or_sync(ray_s
         rollout.close()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_during_set_weights_is_replaced_and_synced(ray_session, saved_policy, tmp_path):
     policy, _ = saved_policy
     path = str(tmp_path / "policy")
