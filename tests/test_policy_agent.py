@@ -229,6 +229,11 @@ def test_visenv_eval_plays_a_saved_policy_as_evaluate_does(policies, tmp_path):
                                 keep_trajectories=True)
     assert [[s["action"] for s in e["trajectory"]] for e in written["episodes"]] == actions(results)
     assert written["summary"]["overall"]["reward"] == pytest.approx(summary["overall"]["reward"])
+    # results.json records the suite, so `visenv report` re-plays it without suite arguments
+    assert written["suite"] == {"suite": "all", "n": 3, "task_seed": 10_000, "scenarios": list(SHORT), "seed": 5,
+                                "env_config": ENV}
+    assert main(["report", str(tmp_path / "cli" / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.html").is_file()
 
 
 def test_visenv_eval_takes_an_agent_class_and_names_bad_choices(tmp_path, capsys):
