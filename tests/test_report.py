@@ -247,7 +247,7 @@ def test_report_command_replays_a_results_file(tmp_path):
     with pytest.raises(ConfigError, match="not a results.json"):
         args.func(args)
     args = _parser().parse_args(["report", str(tmp_path / "results.json"), "--task-seed", "12", "--out", str(tmp_path / "c")])
-    with pytest.raises(ConfigError, match="3 episodes but the suite has 84"):  # given arguments replace the record
+    with pytest.raises(ConfigError, match="but task 0 of the suite"):  # a given argument overrides the record
         args.func(args)
 
 

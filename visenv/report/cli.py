@@ -5,7 +5,8 @@
 
 The pictures come from re-playing the recorded actions on the same suite, seed and environment
 options, which results.json records (``suite``); ``--suite/--n/--task-seed`` (or ``--tasks``) and
-``--seed`` override them (for a results.json that records none), ``--no-media`` skips the pictures. Register
+``--seed`` override what it records (or ``visenv eval``'s defaults where it records none);
+``--no-media`` skips the pictures. Register
 the command on a parser with :func:`add_report_commands`.
 """
 
@@ -35,13 +36,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         recorded = payload.get("suite") or {}
         given = {k: v for k, v in {"suite": args.suite, "n": args.n, "task_seed": args.task_seed}.items()
                  if v is not None}
-        if args.tasks:
-            tasks = load_tasks(args.tasks)
-        elif given or not recorded:
-            defaults = {"suite": "all", "n": 84, "task_seed": 10_000}
-            tasks = suite_of(defaults | given)
-        else:
-            tasks = suite_of(recorded)
+        defaults = {"suite": "all", "n": 84, "task_seed": 10_000}  # those of `visenv eval`
+        tasks = load_tasks(args.tasks) if args.tasks else suite_of((recorded or defaults) | given)
         seed = recorded.get("seed", 0) if args.seed is None else args.seed
         captures, _ = replay_captures(episodes, tasks, out, seed=seed, env_config=recorded.get("env_config"))
     path = write_report(out, episodes, summary, captures, title=args.title)
