@@ -118,7 +118,8 @@ class Episode:
 
 @dataclass
 class RolloutStats:
-    """Where a rollout's time went. Seconds of generation and env are summed over workers."""
+    """Where a rollout's time went, and what went wrong. Seconds of generation and env are summed over
+    workers; :meth:`add` sums everything but the wall time (parts may overlap)."""
 
     wall_seconds: float = 0.0
     generate_seconds: float = 0.0
@@ -132,6 +133,7 @@ class RolloutStats:
         self.env_seconds += other.env_seconds
         self.env_steps += other.env_steps
         self.episodes_failed += other.episodes_failed
+        self.worker_restarts += other.worker_restarts
 
 
 Finish = Callable[[Any, Episode, list], Any]
