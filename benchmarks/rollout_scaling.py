@@ -31,8 +31,8 @@ from rl.rollout import RayRollout, SerialRollout, make_specs
 from rl.tokenizer import train_tokenizer
 
 
-def measure(rollout, weights, specs, repeats):
-    rollout.set_weights(weights, 0)
+def measure(rollout, policy, specs, repeats):
+    rollout.set_weights(policy, 0)
     rollout.sample(specs)  # warm-up: first generate calls are slower
     runs = []
     for _ in range(repeats):
@@ -67,15 +67,14 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="rollout_scaling_")
     policy.save(folder)
     make_policy = functools.partial(CausalLMPolicy.from_pretrained, folder, max_new_tokens=args.max_new_tokens)
-    weights = policy.get_weights()
     specs = make_specs(0, 0, args.episodes, 1)
     torch.set_num_threads(1)
-    results = {"serial (1 thread)": measure(SerialRollout(policy, env.make, args.envs_per_worker), weights, specs,
+    results = {"serial (1 thread)": measure(SerialRollout(policy, env.make, args.envs_per_worker), policy, specs,
                                             args.repeats)}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     for workers in (1, 2):
         rollout = RayRollout(make_policy, env.make, workers, args.envs_per_worker, num_cpus=1.0)
-        results[f"ray, {workers} worker(s)"] = measure(rollout, weights, specs, args.repeats)
+        results[f"ray, {workers} worker(s)"] = measure(rollout, policy, specs, args.repeats)
         rollout.close()
     ray.shutdown()
     one, two = results["ray, 1 worker(s)"], results["ray, 2 worker(s)"]

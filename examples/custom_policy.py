@@ -4,7 +4,7 @@
 
 ``OneToolPolicy`` below reads the request with the teacher's request parser, then makes everything
 with a single generation tool (images in batches of four, or one text-to-video clip) and answers.
-It satisfies :class:`baselines.agent.Agent`, so :func:`visenv.evaluation.evaluate` runs it like any
+It satisfies :class:`baselines.agent.Agent`, so :func:`rl.evaluate.evaluate` runs it like any
 baseline; it is compared with the random agent and the scripted workflow teacher on held-out tasks.
 """
 
@@ -17,7 +17,8 @@ from baselines.agent import Agent
 from baselines.random_agent import RandomAgent
 from baselines.task_agent import TaskAgent
 from baselines.workflow_agent import WorkflowAgent, request_of
-from visenv.evaluation import evaluate, format_table
+from rl.evaluate import evaluate
+from visenv.evaluation import format_table
 from visenv.protocol import format_turn, parse_tool_response
 from visenv.tasks import make_suite
 

@@ -69,7 +69,7 @@ def tiny_policy(tokenizer, seed: int = 0) -> CausalLMPolicy:
 
 def held_out_reward(rollout: RayRollout, policy: CausalLMPolicy, episodes: int, seed: int) -> float:
     """Mean reward of ``episodes`` fresh tasks (one sample each), played in the rollout workers."""
-    rollout.set_weights(policy.get_weights(), version=0)
+    rollout.set_weights(policy, version=0)
     played, _ = rollout.sample(make_specs(seed + 1_000_003, 0, episodes, 1))  # training uses (seed, iteration)
     return sum(e.reward for e in played) / len(played)
 

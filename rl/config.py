@@ -241,16 +241,20 @@ class RolloutConfig:
                               f"({self.worker_num_cpus}) needs {needed:g} CPUs; this machine has {cpus}. Lower "
                               "num_workers or worker_num_cpus (fractions allowed), or join a cluster with ray_address.")
 
-    def build(self, policy, make_policy: Callable[[], Any], make_env: Callable[[], Any]):
-        """The rollout backend; Ray is started (or joined) here when needed."""
+    def build(self, policy, make_policy: Callable[[], Any], make_env: Callable[[], Any], finish: Any = None):
+        """The rollout backend; Ray is started (or joined) here when needed.
+
+        ``finish`` is the runner's end-of-episode hook (:func:`rl.rollout.run_episodes`), e.g. an
+        evaluation's :class:`rl.evaluate.Recorder`.
+        """
         from rl.rollout import RayRollout, SerialRollout
 
         if self.backend == "serial":
-            return SerialRollout(policy, make_env, self.num_envs)
+            return SerialRollout(policy, make_env, self.num_envs, finish)
         self.check_local_cpus()
         start_ray(self.ray_address)
         return RayRollout(make_policy, make_env, self.num_workers, self.num_envs, self.placement,
-                          self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts)
+                          self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts, finish)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:

@@ -239,6 +239,11 @@ class CausalLMPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def hidden_size(self) -> int:
+        """The width of the last hidden state (``Scores.hidden``)."""
+        return self.model.config.get_text_config().hidden_size
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable parameters (only the adapters when LoRA is on)."""
         return [p for p in self.model.parameters() if p.requires_grad]

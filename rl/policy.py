@@ -16,7 +16,6 @@ Two protocols, so that any policy can act and trainable ones can learn:
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
@@ -96,11 +95,27 @@ class Policy(Protocol):
 
 @runtime_checkable
 class TrainablePolicy(Policy, Protocol):
-    """A policy the trainers can update and ship to rollout workers.
+    """A policy the trainers can update, checkpoint and ship to rollout workers: everything
+    :class:`~rl.grpo.GRPO`, :class:`~rl.ppo.PPO`, :class:`~rl.train.Trainer` and the rollout backends
+    read (:class:`~rl.hf.CausalLMPolicy` and its VLM subclasses implement it).
 
-    The trainers also read ``parameters()`` (what the optimizer updates), ``save(path)`` (checkpoints),
-    ``pad_id`` and ``device``, as :class:`~rl.hf.CausalLMPolicy` provides them.
+    Attributes:
+        pad_id: the token id that pads :class:`TokenBatch` rows.
+        device: where :meth:`score` computes (batches are moved there).
+        hidden_size: the width of ``Scores.hidden`` (what a value head reads).
     """
+
+    pad_id: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters (what the optimizer updates)."""
+        ...
 
     def score(self, batch: "TokenBatch", with_hidden: bool = False) -> "Scores":
         """Log-probs (with gradients) of the tokens ``batch.loss_mask`` marks, under the current weights."""
@@ -112,6 +127,10 @@ class TrainablePolicy(Policy, Protocol):
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load weights produced by :meth:`get_weights` of a policy of the same architecture."""
+        ...
+
+    def save(self, path: str) -> None:
+        """Write the policy to a folder its ``from_pretrained`` reads (checkpoints and the trained policy)."""
         ...
 
 
@@ -229,8 +248,10 @@ class AgentPolicy:
     """Runs a baseline agent (``reset(observation, seed)`` / ``act(observation) -> str``) as a Policy.
 
     Each conversation gets its own agent from ``make_agent``, reset with the episode's first
-    observation and seed; the same rollout loop and evaluation then run scripted, random and
-    learned policies alike. Its turns carry text only (no token ids).
+    observation and its sampling seed (``Conversation.seed``); the same rollout loop
+    (:func:`rl.rollout.run_episodes`) then plays scripted, random and learned policies alike, for
+    training, evaluation and the report. This is the one adapter between agents and policies. Its
+    turns carry text only (no token ids).
 
     Args:
         make_agent: a picklable zero-argument callable returning a fresh agent (e.g. the class).
@@ -248,6 +269,6 @@ class AgentPolicy:
             observation = conv.segments[-1].observation
             if "agent" not in conv.state:
                 conv.state["agent"] = self.make_agent()
-                conv.state["agent"].reset(observation, seed=random.Random(conv.seed).getrandbits(31))
+                conv.state["agent"].reset(observation, seed=conv.seed)
             turns.append(Segment(POLICY, conv.state["agent"].act(observation)))
         return turns

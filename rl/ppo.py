@@ -123,7 +123,7 @@ class PPO:
         self.policy = policy
         self.reference = reference
         self.config = config
-        self.value_head = ValueHead(policy.model.config.get_text_config().hidden_size).to(policy.device)
+        self.value_head = ValueHead(policy.hidden_size).to(policy.device)
         self.optimizer = torch.optim.AdamW([*policy.parameters(), *self.value_head.parameters()],
                                            lr=config.learning_rate, weight_decay=0.0)
 

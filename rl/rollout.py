@@ -10,9 +10,16 @@ weights, both backends return the same episodes for the same specs.
 GRPO groups are ``group_size`` consecutive specs with the same ``task_seed``. Ray chunks keep a group
 on one worker (``placement="colocate"``) or spread its members over chunks (``"spread"``).
 
-Fault tolerance (Ray): a chunk whose worker dies is re-run on a fresh worker that first receives the
-current weights; results are keyed by ``episode_id`` and each is accepted once, so no episode is lost
-or counted twice.
+Fault tolerance: an environment that raises fails its episode only (``Episode.error``, counted in
+``RolloutStats.episodes_failed``), never the rollout. A Ray worker that dies at any moment (sampling,
+idle, receiving weights) is replaced by a fresh worker that first receives the current weights, and
+its chunk is re-run there; results are keyed by ``episode_id`` and each is accepted once, so no
+episode is lost or counted twice.
+
+Every backend implements :class:`Rollout` (``set_weights``, ``sample``, ``close``), all that
+:class:`~rl.train.Trainer` uses. The loop keeps each live episode as its own small state
+(``_Live``: start, advance with a sampled turn, finish), so a future asynchronous loop can advance
+episodes independently and batch generation across whichever are waiting.
 """
 
 from __future__ import annotations
@@ -21,13 +28,12 @@ import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from rl.errors import ConfigError, RolloutError
-
-from rl.policy import POLICY, Conversation, Policy, Segment
+from rl.policy import POLICY, Conversation, Policy, Segment, TrainablePolicy
 
 
 @dataclass(frozen=True)
@@ -39,12 +45,15 @@ class EpisodeSpec:
         task_seed: ``env.reset(seed=task_seed)``; all members of a GRPO group share it.
         sample_seed: seeds the policy's sampling noise for this episode.
         group: the GRPO group (the task's index in the iteration).
+        task: when set, the task itself, given to the env as ``reset(seed=task_seed,
+            options={"task": task})`` (an evaluation's explicit suite); None lets the seed choose.
     """
 
     episode_id: int
     task_seed: int
     sample_seed: int
     group: int
+    task: Any = None
 
 
 def make_specs(seed: int, iteration: int, num_groups: int, group_size: int) -> list[EpisodeSpec]:
@@ -75,6 +84,9 @@ class Episode:
         backends: tool calls per answering backend tier (``info["tool_result"]["backend"]``).
         gpu_seconds: GPU-seconds the real tools would have taken (``info["cost"]``).
         weight_version: the weights version that sampled it.
+        error: why the environment failed the episode (``"TypeError: ..."``), or None; a failed
+            episode ends at the failing step with a NaN reward, so the trainers leave it out.
+        extra: what the runner's ``finish`` hook returned for it (e.g. an evaluation's record).
     """
 
     spec: EpisodeSpec
@@ -86,6 +98,8 @@ class Episode:
     backends: dict[str, int] = field(default_factory=dict)
     gpu_seconds: float = 0.0
     weight_version: int = 0
+    error: str | None = None
+    extra: Any = None
 
     @property
     def reward(self) -> float:
@@ -105,66 +119,159 @@ class Episode:
 
 @dataclass
 class RolloutStats:
-    """Where a rollout's time went. Seconds of generation and env are summed over workers."""
+    """Where a rollout's time went, and what went wrong. Seconds of generation and env are summed over
+    workers; :meth:`add` sums everything but the wall time (parts may overlap)."""
 
     wall_seconds: float = 0.0
     generate_seconds: float = 0.0
     env_seconds: float = 0.0
     env_steps: int = 0
     worker_restarts: int = 0
+    episodes_failed: int = 0
 
     def add(self, other: "RolloutStats") -> None:
         self.generate_seconds += other.generate_seconds
         self.env_seconds += other.env_seconds
         self.env_steps += other.env_steps
+        self.episodes_failed += other.episodes_failed
+        self.worker_restarts += other.worker_restarts
 
 
-def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpec],
-                 weight_version: int = 0) -> tuple[list[Episode], RolloutStats]:
+Finish = Callable[[Any, Episode, list], Any]
+"""The runner's end-of-episode hook: ``finish(env, episode, steps) -> episode.extra``."""
+
+
+@dataclass
+class _Live:
+    """One episode in play: its environment, conversation and what it has gathered so far.
+
+    The runner advances each live episode on its own (``start``, then ``advance`` with each sampled
+    turn), so the loop around it decides only when to generate and for which episodes.
+    """
+
+    env: Any
+    spec: EpisodeSpec
+    conversation: Conversation
+    weight_version: int
+    rewards: list[float] = field(default_factory=list)
+    steps: list[tuple[dict[str, Any], float, dict[str, Any]]] = field(default_factory=list)
+    backends: Counter = field(default_factory=Counter)
+
+    def start(self, policy: Policy, stats: RolloutStats) -> Episode | None:
+        """Reset the environment and encode the first observation; the failed episode if the env raises."""
+        start = time.perf_counter()
+        options = None if self.spec.task is None else {"task": self.spec.task}
+        try:
+            observation, _ = self.env.reset(seed=self.spec.task_seed, options=options)
+        except Exception as error:  # the env's failure ends this episode, not the rollout
+            return self._failed(error, stats, start)
+        stats.env_seconds += time.perf_counter() - start
+        self.conversation.segments.append(policy.encode(observation, first=True))
+        return None
+
+    def advance(self, policy: Policy, turn: Segment, stats: RolloutStats, finish: Finish | None) -> Episode | None:
+        """Step the environment with ``turn``; the finished episode when it ended (or the env raised)."""
+        self.conversation.segments.append(turn)
+        start = time.perf_counter()
+        try:
+            observation, reward, terminated, truncated, info = self.env.step(turn.text)
+        except Exception as error:
+            return self._failed(error, stats, start)
+        stats.env_seconds += time.perf_counter() - start
+        stats.env_steps += 1
+        self.rewards.append(float(reward))
+        self.steps.append((observation, float(reward), info))
+        if info.get("tool_result"):
+            self.backends[info["tool_result"]["backend"]] += 1
+        if terminated or truncated:
+            episode = Episode(self.spec, self.conversation.segments, self.rewards,
+                              dict(info.get("reward_components", {})), bool(terminated), bool(truncated),
+                              dict(self.backends), float(info.get("cost", {}).get("episode_gpu_seconds", 0.0)),
+                              self.weight_version)
+            if finish is not None:
+                episode.extra = finish(self.env, episode, self.steps)
+            return episode
+        start = time.perf_counter()
+        self.conversation.segments.append(policy.encode(observation, first=False))
+        stats.env_seconds += time.perf_counter() - start
+        return None
+
+    def _failed(self, error: Exception, stats: RolloutStats, start: float) -> Episode:
+        stats.env_seconds += time.perf_counter() - start
+        stats.episodes_failed += 1
+        return Episode(self.spec, self.conversation.segments, self.rewards + [float("nan")], {}, False, False,
+                       dict(self.backends), weight_version=self.weight_version,
+                       error=f"{type(error).__name__}: {error}")
+
+
+def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpec], weight_version: int = 0,
+                 finish: Finish | None = None) -> tuple[list[Episode], RolloutStats]:
     """Play ``specs`` to the end with a pool of environments, one batched ``generate`` per step.
 
-    A finished episode frees its environment for the next spec, so multi-turn batches stay full.
+    Every policy and agent is played by this loop: training rollouts, evaluation and the report
+    (scripted agents through :class:`~rl.policy.AgentPolicy`). A finished episode frees its environment
+    for the next spec, so multi-turn batches stay full. An environment that raises ends its episode
+    as a failed one (``Episode.error``, NaN reward, counted in ``stats.episodes_failed``); the policy
+    raising is a bug and propagates.
+
+    Args:
+        policy: the policy.
+        envs: the pool of environments.
+        specs: the episodes to play; the result lists them in this order.
+        weight_version: recorded on each episode.
+        finish: called as ``finish(env, episode, steps)`` when an episode ends normally (the env still
+            at its last step; ``steps`` holds ``(observation, reward, info)`` per step); its value
+            becomes ``episode.extra``. Must pickle to Ray workers.
     """
     stats = RolloutStats()
     queue = deque(specs)
     free = list(envs)
-    active: list[tuple[Any, EpisodeSpec, Conversation, list[float], dict[str, Any]]] = []
+    active: list[_Live] = []
     done: dict[int, Episode] = {}
+
+    def release(live: _Live, episode: Episode | None) -> bool:
+        """Book a finished episode and free its environment; True while the episode goes on."""
+        if episode is None:
+            return True
+        done[episode.spec.episode_id] = episode
+        free.append(live.env)
+        return False
+
     while queue or active:
         while queue and free:
-            env, spec = free.pop(), queue.popleft()
-            start = time.perf_counter()
-            observation, _ = env.reset(seed=spec.task_seed)
-            stats.env_seconds += time.perf_counter() - start
-            conv = Conversation(seed=spec.sample_seed)
-            conv.segments.append(policy.encode(observation, first=True))
-            active.append((env, spec, conv, [], {"backends": Counter(), "gpu_seconds": 0.0}))
+            spec = queue.popleft()
+            live = _Live(free.pop(), spec, Conversation(seed=spec.sample_seed), weight_version)
+            if release(live, live.start(policy, stats)):
+                active.append(live)
+        if not active:
+            continue
         start = time.perf_counter()
-        turns = policy.generate([a[2] for a in active])
+        turns = policy.generate([live.conversation for live in active])
         stats.generate_seconds += time.perf_counter() - start
-        still = []
-        for (env, spec, conv, rewards, extra), turn in zip(active, turns):
-            conv.segments.append(turn)
-            start = time.perf_counter()
-            observation, reward, terminated, truncated, info = env.step(turn.text)
-            stats.env_seconds += time.perf_counter() - start
-            stats.env_steps += 1
-            rewards.append(float(reward))
-            if info.get("tool_result"):
-                extra["backends"][info["tool_result"]["backend"]] += 1
-            if terminated or truncated:
-                done[spec.episode_id] = Episode(
-                    spec, conv.segments, rewards, dict(info.get("reward_components", {})), bool(terminated),
-                    bool(truncated), dict(extra["backends"]),
-                    float(info.get("cost", {}).get("episode_gpu_seconds", 0.0)), weight_version)
-                free.append(env)
-            else:
-                start = time.perf_counter()
-                conv.segments.append(policy.encode(observation, first=False))
-                stats.env_seconds += time.perf_counter() - start
-                still.append((env, spec, conv, rewards, extra))
-        active = still
+        active = [live for live, turn in zip(active, turns, strict=True)
+                  if release(live, live.advance(policy, turn, stats, finish))]
     return [done[spec.episode_id] for spec in specs], stats
+
+
+@runtime_checkable
+class Rollout(Protocol):
+    """What :class:`~rl.train.Trainer` needs from a rollout backend (:class:`SerialRollout`,
+    :class:`RayRollout`, or a user's own).
+    """
+
+    def set_weights(self, policy: TrainablePolicy, version: int) -> None:
+        """Make the samplers use ``policy``'s current weights, recorded as ``version`` on the episodes.
+
+        A backend that samples with the learner's own policy object copies nothing."""
+        ...
+
+    def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
+        """Play ``specs``: the episodes in spec order, each exactly once, and where the time went."""
+        ...
+
+    def close(self) -> None:
+        """Release environments and workers."""
+        ...
 
 
 class SerialRollout:
@@ -174,22 +281,26 @@ class SerialRollout:
         policy: the policy (the learner's object itself; nothing is copied).
         make_env: a zero-argument callable returning a gymnasium environment.
         num_envs: environments in the pool: the batch size of each ``generate``.
+        finish: the runner's end-of-episode hook (see :func:`run_episodes`), or None.
     """
 
-    def __init__(self, policy: Policy, make_env: Callable[[], Any], num_envs: int):
+    def __init__(self, policy: Policy, make_env: Callable[[], Any], num_envs: int, finish: Finish | None = None):
         if num_envs < 1:
             raise ConfigError(f"num_envs ({num_envs}) must be at least 1.")
         self.policy = policy
         self.envs = [make_env() for _ in range(num_envs)]
+        self.finish = finish
         self.weight_version = 0
 
-    def set_weights(self, weights: dict[str, torch.Tensor] | None, version: int) -> None:
-        """Record the version; the serial backend shares the learner's weights already."""
+    def set_weights(self, policy: TrainablePolicy, version: int) -> None:
+        """Record the version; copy ``policy``'s weights only when it is not this rollout's own policy."""
+        if policy is not self.policy:
+            self.policy.set_weights(policy.get_weights())
         self.weight_version = version
 
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
         start = time.perf_counter()
-        episodes, stats = run_episodes(self.policy, self.envs, specs, self.weight_version)
+        episodes, stats = run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish)
         stats.wall_seconds = time.perf_counter() - start
         return episodes, stats
 
@@ -206,13 +317,15 @@ class RolloutWorker:
         make_env: zero-argument callable building one environment.
         num_envs: environments in the pool.
         torch_threads: intra-op threads for this worker's torch (1 avoids oversubscription).
+        finish: the runner's end-of-episode hook, run in the worker (see :func:`run_episodes`).
     """
 
     def __init__(self, make_policy: Callable[[], Policy], make_env: Callable[[], Any], num_envs: int,
-                 torch_threads: int):
+                 torch_threads: int, finish: Finish | None = None):
         torch.set_num_threads(torch_threads)
         self.policy = make_policy()
         self.envs = [make_env() for _ in range(num_envs)]
+        self.finish = finish
         self.weight_version = -1
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
@@ -221,7 +334,7 @@ class RolloutWorker:
         return version
 
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
-        return run_episodes(self.policy, self.envs, specs, self.weight_version)
+        return run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish)
 
     def pid(self) -> int:
         return os.getpid()
@@ -234,6 +347,12 @@ class RayRollout:
     before this is built. Workers ask for ``num_cpus`` / ``num_gpus`` each; chunks of
     ``envs_per_worker`` episodes go to whichever worker is free.
 
+    A worker that dies at any moment (while sampling, idle between iterations, or while receiving
+    weights) is replaced by a fresh one that first receives the current weights, and its unfinished
+    chunk is re-run there; results are keyed by ``episode_id`` and each is accepted once, so no
+    episode is lost or counted twice. Deaths are counted in ``RolloutStats.worker_restarts`` of the
+    next ``sample`` (those during ``set_weights`` included).
+
     Args:
         make_policy: picklable zero-argument callable that builds the policy in a worker.
         make_env: picklable zero-argument callable that builds one environment.
@@ -244,12 +363,14 @@ class RayRollout:
         num_cpus: CPUs each worker reserves (fractions allowed).
         num_gpus: GPUs each worker reserves (fractions allowed; 0 on CPU-only machines).
         torch_threads: torch threads inside each worker.
-        max_restarts: worker deaths tolerated in one ``sample`` call before it gives up.
+        max_restarts: worker deaths tolerated in one ``set_weights`` or ``sample`` call before it gives up.
+        finish: the runner's end-of-episode hook, run inside the workers (picklable).
     """
 
     def __init__(self, make_policy: Callable[[], Policy], make_env: Callable[[], Any], num_workers: int,
                  envs_per_worker: int, placement: str = "colocate", num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, torch_threads: int = 1, max_restarts: int = 3):
+                 num_gpus: float = 0.0, torch_threads: int = 1, max_restarts: int = 3,
+                 finish: Finish | None = None):
         import ray
 
         if num_workers < 1 or envs_per_worker < 1:
@@ -266,18 +387,47 @@ class RayRollout:
                              "lower num_workers or the per-worker resources.")
         self._ray = ray
         self._actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(RolloutWorker)
-        self._args = (make_policy, make_env, envs_per_worker, torch_threads)
+        self._args = (make_policy, make_env, envs_per_worker, torch_threads, finish)
         self.envs_per_worker = envs_per_worker
         self.placement = placement
         self.max_restarts = max_restarts
         self.workers = [self._actor.remote(*self._args) for _ in range(num_workers)]
         self._weights: tuple[Any, int] | None = None
+        self._restarts = 0  # deaths since the last sample's stats
 
-    def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
-        """Ship ``weights`` to every worker through the object store (one copy, shared by all)."""
-        ref = self._ray.put(weights)
-        self._weights = (ref, version)
-        self._ray.get([w.set_weights.remote(ref, version) for w in self.workers])
+    def set_weights(self, policy: TrainablePolicy, version: int) -> None:
+        """Ship ``policy``'s weights to every worker through the object store (one copy, shared by all)."""
+        self._weights = (self._ray.put(policy.get_weights()), version)
+        self._sync(range(len(self.workers)), 0)
+
+    def _sync(self, indices: Sequence[int], deaths: int) -> int:
+        """Give the current weights to the workers at ``indices``; a worker that dies meanwhile is
+        replaced and the replacement synced. ``deaths``: so far in this call; returns the new count."""
+        from ray.exceptions import RayActorError
+
+        if self._weights is None:
+            return deaths
+        pending = {self.workers[i].set_weights.remote(*self._weights): i for i in indices}
+        while pending:
+            [ref], _ = self._ray.wait(list(pending), num_returns=1)
+            index = pending.pop(ref)
+            try:
+                self._ray.get(ref)
+            except RayActorError:
+                deaths = self._died(index, deaths)
+                pending[self.workers[index].set_weights.remote(*self._weights)] = index
+        return deaths
+
+    def _died(self, index: int, deaths: int) -> int:
+        """Replace the dead worker at ``index`` (not yet synced); the deaths counted so far."""
+        deaths += 1
+        self._restarts += 1
+        if deaths > self.max_restarts:
+            raise RolloutError(f"Rollout workers died {deaths} times in one call (max_restarts="
+                               f"{self.max_restarts}); see the Ray logs.")
+        self._ray.kill(self.workers[index])
+        self.workers[index] = self._actor.remote(*self._args)
+        return deaths
 
     def _chunks(self, specs: Sequence[EpisodeSpec]) -> list[list[EpisodeSpec]]:
         size = self.envs_per_worker
@@ -286,17 +436,12 @@ class RayRollout:
         count = -(-len(specs) // size)
         return [list(specs[j::count]) for j in range(count)]
 
-    def _replace(self, index: int) -> None:
-        self._ray.kill(self.workers[index])
-        self.workers[index] = self._actor.remote(*self._args)
-        if self._weights is not None:
-            self._ray.get(self.workers[index].set_weights.remote(*self._weights))
-
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
         from ray.exceptions import RayActorError
 
         start = time.perf_counter()
         stats = RolloutStats()
+        deaths = 0
         pending = deque(self._chunks(specs))
         running: dict[Any, tuple[int, list[EpisodeSpec]]] = {}
         results: dict[int, Episode] = {}
@@ -312,12 +457,8 @@ class RayRollout:
             index, chunk = running.pop(ref)
             try:
                 episodes, chunk_stats = self._ray.get(ref)
-            except RayActorError:
-                stats.worker_restarts += 1
-                if stats.worker_restarts > self.max_restarts:
-                    raise RolloutError(f"Rollout workers died {stats.worker_restarts} times in one iteration "
-                                       f"(max_restarts={self.max_restarts}); see the Ray logs.") from None
-                self._replace(index)
+            except RayActorError:  # died while sampling, or idle since the last call
+                deaths = self._sync([index], self._died(index, deaths))
                 pending.appendleft(chunk)
             else:
                 stats.add(chunk_stats)
@@ -327,6 +468,7 @@ class RayRollout:
                     results[episode.spec.episode_id] = episode
             if pending:
                 submit(index)
+        stats.worker_restarts, self._restarts = self._restarts, 0
         stats.wall_seconds = time.perf_counter() - start
         return [results[spec.episode_id] for spec in specs], stats
 

@@ -20,7 +20,7 @@ import torch
 from rl import checkpoint
 from rl.errors import ConfigError
 from rl.policy import TrainablePolicy
-from rl.rollout import Episode, RolloutStats, SerialRollout, make_specs
+from rl.rollout import Episode, Rollout, RolloutStats, make_specs
 
 
 class Algorithm(Protocol):
@@ -157,6 +157,7 @@ def episode_metrics(episodes: Sequence[Episode], stats: RolloutStats) -> dict[st
         "time/generate": stats.generate_seconds,
         "time/env": stats.env_seconds,
         "worker_restarts": float(stats.worker_restarts),
+        "episodes_failed": float(stats.episodes_failed),
     }
     components: dict[str, list[float]] = {}
     for episode in episodes:
@@ -178,7 +179,8 @@ class Trainer:
     Args:
         policy: the learner's policy.
         algorithm: the update (GRPO or PPO).
-        rollout: a :class:`~rl.rollout.SerialRollout` or :class:`~rl.rollout.RayRollout`.
+        rollout: any :class:`~rl.rollout.Rollout` backend (:class:`~rl.rollout.SerialRollout`,
+            :class:`~rl.rollout.RayRollout`).
         iterations: the last iteration (exclusive) to run to; a resumed run continues to it.
         num_groups: tasks per iteration.
         group_size: rollouts per task.
@@ -191,7 +193,7 @@ class Trainer:
         callbacks: :class:`Callback` objects, called in order.
     """
 
-    def __init__(self, policy: TrainablePolicy, algorithm: Algorithm, rollout: Any, *, iterations: int,
+    def __init__(self, policy: TrainablePolicy, algorithm: Algorithm, rollout: Rollout, *, iterations: int,
                  num_groups: int, group_size: int, seed: int = 0, max_staleness: int = 0, logger: Any = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  callbacks: Sequence[Callback] = ()):
@@ -229,8 +231,7 @@ class Trainer:
         while self.iteration < self.iterations:
             it = self.iteration
             if self.synced_version is None or it - self.synced_version > self.max_staleness:
-                shared = isinstance(self.rollout, SerialRollout)  # it samples with the learner's own weights
-                self.rollout.set_weights(None if shared else self.policy.get_weights(), it)
+                self.rollout.set_weights(self.policy, it)
                 self.synced_version = it
             episodes, stats = self.rollout.sample(make_specs(self.seed, it, self.num_groups, self.group_size))
             for callback in self.callbacks:

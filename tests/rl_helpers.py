@@ -113,3 +113,33 @@ class CrashOnceEnv(gym.Wrapper):
             open(self.marker, "w").close()
             os._exit(1)
         return self.env.reset(seed=seed, options=options)
+
+
+class SlowSyncPolicy(CausalLMPolicy):
+    """A policy whose ``set_weights`` first sleeps ``sync_seconds``: a window to kill a worker mid-sync."""
+
+    sync_seconds = 3.0
+
+    def set_weights(self, weights):
+        import time
+
+        time.sleep(self.sync_seconds)
+        super().set_weights(weights)
+
+
+class RaisingEnv(gym.Wrapper):
+    """An env (ToolEcho by default) whose ``step`` raises, as a buggy env would, in episodes reset with
+    ``fail_seed``."""
+
+    def __init__(self, fail_seed: int, make_env=ECHO.make):
+        super().__init__(make_env())
+        self.fail_seed = fail_seed
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self.failing = seed == self.fail_seed
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        if self.failing:
+            raise OverflowError("int too large to convert to float")
+        return self.env.step(action)

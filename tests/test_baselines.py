@@ -7,7 +7,8 @@ import pytest
 from baselines.agent import Agent
 from baselines.random_agent import RandomAgent
 from baselines.workflow_agent import MISTAKES, WorkflowAgent
-from visenv.evaluation import evaluate, format_table
+from rl.evaluate import evaluate
+from visenv.evaluation import format_table
 from visenv.tasks import make_suite, visgenbench
 
 

@@ -584,7 +584,7 @@ class OneImageAgent:
 
 
 def test_a_rubric_of_rule_clip_and_judge_components_runs_in_the_env_and_the_evaluator(server, tmp_path):
-    from visenv.evaluation import evaluate
+    from rl.evaluate import evaluate
     from visenv.rewards.clip import ClipAlignment, ClipScorer
 
     chat = backend(server.url)

@@ -1,4 +1,5 @@
-"""rl policies as visenv agents (PolicyAgent) and the report comparing named policies on one page."""
+"""Policies and agents through the one episode runner (rl.evaluate), and the report comparing named
+policies on one page."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ import pytest
 import torch
 
 from baselines.workflow_agent import WorkflowAgent
-from rl.agent import PolicyAgent, act_together, write_policy_report
+from rl.evaluate import evaluate, write_policy_report
 from rl.policy import AgentPolicy
-from rl_helpers import echo_tokenizer, tiny_policy
+from rl_helpers import RaisingEnv, echo_tokenizer, tiny_policy
 from test_report import parse, run_chromium
-from visenv.error import ResetNeeded
-from visenv.evaluation import evaluate
 from visenv.rewards.clip import ClipAlignment, ClipScorer
 from visenv.tasks import make_suite
 
@@ -39,19 +38,19 @@ def actions(results):
 
 
 def play(policy, tasks, seed, **options):
-    results, _ = evaluate(lambda: PolicyAgent(policy), tasks, seed=seed, env_config=ENV, progress=False,
-                          keep_trajectories=True, **options)
+    results, _ = evaluate(policy, tasks, seed=seed, env_config=ENV, progress=False, keep_trajectories=True,
+                          **options)
     return results
 
 
-def test_policy_agent_samples_deterministically_from_the_episode_seed(policies):
+def test_a_policy_samples_deterministically_from_the_episode_seed(policies):
     policy, tasks = policies["SFT-only"], make_suite(3, 5, scenarios=SHORT)
     first, again, other = play(policy, tasks, 11), play(policy, tasks, 11), play(policy, tasks, 12)
     assert actions(first) == actions(again)
     assert [r.reward for r in first] == [r.reward for r in again]
     assert actions(first) != actions(other)
     assert all(len(r.trajectory) == ENV["max_turns"] for r in first)  # the random model never answers
-    batched = play(policy, tasks, 11, num_envs=3, act_batch=act_together)
+    batched = play(policy, tasks, 11, num_envs=3)
     assert actions(batched) == actions(first)  # a sample does not depend on the batch it was drawn in
 
 
@@ -69,24 +68,14 @@ class Recording:
         return self.policy.generate(conversations)
 
 
-def test_policy_agent_keeps_one_conversation_per_episode(policies):
+def test_the_runner_keeps_one_conversation_per_episode(policies):
     policy = Recording(policies["SFT-only"])
-    agent = PolicyAgent(policy)
-    with pytest.raises(ResetNeeded, match=r"act\(\) was called before reset\(\)"):
-        agent.act({"text": "Request: a cat"})
-    agent.reset({"text": "Request: a cat"}, seed=4)
-    text = agent.act({"text": "Request: a cat"})
-    assert [s.role for s in agent.conversation.segments] == ["env", "policy"]
-    assert agent.conversation.segments[-1].text == text and agent.conversation.seed == 4
-    agent.act({"text": "next"})
-    assert agent.conversation.turn == 2 and agent.conversation.segments[2].observation == {"text": "next"}
-    agent.reset({"text": "Request: a cat"}, seed=4)
-    assert agent.act({"text": "Request: a cat"}) == text
-    assert policy.firsts == [True, False, True]
-    other = PolicyAgent(policies["RL (GRPO)"])
-    other.reset({"text": "x"}, seed=0)
-    with pytest.raises(ValueError, match="different policy objects"):
-        act_together([agent, other], [{"text": "x"}, {"text": "x"}])
+    tasks = make_suite(2, 5, scenarios=SHORT)
+    alone = play(policy, tasks, 4)
+    assert policy.firsts == [True, False, False] * 2  # the final observation is not encoded
+    policy.firsts = []
+    assert actions(play(policy, tasks, 4, num_envs=2)) == actions(alone)
+    assert sorted(policy.firsts) == sorted([True, False, False] * 2)
 
 
 def test_round_trip_through_agent_policy_reproduces_the_teacher(media_db):
@@ -94,9 +83,9 @@ def test_round_trip_through_agent_policy_reproduces_the_teacher(media_db):
     env = {"max_turns": 9}  # the long video workflows are cut: rewards differ between tasks
     teacher, _ = evaluate(WorkflowAgent, tasks, seed=3, env_config=env, progress=False, keep_trajectories=True)
     wrapped = AgentPolicy(WorkflowAgent)
-    for options in ({}, {"num_envs": 4, "act_batch": act_together}):
-        played, _ = evaluate(lambda: PolicyAgent(wrapped), tasks, seed=3, env_config=env, progress=False,
-                             keep_trajectories=True, **options)
+    for options in ({}, {"num_envs": 4}):
+        played, _ = evaluate(wrapped, tasks, seed=3, env_config=env, progress=False, keep_trajectories=True,
+                             **options)
         assert [r.reward for r in played] == [r.reward for r in teacher]
         assert [r.components for r in played] == [r.components for r in teacher]
         assert actions(played) == actions(teacher)
@@ -126,7 +115,7 @@ def policy_report(policies, tmp_path_factory, media_db):
     return folder, payload, tasks
 
 
-def test_policy_report_plays_the_same_episodes_as_policy_agent(policies, policy_report):
+def test_policy_report_plays_the_same_episodes_as_evaluate(policies, policy_report):
     folder, payload, tasks = policy_report
     played = [tasks[i % 3] for i in range(4)]
     assert payload["tasks"] == [t.task_id for t in played] and list(payload["policies"]) == list(policies)
@@ -234,12 +223,17 @@ def test_rl_eval_plays_a_saved_policy_as_evaluate_does(policies, tmp_path):
                           "--num-envs", "2")) == 0
     written = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert (tmp_path / "cli" / "report.html").is_file()
-    # the same episodes as PolicyAgent over the same policy, tasks and seeds, one at a time
+    # the same episodes as evaluate over the same policy, tasks and seeds, one at a time
     tasks = make_suite(3, 10_000, scenarios=SHORT)
-    results, summary = evaluate(lambda: PolicyAgent(policies["SFT-only"]), tasks, seed=5, progress=False,
-                                env_config=ENV, keep_trajectories=True)
+    results, summary = evaluate(policies["SFT-only"], tasks, seed=5, progress=False, env_config=ENV,
+                                keep_trajectories=True)
     assert [[s["action"] for s in e["trajectory"]] for e in written["episodes"]] == actions(results)
     assert written["summary"]["overall"]["reward"] == pytest.approx(summary["overall"]["reward"])
+    # results.json records the suite, so `visenv report` re-plays it without suite arguments
+    assert written["suite"] == {"suite": "all", "n": 3, "task_seed": 10_000, "scenarios": list(SHORT), "seed": 5,
+                                "env_config": ENV}
+    assert main(["report", str(tmp_path / "cli" / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.html").is_file()
 
 
 def test_rl_eval_takes_an_agent_class_and_names_bad_choices(tmp_path, capsys):
@@ -256,3 +250,19 @@ def test_rl_eval_takes_an_agent_class_and_names_bad_choices(tmp_path, capsys):
         capsys.readouterr()
         assert main(eval_args(tmp_path / "bad", *who)) == 2
         assert message in capsys.readouterr().err
+
+
+def test_an_evaluation_records_an_episode_whose_env_raises_as_failed(media_db):
+    from rl.rollout import SerialRollout
+
+    tasks = make_suite(3, 7, modality="image")
+
+    def make_rollout(policy, make_env, finish):
+        return SerialRollout(policy, lambda: RaisingEnv(11, make_env), 2, finish)
+
+    results, summary = evaluate(WorkflowAgent, tasks, seed=10, make_rollout=make_rollout, progress=False)
+    clean, _ = evaluate(WorkflowAgent, tasks, seed=10, progress=False)
+    assert [r.error for r in results] == [None, "OverflowError: int too large to convert to float", None]
+    assert summary["overall"]["episodes_failed"] == 1 and summary["visgenbench"]["overall"]["episodes"] == 3
+    assert results[1].checks["s_rate"] is False and results[1].turns == 0 and results[1].reward != results[1].reward
+    assert [r.reward for i, r in enumerate(results) if i != 1] == [r.reward for i, r in enumerate(clean) if i != 1]

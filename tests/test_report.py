@@ -17,10 +17,10 @@ from PIL import Image
 
 from baselines.random_agent import RandomAgent
 from baselines.workflow_agent import WorkflowAgent
+from rl.evaluate import evaluate, evaluate_run, evaluate_with_report
 from visenv.error import ConfigError
-from visenv.evaluation import evaluate, write_results
-from visenv.report import (Run, evaluate_run, evaluate_with_report, render_comparison, render_page, replay_captures,
-                           write_comparison)
+from visenv.evaluation import write_results
+from visenv.report import Run, render_comparison, render_page, replay_captures, write_comparison
 from visenv.report.cli import add_report_commands
 from visenv.report.page import dimension_block, episode_dimensions
 from visenv.tasks import DIMENSIONS, make_suite, visgenbench
@@ -233,9 +233,8 @@ def _parser():
 def test_report_command_replays_a_results_file(tmp_path):
     tasks = make_suite(3, 11, modality="image")
     results, summary = evaluate(lambda: RandomAgent(seed=2), tasks, seed=5, keep_trajectories=True, progress=False)
-    write_results(tmp_path / "results.json", results, summary)
-    args = _parser().parse_args(["report", str(tmp_path / "results.json"), "--suite", "image", "--n", "3",
-                                 "--task-seed", "11", "--seed", "5"])
+    write_results(tmp_path / "results.json", results, summary, {"suite": "image", "n": 3, "task_seed": 11, "seed": 5})
+    args = _parser().parse_args(["report", str(tmp_path / "results.json")])  # the suite and seed as recorded
     assert args.func(args) == 0
     page = parse((tmp_path / "report.html").read_text())
     assert page.cells[("overall", "reward")] == f"{summary['overall']['reward']:.3f}"
@@ -246,6 +245,9 @@ def test_report_command_replays_a_results_file(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     args = _parser().parse_args(["report", str(tmp_path / "bad.json")])
     with pytest.raises(ConfigError, match="not a results.json"):
+        args.func(args)
+    args = _parser().parse_args(["report", str(tmp_path / "results.json"), "--task-seed", "12", "--out", str(tmp_path / "c")])
+    with pytest.raises(ConfigError, match="but task 0 of the suite"):  # a given argument overrides the record
         args.func(args)
 
 

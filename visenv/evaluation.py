@@ -1,9 +1,12 @@
-"""Run an agent over a task suite and report the VisGenBench-style objective metrics.
+"""Read evaluated episodes: the VisGenBench-style summary, the results table and results.json.
 
-The objective metrics are computed from the delivered artifacts: S-Rate (a valid output of the
-requested modality was delivered), amount, duration, storyboard and audio pass rates, plus the
-rubric's reward and each component's mean. The subjective dimensions need a VLM grader and are
-reported only when one is configured (not yet available: see docs).
+This module plays nothing: episodes are played by the one episode runner of the trainer
+(:func:`rl.evaluate.evaluate`, ``rl.rollout.run_episodes``), which turns each finished episode into
+an :class:`EpisodeResult`. The objective metrics are computed from the delivered artifacts: S-Rate
+(a valid output of the requested modality was delivered), amount, duration, storyboard and audio
+pass rates, plus the rubric's reward and each component's mean. The six subjective dimensions come
+from a VLM grader (:class:`~visenv.rewards.judges.BenchmarkGrader`, see
+:func:`~visenv.rewards.judges.grade_benchmark`) when one is given, and are None otherwise.
 """
 
 from __future__ import annotations
@@ -13,22 +16,14 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
-from tqdm import tqdm
-
-from visenv.envs.visgen import VisGenEnv
-from visenv.episode import EpisodeRecord
-from visenv.error import ConfigError
-from visenv.rewards.judges.grader import grade_benchmark
-from visenv.tasks import Task
+from typing import Any, Mapping, Sequence
 
 OBJECTIVE_METRICS = ("s_rate", "amount", "duration", "storyboard", "audio")
 
 
 @dataclass
 class EpisodeResult:
-    """One evaluated episode."""
+    """One evaluated episode (``error``: why the environment failed it, or None)."""
 
     task_id: str
     scenario: str
@@ -42,6 +37,7 @@ class EpisodeResult:
     failed_calls: int
     gpu_seconds: float
     trajectory: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -61,6 +57,7 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
         out["turns"] = _mean([r.turns for r in rows])
         out["failed_call_rate"] = (sum(r.failed_calls for r in rows) / max(1, sum(r.calls for r in rows)))
         out["gpu_seconds_avoided"] = sum(r.gpu_seconds for r in rows)
+        out["episodes_failed"] = sum(r.error is not None for r in rows)
         return out
 
     groups: dict[str, dict[str, list[EpisodeResult]]] = {"modality": defaultdict(list), "scenario": defaultdict(list)}
@@ -70,127 +67,6 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
     return {"overall": block(results),
             "by_modality": {k: block(v) for k, v in sorted(groups["modality"].items())},
             "by_scenario": {k: block(v) for k, v in sorted(groups["scenario"].items())}}
-
-
-def act_each(agents: Sequence[Any], observations: Sequence[dict[str, Any]]) -> list[str]:
-    """The default ``act_batch`` of :func:`run_episodes`: each agent's ``act`` on its own observation."""
-    return [agent.act(observation) for agent, observation in zip(agents, observations)]
-
-
-def run_episodes(envs: Sequence[VisGenEnv], agents: Sequence[Any], tasks: Sequence[Task], seeds: Sequence[int],
-                 keep_trajectory: bool = False,
-                 act_batch: Callable[[Sequence[Any], Sequence[dict[str, Any]]], list[str]] = act_each
-                 ) -> list[EpisodeResult]:
-    """Play one task per environment to its end, in lock-step, and collect the results.
-
-    Episode ``k`` resets ``envs[k]`` with ``seeds[k]`` and ``tasks[k]`` and is played by
-    ``agents[k]``. Each step asks ``act_batch`` once for the turns of all unfinished episodes, so an
-    agent that can act on several episodes at once (a policy's batched ``generate``) does; by default
-    each agent acts on its own. The environments are left at their episodes' ends (their
-    ``record`` and media files are still there).
-
-    Args:
-        envs: one environment per episode.
-        agents: one agent per episode (``reset(observation, seed)`` and ``act(observation)``).
-        tasks: the task of each episode.
-        seeds: the reset seed of each episode (the agent's seed too).
-        keep_trajectory: keep every turn in the results.
-        act_batch: ``(agents, observations) -> actions`` for the unfinished episodes.
-    """
-    observations = []
-    for env, agent, task, seed in zip(envs, agents, tasks, seeds, strict=True):
-        observation, _ = env.reset(seed=seed, options={"task": task})
-        agent.reset(observation, seed=seed)
-        observations.append(observation)
-    returns = [0.0] * len(envs)
-    infos: list[dict[str, Any]] = [{} for _ in envs]
-    trajectories: list[list[dict[str, Any]]] = [[] for _ in envs]
-    active = list(range(len(envs)))
-    while active:
-        actions = act_batch([agents[k] for k in active], [observations[k] for k in active])
-        still = []
-        for k, action in zip(active, actions, strict=True):
-            observations[k], reward, terminated, truncated, infos[k] = envs[k].step(action)
-            returns[k] += reward
-            if keep_trajectory:
-                trajectories[k].append({"action": action, "observation": observations[k]["text"], "reward": reward,
-                                        "turn": infos[k]["turn"], "tool_result": infos[k]["tool_result"]})
-            if not (terminated or truncated):
-                still.append(k)
-        active = still
-    results = []
-    for env, task, reward, info, trajectory in zip(envs, tasks, returns, infos, trajectories):
-        record = env.record
-        results.append(EpisodeResult(
-            task_id=task.task_id, scenario=task.scenario, modality=task.requirements.modality,
-            dimension=task.dimension, reward=reward, components=info["reward_components"], checks=info["checks"],
-            turns=len(record.turns), calls=len(record.calls), failed_calls=sum(not c.ok for c in record.calls),
-            gpu_seconds=record.gpu_seconds, trajectory=trajectory))
-    return results
-
-
-def run_episode(env: VisGenEnv, agent: Any, task: Task, seed: int, keep_trajectory: bool = False) -> EpisodeResult:
-    """Play one task to its end with ``agent`` and collect the result."""
-    return run_episodes([env], [agent], [task], [seed], keep_trajectory)[0]
-
-
-def evaluate(agent_factory: Callable[[], Any], tasks: Sequence[Task], *, seed: int = 0,
-             env_config: dict[str, Any] | None = None, progress: bool = True,
-             keep_trajectories: bool = False, grader: Any = None,
-             metrics: Mapping[str, Callable] | None = None,
-             on_episode: Callable[[EpisodeRecord], None] | None = None, num_envs: int = 1,
-             act_batch: Callable[[Sequence[Any], Sequence[dict[str, Any]]], list[str]] = act_each
-             ) -> tuple[list[EpisodeResult], dict[str, Any]]:
-    """Evaluate fresh agents from ``agent_factory`` on every task, one episode each.
-
-    Episode ``i`` plays task ``i`` with seed ``seed + i``, so an evaluation is reproducible. Episodes
-    run ``num_envs`` at a time (:func:`run_episodes`); with one environment they run one after the
-    other in the same environment and with the same agent.
-
-    Args:
-        agent_factory: makes an agent (``reset(observation, seed)`` and ``act(observation)``); one
-            per environment.
-        tasks: the suite.
-        seed: the base seed.
-        env_config: options of the :class:`VisGenEnv`.
-        progress: show a progress bar.
-        keep_trajectories: keep every turn in the results.
-        grader: a :class:`~visenv.rewards.judges.BenchmarkGrader` scoring the six subjective
-            VisGenBench dimensions; without one they (and the paper's O-Score) are None.
-        metrics: extra batched components to average in the VisGenBench block (e.g. CLIP alignment).
-        on_episode: called with each finished episode's record, in episode order (its media files
-            still exist).
-        num_envs: episodes played at once, in lock-step, each in its own environment.
-        act_batch: ``(agents, observations) -> actions`` for the unfinished episodes of a lock-step
-            batch (see :func:`run_episodes`); by default each agent acts on its own.
-
-    Returns:
-        The episode results and the summary; ``summary["visgenbench"]`` holds the nine dimensions,
-        S-Rate and O-Score (see :func:`visenv.rewards.judges.grade_benchmark`).
-
-    Raises:
-        ValueError: ``num_envs`` is below 1.
-    """
-    if num_envs < 1:
-        raise ConfigError(f"num_envs ({num_envs}) must be at least 1.")
-    envs = [VisGenEnv(env_config or {}, tasks=list(tasks)) for _ in range(min(num_envs, max(1, len(tasks))))]
-    agents = [agent_factory() for _ in envs]
-    results, records = [], []
-    with tqdm(total=len(tasks), desc="evaluate", disable=not progress, leave=False) as bar:
-        for start in range(0, len(tasks), len(envs)):
-            batch = tasks[start:start + len(envs)]
-            seeds = [seed + start + k for k in range(len(batch))]
-            results += run_episodes(envs[:len(batch)], agents[:len(batch)], batch, seeds, keep_trajectories,
-                                    act_batch)
-            for env in envs[:len(batch)]:
-                records.append(env.record)
-                if on_episode is not None:
-                    on_episode(env.record)
-            bar.update(len(batch))
-    summary = summarize(results)
-    summary["visgenbench"] = grade_benchmark(records, grader=grader, metrics=metrics)
-    summary["reward_none_policy"] = envs[0].rubric.none_policy  # how a failed required component was scored
-    return results, summary
 
 
 def format_table(summary: dict[str, Any], title: str = "") -> str:
@@ -212,9 +88,19 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_results(path: str | Path, results: Sequence[EpisodeResult], summary: dict[str, Any]) -> None:
-    """results.json: the summary and every episode."""
+def write_results(path: str | Path, results: Sequence[EpisodeResult], summary: dict[str, Any],
+                  suite: Mapping[str, Any] | None = None) -> None:
+    """results.json: the suite that was played, the summary and every episode.
+
+    Args:
+        path: the file.
+        results: the episodes.
+        summary: their :func:`summarize` (with the VisGenBench block).
+        suite: how to rebuild the played suite and seeds, so that ``visenv report`` needs no suite
+            arguments: ``{"tasks": FILE}`` or ``{"suite": NAME, "n": N, "task_seed": S, "scenarios": [...]}``,
+            plus the evaluation ``seed`` and the environment options ``env_config``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"summary": summary, "episodes": [r.__dict__ for r in results]}
+    payload = {"suite": dict(suite or {}), "summary": summary, "episodes": [r.__dict__ for r in results]}
     path.write_text(json.dumps(payload, indent=1, default=str))

@@ -11,16 +11,15 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import inspect
 import time
 from pathlib import Path
 
+from rl.evaluate import evaluate, evaluate_with_report
 from visenv.cli import suite_from_args, suite_options
 from visenv.error import ConfigError
-from visenv.evaluation import act_each, evaluate, format_table, write_results
-from visenv.report.collect import evaluate_with_report
+from visenv.evaluation import format_table, write_results
 from visenv.rewards.judges.grader import format_benchmark
 from visenv.tasks import make_suite
 
@@ -48,10 +47,8 @@ def agent_factory(name: str, seed: int):
     return (lambda: cls(seed=seed)) if takes_seed else cls
 
 
-def policy_factory(args: argparse.Namespace):
-    """``--policy DIR`` or ``--api-base-url``: an rl policy played as an agent, turns batched over the episodes."""
-    from rl.agent import PolicyAgent, act_together
-
+def load_policy(args: argparse.Namespace):
+    """``--policy DIR`` or ``--api-base-url``: an rl policy (its turns batched over the episodes)."""
     if args.policy:
         from rl.config import PolicyConfig
 
@@ -67,29 +64,31 @@ def policy_factory(args: argparse.Namespace):
             raise ConfigError("--api-base-url needs --api-model (the model name the endpoint serves).")
         policy = ApiPolicy(args.api_base_url, args.api_model, max_tokens=args.max_new_tokens,
                            temperature=args.temperature)
-    return functools.partial(PolicyAgent, policy, seed=args.seed), act_together
+    return policy
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate an agent or a policy on a suite; print the tables, write results.json (and report.html)."""
     tasks = suite_from_args(args)
     if args.policy or args.api_base_url:
-        factory, act_batch = policy_factory(args)
+        player = load_policy(args)
         name, num_envs = args.policy or f"{args.api_model} at {args.api_base_url}", args.num_envs
     else:
-        factory, act_batch = agent_factory(args.agent, args.seed), act_each
-        name, num_envs = args.agent, 1
+        player, name, num_envs = agent_factory(args.agent, args.seed), args.agent, 1
     env_config = {"max_turns": args.max_turns} if args.max_turns else None
     if args.no_report:
-        results, summary = evaluate(factory, tasks, seed=args.seed, keep_trajectories=args.trajectories,
-                                    env_config=env_config, num_envs=num_envs, act_batch=act_batch)
+        results, summary = evaluate(player, tasks, seed=args.seed, keep_trajectories=args.trajectories,
+                                    env_config=env_config, num_envs=num_envs)
     else:
-        results, summary = evaluate_with_report(factory, tasks, Path(args.out).parent, seed=args.seed,
-                                                env_config=env_config, num_envs=num_envs, act_batch=act_batch,
+        results, summary = evaluate_with_report(player, tasks, Path(args.out).parent, seed=args.seed,
+                                                env_config=env_config, num_envs=num_envs,
                                                 title=f"{name} on {len(tasks)} tasks")
     print(format_table(summary, title=f"== {name} on {len(tasks)} tasks =="))
     print(format_benchmark(summary["visgenbench"]))
-    write_results(args.out, results, summary)
+    suite = ({"tasks": args.tasks} if args.tasks else
+             {"suite": args.suite, "n": args.n, "task_seed": args.task_seed,
+              "scenarios": [s.strip() for s in args.scenarios.split(",")] if args.scenarios else None})
+    write_results(args.out, results, summary, suite | {"seed": args.seed, "env_config": env_config or {}})
     print(f"wrote {args.out}" + ("" if args.no_report else f" and {Path(args.out).parent / 'report.html'}"))
     return 0
 

@@ -3,37 +3,43 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
-from rl.rollout import make_specs
+from rl.evaluate import MakeRollout, Recorder, play
 from rl.train import episode_metrics
 
 
-def evaluate_policy(policy, make_rollout: Callable[[], Any], episodes: int, seed: int,
-                    temperature: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Play ``episodes`` held-out episodes with ``policy``'s weights; summary metrics and one row per episode.
+def evaluate_policy(policy, make_rollout: MakeRollout, tasks: Sequence[Any], seed: int, temperature: float,
+                    env_options: dict[str, Any], report_dir: Path | None = None, report_episodes: int = 0
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
+    """Play the held-out episodes once with ``policy``'s weights through the one episode runner.
 
-    ``make_rollout()`` builds the rollout (serial, or Ray workers that get the weights); episode ``i`` is
-    :func:`rl.rollout.make_specs` ``(seed, 0, episodes, 1)[i]``, so two policies play the same tasks.
+    Episode ``i`` is ``tasks[i]`` with seed ``seed + i`` (:func:`rl.evaluate.play`), so two policies play
+    the same episodes. ``make_rollout`` is the backend (serial, or Ray workers that get the weights). The
+    first ``report_episodes`` episodes keep their trajectories and pictures (under ``report_dir``).
+
+    Returns:
+        The summary metrics, one row per episode, and the played episodes.
     """
     saved = policy.temperature
     policy.temperature = temperature
-    rollout = make_rollout()
+    recorder = Recorder(keep_trajectories=report_episodes > 0,
+                        report_dir=None if report_dir is None else str(report_dir), captured=report_episodes)
     try:
-        rollout.set_weights(policy.get_weights(), 0)
-        found, stats = rollout.sample(make_specs(seed, 0, episodes, 1))
+        found, stats = play(policy, tasks, seed=seed, env_config=env_options, recorder=recorder,
+                            make_rollout=make_rollout, progress=False)
     finally:
-        rollout.close()
         policy.temperature = saved
     rows = []
     for episode in found:
         total = episode.components.get("total")
-        rows.append({"task_seed": episode.spec.task_seed, "reward": episode.reward,
-                     "rubric_total": None if total is None else float(total),
+        rows.append({"task_id": episode.spec.task.task_id, "task_seed": episode.spec.task_seed,
+                     "reward": episode.reward, "rubric_total": None if total is None else float(total),
                      "success": total is not None and not math.isnan(total) and total >= 0.999,
                      "turns": len(episode.rewards), "terminated": episode.terminated, "truncated": episode.truncated,
                      "components": {k: (None if v is None else float(v)) for k, v in episode.components.items()},
-                     "policy_tokens": episode.policy_tokens})
+                     "policy_tokens": episode.policy_tokens, "error": episode.error})
     metrics = episode_metrics(found, stats)
     valid = [r["reward"] for r in rows if not math.isnan(r["reward"])]
     summary = {"episodes": len(rows), "temperature": temperature,
@@ -43,10 +49,11 @@ def evaluate_policy(policy, make_rollout: Callable[[], Any], episodes: int, seed
                "answered_rate": sum(r["terminated"] for r in rows) / len(rows),
                "truncated_rate": sum(r["truncated"] for r in rows) / len(rows),
                "invalid_rate": 1 - len(valid) / len(rows),
+               "episodes_failed": stats.episodes_failed,
                "turns": metrics["turns"], "policy_tokens": metrics["policy_tokens"],
                "components": {k[len("reward/"):]: v for k, v in metrics.items() if k.startswith("reward/")},
                "seconds": stats.wall_seconds}
-    return summary, rows
+    return summary, rows, found
 
 
 def _stderr(values: Sequence[float]) -> float:

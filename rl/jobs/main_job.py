@@ -16,9 +16,11 @@ machine. Each step is a library piece:
    actors on a local Ray (:func:`rl.config.start_ray`), stopped by :class:`rl.train.Budget`, the best
    stretch kept by :class:`rl.train.KeepBest`.
 6. **Evaluation.** The SFT-only and the RL policy play the same held-out episodes (same task and
-   sampling seeds; :func:`rl.jobs.compare.evaluate_policy`), sampled at temperature 1 and greedily;
-   ``results.json`` holds both, and a comparison table is printed. An HTML report shows a few of the
-   episodes side by side (:func:`rl.agent.write_policy_report`).
+   sampling seeds: episode ``i`` is held-out task ``i``, seed ``seed + 777 + i``), once each, through the
+   one episode runner (:func:`rl.jobs.compare.evaluate_policy` -> :func:`rl.evaluate.play`), sampled at
+   temperature 1 and greedily; ``results.json`` holds both, and a comparison table is printed. The HTML
+   report shows the first ``report_episodes`` of the sampled ones side by side
+   (:func:`rl.evaluate.write_comparison_report`).
 
 Why the default VisGen configuration is smaller than the full benchmark (docs/main-job.md): with a BPE
 tokenizer a full VisGen teacher trajectory averages ~1,700 tokens over ~9 turns (video scenarios
@@ -44,8 +46,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from baselines.data import DataConfig, build_dataset
-from rl.agent import write_policy_report
 from rl.config import EnvConfig, RolloutConfig, start_ray
+from rl.evaluate import MakeRollout, run_of, write_comparison_report
 from rl.grpo import GRPO
 from rl.hf import CausalLMPolicy, reference_policy, tiny_causal_lm
 from rl.jobs.compare import evaluate_policy, format_comparison, margin
@@ -74,15 +76,24 @@ def run_main_job(config: MainJobConfig | None = None, log: Log = print) -> dict[
         policy, sft_dir, funnel, data_stats, stages = sft_only(config, out, suites["train"], timing, log)
         modes = {"sampled": 1.0, **({"greedy": 0.0} if config.eval_greedy else {})}
         eval_seed = config.seed + 777
-        eval_env = _env(config, suites["heldout"])
+        # the held-out episodes (episode i: held-out task i mod n, seed eval_seed + i), played once per
+        # policy and mode through the one runner; the report shows the first ones of the sampled mode
+        heldout = suites["heldout_tasks"]
+        held_out = [heldout[i % len(heldout)] for i in range(config.eval_episodes)]
+        report_dir = out / "report"
+        shown = min(config.report_episodes, len(held_out))
         evaluations: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
         episodes: dict[str, dict[str, Any]] = {"sft": {}, "rl": {}}
+        played: dict[str, list[Any]] = {}
 
         def evaluate(name: str) -> None:
             for mode, temperature in modes.items():
-                evaluations[name][mode], episodes[name][mode] = evaluate_policy(
-                    policy, lambda: _rollout(config, config.eval_rollout, policy, sft_dir, eval_env, temperature),
-                    config.eval_episodes, eval_seed, temperature)
+                pictures = shown if mode == "sampled" else 0
+                evaluations[name][mode], episodes[name][mode], found = evaluate_policy(
+                    policy, _eval_rollout(config, sft_dir, temperature), held_out, eval_seed, temperature,
+                    dict(config.env.options), report_dir, pictures)
+                if pictures:
+                    played[name] = found[:pictures]
 
         started_ray = start_ray(num_cpus=config.ray_num_cpus, log_to_driver=False) if config.uses_ray else False
         try:
@@ -108,9 +119,9 @@ def run_main_job(config: MainJobConfig | None = None, log: Log = print) -> dict[
                 ray.shutdown()
 
         report = None
-        if config.report_episodes:
+        if shown:
             mark = time.perf_counter()
-            report = policy_report(config, policy, sft_dir, suites["heldout_tasks"], out, eval_seed)
+            report = policy_report(config, played, held_out[:shown], report_dir, out, eval_seed)
             timing["report"] = time.perf_counter() - mark
             log(f"report: {report['path']} ({timing['report']:.0f} s)")
     timing["total"] = time.perf_counter() - start
@@ -297,10 +308,9 @@ def grpo(config: MainJobConfig, policy: CausalLMPolicy, sft_dir: str, env: EnvCo
     return summary
 
 
-def policy_report(config: MainJobConfig, policy: CausalLMPolicy, sft_dir: str, heldout: Sequence, out: Path,
-                  seed: int) -> dict[str, Any]:
-    """Step 6b: the HTML report of both policies on the first ``report_episodes`` held-out episodes."""
-    sft_policy = dataclasses.replace(config.policy, model=sft_dir, temperature=1.0).build()
+def policy_report(config: MainJobConfig, played: dict[str, list[Any]], tasks: Sequence, report_dir: Path,
+                  out: Path, seed: int) -> dict[str, Any]:
+    """Step 6b: the HTML report of both policies on the first held-out episodes of their sampled evaluations."""
     metrics = {}
     if config.clip_model:
         from visenv.rewards.clip import ClipAlignment, ClipScorer
@@ -308,14 +318,13 @@ def policy_report(config: MainJobConfig, policy: CausalLMPolicy, sft_dir: str, h
         scorer = (ClipScorer.tiny(out / "clip", seed=config.seed) if config.clip_model == "tiny" else
                   ClipScorer(model=config.clip_model, pretrained=config.clip_pretrained))
         metrics["clip_alignment"] = ClipAlignment(scorer)
-    report_dir = out / "report"
-    shown = write_policy_report({"SFT-only": sft_policy, "RL (SFT + GRPO)": policy}, heldout, report_dir,
-                                episodes=config.report_episodes, seed=seed, metrics=metrics,
-                                env_options=dict(config.env.options),
-                                title=f"main job: SFT-only vs RL on {config.report_episodes} held-out episodes")
-    overall = {name: run["summary"]["visgenbench"]["overall"] for name, run in shown["policies"].items()}
-    return {"path": str(report_dir / "report.html"), "episodes": config.report_episodes,
-            "policies": {name: {"reward": shown["policies"][name]["summary"]["overall"]["reward"],
+    runs = [run_of(name, played[key], metrics=metrics) for name, key in (("SFT-only", "sft"), ("RL (SFT + GRPO)", "rl"))]
+    written = write_comparison_report(runs, report_dir, f"main job: SFT-only vs RL on {len(tasks)} held-out episodes",
+                                      seed=seed, episodes=len(tasks), env_options=dict(config.env.options),
+                                      tasks=[t.task_id for t in tasks])
+    overall = {name: run["summary"]["visgenbench"]["overall"] for name, run in written["policies"].items()}
+    return {"path": str(report_dir / "report.html"), "episodes": len(tasks),
+            "policies": {name: {"reward": written["policies"][name]["summary"]["overall"]["reward"],
                                 "s_rate": block["s_rate"], **{m: block[m] for m in metrics}}
                          for name, block in overall.items()}}
 
@@ -327,8 +336,18 @@ def _env(config: MainJobConfig, tasks_path: str) -> EnvConfig:
 def _rollout(config: MainJobConfig, settings: RolloutConfig, policy: CausalLMPolicy, sft_dir: str, env: EnvConfig,
              temperature: float):
     """The rollout of ``settings``; Ray workers load ``sft_dir`` and receive the learner's weights."""
-    make_policy = dataclasses.replace(config.policy, model=sft_dir, temperature=temperature).build
-    return settings.build(policy, make_policy, env.make)
+    return settings.build(policy, _make_policy(config, sft_dir, temperature), env.make)
+
+
+def _eval_rollout(config: MainJobConfig, sft_dir: str, temperature: float) -> MakeRollout:
+    """The evaluation's backend (``make_rollout`` of :func:`rl.evaluate.play`): ``config.eval_rollout``."""
+    make_policy = _make_policy(config, sft_dir, temperature)
+    return lambda policy, make_env, finish: config.eval_rollout.build(policy, make_policy, make_env, finish)
+
+
+def _make_policy(config: MainJobConfig, sft_dir: str, temperature: float) -> Callable[[], CausalLMPolicy]:
+    """What a Ray worker calls to load its copy of the policy (the learner's weights follow)."""
+    return dataclasses.replace(config.policy, model=sft_dir, temperature=temperature).build
 
 
 @contextlib.contextmanager

@@ -3,9 +3,10 @@
     rl eval --agent teacher --trajectories --out runs/eval/results.json
     visenv report runs/eval/results.json          # runs/eval/report.html + runs/eval/media/
 
-The pictures come from re-playing the recorded actions on the same suite and seed (defaults: those
-of ``rl eval``); pass the same ``--suite/--n/--task-seed`` (or ``--tasks``) and ``--seed`` that
-the evaluation used, or ``--no-media`` for the tables, plots and turns without pictures. Register
+The pictures come from re-playing the recorded actions on the same suite, seed and environment
+options, which results.json records (``suite``); ``--suite/--n/--task-seed`` (or ``--tasks``) and
+``--seed`` override what it records (or ``rl eval``'s defaults where it records none);
+``--no-media`` skips the pictures. Register
 the command on a parser with :func:`add_report_commands`.
 """
 
@@ -17,9 +18,9 @@ from pathlib import Path
 
 from visenv.envs.config import TASK_SUITES
 from visenv.error import ConfigError
-from visenv.report.collect import replay_captures
+from visenv.report.collect import replay_captures, suite_of
 from visenv.report.page import write_report
-from visenv.tasks import load_tasks, make_suite
+from visenv.tasks import load_tasks
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -32,11 +33,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.results).parent
     captures = None
     if not args.no_media:
-        if args.tasks:
-            tasks = load_tasks(args.tasks)
-        else:
-            tasks = make_suite(args.n, args.task_seed, modality=None if args.suite == "all" else args.suite)
-        captures, _ = replay_captures(episodes, tasks, out, seed=args.seed)
+        recorded = payload.get("suite") or {}
+        given = {k: v for k, v in {"suite": args.suite, "n": args.n, "task_seed": args.task_seed}.items()
+                 if v is not None}
+        defaults = {"suite": "all", "n": 84, "task_seed": 10_000}  # those of `rl eval`
+        tasks = load_tasks(args.tasks) if args.tasks else suite_of((recorded or defaults) | given)
+        seed = recorded.get("seed", 0) if args.seed is None else args.seed
+        captures, _ = replay_captures(episodes, tasks, out, seed=seed, env_config=recorded.get("env_config"))
     path = write_report(out, episodes, summary, captures, title=args.title)
     print(f"wrote {path}")
     return 0
@@ -52,11 +55,11 @@ def add_report_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="results.json written by `rl eval --trajectories`")
     p.add_argument("--out", help="the report folder (default: the folder of RESULTS)")
-    p.add_argument("--suite", choices=TASK_SUITES, default="all", help="the evaluated built-in suite (default all)")
-    p.add_argument("--n", type=int, default=84, help="number of built-in tasks evaluated (default 84)")
-    p.add_argument("--task-seed", type=int, default=10_000, help="seed of the evaluated suite (default 10000)")
+    p.add_argument("--suite", choices=TASK_SUITES, help="the evaluated built-in suite (default: as recorded, else all)")
+    p.add_argument("--n", type=int, help="number of built-in tasks evaluated (default: as recorded, else 84)")
+    p.add_argument("--task-seed", type=int, help="seed of the evaluated suite (default: as recorded, else 10000)")
     p.add_argument("--tasks", help="the evaluated JSONL task file, instead of the built-in suite")
-    p.add_argument("--seed", type=int, default=0, help="the evaluation seed (default 0)")
+    p.add_argument("--seed", type=int, help="the evaluation seed (default: as recorded, else 0)")
     p.add_argument("--no-media", action="store_true", help="no pictures: skip the replay")
     p.add_argument("--title", default="visenv benchmark report", help="the page title")
     p.set_defaults(func=cmd_report)
