@@ -232,7 +232,9 @@ def test_rl_eval_plays_a_saved_policy_as_evaluate_does(policies, tmp_path):
     # results.json records the suite, so `visenv report` re-plays it without suite arguments
     assert written["suite"] == {"suite": "all", "n": 3, "task_seed": 10_000, "scenarios": list(SHORT), "seed": 5,
                                 "env_config": ENV}
-    assert main(["report", str(tmp_path / "cli" / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    import visenv.cli
+
+    assert visenv.cli.main(["report", str(tmp_path / "cli" / "results.json"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "report.html").is_file()
 
 
