@@ -113,7 +113,7 @@ def run_episodes(envs: Sequence[VisGenEnv], agents: Sequence[Any], tasks: Sequen
             returns[k] += reward
             if keep_trajectory:
                 trajectories[k].append({"action": action, "observation": observations[k]["text"], "reward": reward,
-                                        "turn": infos[k]["turn"], "tool_result": infos[k]["tool_result"]})
+                                        "turn": infos[k]["turn"], "tool_result": infos[k].get("tool_result")})
             if not (terminated or truncated):
                 still.append(k)
         active = still

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from visenv.error import UnknownToolError
-from visenv.tools.spec import ArtifactInput, CostModel, OutputSpec, ToolSpec
+from visenv.tools.spec import TEXT_PATTERN, ArtifactInput, CostModel, OutputSpec, ToolSpec
 
 ASPECTS_SQUARE_FIRST = ("1:1", "16:9", "9:16", "4:3", "3:4")
 
@@ -26,7 +26,8 @@ def _ids(kind_hint: str, max_items: int, min_items: int = 1) -> dict[str, Any]:
 
 
 def _text(description: str, max_length: int = 4000) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": max_length, "description": description}
+    return {"type": "string", "minLength": 1, "maxLength": max_length, "pattern": TEXT_PATTERN,
+            "description": description}
 
 
 def _schema(required: list[str], **properties: Any) -> dict[str, Any]:
