@@ -266,14 +266,14 @@ def test_the_reported_crashes_are_answers_or_refusals(envs, chain):
     assert result["status"] == "ok" and len(result["outputs"]) == 2 and reward == 0.0
     assert json.loads(result["arguments"])["n"] == 2  # accepted as the integer it equals
     _, _, result = step("tool_video_shot_gen", {"topic": "a fox", "shots": 3.0})
-    assert result["status"] == "ok" and result["text"].count("Shot ") >= 3 or chain in ("exact_cache", "real")
+    assert result["status"] == "ok" and json.loads(result["arguments"])["shots"] == 3
     for name, arguments in (("tool_search_content", {"query": "fox", "max_results": 2.0}),
                             ("tool_search_inspire", {"query": "fox", "n": 4.0}),
                             ("tool_image_edit_qwen", {"image": ids_for["image"][0], "prompt": "night", "n": 1.0})):
         assert step(name, arguments)[2]["status"] == "ok"
     for name, arguments, message in (
-            ("tool_audio_edit_cut", {"audio": audio, "start": 10**400, "end": 1}, "401-digit integer is too large"),
-            ("tool_video_trim_edit", {"video": video, "start": 0, "end": -10**400}, "401-digit integer is too large"),
+            ("tool_audio_edit_cut", {"audio": audio, "start": 10**400, "end": 1}, "an integer of 401 digits is too large"),
+            ("tool_video_trim_edit", {"video": video, "start": 0, "end": -10**400}, "an integer of 401 digits is too large"),
             ("tool_script_storyboard_merge", {"script": "Hi.", "storyboard": " \n\t "}, "not only whitespace"),
             ("tool_text2image_qwen", {"prompt": "\u3000 "}, "prompt: must hold some text"),
             ("tool_text2image_qwen", {"prompt": "a fox", "n": 2.5}, "is not of type 'integer'")):
@@ -291,7 +291,7 @@ def test_the_reported_crashes_are_answers_or_refusals(envs, chain):
 
 def test_validation_refuses_non_finite_numbers_anywhere():
     spec = TOOLS["tool_audio_edit_cut"]
-    for bad in (math.nan, math.inf, -math.inf, 10**309):
+    for bad in (math.nan, math.inf, -math.inf, 10**309, -10**5000):
         problems = spec.validate({"audio": "aud_0", "start": 0, "end": bad})
         assert problems and problems[0].startswith("end: "), problems
     assert spec.validate({"audio": "aud_0", "start": 0, "end": 1e308}) == []

@@ -1,8 +1,8 @@
 """Typed tool specifications: the contract between a policy's tool call and a backend.
 
 A :class:`ToolSpec` says what a tool accepts (a JSON Schema for its arguments, validated by the
-``jsonschema`` library, plus the rules below that JSON Schema cannot state), which artifacts it consumes (an edit needs an image, a composite needs
-clips), what it produces (modality, count, resolution and duration rules) and what one real call
+``jsonschema`` library, plus the rules below that JSON Schema cannot state), which artifacts it
+consumes (an edit needs an image, a composite needs clips), what it produces (modality, count, resolution and duration rules) and what one real call
 would cost (GPU-seconds and latency). The 36 specs of the VisGen environment live in
 :mod:`visenv.tools.specs`.
 
@@ -56,8 +56,8 @@ def _number_problems(arguments: Any) -> list[str]:
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{where or 'arguments'}: {value!r} is not a finite number")
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
-            problems.append(f"{where or 'arguments'}: a {len(str(abs(value)))}-digit integer is too large; "
-                            "numbers must lie within +-1.8e308")
+            problems.append(f"{where or 'arguments'}: an integer of {int(math.log10(abs(value))) + 1} digits "
+                            "is too large; numbers must lie within +-1.8e308")
     return sorted(problems)
 
 
@@ -192,21 +192,26 @@ class ToolSpec:
 
         Valid arguments are accepted by a compiled validator (fastjsonschema, a few microseconds);
         invalid ones are explained by ``jsonschema``, which lists every problem with its path. The
-        shared rules of the module docstring apply on top of the schema.
+        shared rules of the module docstring apply first (a schema message would quote a huge number).
         """
-        problems = _number_problems(arguments)
-        try:
-            self._fast_check(arguments)
-        except fastjsonschema.JsonSchemaException:
-            for err in sorted(self._validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.path]):
-                where = "/".join(str(p) for p in err.path) or "arguments"
-                blank = err.validator == "pattern" and err.validator_value == TEXT_PATTERN
-                problems.append(f"{where}: must hold some text, not only whitespace" if blank
-                                else f"{where}: {err.message}")
+        problems = _number_problems(arguments) or self._schema_problems(arguments)
         shown = [_shorten(problem) for problem in problems[:MAX_PROBLEMS]]
         if len(problems) > MAX_PROBLEMS:
             shown.append(f"and {len(problems) - MAX_PROBLEMS} more problems")
         return shown
+
+    def _schema_problems(self, arguments: Any) -> list[str]:
+        try:
+            self._fast_check(arguments)
+            return []
+        except fastjsonschema.JsonSchemaException:
+            pass
+        problems = []
+        for err in sorted(self._validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.path]):
+            where = "/".join(str(p) for p in err.path) or "arguments"
+            blank = err.validator == "pattern" and err.validator_value == TEXT_PATTERN
+            problems.append(f"{where}: must hold some text, not only whitespace" if blank else f"{where}: {err.message}")
+        return problems
 
     def accept(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Valid ``arguments`` as backends receive them: integral floats of integer fields made ints."""
