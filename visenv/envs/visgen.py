@@ -107,7 +107,9 @@ class VisGenEnv(TextEnv):
 
     ## Version history
     * v0: initial release; ``pixels_mask`` added to the opt-in pixel observations (default
-      observations, dynamics and rewards unchanged).
+      observations, dynamics and rewards unchanged). Hardening: blank text arguments and
+      non-finite numbers are refused, integral floats in integer arguments are accepted, and info
+      leaves out None values and holds call arguments as JSON text (a candidate for v1).
     """
 
     def __init__(self, config: Any = None, **options: Any):
