@@ -65,7 +65,7 @@ def play(env: VisGenEnv, tasks, seed: int) -> list[tuple[str, str, str]]:
         while not done:
             observation, _, terminated, truncated, info = env.step(teacher.act(observation))
             done = terminated or truncated
-            call = info["tool_result"]
+            call = info.get("tool_result")
             if call and call["status"] == "ok" and call["tool"] in tools_in_group("text2image"):
                 outputs += [(call["tool"], call["backend"], env.unwrapped.record.artifacts[a].sha256)
                             for a in call["outputs"]]

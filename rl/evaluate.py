@@ -76,7 +76,7 @@ class Recorder:
         if self.keep_trajectories:
             actions = [s.text for s in episode.segments if s.role == POLICY]
             trajectory = [{"action": action, "observation": observation["text"], "reward": reward,
-                           "turn": info["turn"], "tool_result": info["tool_result"]}
+                           "turn": info["turn"], "tool_result": info.get("tool_result")}
                           for action, (observation, reward, info) in zip(actions, steps, strict=True)]
         return {"record": record, "trajectory": trajectory, "capture": self.capture(episode, record),
                 "none_policy": env.unwrapped.rubric.none_policy}

@@ -98,7 +98,7 @@ def test_info_holds_turn_tool_result_artifacts_components_and_cost():
     steps = play(env, WorkflowAgent(), 0, SCENARIOS["product_marketing"].make(0))
     first_info = steps[0][5]
     assert first_info["turn"]["plan_steps"] and first_info["turn"]["tool_call"]["name"].startswith("tool_")
-    media = next(s[5] for s in steps if s[5]["tool_result"] and s[5]["tool_result"]["outputs"])
+    media = next(s[5] for s in steps if s[5].get("tool_result", {}).get("outputs"))
     assert media["tool_result"]["status"] == "ok"
     assert media["cost"]["gpu_seconds"] > 0 and media["cost"]["latency_seconds"] > 0
     assert media["artifacts"] and {"id", "kind"} <= set(media["artifacts"][0])

@@ -313,6 +313,9 @@ def test_unusable_call_shapes_explain_themselves(body, message):
 
 @pytest.mark.parametrize("body, message", [
     ('{"name": "t", "arguments": {"a": NaN}}', r"NaN is not valid JSON"),
+    ('{"name": "t", "arguments": {"a": -1e999}}', r"the number -1e999 is too large"),
+    ('{"name": "t", "arguments": "{\\"a\\": 1E+400}"}', r"not a JSON object"),
+    ('{"name": "t", "arguments": {"a": ' + "[" * 32 + "]" * 32 + "}}", r"more than 32 levels deep"),
     ('{"name": "t", "arguments": {"a": "\\ud800"}}', r"escapes a lone surrogate"),
     ("[" * 100_000, r"nested too deeply|valid JSON"),
     ('{"name": "t", "arguments": {"a": ' + "1" * 10_000 + "}}", r"valid JSON"),
@@ -323,6 +326,14 @@ def test_invalid_json_makes_the_call_unusable(body, message):
     turn = parse_turn(f"<tool_call>{body}</tool_call>")
     assert turn.tool_call is None and turn.tool_call_error
     assert_matches(message, turn.tool_call_error)
+
+
+def test_nesting_up_to_the_limit_and_large_finite_numbers_are_accepted():
+    body = '{"name": "t", "arguments": {"a": ' + "[" * 30 + "1e308" + "]" * 30 + "}}"
+    turn = parse_turn(f"<tool_call>{body}</tool_call>")
+    assert turn.tool_call is not None and turn.tool_call_error is None
+    deep = parse_turn('<tool_call>{"name": "t", "arguments": "{\\"a\\": ' + "[" * 32 + "]" * 32 + '}"}</tool_call>')
+    assert deep.tool_call is None and "more than 32 levels deep" in deep.tool_call_error
 
 
 def test_a_paired_surrogate_escape_is_a_character():

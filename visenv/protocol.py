@@ -44,7 +44,8 @@ How broken turns are still read (the problems are reported either way):
 * ``"arguments"`` given as a JSON-encoded string of an object (the OpenAI wire format), or missing
   (taken as ``{}``), still executes the call but is reported as ``bad_call_shape``, because the
   protocol asks for an object. So are keys other than ``"name"`` and ``"arguments"``, which are
-  ignored. ``NaN``/``Infinity`` and escapes of lone surrogates are not valid JSON here.
+  ignored. ``NaN``/``Infinity``, numbers too large for a double (``1e999``), escapes of lone
+  surrogates, and values nested deeper than :data:`MAX_JSON_DEPTH` are not valid JSON here.
 
 Input hygiene: :func:`parse_turn` never raises for any input. Bytes are decoded as UTF-8 with
 replacement, other objects go through ``str()``, text longer than ``max_chars`` is cut before
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -135,11 +137,22 @@ _JSON_ESCAPE_RE = re.compile(r"<(?=/?(?:think|plan|reflection|tool_call|answer)>
 _STEP_RE = re.compile(r"[ \t]*+(?:((?:[Ss]tep[ \t]*+)?\d++[ \t]*+[.):])|[-*+\u2022])(?:[ \t]++|$)")
 
 
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects a tool call may hold (the call object itself is level 1)."""
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_CALL_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large (numbers must lie within +-1.8e308)")
+    return value
+
+
+_CALL_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _RESPONSE_DECODER = json.JSONDecoder()
 _MISSING = object()
 
@@ -667,11 +680,26 @@ def _parse_call(raw: str, start: int, end: int, log: _ProblemLog) -> tuple[ToolC
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         return None, log.add("bad_json", "", lambda: (
             f"The <tool_call> at char {offset} does not hold valid JSON: {reason}."))
+    if _depth(value) > MAX_JSON_DEPTH:
+        return None, log.add("bad_json", "", lambda: (
+            f"The <tool_call> at char {offset} nests arrays or objects more than {MAX_JSON_DEPTH} levels "
+            "deep; tool arguments are flat: write each argument as a string, number, or list."))
     if "\\u" in body and _has_lone_surrogate(value):
         return None, log.add("bad_json", "", lambda: (
             f"The <tool_call> at char {offset} escapes a lone surrogate (\\ud800-\\udfff without "
             "its pair), which is not a character; write the text itself."))
     return _call_from_json(value, offset, log)
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a decoded JSON value (0 for a scalar); iterative."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -718,6 +746,10 @@ def _call_from_json(value: Any, offset: int, log: _ProblemLog) -> tuple[ToolCall
             decoded = _CALL_DECODER.decode(arguments)
         except (ValueError, RecursionError):
             decoded = None
+        if isinstance(decoded, dict) and _depth(decoded) >= MAX_JSON_DEPTH:
+            return None, log.add("bad_call_shape", "", lambda: (
+                f"The <tool_call> at char {offset} gives \"arguments\" as a string whose JSON nests more "
+                f"than {MAX_JSON_DEPTH} levels deep; write \"arguments\" as a flat JSON object: {shape}."))
         if not isinstance(decoded, dict) or _has_lone_surrogate(decoded):
             return None, log.add("bad_call_shape", "", lambda: (
                 f"The <tool_call> at char {offset} gives \"arguments\" as a string that is not a "

@@ -59,6 +59,18 @@ def action_space(max_chars: int) -> spaces.Text:
     return spaces.Text(max_length=max_chars, min_length=0, charset=CHARSET)
 
 
+def vector_info(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` as gymnasium's vector envs can merge it: entries that are None are left out, in every dict.
+
+    ``SyncVectorEnv`` and ``AsyncVectorEnv`` stack each info key across envs into an array typed by
+    the first env's value, so a key that is a number in one env and None in another (or a dict in
+    one and None in another) breaks the merge. With None left out, a key is absent where it does
+    not apply and keeps one kind where it does.
+    """
+    return {key: vector_info(value) if isinstance(value, dict) else value
+            for key, value in info.items() if value is not None}
+
+
 def coerce_action(action: Any) -> str:
     """Any action as text: bytes are decoded as UTF-8 with replacement, other objects str()-ed."""
     if isinstance(action, str):

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from visenv.envs.base import TextEnv, action_space, coerce_action, fit_text, observation_space
+from visenv.envs.base import TextEnv, action_space, coerce_action, fit_text, observation_space, vector_info
 from visenv.envs.config import VisGenConfig, build_chains
 from visenv.episode import EpisodeRecord, TurnRecord
 from visenv.error import ConfigError
@@ -57,12 +57,17 @@ def _warn_unplayable_workflows(tasks: list[Task], tools: ToolSet) -> None:
                       "need only the tools you keep.", stacklevel=3)
 
 
+def arguments_text(arguments: Any) -> str:
+    """A call's arguments as the JSON text that info dicts hold (sorted keys)."""
+    return json.dumps(arguments, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
 def turn_summary(turn: Turn) -> dict[str, Any]:
-    """The parsed turn as plain data (for info dicts and trajectory files)."""
+    """The parsed turn as plain data (for info dicts and trajectory files); a call's arguments as JSON text."""
     return {"think": turn.think, "plan": turn.plan, "plan_steps": list(turn.plan_steps),
             "reflection": turn.reflection, "answer": turn.answer,
             "tool_call": None if turn.tool_call is None else
-            {"name": turn.tool_call.name, "arguments": turn.tool_call.arguments},
+            {"name": turn.tool_call.name, "arguments": arguments_text(turn.tool_call.arguments)},
             "tool_call_error": turn.tool_call_error,
             "problems": [{"code": p.code, "message": p.message} for p in turn.problems]}
 
@@ -108,9 +113,13 @@ class VisGenEnv(TextEnv):
     characters.
 
     ## Info
-    ``turn`` (the parsed turn), ``tool_result`` (the call record), ``artifacts`` (all so far),
-    ``reward_components``, ``cost`` (GPU-seconds and latency the real tool would have taken, for the
-    step and the episode), ``task_id``; on the last step also ``checks`` and ``deliverables``.
+    ``turn`` (the parsed turn), ``tool_result`` (the call record, on steps whose turn held a call),
+    ``artifacts`` (all so far), ``reward_components``, ``cost`` (GPU-seconds and latency the real
+    tool would have taken, for the step and the episode), ``task_id``; on the last step also
+    ``checks`` and ``deliverables``. Info is strict JSON (no NaN or infinity) and keeps one kind
+    per key, so that gymnasium's vector envs merge it on any mix of steps: a value that does not
+    apply (a component or check that is None, a turn's missing answer) is left out rather than None,
+    and a call's ``arguments`` (whose keys and kinds the model chooses) are JSON text.
 
     ## Arguments
     ``VisGenEnv(config=None, **options)`` where ``config`` is a :class:`VisGenConfig` or a dict
@@ -118,7 +127,9 @@ class VisGenEnv(TextEnv):
 
     ## Version history
     * v0: initial release; ``pixels_mask`` added to the opt-in pixel observations, and the ``tools``
-      option (default observations, dynamics and rewards unchanged).
+      option (default observations, dynamics and rewards unchanged). Hardening: blank text arguments and
+      non-finite numbers are refused, integral floats in integer arguments are accepted, and info
+      leaves out None values and holds call arguments as JSON text (a candidate for v1).
     """
 
     def __init__(self, config: Any = None, **options: Any):
@@ -157,7 +168,7 @@ class VisGenEnv(TextEnv):
         self._begin_episode()
         text = f"Request: {task.request}\n\n{PROTOCOL_HELP}"
         info = {"task_id": task.task_id, "task": task.to_dict(), "episode_id": self.registry.episode_id}
-        return self._observation(text), info
+        return self._observation(text), vector_info(info)
 
     def _choose_task(self, options: dict[str, Any]) -> Task:
         choice = options.get("task")
@@ -225,7 +236,7 @@ class VisGenEnv(TextEnv):
                 payload["truncated"] = (f"The episode ran out of budget ({len(record.turns)} turns, "
                                         f"{self._chars} characters).")
         info = {"task_id": record.task.task_id, "turn": turn_summary(turn),
-                "tool_result": None if call is None else call.to_dict(),
+                "tool_result": None if call is None else {**call.to_dict(), "arguments": arguments_text(call.arguments)},
                 "artifacts": [a.describe() for a in record.artifacts.values()],
                 "reward_components": components,
                 "cost": {"gpu_seconds": 0.0 if call is None else call.gpu_seconds,
@@ -234,7 +245,7 @@ class VisGenEnv(TextEnv):
                          "episode_latency_seconds": round(self._latency_seconds, 3)},
                 **extra_info}
         body = render_error(payload.pop("error"), **payload) if "error" in payload else render_tool_response(payload)
-        return self._observation(body), reward, terminated, truncated, info
+        return self._observation(body), reward, terminated, truncated, vector_info(info)
 
     def _call_payload(self, call) -> dict[str, Any]:
         if not call.ok:

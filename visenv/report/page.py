@@ -307,7 +307,7 @@ def _turn(number: int, step: Mapping[str, Any], capture: EpisodeCapture | None) 
         parts.append(f'<div class="raw"><b>text</b><pre>{escape(step["action"])}</pre></div>')
     if turn.get("tool_call"):
         call = turn["tool_call"]
-        arguments = json.dumps(call["arguments"], indent=1, ensure_ascii=False)
+        arguments = json.dumps(json.loads(call["arguments"]), indent=1, ensure_ascii=False)
         parts.append(f'<div class="call"><b>tool_call</b> <code>{escape(str(call["name"]))}</code>'
                      f"<pre>{escape(arguments)}</pre></div>")
     elif turn.get("answer"):

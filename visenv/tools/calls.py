@@ -129,6 +129,7 @@ def execute_call(call: ToolCall, index: int, registry: ArtifactRegistry, chains:
     if problems:
         return _refuse(index, call, "bad_arguments",
                        f"Invalid arguments for {spec.name}: " + "; ".join(problems))
+    call = dataclasses.replace(call, arguments=spec.accept(call.arguments))
     inputs, problems = _resolve_inputs(spec, call.arguments, registry)
     input_ids = tuple(a.id for arts in inputs.values() for a in arts)
     if problems:

@@ -1,16 +1,29 @@
 """Typed tool specifications: the contract between a policy's tool call and a backend.
 
 A :class:`ToolSpec` says what a tool accepts (a JSON Schema for its arguments, validated by the
-``jsonschema`` library), which artifacts it consumes (an edit needs an image, a composite needs
-clips), what it produces (modality, count, resolution and duration rules) and what one real call
-would cost (GPU-seconds and latency), and how the attribute tier simulates its output. The default
-tools of the VisGen environment, and the :class:`~visenv.tools.specs.ToolSet` an environment plays
-with, live in :mod:`visenv.tools.specs`.
+``jsonschema`` library, plus the rules below that JSON Schema cannot state), which artifacts it
+consumes (an edit needs an image, a composite needs clips), what it produces (modality, count,
+resolution and duration rules), what one real call would cost (GPU-seconds and latency), and how the
+attribute tier simulates its output. The default tools of the VisGen environment, and the
+:class:`~visenv.tools.specs.ToolSet` an environment plays with, live in :mod:`visenv.tools.specs`.
+
+Rules every tool shares (:meth:`ToolSpec.validate` and :meth:`ToolSpec.accept`):
+
+- **Numbers are finite doubles**: NaN, infinities and integers beyond +-1.8e308 are refused in
+  every argument (JSON Schema's bounds cannot refuse NaN).
+- **Integral floats are integers**: as in JSON Schema, ``1.0`` satisfies ``"type": "integer"``, and
+  the accepted arguments hold it as the integer ``1`` (the exact cache keys it the same way).
+- **Text is not blank**: free text has :data:`TEXT_PATTERN` (at least one non-space character), so
+  ``"   "`` is refused like ``""``.
+- **Messages are bounded**: each problem quotes at most :data:`MAX_PROBLEM_CHARS` characters and at
+  most :data:`MAX_PROBLEMS` problems are listed, however large the offending value.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -22,6 +35,43 @@ OUTPUT_KINDS = MEDIA_KINDS + ("text",)
 GROUPS = ("text", "text2image", "image_edit", "video_generation", "audio", "video_editing",
           "understanding", "search")
 COST_UNITS = ("call", "image", "video_second", "audio_second")
+TEXT_PATTERN = r"\S"
+"""The JSON Schema ``pattern`` of free-text arguments: at least one character that is not whitespace."""
+MAX_PROBLEMS = 5
+MAX_PROBLEM_CHARS = 300
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= MAX_PROBLEM_CHARS else text[: MAX_PROBLEM_CHARS - 3] + "..."
+
+
+def _number_problems(arguments: Any) -> list[str]:
+    """Where ``arguments`` holds a number that is not a finite double (iterative: any nesting)."""
+    problems, stack = [], [("", arguments)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{where}/{key}" if where else str(key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{where}/{i}" if where else str(i), item) for i, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{where or 'arguments'}: {value!r} is not a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+            problems.append(f"{where or 'arguments'}: an integer of {int(math.log10(abs(value))) + 1} digits "
+                            "is too large; numbers must lie within +-1.8e308")
+    return sorted(problems)
+
+
+def _as_schema_integers(schema: Mapping[str, Any], value: Any) -> Any:
+    """``value`` with the integral floats that ``schema`` types as integers made ints (1.0 -> 1)."""
+    if isinstance(value, float) and schema.get("type") == "integer":
+        return int(value)
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        return {key: _as_schema_integers(properties.get(key, {}), item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_schema_integers(schema.get("items", {}), item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -142,21 +192,34 @@ class ToolSpec:
         return fastjsonschema.compile(dict(self.parameters), use_default=False)
 
     def validate(self, arguments: Any) -> list[str]:
-        """Agent-readable problems with ``arguments``; empty when they satisfy the schema.
+        """Agent-readable problems with ``arguments``; empty when they are valid.
 
         Valid arguments are accepted by a compiled validator (fastjsonschema, a few microseconds);
-        invalid ones are explained by ``jsonschema``, which lists every problem with its path.
+        invalid ones are explained by ``jsonschema``, which lists every problem with its path. The
+        shared rules of the module docstring apply first (a schema message would quote a huge number).
         """
+        problems = _number_problems(arguments) or self._schema_problems(arguments)
+        shown = [_shorten(problem) for problem in problems[:MAX_PROBLEMS]]
+        if len(problems) > MAX_PROBLEMS:
+            shown.append(f"and {len(problems) - MAX_PROBLEMS} more problems")
+        return shown
+
+    def _schema_problems(self, arguments: Any) -> list[str]:
         try:
             self._fast_check(arguments)
             return []
         except fastjsonschema.JsonSchemaException:
             pass
         problems = []
-        for err in sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path)):
+        for err in sorted(self._validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.path]):
             where = "/".join(str(p) for p in err.path) or "arguments"
-            problems.append(f"{where}: {err.message}")
+            blank = err.validator == "pattern" and err.validator_value == TEXT_PATTERN
+            problems.append(f"{where}: must hold some text, not only whitespace" if blank else f"{where}: {err.message}")
         return problems
+
+    def accept(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """Valid ``arguments`` as backends receive them: integral floats of integer fields made ints."""
+        return _as_schema_integers(self.parameters, dict(arguments))
 
     def to_prompt(self) -> dict[str, Any]:
         """The OpenAI/Hermes function description of this tool, for system prompts."""

@@ -21,7 +21,7 @@ import visenv.tools.simulated_text as simulate
 from visenv.error import ConfigError, UnknownToolError
 from visenv.resolutions import VIDEO_RESOLUTIONS, aspect_resolutions
 from visenv.tools.attribute import DERIVE_RULES
-from visenv.tools.spec import ArtifactInput, CostModel, OutputSpec, ToolSpec
+from visenv.tools.spec import TEXT_PATTERN, ArtifactInput, CostModel, OutputSpec, ToolSpec
 
 ASPECTS_SQUARE_FIRST = ("1:1", "16:9", "9:16", "4:3", "3:4")
 
@@ -35,7 +35,8 @@ def _ids(kind_hint: str, max_items: int, min_items: int = 1) -> dict[str, Any]:
 
 
 def _text(description: str, max_length: int = 4000) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": max_length, "description": description}
+    return {"type": "string", "minLength": 1, "maxLength": max_length, "pattern": TEXT_PATTERN,
+            "description": description}
 
 
 def _schema(required: list[str], **properties: Any) -> dict[str, Any]:

@@ -107,8 +107,8 @@ class StructuredVisGen(gym.Wrapper):
     def step(self, action: Any):
         text = self.turn_text(action)
         _, reward, terminated, truncated, info = self.env.step(text)
-        result = info["tool_result"]
-        failed = (result is not None and result["status"] != "ok") or info["turn"]["tool_call_error"] is not None
+        result = info.get("tool_result")
+        failed = (result is not None and result["status"] != "ok") or "tool_call_error" in info["turn"]
         self._last_status = 2 if failed else (1 if result is not None else 0)
         return self._features(), reward, terminated, truncated, info
 
