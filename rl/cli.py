@@ -36,7 +36,6 @@ from rl.jobs.cli import add_job_commands
 from rl.logging import MetricsLogger
 from rl.rollout import SerialRollout, make_specs
 from rl.train import Trainer, episode_metrics
-from visenv.error import VisenvError
 
 
 def run_sft(config: SFTConfig, progress: bool = True) -> str:

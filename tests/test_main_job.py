@@ -16,7 +16,6 @@ from rl.grpo import GRPOConfig
 from rl.jobs.compare import format_comparison
 from rl.jobs.config import MAIN_JOB_GRPO, MainJobConfig
 from rl.jobs.main_job import run_main_job
-from visenv.error import ConfigError
 
 
 def small_config(out, **extra):
