@@ -71,7 +71,8 @@ class Episode:
         terminated: the episode ended itself (``<answer>``, or a one-turn env).
         truncated: the environment cut it (turn or character budget).
         backends: tool calls per answering backend tier (``info["tool_result"]["backend"]``).
-        gpu_seconds: GPU-seconds the real tools would have taken (``info["cost"]``).
+        gpu_seconds: GPU-seconds the virtual tiers saved: what the real tools would have taken for the
+            calls a virtual tier answered (``info["cost"]["episode_gpu_seconds_avoided"]``).
         weight_version: the weights version that sampled it.
     """
 
@@ -154,7 +155,7 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
                 done[spec.episode_id] = Episode(
                     spec, conv.segments, rewards, dict(info.get("reward_components", {})), bool(terminated),
                     bool(truncated), dict(extra["backends"]),
-                    float(info.get("cost", {}).get("episode_gpu_seconds", 0.0)), weight_version)
+                    float(info.get("cost", {}).get("episode_gpu_seconds_avoided", 0.0)), weight_version)
                 free.append(env)
             else:
                 start = time.perf_counter()

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
-from visenv.envs.visgen import VisGenEnv
+from visenv.envs.visgen import VisGenEnv, gpu_seconds_avoided
 from visenv.episode import EpisodeRecord
 from visenv.rewards.judges.grader import grade_benchmark
 from visenv.tasks import Task
@@ -39,7 +39,7 @@ class EpisodeResult:
     turns: int
     calls: int
     failed_calls: int
-    gpu_seconds: float
+    gpu_seconds_avoided: float
     trajectory: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -59,7 +59,7 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
         out["components"] = {k: _mean([r.components.get(k) for r in rows]) for k in names}
         out["turns"] = _mean([r.turns for r in rows])
         out["failed_call_rate"] = (sum(r.failed_calls for r in rows) / max(1, sum(r.calls for r in rows)))
-        out["gpu_seconds_avoided"] = sum(r.gpu_seconds for r in rows)
+        out["gpu_seconds_avoided"] = sum(r.gpu_seconds_avoided for r in rows)
         return out
 
     groups: dict[str, dict[str, list[EpisodeResult]]] = {"modality": defaultdict(list), "scenario": defaultdict(list)}
@@ -124,7 +124,7 @@ def run_episodes(envs: Sequence[VisGenEnv], agents: Sequence[Any], tasks: Sequen
             task_id=task.task_id, scenario=task.scenario, modality=task.requirements.modality,
             dimension=task.dimension, reward=reward, components=info["reward_components"], checks=info["checks"],
             turns=len(record.turns), calls=len(record.calls), failed_calls=sum(not c.ok for c in record.calls),
-            gpu_seconds=record.gpu_seconds, trajectory=trajectory))
+            gpu_seconds_avoided=sum(map(gpu_seconds_avoided, record.calls)), trajectory=trajectory))
     return results
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from visenv.envs.base import TextEnv, action_space, coerce_action, fit_text, observation_space
 from visenv.envs.config import VisGenConfig, build_chains
-from visenv.episode import EpisodeRecord, TurnRecord
+from visenv.episode import CallRecord, EpisodeRecord, TurnRecord
 from visenv.error import ConfigError
 from visenv.media import ArtifactRegistry
 from visenv.mediadb import MediaDatabase, thumbnail
@@ -18,6 +18,7 @@ from visenv.rewards import deliverables, make_rubric, run_checks
 from visenv.tasks import Task, load_tasks, make_suite
 from visenv.tools.attribute import AttributeBackend
 from visenv.tools.calls import execute_call
+from visenv.tools.fidelity import REAL_TIER
 from visenv.tools.specs import TOOLS
 
 PROTOCOL_HELP = (
@@ -90,7 +91,8 @@ class VisGenEnv(TextEnv):
     ## Info
     ``turn`` (the parsed turn), ``tool_result`` (the call record), ``artifacts`` (all so far),
     ``reward_components``, ``cost`` (GPU-seconds and latency the real tool would have taken, for the
-    step and the episode), ``task_id``; on the last step also ``checks`` and ``deliverables``.
+    step and the episode, and ``gpu_seconds_avoided``: the part that a virtual tier answered, not the
+    real tool), ``task_id``; on the last step also ``checks`` and ``deliverables``.
 
     ## Arguments
     ``VisGenEnv(config=None, **options)`` where ``config`` is a :class:`VisGenConfig` or a dict
@@ -116,7 +118,7 @@ class VisGenEnv(TextEnv):
         self._episode_seed = 0
         self._state: dict[str, Any] = {}
         self._chars = 0
-        self._gpu_seconds = 0.0
+        self._gpu_seconds = self._gpu_seconds_avoided = 0.0
         self._latency_seconds = 0.0
 
     @property
@@ -132,7 +134,7 @@ class VisGenEnv(TextEnv):
         self.registry.new_episode(f"ep{self._episode_seed:016x}")
         self.record = EpisodeRecord(task=task)
         self._state, self._chars = {}, 0
-        self._gpu_seconds = self._latency_seconds = 0.0
+        self._gpu_seconds = self._gpu_seconds_avoided = self._latency_seconds = 0.0
         self._begin_episode()
         text = f"Request: {task.request}\n\n{PROTOCOL_HELP}"
         info = {"task_id": task.task_id, "task": task.to_dict(), "episode_id": self.registry.episode_id}
@@ -167,6 +169,7 @@ class VisGenEnv(TextEnv):
             for artifact_id in call.outputs:
                 record.artifacts[artifact_id] = self.registry.get(artifact_id)
             self._gpu_seconds += call.gpu_seconds
+            self._gpu_seconds_avoided += gpu_seconds_avoided(call)
             self._latency_seconds += call.latency_seconds
             payload = self._call_payload(call)
             failed = not call.ok
@@ -207,7 +210,9 @@ class VisGenEnv(TextEnv):
                 "reward_components": components,
                 "cost": {"gpu_seconds": 0.0 if call is None else call.gpu_seconds,
                          "latency_seconds": 0.0 if call is None else call.latency_seconds,
+                         "gpu_seconds_avoided": 0.0 if call is None else gpu_seconds_avoided(call),
                          "episode_gpu_seconds": round(self._gpu_seconds, 3),
+                         "episode_gpu_seconds_avoided": round(self._gpu_seconds_avoided, 3),
                          "episode_latency_seconds": round(self._latency_seconds, 3)},
                 **extra_info}
         body = render_error(payload.pop("error"), **payload) if "error" in payload else render_tool_response(payload)
@@ -250,3 +255,8 @@ class VisGenEnv(TextEnv):
             if step.call is not None:
                 lines.append(f"=> {step.call.status} {step.call.tool} {step.call.outputs or step.call.error}")
         return "\n".join(lines)
+
+
+def gpu_seconds_avoided(call) -> float:
+    """The real GPU-seconds a call saved: its cost when a virtual tier answered, 0 when the real tool did."""
+    return 0.0 if call.backend == REAL_TIER else call.gpu_seconds
