@@ -37,6 +37,14 @@ time.sleep(3600)
 """
 
 
+def _name(process: psutil.Process) -> str:
+    """The process name, or for a Python process the script it runs (``dashboard.py``, ``log_monitor.py``)."""
+    name = process.name()
+    if name.startswith("python"):
+        name = os.path.basename(next((a for a in process.cmdline()[1:] if a.endswith(".py")), name))
+    return name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--watch", type=float, default=120.0, help="seconds to watch the survivors")
@@ -47,8 +55,7 @@ def main() -> None:
         if line.startswith("READY"):
             break
     time.sleep(1.0)
-    started = {p.pid: p.name() if p.name() not in ("python", "python3") else " ".join(p.cmdline()[1:3])[-60:]
-               for p in psutil.Process(driver.pid).children(recursive=True)}
+    started = {p.pid: _name(p) for p in psutil.Process(driver.pid).children(recursive=True)}
     killed_at = time.monotonic()
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
