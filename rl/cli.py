@@ -76,7 +76,7 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
 
     if config.sft is not None:
         sft_policy = os.path.join(config.sft.output_dir, "policy")
-        if not (config.resume and os.path.exists(os.path.join(sft_policy, "config.json"))):
+        if not (config.resume and checkpoint.incomplete(sft_policy) is None):  # a killed SFT save is redone
             run_sft(config.sft, progress=config.progress)
         config.policy.model = sft_policy
     policy_config = config.policy.for_env(config.env)

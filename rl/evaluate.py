@@ -30,7 +30,7 @@ from tqdm import tqdm
 from rl.errors import ConfigError
 from rl.policy import POLICY, AgentPolicy, Policy, TrainablePolicy
 from rl.rollout import Episode, EpisodeSpec, Finish, Rollout, RolloutStats, SerialRollout
-from visenv.envs.visgen import VisGenEnv
+from visenv.envs.visgen import VisGenEnv, gpu_seconds_avoided
 from visenv.episode import EpisodeRecord
 from visenv.evaluation import EpisodeResult, summarize
 from visenv.report import Run, capture_episode, write_comparison, write_report
@@ -148,7 +148,8 @@ def results_of(episodes: Sequence[Episode]) -> list[EpisodeResult]:
             task_id=task.task_id, scenario=task.scenario, modality=task.requirements.modality,
             dimension=task.dimension, reward=episode.reward, components=episode.components,
             checks=run_checks(record), turns=len(record.turns), calls=len(record.calls),
-            failed_calls=sum(not c.ok for c in record.calls), gpu_seconds=record.gpu_seconds,
+            failed_calls=sum(not c.ok for c in record.calls),
+            gpu_seconds_avoided=sum(map(gpu_seconds_avoided, record.calls)),
             trajectory=episode.extra["trajectory"], error=episode.error))
     return results
 

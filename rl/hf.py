@@ -18,6 +18,7 @@ an end token; its ids go back into the conversation unchanged.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from rl import core
+from rl.checkpoint import MARKER, incomplete, write_folder
 from rl.errors import ConfigError, DependencyNotInstalled
 from rl.policy import ENV, POLICY, Conversation, Scores, Segment, TokenBatch
 
@@ -166,6 +168,29 @@ def shown_images(observation: dict[str, Any], limit: int) -> np.ndarray | None:
     return images[:limit] if len(images) and limit else None
 
 
+def check_policy_folder(path: str) -> None:
+    """Refuse a local model folder that a killed save left incomplete (hub ids are left to transformers).
+
+    A folder written by :meth:`CausalLMPolicy.save` carries the marker :data:`rl.checkpoint.MARKER` and
+    must match it; a folder without one (a model release as published) must hold a readable config.json.
+    """
+    if not os.path.isdir(path):
+        return
+    problem = None
+    if os.path.exists(os.path.join(path, MARKER)):
+        problem = incomplete(path)
+    else:
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+                if not isinstance(json.load(handle), dict):
+                    raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            problem = f"it has no completion marker {MARKER} and its config.json is unreadable ({exc})"
+    if problem is not None:
+        raise ConfigError(f"The policy folder {path!r} is incomplete: {problem}. Rerun the command that saved it "
+                          "(rl sft; rl train resumes from its last complete checkpoint) or give a complete model folder.")
+
+
 def vision_policy_class(model: str) -> type:
     """The VLM policy class for a model folder (or hub id), chosen by its config's ``model_type``.
 
@@ -173,6 +198,7 @@ def vision_policy_class(model: str) -> type:
     """
     from transformers import AutoConfig
 
+    check_policy_folder(model)
     model_type = AutoConfig.from_pretrained(model).model_type
     if model_type not in VISION_POLICIES:
         raise ConfigError(f"The model at {model!r} has model_type {model_type!r}; policy.kind 'vlm' supports "
@@ -212,17 +238,25 @@ class CausalLMPolicy:
         """Load a model and its tokenizer saved with :meth:`save` (or any hub-format folder)."""
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+        check_policy_folder(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         return cls(model, PreTrainedTokenizerFast.from_pretrained(path), **options)
 
     def save(self, path: str) -> None:
-        """Save the model (LoRA adapters merged in, so the folder loads as a plain model) and tokenizer."""
-        os.makedirs(path, exist_ok=True)
+        """Save the model (LoRA adapters merged in, so the folder loads as a plain model) and tokenizer.
+
+        The folder is written atomically with a completion marker (:func:`rl.checkpoint.write_folder`):
+        a save killed at any moment leaves the previous folder or none, never a part of one.
+        """
+        write_folder(path, self._save_files)
+
+    def _save_files(self, folder: str) -> None:
+        """Write the model, the tokenizer (and a subclass's processor) into ``folder``."""
         model = self.model
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     def _token_id(self, token: str, expected: int | None = None) -> int:
         """The id of a token the chat format needs; ``expected``: the id the model reserves for it."""
@@ -388,6 +422,7 @@ class VisionLMPolicy(CausalLMPolicy):
     def from_pretrained(cls, path: str, dtype: str = "float32", **options: Any) -> "VisionLMPolicy":
         from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
+        check_policy_folder(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
         return cls(model, PreTrainedTokenizerFast.from_pretrained(path), **options)
 
@@ -454,14 +489,15 @@ class QwenVLPolicy(CausalLMPolicy):
         """Load the model, tokenizer and image processor of a folder (a Qwen2-VL release or :meth:`save`)."""
         from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2VLImageProcessor
 
+        check_policy_folder(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
         return cls(model, PreTrainedTokenizerFast.from_pretrained(path), Qwen2VLImageProcessor.from_pretrained(path),
                    **options)
 
-    def save(self, path: str) -> None:
-        """Save the model (LoRA adapters merged in), the tokenizer and the image processor."""
-        super().save(path)
-        self.image_processor.save_pretrained(path)
+    def _save_files(self, folder: str) -> None:
+        """The model (LoRA adapters merged in), the tokenizer and the image processor."""
+        super()._save_files(folder)
+        self.image_processor.save_pretrained(folder)
 
     def encode(self, observation: dict[str, Any], first: bool) -> Segment:
         images = shown_images(observation, self.images_per_turn)

@@ -9,18 +9,21 @@ import time
 from typing import Any
 
 from rl.errors import ConfigError, DependencyNotInstalled
+from rl.checkpoint import write_file
 
 
 class MetricsLogger:
     """Writes one record per step to every configured sink.
 
     Args:
-        directory: folder of ``metrics.jsonl`` (appended to, so a resumed run continues it) and of
-            the TensorBoard event files.
+        directory: folder of ``metrics.jsonl`` and of the TensorBoard event files. A resumed run
+            continues the file: records of steps at or after ``initial`` (steps the run is about to
+            redo, logged by a run killed before its next checkpoint) are dropped first, so each step
+            appears once; TensorBoard purges them too (``purge_step``).
         tensorboard: also write TensorBoard scalars (needs ``tensorboardX``).
         wandb_project: also log to this Weights & Biases project (needs ``wandb``), or None.
         total: steps of the run, for the progress bar; None for no progress bar.
-        initial: the step a resumed run starts from.
+        initial: the step this run starts from (0: a fresh run, which replaces an older log).
         config: the run's configuration, stored with W&B runs.
     """
 
@@ -28,6 +31,7 @@ class MetricsLogger:
                  total: int | None = None, initial: int = 0, config: dict[str, Any] | None = None):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "metrics.jsonl")
+        _drop_steps_from(self.path, initial)
         self._file = open(self.path, "a", encoding="utf-8")
         self._start = time.time()
         self._tb = self._wandb = self._bar = None
@@ -36,7 +40,7 @@ class MetricsLogger:
                 from tensorboardX import SummaryWriter
             except ImportError:
                 raise DependencyNotInstalled("tensorboardX", "rl", "TensorBoard logging (tensorboard: true)") from None
-            self._tb = SummaryWriter(directory)
+            self._tb = SummaryWriter(directory, purge_step=initial)
         if wandb_project:
             try:
                 import wandb
@@ -72,6 +76,28 @@ class MetricsLogger:
             self._wandb.finish()
         if self._bar is not None:
             self._bar.close()
+
+
+def _drop_steps_from(path: str, step: int) -> None:
+    """Rewrite ``path`` (atomically) without its records of ``step`` and later, and without a line that
+    a killed writer left cut short; nothing happens when there is nothing to drop."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        lines = [line for line in handle if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] < step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(kept) < len(lines):
+        def write(temporary: str) -> None:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.writelines(kept)
+
+        write_file(path, write)
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:

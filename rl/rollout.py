@@ -82,7 +82,8 @@ class Episode:
         terminated: the episode ended itself (``<answer>``, or a one-turn env).
         truncated: the environment cut it (turn or character budget).
         backends: tool calls per answering backend tier (``info["tool_result"]["backend"]``).
-        gpu_seconds: GPU-seconds the real tools would have taken (``info["cost"]``).
+        gpu_seconds: GPU-seconds the virtual tiers saved: what the real tools would have taken for the
+            calls a virtual tier answered (``info["cost"]["episode_gpu_seconds_avoided"]``).
         weight_version: the weights version that sampled it.
         error: why the environment failed the episode (``"TypeError: ..."``), or None; a failed
             episode ends at the failing step with a NaN reward, so the trainers leave it out.
@@ -184,10 +185,10 @@ class _Live:
         if info.get("tool_result"):
             self.backends[info["tool_result"]["backend"]] += 1
         if terminated or truncated:
+            avoided = float(info.get("cost", {}).get("episode_gpu_seconds_avoided", 0.0))
             episode = Episode(self.spec, self.conversation.segments, self.rewards,
                               dict(info.get("reward_components", {})), bool(terminated), bool(truncated),
-                              dict(self.backends), float(info.get("cost", {}).get("episode_gpu_seconds", 0.0)),
-                              self.weight_version)
+                              dict(self.backends), avoided, self.weight_version)
             if finish is not None:
                 episode.extra = finish(self.env, episode, self.steps)
             return episode

@@ -35,7 +35,7 @@ class EpisodeResult:
     turns: int
     calls: int
     failed_calls: int
-    gpu_seconds: float
+    gpu_seconds_avoided: float
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
 
@@ -56,7 +56,7 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
         out["components"] = {k: _mean([r.components.get(k) for r in rows]) for k in names}
         out["turns"] = _mean([r.turns for r in rows])
         out["failed_call_rate"] = (sum(r.failed_calls for r in rows) / max(1, sum(r.calls for r in rows)))
-        out["gpu_seconds_avoided"] = sum(r.gpu_seconds for r in rows)
+        out["gpu_seconds_avoided"] = sum(r.gpu_seconds_avoided for r in rows)
         out["episodes_failed"] = sum(r.error is not None for r in rows)
         return out
 

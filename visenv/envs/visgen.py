@@ -19,6 +19,7 @@ from visenv.rewards import deliverables, make_rubric, run_checks
 from visenv.tasks import WORKFLOWS, Task, load_tasks, make_suite
 from visenv.tools.attribute import AttributeBackend
 from visenv.tools.calls import execute_call
+from visenv.tools.fidelity import REAL_TIER
 from visenv.tools.specs import ToolSet
 
 PROTOCOL_HELP = (
@@ -116,11 +117,12 @@ class VisGenEnv(TextEnv):
     ## Info
     ``turn`` (the parsed turn), ``tool_result`` (the call record, on steps whose turn held a call),
     ``artifacts`` (all so far), ``reward_components``, ``cost`` (GPU-seconds and latency the real
-    tool would have taken, for the step and the episode), ``task_id``; on the last step also
-    ``checks`` and ``deliverables``. Info is strict JSON (no NaN or infinity) and keeps one kind
-    per key, so that gymnasium's vector envs merge it on any mix of steps: a value that does not
-    apply (a component or check that is None, a turn's missing answer) is left out rather than None,
-    and a call's ``arguments`` (whose keys and kinds the model chooses) are JSON text.
+    tool would have taken, for the step and the episode, and ``gpu_seconds_avoided``: the part that a
+    virtual tier answered, not the real tool), ``task_id``; on the last step also ``checks`` and
+    ``deliverables``. Info is strict JSON (no NaN or infinity) and keeps one kind per key, so that
+    gymnasium's vector envs merge it on any mix of steps: a value that does not apply (a component or
+    check that is None, a turn's missing answer) is left out rather than None, and a call's
+    ``arguments`` (whose keys and kinds the model chooses) are JSON text.
 
     ## Arguments
     ``VisGenEnv(config=None, **options)`` where ``config`` is a :class:`VisGenConfig` or a dict
@@ -150,7 +152,7 @@ class VisGenEnv(TextEnv):
         self._episode_seed = 0
         self._state: dict[str, Any] = {}
         self._chars = 0
-        self._gpu_seconds = 0.0
+        self._gpu_seconds = self._gpu_seconds_avoided = 0.0
         self._latency_seconds = 0.0
 
     @property
@@ -165,7 +167,7 @@ class VisGenEnv(TextEnv):
         self.registry.new_episode(f"ep{self._episode_seed:016x}")
         self.record = EpisodeRecord(task=task, tools=self.tools)
         self._state, self._chars = {}, 0
-        self._gpu_seconds = self._latency_seconds = 0.0
+        self._gpu_seconds = self._gpu_seconds_avoided = self._latency_seconds = 0.0
         self._begin_episode()
         text = f"Request: {task.request}\n\n{PROTOCOL_HELP}"
         info = {"task_id": task.task_id, "task": task.to_dict(), "episode_id": self.registry.episode_id}
@@ -201,6 +203,7 @@ class VisGenEnv(TextEnv):
             for artifact_id in call.outputs:
                 record.artifacts[artifact_id] = self.registry.get(artifact_id)
             self._gpu_seconds += call.gpu_seconds
+            self._gpu_seconds_avoided += gpu_seconds_avoided(call)
             self._latency_seconds += call.latency_seconds
             payload = self._call_payload(call)
             failed = not call.ok
@@ -242,7 +245,9 @@ class VisGenEnv(TextEnv):
                 "reward_components": components,
                 "cost": {"gpu_seconds": 0.0 if call is None else call.gpu_seconds,
                          "latency_seconds": 0.0 if call is None else call.latency_seconds,
+                         "gpu_seconds_avoided": 0.0 if call is None else gpu_seconds_avoided(call),
                          "episode_gpu_seconds": round(self._gpu_seconds, 3),
+                         "episode_gpu_seconds_avoided": round(self._gpu_seconds_avoided, 3),
                          "episode_latency_seconds": round(self._latency_seconds, 3)},
                 **extra_info}
         body = render_error(payload.pop("error"), **payload) if "error" in payload else render_tool_response(payload)
@@ -285,3 +290,8 @@ class VisGenEnv(TextEnv):
             if step.call is not None:
                 lines.append(f"=> {step.call.status} {step.call.tool} {step.call.outputs or step.call.error}")
         return "\n".join(lines)
+
+
+def gpu_seconds_avoided(call) -> float:
+    """The real GPU-seconds a call saved: its cost when a virtual tier answered, 0 when the real tool did."""
+    return 0.0 if call.backend == REAL_TIER else call.gpu_seconds
