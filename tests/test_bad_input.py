@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,9 +153,12 @@ def files(tmp_path_factory):
     tiny_policy(echo_tokenizer()).save(str(policy))
     shutil.copytree(policy, root / "corrupt_policy")
     (root / "corrupt_policy" / "model.safetensors").write_bytes(b"\x00" * 64)
-    trainer_pt = root / "run" / "checkpoints" / "iter_000001" / "trainer.pt"
-    trainer_pt.parent.mkdir(parents=True)
-    trainer_pt.write_bytes(b"PK\x03\x04 not a torch file")
+    from rl.checkpoint import write_folder
+
+    # a complete checkpoint (its marker matches) whose trainer.pt is not a torch file
+    checkpoint = root / "run" / "checkpoints" / "iter_000001"
+    checkpoint.parent.mkdir(parents=True)
+    write_folder(str(checkpoint), lambda folder: (Path(folder) / "trainer.pt").write_bytes(b"PK\x03\x04 not a torch file"))
     texts = {"syntax.yaml": "grpo: {group_size: 4\n", "rollout7.yaml": "rollout: 7\n",
              "iterations.yaml": "iterations: 1.5\n", "list.yaml": "- a\n- b\n",
              "sft_data.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n',
@@ -204,9 +208,9 @@ RL_CASES = {
     "missing model path": ([EVAL, "--policy.model", "{tmp}/no_such_model", "--episodes", "1"],
                            r"policy.model \('.*no_such_model'\) is not a folder .*Expected a model folder"),
     "corrupt model folder": ([EVAL, "--policy.model", "{tmp}/corrupt_policy", "--episodes", "1"],
-                             r"policy.model \('.*corrupt_policy'\) is a folder that cannot be read"),
+                             r"policy folder '.*corrupt_policy' is incomplete: model.safetensors should have \d+ bytes"),
     "corrupt checkpoint": (TRAIN + ["--output_dir", "{tmp}/run"],
-                           r"trainer.pt cannot be restored .*Delete the folder .*iter_000001"),
+                           r"iter_000001 is incomplete or damaged: trainer.pt cannot be read"),
     "too many Ray workers": (TRAIN + ["--rollout.backend", "ray", "--rollout.num_workers", "4096"], r"CPU"),
     "bad SFT data": (["sft", "--set", "stages=[{visual: '{tmp}/sft_data.jsonl'}]", "--output_dir", "{tmp}/sft"],
                      r"sft_data.jsonl:1: the trajectory has no assistant message"),

@@ -13,7 +13,7 @@ from rl.ppo import PPO, PPOConfig
 from rl.rollout import SerialRollout
 from rl.train import Callback, Trainer
 from rl_helpers import LetterEnv, echo_tokenizer, tiny_policy
-from visenv.error import ConfigError
+from rl.errors import CheckpointNotFound
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_checkpoint_policy_folder_loads_as_a_plain_model(tokenizer, tmp_path):
     loaded = CausalLMPolicy.from_pretrained(os.path.join(path, "policy"), max_new_tokens=8)
     weights = trainer.policy.get_weights()
     assert all(torch.equal(weights[k], v) for k, v in loaded.get_weights().items())
-    with pytest.raises(ConfigError, match="is not a checkpoint folder"):
+    with pytest.raises(CheckpointNotFound, match="is not a checkpoint folder"):
         checkpoint.load(str(tmp_path), trainer.policy)
     assert checkpoint.latest(str(tmp_path / "nothing")) is None
 

@@ -21,7 +21,7 @@ from rl.logging import MetricsLogger, read_metrics
 from rl.rollout import SerialRollout
 from rl.train import Callback, Trainer
 from rl_helpers import LetterEnv, echo_tokenizer, tiny_policy
-from visenv.error import ConfigError
+from rl.errors import CheckpointError, ConfigError
 
 FORK = multiprocessing.get_context("fork")
 
@@ -113,9 +113,9 @@ def test_latest_skips_incomplete_checkpoints_and_damaged_ones_are_refused(tokeni
         handle.truncate(100)  # as a kill during torch.save did before saves were atomic
     os.remove(tmp_path / "iter_000002" / checkpoint.MARKER)
     assert checkpoint.latest(str(tmp_path)) == str(tmp_path / "iter_000001")
-    with pytest.raises(ConfigError, match=r"iter_000003 is incomplete or damaged: trainer.pt should have \d+ bytes"):
+    with pytest.raises(CheckpointError, match=r"iter_000003 is incomplete or damaged: trainer.pt should have \d+ bytes"):
         checkpoint.load(str(tmp_path / "iter_000003"), policy)
-    with pytest.raises(ConfigError, match="iter_000002 is incomplete or damaged: it has no completion marker"):
+    with pytest.raises(CheckpointError, match="iter_000002 is incomplete or damaged: it has no completion marker"):
         checkpoint.load(str(tmp_path / "iter_000002"), policy)
 
 
