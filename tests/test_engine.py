@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import random
 import threading
 
@@ -10,11 +11,12 @@ import pytest
 import torch
 
 from rl.engine import GenerationRequest, GenerationResult
+from rl.engine.base import served_result
 from rl.engine.hf import HFEngine, HFEngineConfig
 from rl.hf import tiny_causal_lm
 from rl.policy import Conversation
 from rl_helpers import ECHO, echo_tokenizer, tiny_policy
-from visenv.error import BackendError, ConfigError
+from visenv.error import BackendError, ConfigError, DependencyNotInstalled
 
 VOCAB = 64
 LOGPROB_ATOL = 1e-4
@@ -184,3 +186,22 @@ def test_weight_updates_version_the_results_and_drop_kept_caches():
             engine.submit(GenerationRequest([VOCAB + 1], 2))
     with pytest.raises(BackendError, match="after close"):
         engine.submit(request(0))
+
+
+def test_a_served_stop_must_end_with_a_stop_token():
+    req = GenerationRequest([1, 2], 4, stop_token_ids=[9])
+    assert served_result(req, [3, 9], [-1.0, -2.0], "stop", 2, "X").weight_version == 2
+    with pytest.raises(BackendError, match="X answered finish_reason 'stop' with last token 3"):
+        served_result(req, [3], [-1.0], "stop", 0, "X")
+    with pytest.raises(BackendError, match="finish_reason 'abort'"):
+        served_result(req, [3], [-1.0], "abort", 0, "X")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_the_vllm_engine_names_its_extra_when_vllm_is_missing():
+    from rl.engine.vllm import VLLMEngine, VLLMEngineConfig
+
+    with pytest.raises(DependencyNotInstalled, match=r"pip install 'visenv\[vllm\]'"):
+        VLLMEngine(VLLMEngineConfig("some/model"))
+    with pytest.raises(ConfigError, match="engine_args sets \\['logprobs_mode'\\]"):
+        VLLMEngineConfig("some/model", engine_args={"logprobs_mode": "raw_logprobs"})

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from visenv.error import ConfigError
+from visenv.error import BackendError, ConfigError
 
 FINISH_REASONS = ("stop", "length")
 """``"stop"``: a stop token was sampled (it ends ``token_ids``); ``"length"``: ``max_new_tokens`` reached."""
@@ -137,6 +137,18 @@ class InferenceEngine(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def served_result(request: GenerationRequest, ids: list[int], logprobs: list[float], reason: str, version: int,
+                  server: str) -> GenerationResult:
+    """A serving engine's answer as a result, checked: ``"stop"`` exactly when the turn ends with a
+    stop token (so the stop token is in the ids, as the trainer needs it), else ``"length"``."""
+    stopped = bool(ids) and ids[-1] in request.stop_token_ids
+    if reason not in FINISH_REASONS or (reason == "stop") != stopped:
+        raise BackendError(f"{server} answered finish_reason {reason!r} with last token {ids[-1] if ids else None} "
+                           f"(stop tokens {list(request.stop_token_ids)}): expected 'stop' exactly when the turn "
+                           "ends with a stop token. Is it the server version and flags docs/engines.md names?")
+    return GenerationResult(list(ids), [float(lp) for lp in logprobs], reason, version)
 
 
 def named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:

@@ -42,7 +42,8 @@ from typing import Any
 import httpx
 import torch
 
-from rl.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, named_tensors
+from rl.engine.base import (GenerationRequest, GenerationResult, InferenceEngine, Weights, named_tensors,
+                            served_result)
 from visenv.error import BackendError, ConfigError
 
 SERVERS = ("vllm", "sglang")
@@ -132,8 +133,8 @@ class RemoteEngine(InferenceEngine):
                 "stop_token_ids": list(request.stop_token_ids), "ignore_eos": True, "logprobs": 0,
                 "return_token_ids": True, "skip_special_tokens": False}
         choice = self._post("/v1/completions", body)["choices"][0]
-        return self._result(request, choice["token_ids"], choice["logprobs"]["token_logprobs"],
-                            choice["finish_reason"], version)
+        return served_result(request, choice["token_ids"], choice["logprobs"]["token_logprobs"],
+                             choice["finish_reason"], version, "The vLLM server")
 
     def _sglang(self, request: GenerationRequest, version: int) -> GenerationResult:
         params = {"max_new_tokens": request.max_new_tokens, "temperature": request.temperature,
@@ -142,18 +143,8 @@ class RemoteEngine(InferenceEngine):
         meta = self._post("/generate", {"input_ids": list(request.prompt_ids), "sampling_params": params,
                                         "return_logprob": True})["meta_info"]
         sampled = meta["output_token_logprobs"]
-        return self._result(request, [entry[1] for entry in sampled], [entry[0] for entry in sampled],
-                            meta["finish_reason"]["type"], version)
-
-    def _result(self, request: GenerationRequest, ids: list[int], logprobs: list[float], reason: str,
-                version: int) -> GenerationResult:
-        stopped = bool(ids) and ids[-1] in request.stop_token_ids
-        if reason not in ("stop", "length") or (reason == "stop") != stopped:
-            raise BackendError(f"The {self.config.server} server answered finish_reason {reason!r} with last token "
-                               f"{ids[-1] if ids else None} (stop tokens {list(request.stop_token_ids)}): expected "
-                               "'stop' exactly when the turn ends with a stop token. Is it the server and version "
-                               "docs/engines.md names?")
-        return GenerationResult(list(ids), [float(lp) for lp in logprobs], reason, version)
+        return served_result(request, [entry[1] for entry in sampled], [entry[0] for entry in sampled],
+                             meta["finish_reason"]["type"], version, "The SGLang server")
 
     # ---- HTTP with retries --------------------------------------------------------------------
 
