@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import math
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -110,7 +112,8 @@ class InferenceEngine(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, request: GenerationRequest) -> Future:
-        """Queue a request; the future resolves to its :class:`GenerationResult`."""
+        """Queue a request; the future resolves to its :class:`GenerationResult`. Returns at once,
+        except while :meth:`update_weights` runs (the request then waits for the new weights)."""
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Sample one turn; many callers may await at once (the engine batches them)."""
@@ -137,6 +140,45 @@ class InferenceEngine(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class VersionGate:
+    """Keeps each turn on one weight version for engines whose server batches for itself: a request
+    enters (and reads the version) only while no update runs; an update waits for the requests in
+    flight to leave, and the requests that arrive meanwhile wait for the update."""
+
+    def __init__(self):
+        self.version = 0
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._updating = False
+
+    def enter(self) -> int:
+        """Wait out an update; count the request in flight; the version it samples with."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._updating)
+            self._in_flight += 1
+            return self.version
+
+    def leave(self, *_ignored) -> None:
+        """The request is done (usable as a future's done-callback)."""
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def update(self, version: int):
+        """Hold new requests, wait for those in flight, run the block; on success ``version`` holds."""
+        with self._cond:
+            self._updating = True
+            self._cond.wait_for(lambda: self._in_flight == 0)
+        try:
+            yield
+            self.version = version
+        finally:
+            with self._cond:
+                self._updating = False
+                self._cond.notify_all()
 
 
 def served_result(request: GenerationRequest, ids: list[int], logprobs: list[float], reason: str, version: int,

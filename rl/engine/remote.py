@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from typing import Any
 import httpx
 import torch
 
-from rl.engine.base import (GenerationRequest, GenerationResult, InferenceEngine, Weights, named_tensors,
+from rl.engine.base import (GenerationRequest, GenerationResult, InferenceEngine, VersionGate, Weights, named_tensors,
                             served_result)
 from visenv.error import BackendError, ConfigError
 
@@ -99,14 +98,15 @@ class RemoteEngine(InferenceEngine):
 
     def __init__(self, config: RemoteEngineConfig):
         self.config = config
-        self.version = 0
+        self._gate = VersionGate()
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._client = httpx.Client(base_url=config.base_url.rstrip("/"), headers=headers,
                                     limits=httpx.Limits(max_connections=config.max_concurrency + 4))
         self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="RemoteEngine")
-        self._gate = threading.Condition()
-        self._in_flight = 0
-        self._updating = False
+
+    @property
+    def version(self) -> int:
+        return self._gate.version
 
     # ---- sampling -----------------------------------------------------------------------------
 
@@ -114,18 +114,13 @@ class RemoteEngine(InferenceEngine):
         return self._pool.submit(self._generate, request)
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
-        with self._gate:  # a request waits while weights change, so one version samples each turn
-            self._gate.wait_for(lambda: not self._updating)
-            self._in_flight += 1
-            version = self.version
+        version = self._gate.enter()
         try:
             if self.config.server == "vllm":
                 return self._vllm(request, version)
             return self._sglang(request, version)
         finally:
-            with self._gate:
-                self._in_flight -= 1
-                self._gate.notify_all()
+            self._gate.leave()
 
     def _vllm(self, request: GenerationRequest, version: int) -> GenerationResult:
         body = {"model": self.config.model, "prompt": list(request.prompt_ids), "max_tokens": request.max_new_tokens,
@@ -180,10 +175,7 @@ class RemoteEngine(InferenceEngine):
                               "server can read, where each weight version is written.")
         folder = os.path.abspath(os.path.join(self.config.weights_dir, f"v{version}"))
         save_weights(weights, folder)
-        with self._gate:
-            self._updating = True
-            self._gate.wait_for(lambda: self._in_flight == 0)
-        try:
+        with self._gate.update(version):
             if self.config.server == "sglang":
                 for name in os.listdir(self.config.model_dir):
                     source = os.path.join(self.config.model_dir, name)
@@ -200,11 +192,6 @@ class RemoteEngine(InferenceEngine):
                     self._post("/reset_prefix_cache")
                 finally:
                     self._post("/resume")
-            self.version = version
-        finally:
-            with self._gate:
-                self._updating = False
-                self._gate.notify_all()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

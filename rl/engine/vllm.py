@@ -28,7 +28,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from rl.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, served_result
+from rl.engine.base import (GenerationRequest, GenerationResult, InferenceEngine, VersionGate, Weights,
+                            served_result)
 from rl.engine.remote import load_weights, save_weights
 from visenv.error import ConfigError, DependencyNotInstalled
 
@@ -86,15 +87,12 @@ class VLLMEngine(InferenceEngine):
     def __init__(self, config: VLLMEngineConfig):
         vllm = _vllm()
         self.config = config
-        self.version = 0
+        self._gate = VersionGate()
         self._vllm = vllm
         self._weights_dir = tempfile.mkdtemp(prefix="visenv-vllm-weights-")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="VLLMEngine", daemon=True)
         self._thread.start()
-        self._gate = threading.Condition()
-        self._in_flight = 0
-        self._updating = False
         args = vllm.AsyncEngineArgs(model=config.model, dtype=config.dtype, seed=config.seed,
                                     gpu_memory_utilization=config.gpu_memory_utilization,
                                     max_model_len=config.max_model_len, logprobs_mode="processed_logprobs",
@@ -110,19 +108,14 @@ class VLLMEngine(InferenceEngine):
         """Run a coroutine on the engine's loop and wait for it (from any other thread)."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
-    def submit(self, request: GenerationRequest) -> Future:
-        with self._gate:  # wait while weights change, so one version samples each turn
-            self._gate.wait_for(lambda: not self._updating)
-            self._in_flight += 1
-            version = self.version
-        future = asyncio.run_coroutine_threadsafe(self._generate(request, version), self._loop)
-        future.add_done_callback(self._done)
-        return future
+    @property
+    def version(self) -> int:
+        return self._gate.version
 
-    def _done(self, _future) -> None:
-        with self._gate:
-            self._in_flight -= 1
-            self._gate.notify_all()
+    def submit(self, request: GenerationRequest) -> Future:
+        future = asyncio.run_coroutine_threadsafe(self._generate(request, self._gate.enter()), self._loop)
+        future.add_done_callback(self._gate.leave)
+        return future
 
     async def _generate(self, request: GenerationRequest, version: int) -> GenerationResult:
         vllm = self._vllm
@@ -141,17 +134,9 @@ class VLLMEngine(InferenceEngine):
     def update_weights(self, weights: Weights, version: int) -> None:
         folder = os.path.join(self._weights_dir, f"v{version}")
         save_weights(weights, folder)
-        with self._gate:
-            self._updating = True
-            self._gate.wait_for(lambda: self._in_flight == 0)
-        try:
+        with self._gate.update(version):
             self._run(self._llm.collective_rpc("visenv_load_weights", args=(folder,)))
             self._run(self._llm.reset_prefix_cache())
-            self.version = version
-        finally:
-            with self._gate:
-                self._updating = False
-                self._gate.notify_all()
 
     def close(self) -> None:
         self._llm.shutdown()
