@@ -1,9 +1,9 @@
 """The in-process transformers engine: continuous batching and KV caches kept between turns.
 
 A background thread runs the decoding loop. Before every decoding step it admits the requests that
-arrived meanwhile (up to ``max_batch_size`` rows): each is prefilled on its own and its KV cache is
-merged into the running batch (left-padded to a common length), so a request joins at the very
-next step, not the next batch; finished rows leave the batch at once. Sampling is the inverse-CDF
+arrived meanwhile (up to ``max_batch_size`` rows): they are prefilled together in one pass and their
+KV caches are merged into the running batch (left-padded to a common length), so a request joins at
+the very next step, not the next batch; finished rows leave the batch at once. Sampling is the inverse-CDF
 sampler of :mod:`rl.hf`: each request draws its uniforms for the whole turn from its own generator
 seeded by ``request.seed``, so its tokens do not depend on what else is in the batch (up to float
 rounding of the padded attention, far below the sampler's resolution).
@@ -63,7 +63,7 @@ class _Row:
 
     request: GenerationRequest
     future: Future
-    uniforms: torch.Tensor
+    uniforms: list[float]
     length: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -86,6 +86,10 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperatures: torch.Ten
     drawn = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], side="right").squeeze(-1)
     tokens = torch.where(greedy, logp.argmax(-1), drawn.clamp(max=logits.shape[-1] - 1))
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _kv(cache: DynamicCache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _pad_left(kv: KV, length: int) -> KV:
@@ -111,7 +115,7 @@ class HFEngine(InferenceEngine):
         self._update: tuple[list[tuple[str, torch.Tensor]], int, Future] | None = None
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._rows: list[_Row] = []
-        self._kv: KV = []
+        self._cache: DynamicCache | None = None
         self._mask = self._logits = None
         self._closed = False
         self._wake = threading.Condition()
@@ -189,15 +193,16 @@ class HFEngine(InferenceEngine):
                     self._apply(*update)
                     continue
                 try:
-                    for (request, future), session in zip(admitted, sessions):
-                        if future.set_running_or_notify_cancel():
-                            self._admit(request, future, session)
+                    admitted = [(request, future, session) for (request, future), session in zip(admitted, sessions)
+                                if future.set_running_or_notify_cancel()]
+                    if admitted:
+                        self._admit(admitted)
                     if self._rows:
                         self._step()
                 except Exception as err:  # a library bug: fail the affected requests, keep serving
                     for row in self._rows:
                         row.future.set_exception(err)
-                    self._rows, self._kv, self._mask, self._logits = [], [], None, None
+                    self._rows, self._cache, self._mask, self._logits = [], None, None, None
         error = BackendError("HFEngine was closed before the request was sampled.")
         for row in self._rows:
             row.future.set_exception(error)
@@ -217,8 +222,8 @@ class HFEngine(InferenceEngine):
             self._update = None
         future.set_result(None)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, kv: KV):
-        cache = DynamicCache(ddp_cache_data=kv) if kv else None
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None):
+        """Next-token logits of every row, and the cache (grown in place by the model)."""
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1)
         layers = out.cache.layers
@@ -229,37 +234,63 @@ class HFEngine(InferenceEngine):
         logits = out.logits[:, -1].float()
         if len(self.banned):
             logits = logits.index_fill(-1, self.banned.to(logits.device), float("-inf"))
-        return logits, [(layer.keys, layer.values) for layer in layers]
+        return logits, out.cache
 
-    def _admit(self, request: GenerationRequest, future: Future, session: _Session | None) -> None:
-        """Prefill a request (after its session's cached prefix) and merge it into the batch."""
-        prompt, device = request.prompt_ids, self.device
-        prefix, kv = 0, []
-        if session is not None:
-            common = next((i for i, (a, b) in enumerate(zip(session.ids, prompt)) if a != b),
-                          min(len(session.ids), len(prompt)))
-            prefix = min(common, len(prompt) - 1)  # at least one token to prefill: its logits sample
-            kv = [(k[:, :, :prefix], v[:, :, :prefix]) for k, v in session.kv] if prefix else []
-        suffix = torch.tensor([prompt[prefix:]], device=device)
-        logits, kv = self._forward(suffix, torch.ones(1, len(prompt), dtype=torch.long, device=device),
-                                   torch.arange(prefix, len(prompt), device=device)[None], kv)
-        uniforms = torch.rand(request.max_new_tokens, generator=torch.Generator().manual_seed(request.seed))
-        self._rows.append(_Row(request, future, uniforms, len(prompt)))
+    def _admit(self, admitted: list[tuple[GenerationRequest, Future, _Session | None]]) -> None:
+        """Prefill the admitted requests in one pass (each after its session's cached prefix) and
+        merge them into the batch.
+
+        Each row is ``[padding, cached prefix, padding, new tokens]``: prefixes and new tokens are
+        left-padded separately, the mask hides both paddings, and positions count real tokens only.
+        """
+        rows, cached = [], []
+        for request, future, session in admitted:
+            prompt, prefix = request.prompt_ids, 0
+            if session is not None:
+                common = next((i for i, (a, b) in enumerate(zip(session.ids, prompt)) if a != b),
+                              min(len(session.ids), len(prompt)))
+                prefix = min(common, len(prompt) - 1)  # at least one token to prefill: its logits sample
+            cached.append([(k[:, :, :prefix], v[:, :, :prefix]) for k, v in session.kv] if prefix else None)
+            uniforms = torch.rand(request.max_new_tokens, generator=torch.Generator().manual_seed(request.seed))
+            rows.append(_Row(request, future, uniforms.tolist(), prefix))
+        width = max(row.length for row in rows)  # the longest cached prefix
+        new = max(len(row.request.prompt_ids) - row.length for row in rows)
+        ids = torch.zeros(len(rows), new, dtype=torch.long)
+        mask = torch.zeros(len(rows), width + new, dtype=torch.long)
+        positions = torch.zeros(len(rows), new, dtype=torch.long)
+        for i, row in enumerate(rows):
+            suffix = row.request.prompt_ids[row.length:]
+            ids[i, new - len(suffix):] = torch.tensor(suffix)
+            mask[i, width - row.length:width] = 1
+            mask[i, width + new - len(suffix):] = 1
+            positions[i, new - len(suffix):] = torch.arange(row.length, row.length + len(suffix))
+            row.length = len(row.request.prompt_ids)
+        cache = None
+        if width:
+            like = next(c for c in cached if c is not None)
+            empty = [(k[:, :, :0], v[:, :, :0]) for k, v in like]
+            cache = DynamicCache(ddp_cache_data=[
+                (torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer]))
+                for layer in zip(*(_pad_left(c if c is not None else empty, width) for c in cached))])
+        device = self.device
+        mask = mask.to(device)
+        logits, cache = self._forward(ids.to(device), mask, positions.to(device), cache)
+        self._rows += rows
         if self._mask is None:
-            self._kv, self._mask, self._logits = kv, torch.ones(1, len(prompt), dtype=torch.long, device=device), logits
+            self._cache, self._mask, self._logits = cache, mask, logits
             return
-        length = max(self._mask.shape[1], len(prompt))
-        self._kv = [(torch.cat([bk, k]), torch.cat([bv, v]))
-                    for (bk, bv), (k, v) in zip(_pad_left(self._kv, length), _pad_left(kv, length))]
-        row_mask = torch.ones(1, len(prompt), dtype=torch.long, device=device)
+        length = max(self._mask.shape[1], mask.shape[1])
+        self._cache = DynamicCache(ddp_cache_data=[
+            (torch.cat([bk, k]), torch.cat([bv, v]))
+            for (bk, bv), (k, v) in zip(_pad_left(_kv(self._cache), length), _pad_left(_kv(cache), length))])
         self._mask = torch.cat([F.pad(self._mask, (length - self._mask.shape[1], 0)),
-                                F.pad(row_mask, (length - len(prompt), 0))])
+                                F.pad(mask, (length - mask.shape[1], 0))])
         self._logits = torch.cat([self._logits, logits])
 
     def _step(self) -> None:
         """Sample one token for every row, retire the finished rows, feed the others' tokens."""
         rows, device = self._rows, self.device
-        uniforms = torch.stack([row.uniforms[len(row.tokens)] for row in rows]).to(device)
+        uniforms = torch.tensor([row.uniforms[len(row.tokens)] for row in rows], device=device)
         temperatures = torch.tensor([float(row.request.temperature) for row in rows], device=device)
         tokens, logprobs = sample(self._logits, uniforms, temperatures)
         keep = []
@@ -274,26 +305,25 @@ class HFEngine(InferenceEngine):
         if len(keep) < len(rows):
             index = torch.tensor(keep, dtype=torch.long, device=device)
             self._rows = [rows[i] for i in keep]
-            self._kv = [(k[index], v[index]) for k, v in self._kv]
-            self._mask, tokens = self._mask[index], tokens[index]
             if not keep:
-                self._kv, self._mask, self._logits = [], None, None
+                self._cache, self._mask, self._logits = None, None, None
                 return
-            start = int(self._mask.shape[1] - max(row.length for row in self._rows))  # all-padding columns
-            self._kv = [(k[:, :, start:], v[:, :, start:]) for k, v in self._kv]
+            self._mask, tokens = self._mask[index], tokens[index]
+            start = int(self._mask.any(0).nonzero()[0])  # drop the columns that are padding in every row
+            self._cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
+                                                       for k, v in _kv(self._cache)])
             self._mask = self._mask[:, start:]
         self._mask = torch.cat([self._mask, torch.ones(len(keep), 1, dtype=torch.long, device=device)], 1)
         positions = torch.tensor([[row.length] for row in self._rows], device=device)
-        self._logits, self._kv = self._forward(tokens[:, None], self._mask, positions, self._kv)
+        self._logits, self._cache = self._forward(tokens[:, None], self._mask, positions, self._cache)
         for row in self._rows:
             row.length += 1
 
     def _finish(self, i: int, row: _Row, reason: str) -> None:
         session = row.request.session
         if session and self.config.max_sessions:
-            width = self._mask.shape[1]
-            kv = [(k[i:i + 1, :, width - row.length:].clone(), v[i:i + 1, :, width - row.length:].clone())
-                  for k, v in self._kv]
+            real = self._mask[i].bool()  # the row's tokens, without the paddings inside and before them
+            kv = [(k[i:i + 1, :, real], v[i:i + 1, :, real]) for k, v in _kv(self._cache)]
             with self._wake:
                 self._sessions[session] = _Session(row.request.prompt_ids + tuple(row.tokens[:-1]), kv)
                 while len(self._sessions) > self.config.max_sessions:
