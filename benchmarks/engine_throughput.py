@@ -32,10 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from rl.engine import GenerationRequest  # noqa: E402
-from rl.engine.hf import HFEngine, HFEngineConfig  # noqa: E402
+from rl.engine.hf import HFEngine, HFEngineConfig, turn_request, turn_segment  # noqa: E402
 from rl.hf import CausalLMPolicy, tiny_causal_lm  # noqa: E402
-from rl.policy import ENV, POLICY, Conversation, Segment  # noqa: E402
+from rl.policy import ENV, Conversation, Segment  # noqa: E402
 from rl_helpers import ECHO, echo_tokenizer  # noqa: E402
 
 
@@ -43,8 +42,7 @@ def single_turn(policy, engine, prompts: int, samples: int):
     env = ECHO.make()
     conversations = [Conversation(seed=p * 100 + s, segments=[policy.encode(env.reset(seed=p)[0], True)])
                      for p in range(prompts) for s in range(samples)]
-    requests = [GenerationRequest(c.token_ids, policy.max_new_tokens, policy.temperature, c.turn_seed(),
-                                  (policy.stop_id,)) for c in conversations]
+    requests = [turn_request(policy, c) for c in conversations]
 
     def baseline():
         return [turn.token_ids for turn in policy.generate(conversations)]
@@ -73,10 +71,9 @@ def multi_turn(policy, engine, conversations: int, turns: int, obs_tokens: int):
     def engine_run():
         convs = [Conversation(seed=c, segments=[first[c]]) for c in range(conversations)]
         for t in range(turns):
-            requests = [GenerationRequest(conv.token_ids, policy.max_new_tokens, policy.temperature, conv.turn_seed(),
-                                          (policy.stop_id,), session=f"conv-{c}") for c, conv in enumerate(convs)]
+            requests = [turn_request(policy, conv, session=f"conv-{c}") for c, conv in enumerate(convs)]
             for conv, result in zip(convs, engine.generate_many(requests)):
-                conv.segments.append(Segment(POLICY, "", result.token_ids, result.logprobs))
+                conv.segments.append(turn_segment(policy, result))
             for c, conv in enumerate(convs):
                 conv.segments.append(Segment(ENV, "", observations[c][t]))
         for c in range(conversations):

@@ -12,7 +12,7 @@ import torch
 
 from rl.engine import GenerationRequest, GenerationResult
 from rl.engine.base import served_result
-from rl.engine.hf import HFEngine, HFEngineConfig
+from rl.engine.hf import HFEngine, HFEngineConfig, turn_request, turn_segment
 from rl.hf import tiny_causal_lm
 from rl.policy import Conversation
 from rl_helpers import ECHO, echo_tokenizer, tiny_policy
@@ -74,21 +74,24 @@ def test_requests_validate_themselves():
 
 
 def test_engine_samples_what_the_policy_samples():
-    """Same seeds, same weights: the engine's tokens and log-probs are CausalLMPolicy.generate's."""
+    """Same seeds, same weights, two turns: the engine's segments are CausalLMPolicy.generate's."""
     tokenizer = echo_tokenizer()
     policy = tiny_policy(tokenizer, max_new_tokens=12)
     env = ECHO.make()
-    conversations = []
-    for seed in range(4):
-        conversations.append(Conversation(seed=seed, segments=[policy.encode(env.reset(seed=seed)[0], True)]))
-    expected = policy.generate(conversations)
+    ours, theirs = ([Conversation(seed=seed, segments=[policy.encode(env.reset(seed=seed)[0], True)])
+                     for seed in range(4)] for _ in range(2))
     with HFEngine.from_policy(policy) as engine:
-        got = engine.generate_many([GenerationRequest(c.token_ids, 12, policy.temperature, c.turn_seed(),
-                                                      (policy.stop_id,)) for c in conversations])
-    for turn, result in zip(expected, got):
-        assert result.token_ids == turn.token_ids
-        assert result.logprobs == pytest.approx(turn.logprobs, abs=LOGPROB_ATOL)
-        assert result.finish_reason == ("stop" if turn.token_ids[-1] == policy.stop_id else "length")
+        for turn in range(2):
+            expected = policy.generate(theirs)
+            got = engine.generate_many([turn_request(policy, c, session=str(i)) for i, c in enumerate(ours)])
+            for conv, other, segment, result in zip(ours, theirs, expected, got):
+                mine = turn_segment(policy, result)
+                assert (mine.text, mine.token_ids) == (segment.text, segment.token_ids)
+                assert mine.logprobs == pytest.approx(segment.logprobs, abs=LOGPROB_ATOL)
+                assert result.finish_reason == ("stop" if segment.token_ids[-1] == policy.stop_id else "length")
+                observation = policy.encode({"text": f"Turn {turn}: say cat."}, False)
+                conv.segments += [mine, observation]
+                other.segments += [segment, observation]
 
 
 def test_same_seed_same_tokens_whatever_the_batch(engine):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rl.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, named_tensors
+from rl.policy import POLICY, Conversation, Segment
 from visenv.error import BackendError, ConfigError
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -94,6 +95,20 @@ def _kv(cache: DynamicCache) -> KV:
 
 def _pad_left(kv: KV, length: int) -> KV:
     return [(F.pad(k, (0, 0, length - k.shape[2], 0)), F.pad(v, (0, 0, length - v.shape[2], 0))) for k, v in kv]
+
+
+def turn_request(policy, conversation: Conversation, session: str | None = None) -> GenerationRequest:
+    """The request for a conversation's next turn with a :class:`rl.hf.CausalLMPolicy`'s sampling
+    settings and seed: an engine then samples what ``policy.generate`` samples."""
+    return GenerationRequest(conversation.token_ids, policy.max_new_tokens, policy.temperature,
+                             conversation.turn_seed(), (policy.stop_id,), session)
+
+
+def turn_segment(policy, result: GenerationResult) -> Segment:
+    """The policy segment of a sampled turn, as ``policy.generate`` writes it (text without the stop token)."""
+    ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
+    return Segment(POLICY, policy.tokenizer.decode(ids, skip_special_tokens=False), result.token_ids,
+                   result.logprobs)
 
 
 class HFEngine(InferenceEngine):
