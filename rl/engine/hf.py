@@ -68,6 +68,7 @@ class _Row:
     length: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    done: bool = False
 
 
 @dataclass
@@ -139,7 +140,9 @@ class HFEngine(InferenceEngine):
 
     @classmethod
     def from_policy(cls, policy, config: HFEngineConfig = HFEngineConfig()) -> "HFEngine":
-        """The engine of a :class:`rl.hf.CausalLMPolicy` (same model object: its updates show at once)."""
+        """The engine of a :class:`rl.hf.CausalLMPolicy`, on the same model object: the learner's
+        in-place updates show at once (no copy, no version). When rollouts overlap updates, build
+        ``HFEngine(copy.deepcopy(policy.model), ...)`` instead and call :meth:`update_weights`."""
         return cls(policy.model, config, banned_token_ids=policy.env_only_ids)
 
     @property
@@ -202,7 +205,7 @@ class HFEngine(InferenceEngine):
                     update = self._update if not self._rows else None
                     admitted = [] if self._update else [
                         self._pending.popleft()
-                        for _ in range(min(len(self._pending), self.config.max_batch_size - len(self._rows)))]
+                        for _ in range(min(len(self._pending), self.config.max_batch_size - self._live()))]
                     sessions = [self._sessions.pop(r.session, None) if r.session else None for r, _ in admitted]
                 if update is not None:
                     self._apply(*update)
@@ -216,15 +219,20 @@ class HFEngine(InferenceEngine):
                         self._step()
                 except Exception as err:  # a library bug: fail the affected requests, keep serving
                     for row in self._rows:
-                        row.future.set_exception(err)
+                        if not row.done:
+                            row.future.set_exception(err)
                     self._rows, self._cache, self._mask, self._logits = [], None, None, None
         error = BackendError("HFEngine was closed before the request was sampled.")
         for row in self._rows:
-            row.future.set_exception(error)
+            if not row.done:
+                row.future.set_exception(error)
         for _, future in self._pending:
             future.set_exception(error)
         if self._update:
             self._update[2].set_exception(error)
+
+    def _live(self) -> int:
+        return sum(not row.done for row in self._rows)
 
     def _apply(self, pairs: list[tuple[str, torch.Tensor]], version: int, future: Future) -> None:
         params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -290,6 +298,8 @@ class HFEngine(InferenceEngine):
         device = self.device
         mask = mask.to(device)
         logits, cache = self._forward(ids.to(device), mask, positions.to(device), cache)
+        if any(row.done for row in self._rows):
+            self._compact([i for i, row in enumerate(self._rows) if not row.done])
         self._rows += rows
         if self._mask is None:
             self._cache, self._mask, self._logits = cache, mask, logits
@@ -303,36 +313,45 @@ class HFEngine(InferenceEngine):
         self._logits = torch.cat([self._logits, logits])
 
     def _step(self) -> None:
-        """Sample one token for every row, retire the finished rows, feed the others' tokens."""
+        """Sample one token for every live row, finish the rows that are done, feed the tokens.
+
+        A finished row stays in the batch (its samples ignored) until a quarter of the rows are
+        finished or new rows join: compacting the cache copies it, so it is done in bulk.
+        """
         rows, device = self._rows, self.device
-        uniforms = torch.tensor([row.uniforms[len(row.tokens)] for row in rows], device=device)
+        uniforms = torch.tensor([0.0 if row.done else row.uniforms[len(row.tokens)] for row in rows], device=device)
         temperatures = torch.tensor([float(row.request.temperature) for row in rows], device=device)
         tokens, logprobs = sample(self._logits, uniforms, temperatures)
-        keep = []
         for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
+            if row.done:
+                continue
             row.tokens.append(token)
             row.logprobs.append(logprob)
             stopped = token in row.request.stop_token_ids
             if stopped or len(row.tokens) == row.request.max_new_tokens:
                 self._finish(i, row, "stop" if stopped else "length")
-            else:
-                keep.append(i)
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            self._rows = [rows[i] for i in keep]
-            if not keep:
-                self._cache, self._mask, self._logits = None, None, None
-                return
-            self._mask, tokens = self._mask[index], tokens[index]
-            start = int(self._mask.any(0).nonzero()[0])  # drop the columns that are padding in every row
-            self._cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
-                                                       for k, v in _kv(self._cache)])
-            self._mask = self._mask[:, start:]
-        self._mask = torch.cat([self._mask, torch.ones(len(keep), 1, dtype=torch.long, device=device)], 1)
+        live = [i for i, row in enumerate(rows) if not row.done]
+        if not live:
+            self._rows, self._cache, self._mask, self._logits = [], None, None, None
+            return
+        if 4 * (len(rows) - len(live)) >= len(rows):
+            tokens = tokens[self._compact(live)]
+        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long, device=device)], 1)
         positions = torch.tensor([[row.length] for row in self._rows], device=device)
         self._logits, self._cache = self._forward(tokens[:, None], self._mask, positions, self._cache)
         for row in self._rows:
             row.length += 1
+
+    def _compact(self, keep: list[int]) -> torch.Tensor:
+        """Keep only the rows ``keep`` (and drop the columns that are padding in all of them); their index."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask, self._logits = self._mask[index], self._logits[index]
+        start = int(self._mask.any(0).nonzero()[0])
+        self._cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
+                                                   for k, v in _kv(self._cache)])
+        self._mask = self._mask[:, start:]
+        return index
 
     def _finish(self, i: int, row: _Row, reason: str) -> None:
         session = row.request.session
@@ -343,4 +362,5 @@ class HFEngine(InferenceEngine):
                 self._sessions[session] = _Session(row.request.prompt_ids + tuple(row.tokens[:-1]), kv)
                 while len(self._sessions) > self.config.max_sessions:
                     self._sessions.popitem(last=False)
+        row.done = True
         row.future.set_result(GenerationResult(row.tokens, row.logprobs, reason, self.version))
