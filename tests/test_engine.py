@@ -185,6 +185,9 @@ def test_weight_updates_version_the_results_and_drop_kept_caches():
         assert after.logprobs != before.logprobs
         with pytest.raises(ConfigError, match="unknown parameter.*'lm_head.extra'"):
             engine.update_weights({"lm_head.extra": torch.zeros(1)}, version=4)
+        with pytest.raises(ConfigError, match=r"'lm_head.weight' of shape \(1,\), but the model's is \(64, 32\)"):
+            engine.update_weights({"lm_head.weight": torch.zeros(1)}, version=4)
+        assert engine.version == 3
         with pytest.raises(ConfigError, match="outside the model's vocabulary"):
             engine.submit(GenerationRequest([VOCAB + 1], 2))
     with pytest.raises(BackendError, match="after close"):

@@ -171,6 +171,11 @@ class HFEngine(InferenceEngine):
         if unknown:
             raise ConfigError(f"update_weights got {len(unknown)} unknown parameter(s), e.g. {unknown[0]!r}: the "
                               "weights come from a model of another architecture (or a LoRA-wrapped one).")
+        misshapen = [(name, tuple(value.shape)) for name, value in pairs if value.shape != params[name].shape]
+        if misshapen:
+            name, shape = misshapen[0]
+            raise ConfigError(f"update_weights got {name!r} of shape {shape}, but the model's is "
+                              f"{tuple(params[name].shape)}: the weights come from a model of another size.")
         future: Future = Future()
         with self._wake:
             if self._closed:
@@ -217,10 +222,10 @@ class HFEngine(InferenceEngine):
                         self._admit(admitted)
                     if self._rows:
                         self._step()
-                except Exception as err:  # a library bug: fail the affected requests, keep serving
-                    for row in self._rows:
-                        if not row.done:
-                            row.future.set_exception(err)
+                except Exception as err:  # e.g. a prompt past the model's positions: fail them, keep serving
+                    for future in [row.future for row in self._rows] + [future for _, future, _ in admitted]:
+                        if not future.done():
+                            future.set_exception(err)
                     self._rows, self._cache, self._mask, self._logits = [], None, None, None
         error = BackendError("HFEngine was closed before the request was sampled.")
         for row in self._rows:
