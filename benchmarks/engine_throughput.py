@@ -11,8 +11,13 @@ both sides:
   whole conversation every turn; the engine keeps each conversation's KV cache (``session``) and
   prefills only the new tokens.
 
-Sampled tokens per second (best of ``--repeats``) and whether both sides sampled the same tokens.
-Prints a table and writes JSON.
+* ``arrivals``: ``--arrivals`` (32) single-turn requests arriving one every ``--gap-ms`` (10 ms),
+  as episodes whose tools answer at different moments. ``policy.generate`` runs whatever has
+  arrived as one batch, then the next (static batching); the engine admits each arrival at its next
+  decoding step. Also the mean latency from arrival to result.
+
+Seconds (best of ``--repeats``) and whether both sides sampled the same tokens. Prints a table and
+writes JSON.
 
     python benchmarks/engine_throughput.py [--repeats 3] [--threads 2] [--out benchmarks/results/engine_throughput.json]
 """
@@ -83,6 +88,39 @@ def multi_turn(policy, engine, conversations: int, turns: int, obs_tokens: int):
     return baseline, engine_run
 
 
+def arrivals(policy, engine, count: int, gap_s: float):
+    env = ECHO.make()
+    conversations = [Conversation(seed=i, segments=[policy.encode(env.reset(seed=i)[0], True)]) for i in range(count)]
+    latencies: dict[str, float] = {}
+
+    def baseline():
+        start, out, done, waits = time.perf_counter(), [None] * count, 0, []
+        while done < count:
+            arrived = min(count, int((time.perf_counter() - start) / gap_s) + 1)
+            if arrived == done:
+                time.sleep(start + done * gap_s - time.perf_counter())
+                continue
+            for i, turn in zip(range(done, arrived), policy.generate(conversations[done:arrived])):
+                out[i] = turn.token_ids
+                waits.append(time.perf_counter() - (start + i * gap_s))
+            done = arrived
+        latencies["policy_generate"] = sum(waits) / count
+        return out
+
+    def engine_run():
+        start, futures, waits = time.perf_counter(), [], []
+        for i, conv in enumerate(conversations):
+            time.sleep(max(0.0, start + i * gap_s - time.perf_counter()))
+            future = engine.submit(turn_request(policy, conv))
+            future.add_done_callback(lambda _, arrival=start + i * gap_s: waits.append(time.perf_counter() - arrival))
+            futures.append(future)
+        out = [f.result().token_ids for f in futures]
+        latencies["engine"] = sum(waits) / count
+        return out
+
+    return baseline, engine_run, latencies
+
+
 def timed(run, repeats: int):
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -100,6 +138,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--obs-tokens", type=int, default=32)
+    parser.add_argument("--arrivals", type=int, default=32)
+    parser.add_argument("--gap-ms", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "engine_throughput.json"))
@@ -115,6 +155,8 @@ def main() -> None:
             f"multi-turn {args.conversations}x{args.turns} turns (+{args.obs_tokens}-token obs)": multi_turn(
                 policy, engine, args.conversations, args.turns, args.obs_tokens),
         }
+        *arrival_runs, latencies = arrivals(policy, engine, args.arrivals, args.gap_ms / 1000)
+        workloads[f"arrivals {args.arrivals} x {args.tokens} tokens, every {args.gap_ms:g} ms"] = arrival_runs
         for name, (baseline, engine_run) in workloads.items():
             timed(engine_run, 1)  # warm-up
             base_s, base_out = timed(baseline, args.repeats)
@@ -123,10 +165,13 @@ def main() -> None:
             rows.append({"workload": name, "policy_generate_s": round(base_s, 4), "engine_s": round(engine_s, 4),
                          "sequence_tokens": base_tokens, "speedup": round(base_s / engine_s, 3),
                          "same_tokens": base_out == engine_out})
+        rows[-1].update({f"mean_latency_{side}_s": round(value, 4) for side, value in latencies.items()})
     print(f"{'workload':48s} {'generate s':>11s} {'engine s':>9s} {'speedup':>8s} {'same tokens':>12s}")
     for row in rows:
         print(f"{row['workload']:48s} {row['policy_generate_s']:11.3f} {row['engine_s']:9.3f} {row['speedup']:8.2f} "
               f"{str(row['same_tokens']):>12s}")
+    print(f"arrivals, mean latency from arrival to result: policy.generate {latencies['policy_generate']:.3f} s, "
+          f"engine {latencies['engine']:.3f} s")
     result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": platform.platform(),
               "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
