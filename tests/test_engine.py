@@ -211,3 +211,17 @@ def test_the_vllm_engine_names_its_extra_when_vllm_is_missing():
         VLLMEngine(VLLMEngineConfig("some/model"))
     with pytest.raises(ConfigError, match="engine_args sets \\['logprobs_mode'\\]"):
         VLLMEngineConfig("some/model", engine_args={"logprobs_mode": "raw_logprobs"})
+
+
+def test_a_failing_pass_fails_its_requests_and_the_engine_keeps_serving(model):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with HFEngine(model) as engine:
+        model.forward = broken
+        try:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                engine.generate_many([request(0), request(1)])
+        finally:
+            del model.forward
+        assert len(engine.generate_many([request(0)])[0].token_ids) == 10
