@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import threading
 import uuid
@@ -137,8 +138,10 @@ class VLLMEngine(InferenceEngine):
         with self._gate.update(version):
             self._run(self._llm.collective_rpc("visenv_load_weights", args=(folder,)))
             self._run(self._llm.reset_prefix_cache())
+        shutil.rmtree(folder)  # loaded into the workers' memory
 
     def close(self) -> None:
         self._llm.shutdown()
+        shutil.rmtree(self._weights_dir, ignore_errors=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
