@@ -19,6 +19,7 @@ for name in ("transformers", "peft", "gymnasium"):
         print(name, "missing:", err)
 EOF
   python3 -m pytest -q -p no:cacheprovider -rs --durations=5 tests/test_gpu.py
+  python3 -c "import vllm; print('vllm', vllm.__version__)" || echo "vllm missing: the vLLM engine test was skipped (pip install 'visenv[vllm]')"
 } 2>&1 | tee "$LOG"
 status=$?
 if [ "$status" = 0 ] && ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
