@@ -43,7 +43,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from visenv.tools.cache_io import import_calls
 
     calls = Path(args.calls) if args.calls else Path(args.folder) / "calls.jsonl"
-    imported, skipped = import_calls(ToolCache(args.cache), calls, progress=not args.quiet)
+    with ToolCache(args.cache) as cache:
+        imported, skipped = import_calls(cache, calls, progress=not args.quiet)
     print(f"imported {imported} entries into {args.cache} ({skipped} already cached)")
     return 0
 
@@ -84,7 +85,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Print entries per tool, media size and hit rates."""
-    stats = ToolCache(args.cache).stats()
+    with ToolCache(args.cache) as cache:
+        stats = cache.stats()
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -105,7 +107,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except CacheCorruptError as error:  # the index cannot even be opened
         print(f"the index of {args.cache} is damaged: {error.detail}.\n{INDEX_RECOVERY}", file=sys.stderr)
         return 1
-    report = cache.verify(check_hashes=not args.no_hash, progress=not args.quiet)
+    with cache:
+        report = cache.verify(check_hashes=not args.no_hash, progress=not args.quiet)
     if report.index_problems:
         problems = "\n  ".join(report.index_problems)
         print(f"the index of {args.cache} is damaged (SQLite integrity check):\n  {problems}\n{report.recovery}",
@@ -124,7 +127,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write calls.jsonl and media/ (re-importable with `visenv cache import`)."""
     from visenv.tools.cache_io import export_cache
 
-    count = export_cache(ToolCache(args.cache), args.out, tool=args.tool, progress=not args.quiet)
+    with ToolCache(args.cache) as cache:
+        count = export_cache(cache, args.out, tool=args.tool, progress=not args.quiet)
     print(f"exported {count} entries to {args.out}")
     return 0
 

@@ -486,6 +486,13 @@ class ToolCache:
             conn.close()
             self._local.conn = None
 
+    def __enter__(self) -> "ToolCache":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Closed when the block ends: a command's counts and connection never outlive it."""
+        self.close()
+
     # ---- reading -----------------------------------------------------------------------------
 
     @_guarded
