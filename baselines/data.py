@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from visenv.envs.config import TASK_SUITES, VisGenConfig
 from visenv.envs.visgen import VisGenEnv
 from visenv.episode import EpisodeRecord
 from visenv.error import ConfigError
+from visenv.imports import import_object
 from visenv.tasks import Task, load_tasks, make_suite
 
 TRUNCATED = "truncated"
@@ -272,17 +272,11 @@ def _write_jsonl(path: str, trajectories: list[_Trajectory]) -> None:
 
 def _load_judge(spec: str) -> tuple[str, Any]:
     """``NAME=package.module:factory`` -> (NAME, factory())."""
-    name, _, target = spec.partition("=")
-    module, _, attribute = target.partition(":")
-    if not name or not module or not attribute:
+    name, sep, target = spec.partition("=")
+    if not name or not sep:
         raise ConfigError(f"--judge ({spec!r}) must be NAME=package.module:factory, where factory() "
                           "returns a judge, e.g. plan=myjudges:plan_judge.")
-    try:
-        factory = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"--judge ({spec!r}): cannot import {target!r} ({error}); give an importable "
-                          "package.module:factory, e.g. plan=myjudges:plan_judge.") from None
-    return name, factory()
+    return name, import_object(target, f"--judge {name}=", "plan=myjudges:plan_judge")()
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:

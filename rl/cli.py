@@ -22,20 +22,19 @@ The applications (:mod:`rl.jobs.cli`, :mod:`baselines.data`)::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-from typing import Any
 
 from baselines.data import add_data_commands
 from rl import checkpoint
 from rl.config import EvalConfig, SFTConfig, TrainConfig, add_options, load, overrides_from, to_dict
-from rl.errors import ConfigError, VisenvError
+from rl.errors import VisenvError
 from rl.jobs.cli import add_job_commands
 from rl.logging import MetricsLogger
 from rl.rollout import SerialRollout, make_specs
 from rl.train import Trainer, episode_metrics
+from visenv.imports import import_object
 
 
 def run_sft(config: SFTConfig, progress: bool = True) -> str:
@@ -103,22 +102,13 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
         rollout.close()
 
 
-def _import(spec: str) -> Any:
-    module, name = spec.split(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"agent ({spec!r}): cannot import it ({exc}); expected 'module:Class' of an importable "
-                          "module, e.g. 'baselines.random_agent:RandomAgent'.") from None
-
-
 def run_record(config: EvalConfig) -> dict[str, float]:
     """Run ``episodes`` fresh tasks; write summary.json and trajectories.jsonl; return the summary."""
     from rl.api import ApiPolicy
     from rl.policy import AgentPolicy
 
     if config.agent:
-        policy = AgentPolicy(_import(config.agent))
+        policy = AgentPolicy(import_object(config.agent, "agent", "baselines.random_agent:RandomAgent"))
     elif config.api_base_url:
         policy = ApiPolicy(config.api_base_url, config.api_model)
     else:

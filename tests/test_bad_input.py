@@ -249,7 +249,7 @@ VISENV_CASES = {
 # The applications (main job, benchmark evaluation, teacher data) are rl commands.
 RL_CASES.update({
     "unknown judge module": (["data", "build", "--n", "1", "--out", "{tmp}/d.jsonl", "--judge", "plan=no_such_mod:f"],
-                             r"--judge \('plan=no_such_mod:f'\): cannot import 'no_such_mod:f'"),
+                             r"--judge plan= \('no_such_mod:f'\): cannot import it"),
     "--num-envs 0": (["eval", "--policy", "{policy}", "--num-envs", "0", "--n", "1", "--no-report", "--out",
                       "{tmp}/r.json"], r"num_envs \(0\) must be at least 1"),
     "negative API temperature": (["eval", "--api-base-url", "{api}", "--api-model", "m", "--temperature", "-1", "--n",

@@ -86,7 +86,7 @@ def test_build_with_a_python_callable(tmp_path, capsys):
     assert run("cache", "build", tmp_path / "cache", calls, "--callable", "cache_fixtures:local_generator",
                "--quiet") == 0
     assert "recorded 2" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="package.module:function"):
+    with pytest.raises(ConfigError, match="package.module:name"):
         run("cache", "build", tmp_path / "cache", calls, "--callable", "cache_fixtures")
 
 

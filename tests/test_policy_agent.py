@@ -245,7 +245,7 @@ def test_rl_eval_takes_an_agent_class_and_names_bad_choices(tmp_path, capsys):
     assert main(eval_args(tmp_path / "class", "--agent", "baselines.workflow_agent:WorkflowAgent", "--no-report")) == 0
     teacher, by_class = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("teacher", "class"))
     assert by_class["summary"] == teacher["summary"]  # the class got the same seed
-    for who, message in [(["--agent", "nobody"], "expected 'teacher', 'random' or an agent class"),
+    for who, message in [(["--agent", "nobody"], "must be 'package.module:name', e.g. 'teacher', 'random'"),
                          (["--agent", "baselines.nowhere:Agent"], "cannot import it"),
                          (["--policy", str(tmp_path / "missing")], "is not a policy folder"),
                          (["--api-base-url", "http://127.0.0.1:9/v1"], "needs --api-model")]:

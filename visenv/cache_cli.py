@@ -16,13 +16,13 @@ with :func:`add_cache_commands`.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from visenv.error import CacheCorruptError, ConfigError
+from visenv.error import CacheCorruptError
+from visenv.imports import import_object
 from visenv.tools.cache import INDEX_RECOVERY, ToolCache
 
 
@@ -49,17 +49,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generator(spec: str):
-    module, _, name = spec.partition(":")
-    if not name:
-        raise ConfigError(f"--callable ({spec!r}) must be 'package.module:function'.")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"--callable ({spec!r}): cannot import it ({error}); give an importable "
-                          "'package.module:function'.") from None
-
-
 def cmd_build(args: argparse.Namespace) -> int:
     """Run a real backend over a calls file, recording into the cache; resumes where it stopped."""
     from visenv.tools.cache_io import read_calls
@@ -67,7 +56,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     cache = ToolCache(args.cache)
     if args.callable:
-        backend = RealBackend(_generator(args.callable), cache=cache)
+        backend = RealBackend(import_object(args.callable, "--callable", "mygen:draw"), cache=cache)
     else:
         api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
         backend = OpenAIImagesBackend(args.url, args.model, cache=cache, api_key=api_key, send_seed=args.send_seed,

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from rl.evaluate import evaluate, evaluate_with_report
 from visenv.cli import suite_from_args, suite_options
 from visenv.error import ConfigError
 from visenv.evaluation import format_table, write_results
+from visenv.imports import import_object
 from visenv.rewards.judges.grader import format_benchmark
 from visenv.tasks import make_suite
 
@@ -32,14 +32,7 @@ def agent_factory(name: str, seed: int):
     factories = {"teacher": lambda: WorkflowAgent(seed=seed), "random": lambda: RandomAgent(seed=seed)}
     if name in factories:
         return factories[name]
-    module, colon, attribute = name.partition(":")
-    if not colon or not module or not attribute:
-        raise ConfigError(f"--agent {name!r}: expected 'teacher', 'random' or an agent class as 'module:Class' "
-                          "(e.g. baselines.workflow_agent:WorkflowAgent).")
-    try:
-        cls = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"--agent {name!r}: cannot import it ({error}).") from None
+    cls = import_object(name, "--agent", "'teacher', 'random' or baselines.workflow_agent:WorkflowAgent")
     try:
         takes_seed = "seed" in inspect.signature(cls).parameters
     except (TypeError, ValueError):
