@@ -70,8 +70,12 @@ def play(env, seed, task):
 
 
 def comparable(steps):
-    """The episode as JSON, with the serving tier's name in info masked (the one thing that differs)."""
-    text = json.dumps([[{k: v for k, v in obs.items() if k != "pixels"}, info] for obs, info in steps],
+    """The episode as JSON, with what differs by design masked: the serving tier's name, and the GPU-seconds
+    avoided (a replay avoids what the recording paid)."""
+    def masked(info):
+        cost = {k: v for k, v in info.get("cost", {}).items() if "avoided" not in k}
+        return {**info, "cost": cost} if "cost" in info else info
+    text = json.dumps([[{k: v for k, v in obs.items() if k != "pixels"}, masked(info)] for obs, info in steps],
                       sort_keys=True, default=str)
     return text.replace('\\"backend\\": \\"exact_cache\\"', '\\"backend\\": \\"real\\"').replace(
         '"backend": "exact_cache"', '"backend": "real"')
@@ -143,7 +147,7 @@ def test_a_damaged_cache_never_serves_nor_raises_out_of_step_and_a_damaged_index
     open(second, "wb").write(bytes(raw))
     env = VisGenEnv(tasks=[task], backends={"*": [ExactCacheBackend(cache), AttributeBackend(media_db)]})
     steps = play(env, 5, task)
-    served = [info["tool_result"]["backend"] for _, info in steps[1:] if info["tool_result"]]
+    served = [info["tool_result"]["backend"] for _, info in steps[1:] if "tool_result" in info]
     assert served == ["exact_cache", "attribute", "attribute"]  # the damaged pictures: a miss, the next tier
     assert steps[-1][1]["terminated"] and cache.counters()["tool_text2image_qwen"]["corrupt_file"] == 1
     with pytest.raises(BackendMiss, match="strict chain"):  # replay never serves the damaged entry
