@@ -142,7 +142,8 @@ class RolloutStats:
         generate_seconds: time the generator was busy (at least one turn being sampled).
         runner_seconds: wall time of the episode runners (what ``generate_seconds`` is a part of).
         env_seconds: time in env resets and steps and in encoding observations.
-        tool_seconds: env steps with a tool call that did not end the episode, by answering tier.
+        tool_seconds: env steps with a tool call that did not end the episode, by answering tier
+            (``"refused"``: calls that no tier answered, e.g. invalid arguments).
         judge_seconds: the episode-ending env steps (where the rubric and its judges score).
         max_in_flight: the most episodes live at once in one runner.
     """
@@ -237,6 +238,7 @@ class _Live:
                 episode.extra = finish(self.env, episode, self.steps)
             return episode
         if tier is not None:
+            tier = tier or "refused"  # no tier answered (an invalid call)
             stats.tool_seconds[tier] = stats.tool_seconds.get(tier, 0.0) + elapsed
         return observation
 

@@ -128,7 +128,8 @@ def test_agents_play_visgen_with_latency_the_same_in_both_modes_and_the_waits_ar
     assert_same_episodes(fast, sync)
     assert sum(sum(e.backends.values()) for e in fast) > 0
     assert stats.judge_seconds >= 0.02 * len(specs)
-    assert set(stats.tool_seconds) <= {tier for e in fast for tier in e.backends} and stats.tool_seconds
+    assert stats.tool_seconds["attribute"] > 0
+    assert set(stats.tool_seconds) <= {tier or "refused" for e in fast for tier in e.backends}
     metrics = episode_metrics(fast, stats)
     assert metrics["rollout/max_in_flight"] == 3.0
     assert metrics["rollout/judge_wait_seconds"] == stats.judge_seconds
