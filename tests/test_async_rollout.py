@@ -4,6 +4,7 @@ tools and judges that make the difference measurable."""
 
 import functools
 import math
+import os
 import time
 
 import gymnasium as gym
@@ -14,7 +15,7 @@ from rl.config import RolloutConfig
 from rl.policy import AgentPolicy
 from rl.rollout import RayRollout, SerialRollout, make_specs, run_episodes
 from rl.train import episode_metrics
-from rl_helpers import LetterEnv, RaisingEnv
+from rl_helpers import ECHO, CrashOnceEnv, LetterEnv, RaisingEnv
 from test_rl_rollout import saved_policy  # noqa: F401  (the fixture: a tiny policy and its loader)
 from visenv.envs.config import VisGenConfig
 from visenv.envs.visgen import VisGenEnv
@@ -152,6 +153,24 @@ def test_ray_workers_in_async_mode_give_the_serial_sync_episodes(ray_session, sa
         ray.close()
     assert_same_episodes(got, expected)
     assert stats.env_steps == 24 and stats.runner_seconds > 0
+
+
+@pytest.mark.slow
+def test_an_async_worker_killed_mid_iteration_loses_no_episode(ray_session, saved_policy, tmp_path):
+    policy, make_policy = saved_policy
+    specs = make_specs(2, 0, 4, 2)
+    marker = str(tmp_path / "crashed")
+    make_env = functools.partial(CrashOnceEnv, marker, specs[6].task_seed)  # dies on an env thread
+    expected, _ = run_episodes(policy, [ECHO.make() for _ in range(4)], specs)
+    rollout = RayRollout(make_policy, make_env, num_workers=2, envs_per_worker=4, num_cpus=0.25, mode="async")
+    try:
+        rollout.set_weights(policy, version=1)
+        got, stats = rollout.sample(specs)
+    finally:
+        rollout.close()
+    assert os.path.exists(marker), "the crash did not happen: the test proved nothing"
+    assert stats.worker_restarts == 1
+    assert_same_episodes(got, expected)
 
 
 def test_latency_and_mode_settings_validate_themselves(saved_policy):
