@@ -204,6 +204,8 @@ class RolloutConfig:
         max_staleness: (ray) iterations the workers' weights may lag the learner's (0: on-policy;
             more saves weight transfers and makes GRPO use the sampler's log-probs).
         ray_address: (ray) null starts a local Ray; "auto" or "host:port" joins a cluster.
+        mode: "sync" (one batched generate, then the env steps in turn) or "async" (env steps, tool
+            calls and judges on threads while generation goes on; the same episodes), in every backend.
     """
 
     backend: str = "serial"
@@ -216,8 +218,11 @@ class RolloutConfig:
     max_restarts: int = 3
     max_staleness: int = 0
     ray_address: str | None = None
+    mode: str = "sync"
 
     def __post_init__(self) -> None:
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"rollout.mode ({self.mode!r}) must be 'sync' or 'async'.")
         if self.backend not in ("serial", "ray"):
             raise ConfigError(f"rollout.backend ({self.backend!r}) must be 'serial' or 'ray'.")
         if self.placement not in ("colocate", "spread"):
@@ -250,11 +255,12 @@ class RolloutConfig:
         from rl.rollout import RayRollout, SerialRollout
 
         if self.backend == "serial":
-            return SerialRollout(policy, make_env, self.num_envs, finish)
+            return SerialRollout(policy, make_env, self.num_envs, finish, self.mode)
         self.check_local_cpus()
         start_ray(self.ray_address)
         return RayRollout(make_policy, make_env, self.num_workers, self.num_envs, self.placement,
-                          self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts, finish)
+                          self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts, finish,
+                          self.mode)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:

@@ -18,8 +18,17 @@ episode is lost or counted twice.
 
 Every backend implements :class:`Rollout` (``set_weights``, ``sample``, ``close``), all that
 :class:`~rl.train.Trainer` uses. The loop keeps each live episode as its own small state
-(``_Live``: start, advance with a sampled turn, finish), so a future asynchronous loop can advance
-episodes independently and batch generation across whichever are waiting.
+(``_Live``: reset, step with a sampled turn, observe), and runs in one of two modes (:data:`MODES`):
+
+* ``"sync"`` (the default): one batched ``generate`` for all live episodes, then their env steps
+  one after another;
+* ``"async"``: env steps (tool calls, the episode-end judge) run on a thread pool, one thread per
+  environment, while the policy generates for whichever episodes are ready: a text
+  :class:`~rl.hf.CausalLMPolicy` through an in-process :class:`~rl.engine.hf.HFEngine` (continuous
+  batching: a turn joins the running batch at its next decode step, KV caches kept between turns),
+  any other policy by batching the episodes that became ready while the previous ``generate`` ran.
+  Episodes finish in any order; a sample depends only on its seeds and the weights, so both modes
+  return the same episodes for the same specs.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
@@ -118,22 +128,51 @@ class Episode:
         return sum(len(s.token_ids) for s in self.segments if s.role == POLICY)
 
 
+MODES = ("sync", "async")
+"""How :func:`run_episodes` interleaves generation and env steps (see the module docstring)."""
+
+
 @dataclass
 class RolloutStats:
-    """Where a rollout's time went, and what went wrong. Seconds of generation and env are summed over
-    workers; :meth:`add` sums everything but the wall time (parts may overlap)."""
+    """Where a rollout's time went, and what went wrong. Seconds are summed over workers (and, in
+    async mode, over the env threads: parts overlap); :meth:`add` sums everything but the wall time
+    and ``max_in_flight`` (the most of any one runner).
+
+    Attributes:
+        generate_seconds: time the generator was busy (at least one turn being sampled).
+        runner_seconds: wall time of the episode runners (what ``generate_seconds`` is a part of).
+        env_seconds: time in env resets and steps and in encoding observations.
+        tool_seconds: env steps with a tool call that did not end the episode, by answering tier
+            (``"refused"``: calls that no tier answered, e.g. invalid arguments).
+        judge_seconds: the episode-ending env steps (where the rubric and its judges score).
+        max_in_flight: the most episodes live at once in one runner.
+    """
 
     wall_seconds: float = 0.0
     generate_seconds: float = 0.0
+    runner_seconds: float = 0.0
     env_seconds: float = 0.0
+    tool_seconds: dict[str, float] = field(default_factory=dict)
+    judge_seconds: float = 0.0
     env_steps: int = 0
+    max_in_flight: int = 0
     worker_restarts: int = 0
     episodes_failed: int = 0
 
+    @property
+    def generator_idle_fraction(self) -> float:
+        """The share of the runners' time in which the generator sampled nothing."""
+        return 1.0 - self.generate_seconds / self.runner_seconds if self.runner_seconds else 0.0
+
     def add(self, other: "RolloutStats") -> None:
         self.generate_seconds += other.generate_seconds
+        self.runner_seconds += other.runner_seconds
         self.env_seconds += other.env_seconds
+        for tier, seconds in other.tool_seconds.items():
+            self.tool_seconds[tier] = self.tool_seconds.get(tier, 0.0) + seconds
+        self.judge_seconds += other.judge_seconds
         self.env_steps += other.env_steps
+        self.max_in_flight = max(self.max_in_flight, other.max_in_flight)
         self.episodes_failed += other.episodes_failed
         self.worker_restarts += other.worker_restarts
 
@@ -146,8 +185,9 @@ Finish = Callable[[Any, Episode, list], Any]
 class _Live:
     """One episode in play: its environment, conversation and what it has gathered so far.
 
-    The runner advances each live episode on its own (``start``, then ``advance`` with each sampled
-    turn), so the loop around it decides only when to generate and for which episodes.
+    :meth:`reset` and :meth:`step` touch only this episode (the async loop runs them on env threads);
+    :meth:`observe` encodes an observation with the policy (always on the loop's thread). Each
+    returns None while the episode goes on, or the finished (or failed) :class:`Episode`.
     """
 
     env: Any
@@ -157,34 +197,39 @@ class _Live:
     rewards: list[float] = field(default_factory=list)
     steps: list[tuple[dict[str, Any], float, dict[str, Any]]] = field(default_factory=list)
     backends: Counter = field(default_factory=Counter)
+    stats: RolloutStats = field(default_factory=RolloutStats)
+    """This episode's env time and steps, added to the runner's when it ends."""
 
-    def start(self, policy: Policy, stats: RolloutStats) -> Episode | None:
-        """Reset the environment and encode the first observation; the failed episode if the env raises."""
+    def reset(self) -> dict[str, Any] | Episode:
+        """Reset the environment: the first observation, or the failed episode if the env raises."""
         start = time.perf_counter()
         options = None if self.spec.task is None else {"task": self.spec.task}
         try:
             observation, _ = self.env.reset(seed=self.spec.task_seed, options=options)
         except Exception as error:  # the env's failure ends this episode, not the rollout
-            return self._failed(error, stats, start)
-        stats.env_seconds += time.perf_counter() - start
-        self.conversation.segments.append(policy.encode(observation, first=True))
-        return None
+            return self._failed(error, start)
+        self.stats.env_seconds += time.perf_counter() - start
+        return observation
 
-    def advance(self, policy: Policy, turn: Segment, stats: RolloutStats, finish: Finish | None) -> Episode | None:
-        """Step the environment with ``turn``; the finished episode when it ended (or the env raised)."""
-        self.conversation.segments.append(turn)
+    def step(self, turn: Segment, finish: Finish | None) -> dict[str, Any] | Episode:
+        """Step the environment with ``turn`` (already in the conversation): the next observation, or
+        the finished episode when it ended (or the env raised)."""
         start = time.perf_counter()
         try:
             observation, reward, terminated, truncated, info = self.env.step(turn.text)
         except Exception as error:
-            return self._failed(error, stats, start)
-        stats.env_seconds += time.perf_counter() - start
+            return self._failed(error, start)
+        elapsed = time.perf_counter() - start
+        stats = self.stats
+        stats.env_seconds += elapsed
         stats.env_steps += 1
         self.rewards.append(float(reward))
         self.steps.append((observation, float(reward), info))
-        if info.get("tool_result"):
-            self.backends[info["tool_result"]["backend"]] += 1
+        tier = info["tool_result"]["backend"] if info.get("tool_result") else None
+        if tier is not None:
+            self.backends[tier] += 1
         if terminated or truncated:
+            stats.judge_seconds += elapsed
             avoided = float(info.get("cost", {}).get("episode_gpu_seconds_avoided", 0.0))
             episode = Episode(self.spec, self.conversation.segments, self.rewards,
                               dict(info.get("reward_components", {})), bool(terminated), bool(truncated),
@@ -192,22 +237,109 @@ class _Live:
             if finish is not None:
                 episode.extra = finish(self.env, episode, self.steps)
             return episode
-        start = time.perf_counter()
-        self.conversation.segments.append(policy.encode(observation, first=False))
-        stats.env_seconds += time.perf_counter() - start
-        return None
+        if tier is not None:
+            tier = tier or "refused"  # no tier answered (an invalid call)
+            stats.tool_seconds[tier] = stats.tool_seconds.get(tier, 0.0) + elapsed
+        return observation
 
-    def _failed(self, error: Exception, stats: RolloutStats, start: float) -> Episode:
-        stats.env_seconds += time.perf_counter() - start
-        stats.episodes_failed += 1
+    def observe(self, policy: Policy, observation: dict[str, Any]) -> None:
+        """Append the encoded observation: the episode's turn is ready to generate."""
+        start = time.perf_counter()
+        self.conversation.segments.append(policy.encode(observation, first=not self.conversation.segments))
+        self.stats.env_seconds += time.perf_counter() - start
+
+    def _failed(self, error: Exception, start: float) -> Episode:
+        self.stats.env_seconds += time.perf_counter() - start
+        self.stats.episodes_failed += 1
         return Episode(self.spec, self.conversation.segments, self.rewards + [float("nan")], {}, False, False,
                        dict(self.backends), weight_version=self.weight_version,
                        error=f"{type(error).__name__}: {error}")
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"mode ({mode!r}) must be one of {MODES}: 'sync' (the default) or 'async' (env steps "
+                          "on threads, generation never waiting for them).")
+
+
+def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals."""
+    total, reach = 0.0, float("-inf")
+    for begin, end in sorted(intervals):
+        if end > reach:
+            total += end - max(begin, reach)
+            reach = end
+    return total
+
+
+class _BatchGenerator:
+    """``policy.generate`` on its own thread, one batch at a time: the episodes that become ready while
+    a batch runs wait for the next one (any policy)."""
+
+    continuous = False
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
+
+    def submit(self, lives: list[_Live]) -> list[tuple[Future, list[_Live]]]:
+        return [(self._thread.submit(self.policy.generate, [live.conversation for live in lives]), lives)]
+
+    def turns(self, result: list[Segment]) -> list[Segment]:
+        return result
+
+    def end(self, live: _Live) -> None:
+        """The episode is over (nothing to forget)."""
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+
+
+class _EngineGenerator:
+    """A text :class:`~rl.hf.CausalLMPolicy` through an :class:`~rl.engine.hf.HFEngine` on the same
+    model: each turn is a request that joins the running batch at its next decode step, and each
+    episode is a session (its KV cache kept between turns)."""
+
+    continuous = True
+
+    def __init__(self, policy: Policy, rows: int):
+        from rl.engine.hf import HFEngine, HFEngineConfig
+
+        self.policy = policy
+        self.engine = HFEngine.from_policy(policy, HFEngineConfig(max_batch_size=rows, max_sessions=rows))
+
+    def submit(self, lives: list[_Live]) -> list[tuple[Future, list[_Live]]]:
+        from rl.engine.hf import turn_request
+
+        return [(self.engine.submit(turn_request(self.policy, live.conversation, session=self._session(live))),
+                 [live]) for live in lives]
+
+    def turns(self, result) -> list[Segment]:
+        from rl.engine.hf import turn_segment
+
+        return [turn_segment(self.policy, result)]
+
+    def end(self, live: _Live) -> None:
+        self.engine.end_session(self._session(live))
+
+    @staticmethod
+    def _session(live: _Live) -> str:
+        return str(live.spec.episode_id)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _generator(policy: Policy, rows: int) -> _BatchGenerator | _EngineGenerator:
+    """The engine for exactly a text CausalLMPolicy (VLM subclasses keep their own ``generate``)."""
+    from rl.hf import CausalLMPolicy
+
+    return _EngineGenerator(policy, rows) if type(policy) is CausalLMPolicy else _BatchGenerator(policy)
+
+
 def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpec], weight_version: int = 0,
-                 finish: Finish | None = None) -> tuple[list[Episode], RolloutStats]:
-    """Play ``specs`` to the end with a pool of environments, one batched ``generate`` per step.
+                 finish: Finish | None = None, mode: str = "sync") -> tuple[list[Episode], RolloutStats]:
+    """Play ``specs`` to the end with a pool of environments.
 
     Every policy and agent is played by this loop: training rollouts, evaluation and the report
     (scripted agents through :class:`~rl.policy.AgentPolicy`). A finished episode frees its environment
@@ -222,36 +354,103 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
         weight_version: recorded on each episode.
         finish: called as ``finish(env, episode, steps)`` when an episode ends normally (the env still
             at its last step; ``steps`` holds ``(observation, reward, info)`` per step); its value
-            becomes ``episode.extra``. Must pickle to Ray workers.
+            becomes ``episode.extra``. Must pickle to Ray workers. In async mode it runs on the
+            episode's env thread.
+        mode: ``"sync"`` (one batched ``generate`` per step, then the env steps in turn) or
+            ``"async"`` (env steps on threads, generation never waits for them); see the module
+            docstring. Both give the same episodes.
     """
+    _check_mode(mode)
+    start = time.perf_counter()
     stats = RolloutStats()
     queue = deque(specs)
     free = list(envs)
-    active: list[_Live] = []
     done: dict[int, Episode] = {}
+    busy: list[tuple[float, float]] = []
+    live_count = 0
 
-    def release(live: _Live, episode: Episode | None) -> bool:
-        """Book a finished episode and free its environment; True while the episode goes on."""
-        if episode is None:
+    def begin() -> _Live:
+        nonlocal live_count
+        spec = queue.popleft()
+        live_count += 1
+        stats.max_in_flight = max(stats.max_in_flight, live_count)
+        return _Live(free.pop(), spec, Conversation(seed=spec.sample_seed), weight_version)
+
+    def settle(live: _Live, outcome: dict[str, Any] | Episode) -> bool:
+        """Encode an observation (True: the turn is ready), or book a finished episode and free its env."""
+        nonlocal live_count
+        if not isinstance(outcome, Episode):
+            live.observe(policy, outcome)
             return True
-        done[episode.spec.episode_id] = episode
+        done[outcome.spec.episode_id] = outcome
+        stats.add(live.stats)
         free.append(live.env)
+        live_count -= 1
         return False
 
-    while queue or active:
-        while queue and free:
-            spec = queue.popleft()
-            live = _Live(free.pop(), spec, Conversation(seed=spec.sample_seed), weight_version)
-            if release(live, live.start(policy, stats)):
-                active.append(live)
-        if not active:
-            continue
-        start = time.perf_counter()
-        turns = policy.generate([live.conversation for live in active])
-        stats.generate_seconds += time.perf_counter() - start
-        active = [live for live, turn in zip(active, turns, strict=True)
-                  if release(live, live.advance(policy, turn, stats, finish))]
+    if mode == "sync":
+        active: list[_Live] = []
+        while queue or active:
+            while queue and free:
+                live = begin()
+                if settle(live, live.reset()):
+                    active.append(live)
+            if not active:
+                continue
+            begun = time.perf_counter()
+            turns = policy.generate([live.conversation for live in active])
+            busy.append((begun, time.perf_counter()))
+            for live, turn in zip(active, turns, strict=True):
+                live.conversation.segments.append(turn)
+            active = [live for live, turn in zip(active, turns) if settle(live, live.step(turn, finish))]
+    else:
+        _run_async(policy, envs, finish, begin, settle, lambda: bool(queue and free), busy)
+    stats.generate_seconds = _busy_seconds(busy)
+    stats.runner_seconds = time.perf_counter() - start
     return [done[spec.episode_id] for spec in specs], stats
+
+
+def _run_async(policy: Policy, envs: Sequence[Any], finish: Finish | None, begin: Callable[[], _Live],
+               settle: Callable[[_Live, Any], bool], can_begin: Callable[[], bool],
+               busy: list[tuple[float, float]]) -> None:
+    """The async loop of :func:`run_episodes`: env work on one thread per environment, turns
+    generated as episodes become ready; every outcome is settled on this thread."""
+    envs_pool = ThreadPoolExecutor(len(envs), thread_name_prefix="env")
+    generator = _generator(policy, len(envs))
+    stepping: dict[Future, _Live] = {}
+    generating: dict[Future, list[_Live]] = {}
+    ready: list[_Live] = []
+
+    def timed(future: Future) -> None:
+        begun = time.perf_counter()
+        future.add_done_callback(lambda _: busy.append((begun, time.perf_counter())))
+
+    try:
+        while can_begin() or stepping or generating or ready:
+            while can_begin():
+                live = begin()
+                stepping[envs_pool.submit(live.reset)] = live
+            if ready and (generator.continuous or not generating):
+                for future, lives in generator.submit(ready):
+                    timed(future)
+                    generating[future] = lives
+                ready = []
+            finished, _ = wait([*stepping, *generating], return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future in stepping:
+                    live = stepping.pop(future)
+                    if settle(live, future.result()):
+                        ready.append(live)
+                    else:
+                        generator.end(live)
+                    continue
+                lives = generating.pop(future)
+                for live, turn in zip(lives, generator.turns(future.result()), strict=True):
+                    live.conversation.segments.append(turn)
+                    stepping[envs_pool.submit(live.step, turn, finish)] = live
+    finally:
+        envs_pool.shutdown(wait=True, cancel_futures=True)
+        generator.close()
 
 
 @runtime_checkable
@@ -283,14 +482,18 @@ class SerialRollout:
         make_env: a zero-argument callable returning a gymnasium environment.
         num_envs: environments in the pool: the batch size of each ``generate``.
         finish: the runner's end-of-episode hook (see :func:`run_episodes`), or None.
+        mode: the runner's mode, ``"sync"`` or ``"async"`` (see :func:`run_episodes`).
     """
 
-    def __init__(self, policy: Policy, make_env: Callable[[], Any], num_envs: int, finish: Finish | None = None):
+    def __init__(self, policy: Policy, make_env: Callable[[], Any], num_envs: int, finish: Finish | None = None,
+                 mode: str = "sync"):
         if num_envs < 1:
             raise ConfigError(f"num_envs ({num_envs}) must be at least 1.")
+        _check_mode(mode)
         self.policy = policy
         self.envs = [make_env() for _ in range(num_envs)]
         self.finish = finish
+        self.mode = mode
         self.weight_version = 0
 
     def set_weights(self, policy: TrainablePolicy, version: int) -> None:
@@ -301,7 +504,7 @@ class SerialRollout:
 
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
         start = time.perf_counter()
-        episodes, stats = run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish)
+        episodes, stats = run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish, self.mode)
         stats.wall_seconds = time.perf_counter() - start
         return episodes, stats
 
@@ -319,14 +522,16 @@ class RolloutWorker:
         num_envs: environments in the pool.
         torch_threads: intra-op threads for this worker's torch (1 avoids oversubscription).
         finish: the runner's end-of-episode hook, run in the worker (see :func:`run_episodes`).
+        mode: the runner's mode in the worker, ``"sync"`` or ``"async"``.
     """
 
     def __init__(self, make_policy: Callable[[], Policy], make_env: Callable[[], Any], num_envs: int,
-                 torch_threads: int, finish: Finish | None = None):
+                 torch_threads: int, finish: Finish | None = None, mode: str = "sync"):
         torch.set_num_threads(torch_threads)
         self.policy = make_policy()
         self.envs = [make_env() for _ in range(num_envs)]
         self.finish = finish
+        self.mode = mode
         self.weight_version = -1
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
@@ -335,7 +540,7 @@ class RolloutWorker:
         return version
 
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
-        return run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish)
+        return run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish, self.mode)
 
     def pid(self) -> int:
         return os.getpid()
@@ -366,18 +571,20 @@ class RayRollout:
         torch_threads: torch threads inside each worker.
         max_restarts: worker deaths tolerated in one ``set_weights`` or ``sample`` call before it gives up.
         finish: the runner's end-of-episode hook, run inside the workers (picklable).
+        mode: the runner's mode inside each worker, ``"sync"`` or ``"async"`` (see :func:`run_episodes`).
     """
 
     def __init__(self, make_policy: Callable[[], Policy], make_env: Callable[[], Any], num_workers: int,
                  envs_per_worker: int, placement: str = "colocate", num_cpus: float = 1.0,
                  num_gpus: float = 0.0, torch_threads: int = 1, max_restarts: int = 3,
-                 finish: Finish | None = None):
+                 finish: Finish | None = None, mode: str = "sync"):
         import ray
 
         if num_workers < 1 or envs_per_worker < 1:
             raise ConfigError(f"num_workers ({num_workers}) and envs_per_worker ({envs_per_worker}) must be >= 1.")
         if placement not in ("colocate", "spread"):
             raise ConfigError(f"placement ({placement!r}) must be 'colocate' or 'spread'.")
+        _check_mode(mode)
         if not ray.is_initialized():
             raise RolloutError("RayRollout needs Ray running: call ray.init() (or ray.init(address='auto') "
                                "to join a cluster) first.")
@@ -388,7 +595,7 @@ class RayRollout:
                              "lower num_workers or the per-worker resources.")
         self._ray = ray
         self._actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(RolloutWorker)
-        self._args = (make_policy, make_env, envs_per_worker, torch_threads, finish)
+        self._args = (make_policy, make_env, envs_per_worker, torch_threads, finish, mode)
         self.envs_per_worker = envs_per_worker
         self.placement = placement
         self.max_restarts = max_restarts

@@ -139,7 +139,8 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def episode_metrics(episodes: Sequence[Episode], stats: RolloutStats) -> dict[str, float]:
-    """Rewards (total and by component), lengths, throughput, tool tiers and costs of a rollout."""
+    """Rewards (total and by component), lengths, throughput, tool tiers and costs of a rollout, and where
+    its time went (episodes in flight, generator idle share, tool waits by tier, judge waits)."""
     rewards = [e.reward for e in episodes]
     valid = [r for r in rewards if not math.isnan(r)]
     mean = _nanmean(rewards)
@@ -158,7 +159,11 @@ def episode_metrics(episodes: Sequence[Episode], stats: RolloutStats) -> dict[st
         "time/env": stats.env_seconds,
         "worker_restarts": float(stats.worker_restarts),
         "episodes_failed": float(stats.episodes_failed),
+        "rollout/max_in_flight": float(stats.max_in_flight),
+        "rollout/generator_idle_fraction": stats.generator_idle_fraction,
+        "rollout/judge_wait_seconds": stats.judge_seconds,
     }
+    metrics |= {f"rollout/tool_wait_seconds/{tier}": seconds for tier, seconds in stats.tool_seconds.items()}
     components: dict[str, list[float]] = {}
     for episode in episodes:
         for name, value in episode.components.items():

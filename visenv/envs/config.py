@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -41,6 +42,10 @@ class VisGenConfig:
             and a "pixels_mask" that marks its real rows (the rest is zero padding).
         pixel_size: side of each pixel thumbnail.
         max_pixel_images: how many thumbnails the "pixels" array holds.
+        tool_latency_scale: when > 0, a call answered by a virtual tier (any but the real backend)
+            waits the tool's cost-model latency (``ToolCall.latency_seconds``) times this scale, with
+            ``time.sleep`` (the GIL released, other episodes running); 0.01 plays a real latency
+            mix at 1/100 of real time. 0 (the default) answers at once.
     """
 
     tasks: Any = "all"
@@ -58,6 +63,7 @@ class VisGenConfig:
     observe_pixels: bool = False
     pixel_size: int = 64
     max_pixel_images: int = 4
+    tool_latency_scale: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_tasks", "max_turns", "max_turn_chars", "max_episode_chars",
@@ -73,6 +79,10 @@ class VisGenConfig:
                               "JSONL task file, or a list of Task objects.")
         if not isinstance(self.error_penalty, (int, float)) or self.error_penalty < 0:
             raise ConfigError(f"error_penalty ({self.error_penalty!r}) must be a number >= 0.")
+        scale = self.tool_latency_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+            raise ConfigError(f"tool_latency_scale ({scale!r}) must be a finite number >= 0 (0: no simulated "
+                              "latency; 0.01: the cost model's latencies at 1/100 of real time).")
         if isinstance(self.rubric, str) and self.rubric not in ("ltr", "r1"):
             raise ConfigError(f"rubric ({self.rubric!r}) must be 'ltr', 'r1' or a rubric object.")
         if self.media is not None and not os.path.isdir(self.media):

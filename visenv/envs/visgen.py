@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from typing import Any
 
@@ -129,7 +130,7 @@ class VisGenEnv(TextEnv):
     (RLlib passes its env_config) and ``options`` override it; see :class:`VisGenConfig`.
 
     ## Version history
-    * v0: initial release; ``pixels_mask`` added to the opt-in pixel observations, and the ``tools``
+    * v0: initial release; ``tool_latency_scale`` (simulated latency, default 0: none) added; ``pixels_mask`` added to the opt-in pixel observations, and the ``tools``
       option (default observations, dynamics and rewards unchanged). Hardening: blank text arguments and
       non-finite numbers are refused, integral floats in integer arguments are accepted, and info
       leaves out None values and holds call arguments as JSON text (a candidate for v1).
@@ -200,6 +201,8 @@ class VisGenEnv(TextEnv):
             seed = (self._episode_seed * 6364136223846793005 + len(record.calls)) % 2**63
             call = execute_call(turn.tool_call, len(record.calls), self.registry, self.chains, seed, self._state,
                                 self.tools)
+            if self.config.tool_latency_scale and call.backend != REAL_TIER:
+                time.sleep(call.latency_seconds * self.config.tool_latency_scale)
             for artifact_id in call.outputs:
                 record.artifacts[artifact_id] = self.registry.get(artifact_id)
             self._gpu_seconds += call.gpu_seconds

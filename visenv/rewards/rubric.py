@@ -29,6 +29,8 @@ the components keep the ``None``, ``dropped`` names it and every breakdown names
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -165,6 +167,30 @@ class LtrReward:
             out.append(RewardBreakdown(total, {"R_plan": plan, **scores, "R_fine": fine, "total": total},
                                        self.none_policy, dropped))
         return out
+
+
+@dataclass
+class DelayedRubric:
+    """A rubric that first waits ``seconds`` per episode it scores: a simulated judge's latency, for
+    tests and benchmarks of rollout loops (the scores are the wrapped rubric's, unchanged).
+
+    Attributes:
+        rubric: "ltr", "r1" or a rubric object (as :class:`~visenv.envs.config.VisGenConfig` takes).
+        seconds: the wait per episode (``time.sleep``: the GIL released, other episodes running).
+    """
+
+    rubric: Any = "ltr"
+    seconds: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)) or not math.isfinite(self.seconds) \
+                or self.seconds < 0:
+            raise ConfigError(f"DelayedRubric.seconds ({self.seconds!r}) must be a finite number >= 0.")
+        self.rubric = make_rubric(self.rubric)
+
+    def __call__(self, episodes: Sequence[EpisodeRecord]) -> list[RewardBreakdown]:
+        time.sleep(self.seconds * len(episodes))
+        return self.rubric(episodes)
 
 
 def make_rubric(name_or_rubric: Any) -> Any:

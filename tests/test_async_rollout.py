@@ -1,0 +1,187 @@
+"""The asynchronous episode loop: the same episodes as the synchronous one (serial and Ray) while
+episodes finish in another order, failed episodes still recorded, and the simulated latencies of
+tools and judges that make the difference measurable."""
+
+import functools
+import math
+import os
+import time
+
+import gymnasium as gym
+import pytest
+
+from baselines.random_agent import RandomAgent
+from rl.config import RolloutConfig
+from rl.policy import AgentPolicy
+from rl.rollout import RayRollout, SerialRollout, make_specs, run_episodes
+from rl.train import episode_metrics
+from rl_helpers import ECHO, CrashOnceEnv, LetterEnv, RaisingEnv
+from test_rl_rollout import saved_policy  # noqa: F401  (the fixture: a tiny policy and its loader)
+from visenv.envs.config import VisGenConfig
+from visenv.envs.visgen import VisGenEnv
+from visenv.error import ConfigError
+from visenv.rewards.rubric import DelayedRubric
+
+
+class LaggyLetterEnv(gym.Wrapper):
+    """LetterEnv whose steps take ``lags[task_seed]`` seconds, so that episodes end out of order."""
+
+    def __init__(self, lags: dict[int, float]):
+        super().__init__(LetterEnv(turns=3))
+        self.lags = lags
+
+    def reset(self, *, seed=None, options=None):
+        self.lag = self.lags[seed]
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        time.sleep(self.lag)
+        return self.env.step(action)
+
+
+def finished_at(env, episode, steps):
+    """A finish hook: when the episode ended (to see the order they finished in)."""
+    return time.perf_counter()
+
+
+def as_data(episodes):
+    """Everything an episode holds but its log-probs (see :func:`assert_same_episodes`)."""
+    return [(e.spec, [(s.role, s.text, s.token_ids) for s in e.segments], [str(r) for r in e.rewards], e.components,
+             e.terminated, e.truncated, e.backends, e.error) for e in episodes]
+
+
+def assert_same_episodes(got, expected):
+    """The same tokens, texts, rewards and components; the log-probs equal up to float rounding (the
+    async loop batches other rows with each turn, and the engine reuses the KV cache of earlier turns)."""
+    assert as_data(got) == as_data(expected)
+    logprobs = [[lp for s in e.segments if s.logprobs for lp in s.logprobs] for e in (*got, *expected)]
+    assert logprobs[:len(got)] == [pytest.approx(lps, abs=1e-5) for lps in logprobs[len(got):]]
+
+
+def laggy_specs():
+    """Four groups of two, and the env factory whose steps are slowest for the first group and
+    instant for the last."""
+    specs = make_specs(seed=3, iteration=0, num_groups=4, group_size=2)
+    lags = {spec.task_seed: 0.02 * (3 - spec.group) for spec in specs}
+    return specs, functools.partial(LaggyLetterEnv, lags)
+
+
+def test_async_mode_gives_the_sync_episodes_while_they_finish_in_another_order(saved_policy):
+    policy, _ = saved_policy
+    specs, make_env = laggy_specs()
+    runs = {}
+    for mode in ("sync", "async"):
+        rollout = SerialRollout(policy, make_env, num_envs=4, finish=finished_at, mode=mode)
+        try:
+            runs[mode] = rollout.sample(specs)
+        finally:
+            rollout.close()
+    (sync, sync_stats), (fast, fast_stats) = runs["sync"], runs["async"]
+    assert_same_episodes(fast, sync)
+    assert all(len(e.rewards) == 3 and e.segments[1].token_ids for e in fast)
+    order = {mode: sorted(range(len(specs)), key=lambda i: episodes[i].extra) for mode, (episodes, _) in runs.items()}
+    assert order["sync"] == list(range(len(specs)))  # batch by batch, stepped in turn
+    assert order["async"].index(2) < order["async"].index(0)  # the second group's shorter steps overtake
+    assert fast_stats.env_steps == sync_stats.env_steps == 24
+    assert fast_stats.max_in_flight == sync_stats.max_in_flight == 4
+    for stats in (sync_stats, fast_stats):
+        assert 0.0 < stats.generate_seconds < stats.runner_seconds
+        assert 0.0 < stats.generator_idle_fraction < 1.0
+
+
+def test_async_mode_records_failed_episodes_and_plays_the_rest(saved_policy):
+    policy, _ = saved_policy
+    specs = make_specs(0, 0, 3, 2)
+    runs = {}
+    for mode in ("sync", "async"):
+        envs = [RaisingEnv(specs[2].task_seed) for _ in range(2)]
+        runs[mode] = run_episodes(policy, envs, specs, mode=mode)
+    (sync, _), (fast, stats) = runs["sync"], runs["async"]
+    assert_same_episodes(fast, sync)
+    assert [e.error is not None for e in fast] == [False, False, True, True, False, False]
+    assert fast[2].error == "OverflowError: int too large to convert to float" and math.isnan(fast[2].reward)
+    assert stats.episodes_failed == 2
+
+
+def visgen(scale: float, judge_seconds: float = 0.0) -> VisGenEnv:
+    return VisGenEnv(tool_latency_scale=scale, max_turns=4, rubric=DelayedRubric("ltr", judge_seconds))
+
+
+def test_tool_latency_sleeps_the_cost_model_latency_on_virtual_tiers():
+    call = '<tool_call>{"name": "tool_text2image_gemini", "arguments": {"prompt": "a red fox"}}</tool_call>'
+    seconds = {}
+    for scale in (0.0, 0.0, 0.02):  # the first call builds the procedural media database
+        env = visgen(scale)
+        env.reset(seed=0)
+        start = time.perf_counter()
+        _, _, _, _, info = env.step(f"<think>draw</think><plan>1. tool_text2image_gemini</plan>{call}")
+        seconds[scale] = time.perf_counter() - start
+        assert info["tool_result"]["backend"] != "real" and info["cost"]["latency_seconds"] == 8.0
+    assert seconds[0.02] >= 0.02 * 8.0 > 2 * seconds[0.0]
+
+
+def test_agents_play_visgen_with_latency_the_same_in_both_modes_and_the_waits_are_measured():
+    policy = AgentPolicy(RandomAgent)
+    specs = make_specs(1, 0, 3, 2)
+    runs = {mode: run_episodes(policy, [visgen(0.002, 0.02) for _ in range(3)], specs, mode=mode)
+            for mode in ("sync", "async")}
+    (sync, _), (fast, stats) = runs["sync"], runs["async"]
+    assert_same_episodes(fast, sync)
+    assert sum(sum(e.backends.values()) for e in fast) > 0
+    assert stats.judge_seconds >= 0.02 * len(specs)
+    assert stats.tool_seconds["attribute"] > 0
+    assert set(stats.tool_seconds) <= {tier or "refused" for e in fast for tier in e.backends}
+    metrics = episode_metrics(fast, stats)
+    assert metrics["rollout/max_in_flight"] == 3.0
+    assert metrics["rollout/judge_wait_seconds"] == stats.judge_seconds
+    assert 0.0 <= metrics["rollout/generator_idle_fraction"] <= 1.0
+    assert all(metrics[f"rollout/tool_wait_seconds/{tier}"] > 0 for tier in stats.tool_seconds)
+
+
+@pytest.mark.slow
+def test_ray_workers_in_async_mode_give_the_serial_sync_episodes(ray_session, saved_policy):
+    policy, make_policy = saved_policy
+    specs, make_env = laggy_specs()
+    serial = SerialRollout(policy, make_env, num_envs=4)
+    ray = RayRollout(make_policy, make_env, num_workers=2, envs_per_worker=4, num_cpus=0.5, mode="async")
+    try:
+        expected, _ = serial.sample(specs)
+        ray.set_weights(policy, version=1)
+        got, stats = ray.sample(specs)
+    finally:
+        serial.close()
+        ray.close()
+    assert_same_episodes(got, expected)
+    assert stats.env_steps == 24 and stats.runner_seconds > 0
+
+
+@pytest.mark.slow
+def test_an_async_worker_killed_mid_iteration_loses_no_episode(ray_session, saved_policy, tmp_path):
+    policy, make_policy = saved_policy
+    specs = make_specs(2, 0, 4, 2)
+    marker = str(tmp_path / "crashed")
+    make_env = functools.partial(CrashOnceEnv, marker, specs[6].task_seed)  # dies on an env thread
+    expected, _ = run_episodes(policy, [ECHO.make() for _ in range(4)], specs)
+    rollout = RayRollout(make_policy, make_env, num_workers=2, envs_per_worker=4, num_cpus=0.25, mode="async")
+    try:
+        rollout.set_weights(policy, version=1)
+        got, stats = rollout.sample(specs)
+    finally:
+        rollout.close()
+    assert os.path.exists(marker), "the crash did not happen: the test proved nothing"
+    assert stats.worker_restarts == 1
+    assert_same_episodes(got, expected)
+
+
+def test_latency_and_mode_settings_validate_themselves(saved_policy):
+    for bad in (-0.5, float("inf"), float("nan"), "fast", True):
+        with pytest.raises(ConfigError, match="tool_latency_scale"):
+            VisGenConfig(tool_latency_scale=bad)
+    with pytest.raises(ConfigError, match="DelayedRubric.seconds"):
+        DelayedRubric("ltr", -1.0)
+    with pytest.raises(ConfigError, match="rollout.mode"):
+        RolloutConfig(mode="parallel")
+    with pytest.raises(ConfigError, match="mode .'threads'. must be one of"):
+        run_episodes(saved_policy[0], [LetterEnv()], make_specs(0, 0, 1, 1), mode="threads")
+    with pytest.raises(ConfigError, match="mode"):
+        SerialRollout(saved_policy[0], LetterEnv, num_envs=1, mode="threads")
