@@ -160,10 +160,10 @@ def episode_metrics(episodes: Sequence[Episode], stats: RolloutStats) -> dict[st
         "worker_restarts": float(stats.worker_restarts),
         "episodes_failed": float(stats.episodes_failed),
         "rollout/max_in_flight": float(stats.max_in_flight),
-        "rollout/generator_idle_fraction": stats.generator_idle_fraction,
-        "rollout/judge_wait_seconds": stats.judge_seconds,
+        "time/generator_idle_fraction": stats.generator_idle_fraction,
+        "time/judge_wait": stats.judge_seconds,
     }
-    metrics |= {f"rollout/tool_wait_seconds/{tier}": seconds for tier, seconds in stats.tool_seconds.items()}
+    metrics |= {f"time/tool_wait/{tier}": seconds for tier, seconds in stats.tool_seconds.items()}
     components: dict[str, list[float]] = {}
     for episode in episodes:
         for name, value in episode.components.items():

@@ -133,9 +133,9 @@ def test_agents_play_visgen_with_latency_the_same_in_both_modes_and_the_waits_ar
     assert set(stats.tool_seconds) <= {tier or "refused" for e in fast for tier in e.backends}
     metrics = episode_metrics(fast, stats)
     assert metrics["rollout/max_in_flight"] == 3.0
-    assert metrics["rollout/judge_wait_seconds"] == stats.judge_seconds
-    assert 0.0 <= metrics["rollout/generator_idle_fraction"] <= 1.0
-    assert all(metrics[f"rollout/tool_wait_seconds/{tier}"] > 0 for tier in stats.tool_seconds)
+    assert metrics["time/judge_wait"] == stats.judge_seconds
+    assert 0.0 <= metrics["time/generator_idle_fraction"] <= 1.0
+    assert all(metrics[f"time/tool_wait/{tier}"] > 0 for tier in stats.tool_seconds)
 
 
 @pytest.mark.slow
