@@ -113,7 +113,7 @@ class Budget(Callback):
 
     def __init__(self, seconds: float | None = None, iterations: int | None = None, deadline: float | None = None):
         if (seconds is not None and seconds < 0) or (iterations is not None and iterations < 1):
-            raise ValueError(f"seconds ({seconds}) must be None or >= 0 and iterations ({iterations}) None or >= 1.")
+            raise ConfigError(f"seconds ({seconds}) must be None or >= 0 and iterations ({iterations}) None or >= 1.")
         self.seconds = seconds
         self.iterations = iterations
         self.deadline = deadline
