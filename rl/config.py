@@ -206,6 +206,9 @@ class RolloutConfig:
         ray_address: (ray) null starts a local Ray; "auto" or "host:port" joins a cluster.
         mode: "sync" (one batched generate, then the env steps in turn) or "async" (env steps, tool
             calls and judges on threads while generation goes on; the same episodes), in every backend.
+        max_concurrent_judges: (async) end-of-episode scores (rubric and judges) running at once per
+            process, on a pool that frees each finished episode's env at once; 0 scores inside the
+            env's last step.
     """
 
     backend: str = "serial"
@@ -219,6 +222,7 @@ class RolloutConfig:
     max_staleness: int = 0
     ray_address: str | None = None
     mode: str = "sync"
+    max_concurrent_judges: int = 16
 
     def __post_init__(self) -> None:
         if self.mode not in ("sync", "async"):
@@ -230,6 +234,10 @@ class RolloutConfig:
         if self.num_envs < 1 or self.num_workers < 1 or self.torch_threads < 1:
             raise ConfigError(f"rollout.num_envs ({self.num_envs}), num_workers ({self.num_workers}) and "
                              f"torch_threads ({self.torch_threads}) must be at least 1.")
+        if isinstance(self.max_concurrent_judges, bool) or not isinstance(self.max_concurrent_judges, int) \
+                or self.max_concurrent_judges < 0:
+            raise ConfigError(f"rollout.max_concurrent_judges ({self.max_concurrent_judges!r}) must be an int >= 0 "
+                              "(0 scores each episode inside its env's last step).")
         if self.max_staleness < 0:
             raise ConfigError(f"rollout.max_staleness ({self.max_staleness}) must be >= 0.")
         if self.max_staleness and self.backend == "serial":
@@ -255,12 +263,12 @@ class RolloutConfig:
         from rl.rollout import RayRollout, SerialRollout
 
         if self.backend == "serial":
-            return SerialRollout(policy, make_env, self.num_envs, finish, self.mode)
+            return SerialRollout(policy, make_env, self.num_envs, finish, self.mode, self.max_concurrent_judges)
         self.check_local_cpus()
         start_ray(self.ray_address)
         return RayRollout(make_policy, make_env, self.num_workers, self.num_envs, self.placement,
                           self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts, finish,
-                          self.mode)
+                          self.mode, self.max_concurrent_judges)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:

@@ -28,7 +28,11 @@ Every backend implements :class:`Rollout` (``set_weights``, ``sample``, ``close`
   batching: a turn joins the running batch at its next decode step, KV caches kept between turns),
   any other policy by batching the episodes that became ready while the previous ``generate`` ran.
   Episodes finish in any order; a sample depends only on its seeds and the weights, so both modes
-  return the same episodes for the same specs.
+  return the same episodes for the same specs. Judges are off the hot path too: an environment that
+  can defer its end-of-episode scoring (:class:`~visenv.envs.base.DeferredScoring`, e.g.
+  :class:`~visenv.envs.visgen.VisGenEnv`) hands the finished episode's score (the rubric and its
+  LLM/VLM judges) to a pool of ``max_concurrent_judges`` threads and takes the next spec at once;
+  the rewards, their None policy and the judges' caches are the rubric's, as in ``env.step``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+import gymnasium
 import torch
 
 from rl.errors import ConfigError, RolloutError
@@ -131,12 +136,15 @@ class Episode:
 MODES = ("sync", "async")
 """How :func:`run_episodes` interleaves generation and env steps (see the module docstring)."""
 
+MAX_CONCURRENT_JUDGES = 16
+"""The async loop's default judge pool: deferred end-of-episode scores running at once (see :func:`run_episodes`)."""
+
 
 @dataclass
 class RolloutStats:
     """Where a rollout's time went, and what went wrong. Seconds are summed over workers (and, in
-    async mode, over the env threads: parts overlap); :meth:`add` sums everything but the wall time
-    and ``max_in_flight`` (the most of any one runner).
+    async mode, over the env and judge threads: parts overlap); :meth:`add` sums everything but the
+    wall time and the ``max_*`` counts (the most of any one runner).
 
     Attributes:
         generate_seconds: time the generator was busy (at least one turn being sampled).
@@ -144,8 +152,13 @@ class RolloutStats:
         env_seconds: time in env resets and steps and in encoding observations.
         tool_seconds: env steps with a tool call that did not end the episode, by answering tier
             (``"refused"``: calls that no tier answered, e.g. invalid arguments).
-        judge_seconds: the episode-ending env steps (where the rubric and its judges score).
-        max_in_flight: the most episodes live at once in one runner.
+        judge_seconds: the episode-ending env steps (where the rubric and its judges score), and the
+            deferred scores of those ending steps (async mode: see :func:`run_episodes`).
+        judge_queue_seconds: time finished episodes waited for a free slot of the judge pool.
+        max_in_flight: the most episodes live at once in one runner (those awaiting their deferred score
+            included, so it may exceed the environments).
+        max_judges_in_flight: the most episodes being scored at once in one runner (an ending env step,
+            or a deferred score on the judge pool).
     """
 
     wall_seconds: float = 0.0
@@ -154,8 +167,10 @@ class RolloutStats:
     env_seconds: float = 0.0
     tool_seconds: dict[str, float] = field(default_factory=dict)
     judge_seconds: float = 0.0
+    judge_queue_seconds: float = 0.0
     env_steps: int = 0
     max_in_flight: int = 0
+    max_judges_in_flight: int = 0
     worker_restarts: int = 0
     episodes_failed: int = 0
 
@@ -171,8 +186,10 @@ class RolloutStats:
         for tier, seconds in other.tool_seconds.items():
             self.tool_seconds[tier] = self.tool_seconds.get(tier, 0.0) + seconds
         self.judge_seconds += other.judge_seconds
+        self.judge_queue_seconds += other.judge_queue_seconds
         self.env_steps += other.env_steps
         self.max_in_flight = max(self.max_in_flight, other.max_in_flight)
+        self.max_judges_in_flight = max(self.max_judges_in_flight, other.max_judges_in_flight)
         self.episodes_failed += other.episodes_failed
         self.worker_restarts += other.worker_restarts
 
@@ -185,9 +202,11 @@ Finish = Callable[[Any, Episode, list], Any]
 class _Live:
     """One episode in play: its environment, conversation and what it has gathered so far.
 
-    :meth:`reset` and :meth:`step` touch only this episode (the async loop runs them on env threads);
-    :meth:`observe` encodes an observation with the policy (always on the loop's thread). Each
-    returns None while the episode goes on, or the finished (or failed) :class:`Episode`.
+    :meth:`reset` and :meth:`step` touch only this episode (the async loop runs them on env threads),
+    :meth:`judge` runs its deferred score (on a judge thread); :meth:`observe` encodes an observation
+    with the policy (always on the loop's thread). Each returns the next observation while the episode
+    goes on, or the finished (or failed) :class:`Episode`; :meth:`step` of an env that deferred its
+    scoring returns the pending score (``ending`` is then set).
     """
 
     env: Any
@@ -199,6 +218,12 @@ class _Live:
     backends: Counter = field(default_factory=Counter)
     stats: RolloutStats = field(default_factory=RolloutStats)
     """This episode's env time and steps, added to the runner's when it ends."""
+    ending: tuple[Any, bool, bool, float] | None = None
+    """The last step awaiting its deferred score: ``(observation, terminated, truncated, step seconds)``."""
+    judge_span: tuple[float, float] | None = None
+    """When the episode's end was scored (its ending env step, or its deferred score)."""
+    released: bool = False
+    """The environment went back to the pool before the episode was booked (its score was deferred)."""
 
     def reset(self) -> dict[str, Any] | Episode:
         """Reset the environment: the first observation, or the failed episode if the env raises."""
@@ -211,15 +236,44 @@ class _Live:
         self.stats.env_seconds += time.perf_counter() - start
         return observation
 
-    def step(self, turn: Segment, finish: Finish | None) -> dict[str, Any] | Episode:
-        """Step the environment with ``turn`` (already in the conversation): the next observation, or
-        the finished episode when it ended (or the env raised)."""
+    def step(self, turn: Segment, finish: Finish | None) -> Any:
+        """Step the environment with ``turn`` (already in the conversation): the next observation, the
+        finished episode when it ended (or the env raised), or the env's pending score when it deferred
+        the scoring of the episode's end (see :meth:`judge`)."""
         start = time.perf_counter()
         try:
             observation, reward, terminated, truncated, info = self.env.step(turn.text)
+            pending = self.env.unwrapped.detach_pending_score() if info.get("reward_pending") else None
         except Exception as error:
             return self._failed(error, start)
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
+        if pending is not None:
+            self.ending = (observation, bool(terminated), bool(truncated), end - start)
+            return pending
+        if terminated or truncated:
+            self.judge_span = (start, end)
+        return self._record(observation, reward, terminated, truncated, info, end - start, finish)
+
+    def judge(self, pending: Any, finish: Finish | None, queued: float) -> Episode:
+        """Run the deferred score of the episode's last step and finish the episode as :meth:`step`
+        would have (the same reward and info); a score that raises fails the episode, as an env step
+        that raises does. ``queued``: when the score was handed to the judge pool."""
+        start = time.perf_counter()
+        self.stats.judge_queue_seconds += start - queued
+        observation, terminated, truncated, step_seconds = self.ending
+        try:
+            reward, info = pending.run()
+        except Exception as error:  # a failing judge ends this episode, not the rollout
+            self.judge_span = (start, time.perf_counter())
+            self.stats.env_seconds += step_seconds
+            return self._failed(error, start)
+        self.judge_span = (start, time.perf_counter())
+        return self._record(observation, reward, terminated, truncated, info,
+                            step_seconds + self.judge_span[1] - start, finish)
+
+    def _record(self, observation: Any, reward: float, terminated: bool, truncated: bool, info: dict[str, Any],
+                elapsed: float, finish: Finish | None) -> Any:
+        """Book a step that took ``elapsed`` seconds: the next observation, or the finished episode."""
         stats = self.stats
         stats.env_seconds += elapsed
         stats.env_steps += 1
@@ -260,6 +314,39 @@ def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"mode ({mode!r}) must be one of {MODES}: 'sync' (the default) or 'async' (env steps "
                           "on threads, generation never waiting for them).")
+
+
+def _check_judges(max_concurrent_judges: int) -> None:
+    if isinstance(max_concurrent_judges, bool) or not isinstance(max_concurrent_judges, int) \
+            or max_concurrent_judges < 0:
+        raise ConfigError(f"max_concurrent_judges ({max_concurrent_judges!r}) must be an int >= 0: the size of "
+                          f"the async loop's judge pool (default {MAX_CONCURRENT_JUDGES}; 0 scores each episode "
+                          "inside its env's last step).")
+
+
+def _defers_scoring(env: Any) -> bool:
+    """Whether ``env`` can hand over its end-of-episode scoring: its base implements
+    :class:`~visenv.envs.base.DeferredScoring` and no wrapper between sees the rewards (only
+    gymnasium's order, checker and time-limit wrappers, which pass them through, are allowed)."""
+    from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker, TimeLimit
+
+    from visenv.envs.base import DeferredScoring
+
+    while isinstance(env, gymnasium.Wrapper):
+        if type(env) not in (OrderEnforcing, PassiveEnvChecker, TimeLimit):
+            return False
+        env = env.env
+    return isinstance(env, DeferredScoring)
+
+
+def _most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The most ``(start, end)`` intervals that overlap at any moment."""
+    events = sorted([(end, -1) for _, end in intervals] + [(begin, 1) for begin, _ in intervals])
+    most = count = 0
+    for _, change in events:
+        count += change
+        most = max(most, count)
+    return most
 
 
 def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -338,7 +425,8 @@ def _generator(policy: Policy, rows: int) -> _BatchGenerator | _EngineGenerator:
 
 
 def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpec], weight_version: int = 0,
-                 finish: Finish | None = None, mode: str = "sync") -> tuple[list[Episode], RolloutStats]:
+                 finish: Finish | None = None, mode: str = "sync",
+                 max_concurrent_judges: int = MAX_CONCURRENT_JUDGES) -> tuple[list[Episode], RolloutStats]:
     """Play ``specs`` to the end with a pool of environments.
 
     Every policy and agent is played by this loop: training rollouts, evaluation and the report
@@ -353,20 +441,29 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
         specs: the episodes to play; the result lists them in this order.
         weight_version: recorded on each episode.
         finish: called as ``finish(env, episode, steps)`` when an episode ends normally (the env still
-            at its last step; ``steps`` holds ``(observation, reward, info)`` per step); its value
-            becomes ``episode.extra``. Must pickle to Ray workers. In async mode it runs on the
-            episode's env thread.
+            at its last step; ``steps`` holds ``(observation, reward, info)`` per step, the last one
+            scored); its value becomes ``episode.extra``. Must pickle to Ray workers. In async mode it
+            runs on the episode's env thread, or on its judge thread when the score was deferred (the
+            env is then held until ``finish`` has run).
         mode: ``"sync"`` (one batched ``generate`` per step, then the env steps in turn) or
             ``"async"`` (env steps on threads, generation never waits for them); see the module
             docstring. Both give the same episodes.
+        max_concurrent_judges: (async) the judge pool: an env that can defer the scoring of an
+            episode's end (:class:`~visenv.envs.base.DeferredScoring`, e.g. VisGenEnv, unwrapped or in
+            gymnasium's reward-preserving wrappers) hands it over at the last step, the score (the
+            rubric and its judges) runs on a pool of this many threads, and the env takes the next
+            spec at once; finished episodes wait for a free slot (``stats.judge_queue_seconds``). 0
+            keeps the scoring inside the env's last step (the env waits for it). Sync mode always does.
     """
     _check_mode(mode)
+    _check_judges(max_concurrent_judges)
     start = time.perf_counter()
     stats = RolloutStats()
     queue = deque(specs)
     free = list(envs)
     done: dict[int, Episode] = {}
     busy: list[tuple[float, float]] = []
+    judged: list[tuple[float, float]] = []
     live_count = 0
 
     def begin() -> _Live:
@@ -376,6 +473,11 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
         stats.max_in_flight = max(stats.max_in_flight, live_count)
         return _Live(free.pop(), spec, Conversation(seed=spec.sample_seed), weight_version)
 
+    def release(live: _Live) -> None:
+        """Give the episode's environment back to the pool (the next spec may take it)."""
+        live.released = True
+        free.append(live.env)
+
     def settle(live: _Live, outcome: dict[str, Any] | Episode) -> bool:
         """Encode an observation (True: the turn is ready), or book a finished episode and free its env."""
         nonlocal live_count
@@ -384,7 +486,10 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
             return True
         done[outcome.spec.episode_id] = outcome
         stats.add(live.stats)
-        free.append(live.env)
+        if live.judge_span is not None:
+            judged.append(live.judge_span)
+        if not live.released:
+            release(live)
         live_count -= 1
         return False
 
@@ -404,21 +509,29 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
                 live.conversation.segments.append(turn)
             active = [live for live, turn in zip(active, turns) if settle(live, live.step(turn, finish))]
     else:
-        _run_async(policy, envs, finish, begin, settle, lambda: bool(queue and free), busy)
+        _run_async(policy, envs, finish, begin, settle, release, lambda: bool(queue and free), busy,
+                   max_concurrent_judges)
     stats.generate_seconds = _busy_seconds(busy)
+    stats.max_judges_in_flight = _most_at_once(judged)
     stats.runner_seconds = time.perf_counter() - start
     return [done[spec.episode_id] for spec in specs], stats
 
 
 def _run_async(policy: Policy, envs: Sequence[Any], finish: Finish | None, begin: Callable[[], _Live],
-               settle: Callable[[_Live, Any], bool], can_begin: Callable[[], bool],
-               busy: list[tuple[float, float]]) -> None:
-    """The async loop of :func:`run_episodes`: env work on one thread per environment, turns
-    generated as episodes become ready; every outcome is settled on this thread."""
+               settle: Callable[[_Live, Any], bool], release: Callable[[_Live], None],
+               can_begin: Callable[[], bool], busy: list[tuple[float, float]], judges: int) -> None:
+    """The async loop of :func:`run_episodes`: env work on one thread per environment, deferred
+    end-of-episode scores on ``judges`` threads, turns generated as episodes become ready; every
+    outcome is settled on this thread."""
     envs_pool = ThreadPoolExecutor(len(envs), thread_name_prefix="env")
+    judge_pool = ThreadPoolExecutor(max(judges, 1), thread_name_prefix="judge")
+    deferring = [env.unwrapped for env in envs if judges and _defers_scoring(env)]
+    for base in deferring:
+        base.defer_scoring = True
     generator = _generator(policy, len(envs))
     stepping: dict[Future, _Live] = {}
     generating: dict[Future, list[_Live]] = {}
+    judging: dict[Future, _Live] = {}
     ready: list[_Live] = []
 
     def timed(future: Future) -> None:
@@ -426,7 +539,7 @@ def _run_async(policy: Policy, envs: Sequence[Any], finish: Finish | None, begin
         future.add_done_callback(lambda _: busy.append((begun, time.perf_counter())))
 
     try:
-        while can_begin() or stepping or generating or ready:
+        while can_begin() or stepping or generating or ready or judging:
             while can_begin():
                 live = begin()
                 stepping[envs_pool.submit(live.reset)] = live
@@ -435,11 +548,20 @@ def _run_async(policy: Policy, envs: Sequence[Any], finish: Finish | None, begin
                     timed(future)
                     generating[future] = lives
                 ready = []
-            finished, _ = wait([*stepping, *generating], return_when=FIRST_COMPLETED)
+            finished, _ = wait([*stepping, *generating, *judging], return_when=FIRST_COMPLETED)
             for future in finished:
+                if future in judging:
+                    settle(judging.pop(future), future.result())
+                    continue
                 if future in stepping:
                     live = stepping.pop(future)
-                    if settle(live, future.result()):
+                    outcome = future.result()
+                    if live.ending is not None:  # the env deferred its score: on to the judge pool
+                        generator.end(live)
+                        if finish is None:  # else finish needs the env at its last step
+                            release(live)
+                        judging[judge_pool.submit(live.judge, outcome, finish, time.perf_counter())] = live
+                    elif settle(live, outcome):
                         ready.append(live)
                     else:
                         generator.end(live)
@@ -450,6 +572,9 @@ def _run_async(policy: Policy, envs: Sequence[Any], finish: Finish | None, begin
                     stepping[envs_pool.submit(live.step, turn, finish)] = live
     finally:
         envs_pool.shutdown(wait=True, cancel_futures=True)
+        judge_pool.shutdown(wait=True, cancel_futures=True)
+        for base in deferring:
+            base.defer_scoring = False
         generator.close()
 
 
@@ -483,17 +608,20 @@ class SerialRollout:
         num_envs: environments in the pool: the batch size of each ``generate``.
         finish: the runner's end-of-episode hook (see :func:`run_episodes`), or None.
         mode: the runner's mode, ``"sync"`` or ``"async"`` (see :func:`run_episodes`).
+        max_concurrent_judges: (async) the runner's judge pool (see :func:`run_episodes`).
     """
 
     def __init__(self, policy: Policy, make_env: Callable[[], Any], num_envs: int, finish: Finish | None = None,
-                 mode: str = "sync"):
+                 mode: str = "sync", max_concurrent_judges: int = MAX_CONCURRENT_JUDGES):
         if num_envs < 1:
             raise ConfigError(f"num_envs ({num_envs}) must be at least 1.")
         _check_mode(mode)
+        _check_judges(max_concurrent_judges)
         self.policy = policy
         self.envs = [make_env() for _ in range(num_envs)]
         self.finish = finish
         self.mode = mode
+        self.max_concurrent_judges = max_concurrent_judges
         self.weight_version = 0
 
     def set_weights(self, policy: TrainablePolicy, version: int) -> None:
@@ -504,7 +632,8 @@ class SerialRollout:
 
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
         start = time.perf_counter()
-        episodes, stats = run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish, self.mode)
+        episodes, stats = run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish, self.mode,
+                                       self.max_concurrent_judges)
         stats.wall_seconds = time.perf_counter() - start
         return episodes, stats
 
@@ -523,15 +652,18 @@ class RolloutWorker:
         torch_threads: intra-op threads for this worker's torch (1 avoids oversubscription).
         finish: the runner's end-of-episode hook, run in the worker (see :func:`run_episodes`).
         mode: the runner's mode in the worker, ``"sync"`` or ``"async"``.
+        max_concurrent_judges: (async) the runner's judge pool in the worker.
     """
 
     def __init__(self, make_policy: Callable[[], Policy], make_env: Callable[[], Any], num_envs: int,
-                 torch_threads: int, finish: Finish | None = None, mode: str = "sync"):
+                 torch_threads: int, finish: Finish | None = None, mode: str = "sync",
+                 max_concurrent_judges: int = MAX_CONCURRENT_JUDGES):
         torch.set_num_threads(torch_threads)
         self.policy = make_policy()
         self.envs = [make_env() for _ in range(num_envs)]
         self.finish = finish
         self.mode = mode
+        self.max_concurrent_judges = max_concurrent_judges
         self.weight_version = -1
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
@@ -540,7 +672,8 @@ class RolloutWorker:
         return version
 
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
-        return run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish, self.mode)
+        return run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish, self.mode,
+                            self.max_concurrent_judges)
 
     def pid(self) -> int:
         return os.getpid()
@@ -572,12 +705,13 @@ class RayRollout:
         max_restarts: worker deaths tolerated in one ``set_weights`` or ``sample`` call before it gives up.
         finish: the runner's end-of-episode hook, run inside the workers (picklable).
         mode: the runner's mode inside each worker, ``"sync"`` or ``"async"`` (see :func:`run_episodes`).
+        max_concurrent_judges: (async) each worker's judge pool (see :func:`run_episodes`).
     """
 
     def __init__(self, make_policy: Callable[[], Policy], make_env: Callable[[], Any], num_workers: int,
                  envs_per_worker: int, placement: str = "colocate", num_cpus: float = 1.0,
                  num_gpus: float = 0.0, torch_threads: int = 1, max_restarts: int = 3,
-                 finish: Finish | None = None, mode: str = "sync"):
+                 finish: Finish | None = None, mode: str = "sync", max_concurrent_judges: int = MAX_CONCURRENT_JUDGES):
         import ray
 
         if num_workers < 1 or envs_per_worker < 1:
@@ -585,6 +719,7 @@ class RayRollout:
         if placement not in ("colocate", "spread"):
             raise ConfigError(f"placement ({placement!r}) must be 'colocate' or 'spread'.")
         _check_mode(mode)
+        _check_judges(max_concurrent_judges)
         if not ray.is_initialized():
             raise RolloutError("RayRollout needs Ray running: call ray.init() (or ray.init(address='auto') "
                                "to join a cluster) first.")
@@ -595,7 +730,7 @@ class RayRollout:
                              "lower num_workers or the per-worker resources.")
         self._ray = ray
         self._actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(RolloutWorker)
-        self._args = (make_policy, make_env, envs_per_worker, torch_threads, finish, mode)
+        self._args = (make_policy, make_env, envs_per_worker, torch_threads, finish, mode, max_concurrent_judges)
         self.envs_per_worker = envs_per_worker
         self.placement = placement
         self.max_restarts = max_restarts

@@ -140,7 +140,8 @@ def _nanmean(values: Sequence[float]) -> float:
 
 def episode_metrics(episodes: Sequence[Episode], stats: RolloutStats) -> dict[str, float]:
     """Rewards (total and by component), lengths, throughput, tool tiers and costs of a rollout, and where
-    its time went (episodes in flight, generator idle share, tool waits by tier, judge waits)."""
+    its time went (episodes in flight, generator idle share, tool waits by tier, judge waits, judges in
+    flight and the time finished episodes queued for a judge slot)."""
     rewards = [e.reward for e in episodes]
     valid = [r for r in rewards if not math.isnan(r)]
     mean = _nanmean(rewards)
@@ -162,6 +163,8 @@ def episode_metrics(episodes: Sequence[Episode], stats: RolloutStats) -> dict[st
         "rollout/max_in_flight": float(stats.max_in_flight),
         "time/generator_idle_fraction": stats.generator_idle_fraction,
         "time/judge_wait": stats.judge_seconds,
+        "time/judge_queue": stats.judge_queue_seconds,
+        "rollout/max_judges_in_flight": float(stats.max_judges_in_flight),
     }
     metrics |= {f"time/tool_wait/{tier}": seconds for tier, seconds in stats.tool_seconds.items()}
     components: dict[str, list[float]] = {}

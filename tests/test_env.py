@@ -252,3 +252,33 @@ def test_tool_echo_rewards_the_exact_call():
     env.reset(seed=0)
     _, reward, *_ = env.step("no tags at all")
     assert reward == 0.0
+
+
+def test_deferred_scoring_hands_over_a_picklable_score_equal_to_the_inline_one():
+    tasks = make_suite(4, 2)
+    inline, deferred = VisGenEnv(tasks=tasks), VisGenEnv(tasks=tasks)
+    deferred.defer_scoring = True
+    for seed in range(4):
+        expected = play(inline, WorkflowAgent(), seed)
+        steps = play(deferred, WorkflowAgent(), seed)
+        assert pickle.dumps(steps[:-1]) == pickle.dumps(expected[:-1])
+        *_, reward, terminated, truncated, info = steps[-1]
+        assert info["reward_pending"] is True and "checks" not in info and "R_plan" not in info["reward_components"]
+        assert (terminated, truncated) == expected[-1][3:5] and reward in (0.0, -deferred.config.error_penalty)
+        pending = pickle.loads(pickle.dumps(deferred.detach_pending_score()))
+        with pytest.raises(ResetNeeded, match="no episode score pending"):
+            deferred.detach_pending_score()
+        deferred.reset(seed=seed + 100)  # the env moves on; the detached score still holds its episode
+        assert pending.run() == (expected[-1][2], expected[-1][5])
+        assert expected[-1][5]["reward_components"]["R_plan"] is not None and "reward_pending" not in expected[-1][5]
+
+
+def test_detaching_a_score_needs_the_opt_in_and_an_ended_episode():
+    env = VisGenEnv(max_turns=2)
+    env.reset(seed=0)
+    env.step("<think>x</think>")
+    with pytest.raises(ResetNeeded, match="defer_scoring = True"):
+        env.detach_pending_score()
+    env.step("<think>x</think>")  # the last step, scored inside step: nothing to detach
+    with pytest.raises(ResetNeeded, match="no episode score pending"):
+        env.detach_pending_score()

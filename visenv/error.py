@@ -18,7 +18,8 @@ class ConfigError(VisenvError, ValueError):
 
 
 class ResetNeeded(VisenvError, RuntimeError):
-    """An environment method was called in the wrong order (step() before reset(), or after the end)."""
+    """An environment method was called in the wrong order (step() before reset(), or after the end;
+    detach_pending_score() with no score pending)."""
 
 
 class DependencyNotInstalled(VisenvError, ImportError):

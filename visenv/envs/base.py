@@ -10,7 +10,7 @@ replaced by ``?`` so that every observation is inside the space, while actions m
 from __future__ import annotations
 
 import string
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import gymnasium as gym
 import numpy as np
@@ -105,3 +105,22 @@ class TextEnv(gym.Env):
         if self._ended:
             raise ResetNeeded(f"{type(self).__name__}.step() was called after the episode ended "
                               "(terminated or truncated): call env.reset() to start a new one.")
+
+
+@runtime_checkable
+class DeferredScoring(Protocol):
+    """An environment that can hand over the scoring of a finished episode (the rubric and its judges),
+    so that it is free for the next episode while the score runs elsewhere.
+
+    With ``defer_scoring`` True, the step that ends an episode returns that step's own reward and
+    ``info["reward_pending"] = True``; :meth:`detach_pending_score` then returns an object whose
+    ``run()`` gives ``(reward, info)``: what the step would have returned without deferral. Off
+    (the default), ``step`` scores the episode itself. :class:`~visenv.envs.visgen.VisGenEnv`
+    implements it.
+    """
+
+    defer_scoring: bool
+
+    def detach_pending_score(self) -> Any:
+        """The finished episode's pending score (its ``run()`` gives the reward and info)."""
+        ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import numpy as np
 from visenv.envs.base import TextEnv, action_space, coerce_action, fit_text, observation_space, vector_info
 from visenv.envs.config import VisGenConfig, build_chains
 from visenv.episode import EpisodeRecord, TurnRecord
-from visenv.error import ConfigError
+from visenv.error import ConfigError, ResetNeeded
 from visenv.media import ArtifactRegistry
 from visenv.mediadb import MediaDatabase, thumbnail
 from visenv.protocol import Turn, parse_turn, render_error, render_tool_response
@@ -75,6 +76,43 @@ def turn_summary(turn: Turn) -> dict[str, Any]:
             "problems": [{"code": p.code, "message": p.message} for p in turn.problems]}
 
 
+@dataclass
+class PendingScore:
+    """The end-of-episode scoring of a finished episode, detached from its environment.
+
+    What :meth:`VisGenEnv.step` does at an episode's last step, deferred: the rubric (rule
+    components, CLIP, LLM/VLM judges) scores the finished record, and the end-of-episode info is
+    filled in. It holds only the finished :class:`~visenv.episode.EpisodeRecord` and the rubric, so it
+    runs on any thread or process (it pickles, as the rubric does) while the environment plays the
+    next episode; the judges' caches and None policy are the rubric's, as in the env.
+
+    Attributes:
+        record: the finished episode.
+        rubric: the env's rubric.
+        step_reward: the last step's own reward (minus ``error_penalty`` when its turn failed, else 0).
+        info: the last step's info before scoring (its ``reward_components`` are the step's).
+    """
+
+    record: EpisodeRecord
+    rubric: Any
+    step_reward: float
+    info: dict[str, Any]
+
+    def run(self) -> tuple[float, dict[str, Any]]:
+        """Score the episode: the last step's reward and info exactly as the env would have returned them.
+
+        The reward is ``step_reward`` plus the rubric's total, or NaN when the total is invalid (a
+        required judge failed under the "invalid" policy; ``info["reward_valid"]`` is then False). A
+        judge that raises propagates, as it would out of ``env.step``.
+        """
+        breakdown = self.rubric([self.record])[0]
+        reward = self.step_reward + breakdown.total if breakdown.valid else float("nan")
+        info = {**self.info, "reward_components": breakdown.components, "checks": run_checks(self.record),
+                "deliverables": list(self.record.deliverables), "reward_valid": breakdown.valid,
+                "reward_dropped": list(breakdown.dropped), "reward_none_policy": breakdown.none_policy}
+        return reward, vector_info(info)
+
+
 class VisGenEnv(TextEnv):
     """A visual-creation request, virtual tools (the default tools or your own set), and a plan-aware reward.
 
@@ -115,6 +153,17 @@ class VisGenEnv(TextEnv):
     Terminated on ``<answer>``; truncated after ``max_turns`` turns or ``max_episode_chars``
     characters.
 
+    ## Deferred scoring
+    By default the last step scores the episode itself (the rubric and its judges run inside
+    ``step``), as the gymnasium contract has it. A rollout loop that wants the environment back at
+    once sets ``env.defer_scoring = True`` (an attribute, off by default): the last step then returns
+    only that step's own reward (0, or minus ``error_penalty``), ``info["reward_pending"] = True`` and
+    the step's ``reward_components``; :meth:`detach_pending_score` hands over a picklable
+    :class:`PendingScore` whose ``run()`` returns the reward and the info the step would have
+    returned, and the env can be reset at once while the score runs elsewhere (``rl.rollout`` runs
+    them on a bounded judge pool). The episode record the score holds is the env's ``record`` of
+    that episode; ``reset`` starts a new one and leaves it alone.
+
     ## Info
     ``turn`` (the parsed turn), ``tool_result`` (the call record, on steps whose turn held a call),
     ``artifacts`` (all so far), ``reward_components``, ``cost`` (GPU-seconds and latency the real
@@ -133,7 +182,8 @@ class VisGenEnv(TextEnv):
     * v0: initial release; ``tool_latency_scale`` (simulated latency, default 0: none) added; ``pixels_mask`` added to the opt-in pixel observations, and the ``tools``
       option (default observations, dynamics and rewards unchanged). Hardening: blank text arguments and
       non-finite numbers are refused, integral floats in integer arguments are accepted, and info
-      leaves out None values and holds call arguments as JSON text (a candidate for v1).
+      leaves out None values and holds call arguments as JSON text (a candidate for v1). Opt-in deferred
+      scoring (``defer_scoring``, :meth:`detach_pending_score`; default steps and rewards unchanged).
     """
 
     def __init__(self, config: Any = None, **options: Any):
@@ -155,6 +205,8 @@ class VisGenEnv(TextEnv):
         self._chars = 0
         self._gpu_seconds = self._gpu_seconds_avoided = 0.0
         self._latency_seconds = 0.0
+        self.defer_scoring = False
+        self._pending: PendingScore | None = None
 
     @property
     def system_prompt(self) -> str:
@@ -169,6 +221,7 @@ class VisGenEnv(TextEnv):
         self.record = EpisodeRecord(task=task, tools=self.tools)
         self._state, self._chars = {}, 0
         self._gpu_seconds = self._gpu_seconds_avoided = self._latency_seconds = 0.0
+        self._pending = None
         self._begin_episode()
         text = f"Request: {task.request}\n\n{PROTOCOL_HELP}"
         info = {"task_id": task.task_id, "task": task.to_dict(), "episode_id": self.registry.episode_id}
@@ -196,7 +249,6 @@ class VisGenEnv(TextEnv):
         self._chars += len(text)
         turn = parse_turn(text, max_chars=self.config.max_turn_chars)
         call, failed, terminated = None, False, False
-        extra_info: dict[str, Any] = {}
         if turn.tool_call is not None:
             seed = (self._episode_seed * 6364136223846793005 + len(record.calls)) % 2**63
             call = execute_call(turn.tool_call, len(record.calls), self.registry, self.chains, seed, self._state,
@@ -228,33 +280,50 @@ class VisGenEnv(TextEnv):
         truncated = not terminated and (len(record.turns) >= self.config.max_turns
                                         or self._chars > self.config.max_episode_chars)
         reward = -float(self.config.error_penalty) if failed else 0.0
-        components: dict[str, Any] = {"step_format": float(turn.well_formed),
-                                      "step_call": None if call is None else float(call.ok)}
         if terminated or truncated:
             self._ended = True
             record.truncated = truncated
-            breakdown = self.rubric([record])[0]
-            components = breakdown.components
-            reward = reward + breakdown.total if breakdown.valid else float("nan")
-            extra_info = {"checks": run_checks(record), "deliverables": list(record.deliverables),
-                          "reward_valid": breakdown.valid, "reward_dropped": list(breakdown.dropped),
-                          "reward_none_policy": breakdown.none_policy}
             if truncated:
                 payload["truncated"] = (f"The episode ran out of budget ({len(record.turns)} turns, "
                                         f"{self._chars} characters).")
         info = {"task_id": record.task.task_id, "turn": turn_summary(turn),
                 "tool_result": None if call is None else {**call.to_dict(), "arguments": arguments_text(call.arguments)},
                 "artifacts": [a.describe() for a in record.artifacts.values()],
-                "reward_components": components,
+                "reward_components": {"step_format": float(turn.well_formed),
+                                      "step_call": None if call is None else float(call.ok)},
                 "cost": {"gpu_seconds": 0.0 if call is None else call.gpu_seconds,
                          "latency_seconds": 0.0 if call is None else call.latency_seconds,
                          "gpu_seconds_avoided": 0.0 if call is None else gpu_seconds_avoided(call),
                          "episode_gpu_seconds": round(self._gpu_seconds, 3),
                          "episode_gpu_seconds_avoided": round(self._gpu_seconds_avoided, 3),
-                         "episode_latency_seconds": round(self._latency_seconds, 3)},
-                **extra_info}
+                         "episode_latency_seconds": round(self._latency_seconds, 3)}}
         body = render_error(payload.pop("error"), **payload) if "error" in payload else render_tool_response(payload)
-        return self._observation(body), reward, terminated, truncated, vector_info(info)
+        if not (terminated or truncated):
+            return self._observation(body), reward, terminated, truncated, vector_info(info)
+        pending = PendingScore(record, self.rubric, reward, info)
+        if self.defer_scoring:
+            self._pending = pending
+            return self._observation(body), reward, terminated, truncated, vector_info({**info, "reward_pending": True})
+        reward, info = pending.run()
+        return self._observation(body), reward, terminated, truncated, info
+
+    def detach_pending_score(self) -> PendingScore:
+        """Hand over the deferred scoring of the episode that just ended (with ``defer_scoring`` on).
+
+        Returns:
+            The :class:`PendingScore` of the last step; the env no longer holds it, and may be reset
+            and stepped at once while the score runs elsewhere.
+
+        Raises:
+            ResetNeeded: no scoring is pending (``defer_scoring`` is off, the episode has not ended, or
+                its score was already detached).
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise ResetNeeded("VisGenEnv.detach_pending_score() was called with no episode score pending: "
+                              "set env.defer_scoring = True before the episode's last step, and detach once, "
+                              "after the step whose info holds reward_pending=True.")
+        return pending
 
     def _call_payload(self, call) -> dict[str, Any]:
         if not call.ok:
