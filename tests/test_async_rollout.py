@@ -1,16 +1,20 @@
 """The asynchronous episode loop: the same episodes as the synchronous one (serial and Ray) while
-episodes finish in another order, failed episodes still recorded, and the simulated latencies of
-tools and judges that make the difference measurable."""
+episodes finish in another order, failed episodes still recorded, judges off the hot path (on a
+bounded pool, the env free for the next episode), and the simulated latencies of tools and judges
+that make the difference measurable."""
 
 import functools
 import math
 import os
+import threading
 import time
+from dataclasses import asdict
 
 import gymnasium as gym
 import pytest
 
 from baselines.random_agent import RandomAgent
+from rl import evaluate
 from rl.config import RolloutConfig
 from rl.policy import AgentPolicy
 from rl.rollout import RayRollout, SerialRollout, make_specs, run_episodes
@@ -20,7 +24,9 @@ from test_rl_rollout import saved_policy  # noqa: F401  (the fixture: a tiny pol
 from visenv.envs.config import VisGenConfig
 from visenv.envs.visgen import VisGenEnv
 from visenv.error import ConfigError
-from visenv.rewards.rubric import DelayedRubric
+from visenv.rewards.rubric import DelayedRubric, Entry, LtrReward
+from visenv.rewards.rules import RulePlanReward
+from visenv.tasks import make_suite
 
 
 class LaggyLetterEnv(gym.Wrapper):
@@ -123,19 +129,133 @@ def test_tool_latency_sleeps_the_cost_model_latency_on_virtual_tiers():
 def test_agents_play_visgen_with_latency_the_same_in_both_modes_and_the_waits_are_measured():
     policy = AgentPolicy(RandomAgent)
     specs = make_specs(1, 0, 3, 2)
-    runs = {mode: run_episodes(policy, [visgen(0.002, 0.02) for _ in range(3)], specs, mode=mode)
-            for mode in ("sync", "async")}
-    (sync, _), (fast, stats) = runs["sync"], runs["async"]
-    assert_same_episodes(fast, sync)
+    runs = {(mode, judges): run_episodes(policy, [visgen(0.002, 0.02) for _ in range(3)], specs, mode=mode,
+                                         max_concurrent_judges=judges)
+            for mode, judges in (("sync", 16), ("async", 16), ("async", 1), ("async", 0))}
+    sync, _ = runs["sync", 16]
+    for episodes, _ in runs.values():  # judges on the pool (16 or 1 at a time) or inside the env's step
+        assert_same_episodes(episodes, sync)
+    fast, stats = runs["async", 16]
     assert sum(sum(e.backends.values()) for e in fast) > 0
     assert stats.judge_seconds >= 0.02 * len(specs)
     assert stats.tool_seconds["attribute"] > 0
     assert set(stats.tool_seconds) <= {tier or "refused" for e in fast for tier in e.backends}
     metrics = episode_metrics(fast, stats)
-    assert metrics["rollout/max_in_flight"] == 3.0
+    assert metrics["rollout/max_in_flight"] >= 3.0  # those awaiting a judge count too
     assert metrics["time/judge_wait"] == stats.judge_seconds
+    assert metrics["time/judge_queue"] == stats.judge_queue_seconds >= 0.0
+    assert metrics["rollout/max_judges_in_flight"] == stats.max_judges_in_flight >= 1
     assert 0.0 <= metrics["time/generator_idle_fraction"] <= 1.0
     assert all(metrics[f"time/tool_wait/{tier}"] > 0 for tier in stats.tool_seconds)
+    inline = runs["async", 0][1]  # the scoring inside the env's last step: one episode per env at most
+    assert inline.max_in_flight == 3 and inline.judge_queue_seconds == 0.0
+    assert runs["async", 1][1].max_judges_in_flight == 1 == runs["sync", 16][1].max_judges_in_flight
+
+
+class OverlapRubric:
+    """The LTR rubric after a ``seconds`` wait, counting the calls that run at once (shared by envs)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.rubric = LtrReward()
+        self.lock = threading.Lock()
+        self.running = self.most = self.calls = 0
+
+    def __call__(self, records):
+        with self.lock:
+            self.running += 1
+            self.calls += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+        return self.rubric(records)
+
+
+def test_a_finished_episodes_judge_does_not_block_the_next_episode_in_its_env():
+    rubric = OverlapRubric(0.3)
+    env = VisGenEnv(max_turns=3, rubric=rubric)
+    episodes, stats = run_episodes(AgentPolicy(RandomAgent), [env], make_specs(4, 0, 6, 1), mode="async",
+                                   max_concurrent_judges=3)
+    assert rubric.calls == 6 and all(e.error is None and len(e.rewards) <= 3 for e in episodes)
+    # one env, yet several judges at once: it played the next episodes while the earlier ones were judged
+    assert rubric.most >= 2 and stats.max_judges_in_flight >= 2 and stats.max_in_flight >= 2
+    assert env.defer_scoring is False  # the runner's opt-in ends with the rollout
+    inline = OverlapRubric(0.0)
+    run_episodes(AgentPolicy(RandomAgent), [VisGenEnv(max_turns=3, rubric=inline)], make_specs(4, 0, 6, 1),
+                 mode="async", max_concurrent_judges=0)
+    assert inline.calls == 6 and inline.most == 1
+
+
+def test_the_judge_pool_bounds_the_judges_running_at_once():
+    rubric = OverlapRubric(0.1)
+    specs = make_specs(5, 0, 10, 1)
+    episodes, stats = run_episodes(AgentPolicy(RandomAgent), [VisGenEnv(max_turns=2, rubric=rubric) for _ in range(5)],
+                                   specs, mode="async", max_concurrent_judges=2)
+    assert rubric.calls == 10 and rubric.most == 2 == stats.max_judges_in_flight
+    assert stats.judge_queue_seconds > 0.0  # finished episodes waited for a slot
+    assert [e.spec for e in episodes] == specs
+
+
+class FlakyPlan:
+    """R_plan that raises on one task (a judge's bug) and answers None on another (a judge that failed)."""
+
+    def __init__(self, raises: str, fails: str):
+        self.raises, self.fails, self.plan = raises, fails, RulePlanReward()
+
+    def __call__(self, records):
+        if any(r.task.task_id == self.raises for r in records):
+            raise RuntimeError("judge down")
+        return [None if r.task.task_id == self.fails else score for r, score in zip(records, self.plan(records))]
+
+
+def test_a_raising_judge_fails_only_its_episode_and_a_failed_judge_invalidates_its_reward():
+    specs = make_specs(1, 0, 3, 2)
+    probe = VisGenEnv()
+    task_ids = [probe.reset(seed=spec.task_seed)[1]["task_id"] for spec in specs[::2]]
+    assert len(set(task_ids)) == 3
+    rubric = LtrReward(plan=Entry(FlakyPlan(raises=task_ids[1], fails=task_ids[2]), required=True))
+    runs = {(mode, judges): run_episodes(AgentPolicy(RandomAgent), [VisGenEnv(max_turns=3, rubric=rubric)
+                                                                     for _ in range(2)],
+                                         specs, mode=mode, max_concurrent_judges=judges)
+            for mode, judges in (("sync", 2), ("async", 2), ("async", 0))}
+    sync, _ = runs["sync", 2]
+    for episodes, stats in runs.values():
+        assert_same_episodes(episodes, sync)
+        assert stats.episodes_failed == 2
+    fast = runs["async", 2][0]
+    assert [e.error for e in fast] == [None, None, "RuntimeError: judge down", "RuntimeError: judge down", None, None]
+    assert [math.isnan(e.reward) for e in fast] == [False, False, True, True, True, True]
+    components = fast[4].components  # the "invalid" policy: R_plan and the total are None (left out of info)
+    assert "R_fine" in components and "R_plan" not in components and "total" not in components
+
+
+def test_a_reward_wrapper_keeps_the_scoring_in_the_env_and_sees_the_full_reward():
+    def make_env():
+        return gym.wrappers.TransformReward(VisGenEnv(max_turns=3), lambda reward: 2 * reward - 1)
+
+    specs = make_specs(2, 0, 2, 1)
+    runs = [run_episodes(AgentPolicy(RandomAgent), [make_env() for _ in range(2)], specs, mode=mode)
+            for mode in ("sync", "async")]
+    assert_same_episodes(runs[1][0], runs[0][0])
+    assert runs[1][1].judge_queue_seconds == 0.0
+
+
+def test_an_evaluation_in_async_mode_records_the_same_episodes_as_in_sync_mode():
+    tasks = make_suite(4, 3)
+
+    def rollout(mode):
+        return lambda policy, make_env, finish: SerialRollout(policy, make_env, 2, finish, mode=mode,
+                                                              max_concurrent_judges=2)
+
+    runs = {mode: evaluate.play(RandomAgent, tasks, recorder=evaluate.Recorder(keep_trajectories=True),
+                                make_rollout=rollout(mode), progress=False) for mode in ("sync", "async")}
+    results = {mode: [asdict(r) for r in evaluate.results_of(episodes)] for mode, (episodes, _) in runs.items()}
+    assert results["async"] == results["sync"]
+    assert runs["sync"][1].judge_queue_seconds == 0.0 < runs["async"][1].judge_queue_seconds  # scored on the pool
+    # the last step's reward in the trajectory is the scored one, not the pending step reward
+    assert all(sum(t["reward"] for t in r["trajectory"]) == pytest.approx(r["reward"]) for r in results["async"])
+    assert all("R_plan" in r["components"] for r in results["async"])
 
 
 @pytest.mark.slow
@@ -185,3 +305,8 @@ def test_latency_and_mode_settings_validate_themselves(saved_policy):
         run_episodes(saved_policy[0], [LetterEnv()], make_specs(0, 0, 1, 1), mode="threads")
     with pytest.raises(ConfigError, match="mode"):
         SerialRollout(saved_policy[0], LetterEnv, num_envs=1, mode="threads")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="max_concurrent_judges"):
+            RolloutConfig(max_concurrent_judges=bad)
+        with pytest.raises(ConfigError, match=r"max_concurrent_judges \(.*\) must be an int >= 0"):
+            run_episodes(saved_policy[0], [LetterEnv()], make_specs(0, 0, 1, 1), max_concurrent_judges=bad)
