@@ -6,12 +6,17 @@ episode-end judge with a fixed latency (:class:`~visenv.rewards.rubric.DelayedRu
 a tiny policy in both modes of :func:`rl.rollout.run_episodes`, on the same specs, in one run.
 
 The policy: each turn a tiny random Llama (hidden 128 x 2 layers, a BPE trained on the env's
-observations) samples ``--max-new-tokens`` tokens from the whole conversation (the generation
-cost, timed as the generator's busy time), and the turn's text is the random agent's
-(:class:`baselines.random_agent.RandomAgent`), so that episodes call real tool specs (a random LM
-would never write a valid call). Its turns are batched with ``policy.generate`` (the async loop's
-batching path for any policy; a plain text ``CausalLMPolicy`` would go through the continuous-batching
-engine instead). The two modes must return the same episodes; the script checks it.
+observations) samples ``--max-new-tokens`` tokens (the generation cost, timed as the generator's
+busy time), and the turn's text is the random agent's (:class:`baselines.random_agent.RandomAgent`),
+so that episodes call real tool specs (a random LM would never write a valid call): a
+:class:`~rl.hf.CausalLMPolicy` whose ``generate`` and ``engine_turn`` give the agent's text with
+the sampled tokens. So each mode samples the way it samples any text policy: the sync loop with one
+batched ``policy.generate`` per step over the whole conversations, the async loop through the
+in-process :class:`~rl.engine.hf.HFEngine` (continuous batching, KV caches kept between turns), and
+the finished episodes' judges on the async loop's judge pool (``--max-concurrent-judges``). The two
+modes must return the same episodes; the script checks it. A full run (not ``--quick``) also plays
+the async loop with each judge inside its env's last step (``max_concurrent_judges=0``), the judge
+pool's share of the gain.
 
     python benchmarks/async_rollout.py [--quick] [--episodes 64] [--envs 32] [--out benchmarks/results/async_rollout.json]
 """
@@ -33,37 +38,39 @@ import torch
 from baselines.random_agent import RandomAgent
 from rl.hf import CausalLMPolicy, tiny_causal_lm
 from rl.policy import POLICY, AgentPolicy, Conversation, Segment
-from rl.rollout import make_specs, run_episodes
+from rl.rollout import MAX_CONCURRENT_JUDGES, make_specs, run_episodes
 from rl.tokenizer import train_tokenizer
 from visenv.envs.visgen import VisGenEnv
 from visenv.rewards.rubric import DelayedRubric
 
 
-class PacedAgentPolicy:
-    """The random agent's turns, each paced by a tiny LM's sampling of the conversation so far.
+class PacedAgentPolicy(CausalLMPolicy):
+    """A tiny LM that samples every turn, whose turn text is then the agent's.
 
     Args:
-        lm: the tiny causal LM policy (encodes observations, samples the turn's tokens).
+        model, tokenizer, **options: as :class:`~rl.hf.CausalLMPolicy`.
         agent: the agent adapter whose text the turn carries.
     """
 
-    def __init__(self, lm: CausalLMPolicy, agent: AgentPolicy):
-        self.lm = lm
+    def __init__(self, model, tokenizer, agent: AgentPolicy, **options: Any):
+        super().__init__(model, tokenizer, **options)
         self.agent = agent
 
-    def encode(self, observation: dict[str, Any], first: bool) -> Segment:
-        return self.lm.encode(observation, first)
-
     def generate(self, conversations: Sequence[Conversation]) -> list[Segment]:
-        sampled = self.lm.generate(conversations)
-        acted = self.agent.generate(conversations)
-        return [Segment(POLICY, act.text, turn.token_ids, turn.logprobs) for act, turn in zip(acted, sampled)]
+        return [self._acted(conv, turn) for conv, turn in zip(conversations, super().generate(conversations))]
+
+    def engine_turn(self, conversation: Conversation, result: Any) -> Segment:
+        return self._acted(conversation, super().engine_turn(conversation, result))
+
+    def _acted(self, conversation: Conversation, sampled: Segment) -> Segment:
+        text = self.agent.generate([conversation])[0].text
+        return Segment(POLICY, text, sampled.token_ids, sampled.logprobs)
 
 
-def play(policy, make_env, num_envs: int, specs, mode: str) -> dict[str, Any]:
+def play(policy, make_env, num_envs: int, specs, mode: str, judges: int) -> dict[str, Any]:
     envs = [make_env() for _ in range(num_envs)]
     start = time.perf_counter()
-    episodes, stats = run_episodes(policy, envs, specs, mode=mode)
+    episodes, stats = run_episodes(policy, envs, specs, mode=mode, max_concurrent_judges=judges)
     wall = time.perf_counter() - start
     for env in envs:
         env.close()
@@ -73,7 +80,9 @@ def play(policy, make_env, num_envs: int, specs, mode: str) -> dict[str, Any]:
             "generator_idle_fraction": round(stats.generator_idle_fraction, 4),
             "max_in_flight": stats.max_in_flight,
             "tool_wait_seconds": {tier: round(s, 3) for tier, s in sorted(stats.tool_seconds.items())},
-            "judge_wait_seconds": round(stats.judge_seconds, 3)}
+            "judge_wait_seconds": round(stats.judge_seconds, 3),
+            "judge_queue_seconds": round(stats.judge_queue_seconds, 3),
+            "max_judges_in_flight": stats.max_judges_in_flight}
 
 
 def as_data(episodes) -> list:
@@ -83,13 +92,16 @@ def as_data(episodes) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="32 episodes, 16 envs, 4 turns by default (within two minutes)")
+    parser.add_argument("--quick", action="store_true", help="32 episodes, 16 envs, 4 turns by default, no "
+                        "'judges in env' run (within two minutes)")
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--envs", type=int, default=32, help="environments: episodes in flight at most")
     parser.add_argument("--max-turns", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--tool-latency-scale", type=float, default=0.01)
     parser.add_argument("--judge-seconds", type=float, default=0.5, help="the simulated judge's latency")
+    parser.add_argument("--max-concurrent-judges", type=int, default=MAX_CONCURRENT_JUDGES,
+                        help="the async loop's judge pool")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/async_rollout.json")
     if "--quick" in sys.argv:
@@ -104,12 +116,17 @@ def main() -> None:
 
     probe = VisGenEnv(max_turns=args.max_turns)
     tokenizer = train_tokenizer([probe.reset(seed=i)[0]["text"] for i in range(100)], 2000)
-    lm = CausalLMPolicy(tiny_causal_lm(len(tokenizer)), tokenizer, max_new_tokens=args.max_new_tokens)
-    policy = PacedAgentPolicy(lm, AgentPolicy(RandomAgent))
-    run_episodes(policy, [probe], make_specs(1, 0, 2, 1))  # warm-up: the media database, first forwards
+    policy = PacedAgentPolicy(tiny_causal_lm(len(tokenizer)), tokenizer, AgentPolicy(RandomAgent),
+                              max_new_tokens=args.max_new_tokens)
+    for mode in ("sync", "async"):  # warm-up: the media database, first forwards, the engine's thread
+        run_episodes(policy, [probe], make_specs(1, 0, 2, 1), mode=mode)
     specs = make_specs(0, 0, args.episodes, 1)
-    runs = {mode: play(policy, make_env, args.envs, specs, mode) for mode in ("sync", "async")}
-    same = as_data(runs["sync"].pop("episodes")) == as_data(runs["async"].pop("episodes"))
+    runs = {mode: play(policy, make_env, args.envs, specs, mode, args.max_concurrent_judges)
+            for mode in ("sync", "async")}
+    if not args.quick:  # the judge pool's share: async with each judge inside its env's last step
+        runs["async, judges in env"] = play(policy, make_env, args.envs, specs, "async", 0)
+    expected = as_data(runs["sync"].pop("episodes"))
+    same = all(as_data(run.pop("episodes")) == expected for run in runs.values() if "episodes" in run)
     sync, fast = runs["sync"], runs["async"]
     result = {
         "sync_episodes_per_second": sync["episodes_per_second"],
@@ -118,23 +135,27 @@ def main() -> None:
         "generator_idle_fraction_sync": sync["generator_idle_fraction"],
         "generator_idle_fraction_async": fast["generator_idle_fraction"],
         "same_episodes": same,
+        "async_generator": "HFEngine (continuous batching)" if policy.engine_served else "policy.generate batches",
+        "judge_queue_seconds_async": fast["judge_queue_seconds"],
+        "max_judges_in_flight_async": fast["max_judges_in_flight"],
         "modes": runs,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
     }
-    print(f"{'mode':<6} {'episodes/s':>10} {'wall s':>8} {'generator idle':>15} {'in flight':>9} "
-          f"{'tool wait s':>11} {'judge wait s':>12}")
+    print(f"{'mode':<21} {'episodes/s':>10} {'wall s':>8} {'generator idle':>15} {'in flight':>9} "
+          f"{'tool wait s':>11} {'judge wait s':>12} {'judge queue s':>13} {'judges at once':>14}")
     for mode, run in runs.items():
-        print(f"{mode:<6} {run['episodes_per_second']:>10.2f} {run['wall_seconds']:>8.2f} "
+        print(f"{mode:<21} {run['episodes_per_second']:>10.2f} {run['wall_seconds']:>8.2f} "
               f"{run['generator_idle_fraction']:>15.1%} {run['max_in_flight']:>9} "
-              f"{sum(run['tool_wait_seconds'].values()):>11.2f} {run['judge_wait_seconds']:>12.2f}")
-    print(f"speedup {result['speedup']}x; same episodes in both modes: {same}")
+              f"{sum(run['tool_wait_seconds'].values()):>11.2f} {run['judge_wait_seconds']:>12.2f} "
+              f"{run['judge_queue_seconds']:>13.2f} {run['max_judges_in_flight']:>14}")
+    print(f"speedup {result['speedup']}x; same episodes in every mode: {same}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2)
     if not same:
-        raise SystemExit("The async loop returned other episodes than the sync loop: a bug in rl.rollout.")
+        raise SystemExit("An async run returned other episodes than the sync loop: a bug in rl.rollout.")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import copy
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -221,6 +221,11 @@ class CausalLMPolicy:
         system_prompt: text of the system segment that opens each episode, or None.
     """
 
+    engine_served: ClassVar[bool] = True
+    """Whether the async rollout loop serves this policy's turns with the in-process
+    :class:`~rl.engine.hf.HFEngine` (continuous batching) instead of :meth:`generate`: text models do;
+    the vision policies, whose prompts carry images, set it False."""
+
     def __init__(self, model, tokenizer, chat: ChatFormat | str = "plain", max_new_tokens: int = 64,
                  temperature: float = 1.0, system_prompt: str | None = None):
         self.model = model.eval()  # dropout off for good: sampled and recomputed log-probs must agree
@@ -347,6 +352,14 @@ class CausalLMPolicy:
             turns.append(Segment(POLICY, text, ids, logprobs[row, : lengths[row]].tolist()))
         return turns
 
+    def engine_turn(self, conversation: Conversation, result: Any) -> Segment:
+        """The policy segment of the turn an engine sampled for ``conversation`` (a
+        :class:`~rl.engine.base.GenerationResult`), as :meth:`generate` writes it; a subclass may
+        derive the turn otherwise (its token ids must stay the sampled ones)."""
+        from rl.engine.hf import turn_segment
+
+        return turn_segment(self, result)
+
     def _sample(self, logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row (inverse CDF at the row's own uniform) and its log-prob."""
         temperature = self.temperature or 1.0
@@ -409,6 +422,8 @@ class VisionLMPolicy(CausalLMPolicy):
         **options: as :class:`CausalLMPolicy`.
     """
 
+    engine_served = False  # prompts carry images: turns come from generate()
+
     def __init__(self, model, tokenizer, images_per_turn: int = 1, **options: Any):
         super().__init__(model, tokenizer, **options)
         vision = model.config.vision_config
@@ -465,6 +480,8 @@ class QwenVLPolicy(CausalLMPolicy):
         images_per_turn: most images shown per observation.
         **options: as :class:`CausalLMPolicy`.
     """
+
+    engine_served = False  # prompts carry images: turns come from generate()
 
     def __init__(self, model, tokenizer, image_processor, images_per_turn: int = 1, **options: Any):
         super().__init__(model, tokenizer, **options)

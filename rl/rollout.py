@@ -24,8 +24,9 @@ Every backend implements :class:`Rollout` (``set_weights``, ``sample``, ``close`
   one after another;
 * ``"async"``: env steps (tool calls, the episode-end judge) run on a thread pool, one thread per
   environment, while the policy generates for whichever episodes are ready: a text
-  :class:`~rl.hf.CausalLMPolicy` through an in-process :class:`~rl.engine.hf.HFEngine` (continuous
-  batching: a turn joins the running batch at its next decode step, KV caches kept between turns),
+  :class:`~rl.hf.CausalLMPolicy` (``engine_served``) through an in-process
+  :class:`~rl.engine.hf.HFEngine` (continuous batching: a turn joins the running batch at its next
+  decode step, KV caches kept between turns),
   any other policy by batching the episodes that became ready while the previous ``generate`` ran.
   Episodes finish in any order; a sample depends only on its seeds and the weights, so both modes
   return the same episodes for the same specs. Judges are off the hot path too: an environment that
@@ -372,7 +373,7 @@ class _BatchGenerator:
     def submit(self, lives: list[_Live]) -> list[tuple[Future, list[_Live]]]:
         return [(self._thread.submit(self.policy.generate, [live.conversation for live in lives]), lives)]
 
-    def turns(self, result: list[Segment]) -> list[Segment]:
+    def turns(self, result: list[Segment], lives: list[_Live]) -> list[Segment]:
         return result
 
     def end(self, live: _Live) -> None:
@@ -383,9 +384,10 @@ class _BatchGenerator:
 
 
 class _EngineGenerator:
-    """A text :class:`~rl.hf.CausalLMPolicy` through an :class:`~rl.engine.hf.HFEngine` on the same
-    model: each turn is a request that joins the running batch at its next decode step, and each
-    episode is a session (its KV cache kept between turns)."""
+    """A :class:`~rl.hf.CausalLMPolicy` (``engine_served``) through an :class:`~rl.engine.hf.HFEngine`
+    on the same model: each turn is a request that joins the running batch at its next decode step,
+    each episode is a session (its KV cache kept between turns), and the policy's ``engine_turn``
+    makes the sampled tokens its turn."""
 
     continuous = True
 
@@ -401,10 +403,8 @@ class _EngineGenerator:
         return [(self.engine.submit(turn_request(self.policy, live.conversation, session=self._session(live))),
                  [live]) for live in lives]
 
-    def turns(self, result) -> list[Segment]:
-        from rl.engine.hf import turn_segment
-
-        return [turn_segment(self.policy, result)]
+    def turns(self, result, lives: list[_Live]) -> list[Segment]:
+        return [self.policy.engine_turn(lives[0].conversation, result)]
 
     def end(self, live: _Live) -> None:
         self.engine.end_session(self._session(live))
@@ -418,10 +418,12 @@ class _EngineGenerator:
 
 
 def _generator(policy: Policy, rows: int) -> _BatchGenerator | _EngineGenerator:
-    """The engine for exactly a text CausalLMPolicy (VLM subclasses keep their own ``generate``)."""
+    """The engine for a CausalLMPolicy that it serves (``engine_served``: text models; the vision
+    policies keep their own ``generate``), batches of ``generate`` for any other policy."""
     from rl.hf import CausalLMPolicy
 
-    return _EngineGenerator(policy, rows) if type(policy) is CausalLMPolicy else _BatchGenerator(policy)
+    served = isinstance(policy, CausalLMPolicy) and policy.engine_served
+    return _EngineGenerator(policy, rows) if served else _BatchGenerator(policy)
 
 
 def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpec], weight_version: int = 0,
@@ -567,7 +569,7 @@ def _run_async(policy: Policy, envs: Sequence[Any], finish: Finish | None, begin
                         generator.end(live)
                     continue
                 lives = generating.pop(future)
-                for live, turn in zip(lives, generator.turns(future.result()), strict=True):
+                for live, turn in zip(lives, generator.turns(future.result(), lives), strict=True):
                     live.conversation.segments.append(turn)
                     stepping[envs_pool.submit(live.step, turn, finish)] = live
     finally:
