@@ -15,7 +15,9 @@ batched ``policy.generate`` per step over the whole conversations, the async loo
 in-process :class:`~rl.engine.hf.HFEngine` (continuous batching, KV caches kept between turns), and
 the finished episodes' judges on the async loop's judge pool (``--max-concurrent-judges``). The two
 modes must return the same episodes; the script checks it. ``--max-concurrent-judges 0`` plays the
-async loop with each judge inside its env's last step instead.
+async loop with each judge inside its env's last step instead. Then the judge pool's own share, where
+judges dominate: the random agent itself (no LM) on 8 episodes and 2 environments in async mode, each
+judge inside its env against the pool (``judge_pool_share`` in the JSON).
 
     python benchmarks/async_rollout.py [--quick] [--episodes 64] [--envs 32] [--out benchmarks/results/async_rollout.json]
 """
@@ -89,6 +91,17 @@ def as_data(episodes) -> list:
              e.components) for e in episodes]
 
 
+def judge_pool_share(make_env, episodes: int, envs: int) -> dict[str, Any]:
+    """The judge pool alone: the random agent (no LM, so no generation cost) in async mode on few
+    environments, each judge inside its env's last step (``max_concurrent_judges=0``) against the pool."""
+    policy, specs = AgentPolicy(RandomAgent), make_specs(1, 0, episodes, 1)
+    runs = {name: play(policy, make_env, envs, specs, "async", judges)
+            for name, judges in (("judges_in_env", 0), ("judge_pool", MAX_CONCURRENT_JUDGES))}
+    same = as_data(runs["judges_in_env"].pop("episodes")) == as_data(runs["judge_pool"].pop("episodes"))
+    return {"episodes": episodes, "envs": envs, "same_episodes": same, **runs,
+            "speedup": round(runs["judge_pool"]["episodes_per_second"] / runs["judges_in_env"]["episodes_per_second"], 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="32 episodes, 16 envs, 4 turns by default (within two minutes)")
@@ -123,6 +136,7 @@ def main() -> None:
     runs = {mode: play(policy, make_env, args.envs, specs, mode, args.max_concurrent_judges)
             for mode in ("sync", "async")}
     same = as_data(runs["sync"].pop("episodes")) == as_data(runs["async"].pop("episodes"))
+    pool = judge_pool_share(make_env, 8, 2)
     sync, fast = runs["sync"], runs["async"]
     result = {
         "sync_episodes_per_second": sync["episodes_per_second"],
@@ -130,11 +144,12 @@ def main() -> None:
         "speedup": round(fast["episodes_per_second"] / sync["episodes_per_second"], 2),
         "generator_idle_fraction_sync": sync["generator_idle_fraction"],
         "generator_idle_fraction_async": fast["generator_idle_fraction"],
-        "same_episodes": same,
+        "same_episodes": same and pool["same_episodes"],
         "async_generator": "HFEngine (continuous batching)" if policy.engine_served else "policy.generate batches",
         "judge_queue_seconds_async": fast["judge_queue_seconds"],
         "max_judges_in_flight_async": fast["max_judges_in_flight"],
         "modes": runs,
+        "judge_pool_share": pool,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)}},
@@ -148,11 +163,15 @@ def main() -> None:
               f"{sum(run['tool_wait_seconds'].values()):>11.2f} {run['judge_wait_seconds']:>12.2f} "
               f"{run['judge_queue_seconds']:>13.2f} {run['max_judges_in_flight']:>14}")
     print(f"speedup {result['speedup']}x; same episodes in both modes: {same}")
+    print(f"judge pool alone (random agent, no LM, {pool['episodes']} episodes on {pool['envs']} envs, async): "
+          f"{pool['judges_in_env']['wall_seconds']:.2f} s with each judge in its env, "
+          f"{pool['judge_pool']['wall_seconds']:.2f} s on the pool ({pool['speedup']}x); same episodes: "
+          f"{pool['same_episodes']}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=2)
-    if not same:
-        raise SystemExit("The async loop returned other episodes than the sync loop: a bug in rl.rollout.")
+    if not result["same_episodes"]:
+        raise SystemExit("The runs returned other episodes than each other: a bug in rl.rollout.")
 
 
 if __name__ == "__main__":

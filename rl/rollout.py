@@ -527,10 +527,10 @@ def _run_async(policy: Policy, envs: Sequence[Any], finish: Finish | None, begin
     outcome is settled on this thread."""
     envs_pool = ThreadPoolExecutor(len(envs), thread_name_prefix="env")
     judge_pool = ThreadPoolExecutor(max(judges, 1), thread_name_prefix="judge")
-    deferring = [env.unwrapped for env in envs if judges and _defers_scoring(env)]
-    for base in deferring:
-        base.defer_scoring = True
     generator = _generator(policy, len(envs))
+    deferring = [env.unwrapped for env in envs if judges and _defers_scoring(env)]
+    for base in deferring:  # switched back in the finally below
+        base.defer_scoring = True
     stepping: dict[Future, _Live] = {}
     generating: dict[Future, list[_Live]] = {}
     judging: dict[Future, _Live] = {}
