@@ -14,6 +14,8 @@ import gymnasium as gym
 import pytest
 
 from baselines.random_agent import RandomAgent
+from baselines.workflow_agent import WorkflowAgent
+from judge_server import JudgeServer, Reply
 from rl import evaluate
 from rl.config import RolloutConfig
 from rl.policy import AgentPolicy
@@ -21,9 +23,13 @@ from rl.rollout import RayRollout, SerialRollout, make_specs, run_episodes
 from rl.train import episode_metrics
 from rl_helpers import ECHO, CrashOnceEnv, LetterEnv, RaisingEnv
 from test_rl_rollout import saved_policy  # noqa: F401  (the fixture: a tiny policy and its loader)
+
+PLAN_ANSWER = '{"fulfilment": 1, "coherence": 8, "executability": 6, "atomicity": 10, "optimality": 4}'
+PLAN_SCORE = (0.8 + 0.6 + 1.0 + 0.4) / 4
 from visenv.envs.config import VisGenConfig
 from visenv.envs.visgen import VisGenEnv
 from visenv.error import ConfigError
+from visenv.rewards.judges import OpenAIChatBackend, PlanJudge
 from visenv.rewards.rubric import DelayedRubric, Entry, LtrReward
 from visenv.rewards.rules import RulePlanReward
 from visenv.tasks import make_suite
@@ -228,6 +234,24 @@ def test_a_raising_judge_fails_only_its_episode_and_a_failed_judge_invalidates_i
     assert [math.isnan(e.reward) for e in fast] == [False, False, True, True, True, True]
     components = fast[4].components  # the "invalid" policy: R_plan and the total are None (left out of info)
     assert "R_fine" in components and "R_plan" not in components and "total" not in components
+
+
+def test_llm_judges_over_http_on_the_pool_give_the_sync_rewards_and_fill_the_same_cache(tmp_path):
+    with JudgeServer(lambda payload, number: Reply(content=PLAN_ANSWER)) as server:
+        judge = PlanJudge(OpenAIChatBackend(server.url, "judge-model"), cache_path=str(tmp_path / "judge.sqlite"))
+        rubric = LtrReward(plan=Entry(judge, required=True))
+        specs = make_specs(6, 0, 2, 2)
+
+        def play(mode):
+            return run_episodes(AgentPolicy(WorkflowAgent), [VisGenEnv(rubric=rubric) for _ in range(2)], specs,
+                                mode=mode, max_concurrent_judges=2)
+
+        fast, stats = play("async")  # the judge asks the server from the pool's threads
+        asked, hits = len(server.requests), judge.cache_hits
+        sync, _ = play("sync")  # the same rubric in the env's step: every answer from the cache
+        assert 0 < asked == len(server.requests) and judge.cache_hits == hits + len(specs)
+    assert_same_episodes(fast, sync)
+    assert stats.judge_queue_seconds > 0.0 and all(e.components["R_plan"] == PLAN_SCORE for e in fast)
 
 
 def test_a_reward_wrapper_keeps_the_scoring_in_the_env_and_sees_the_full_reward():
