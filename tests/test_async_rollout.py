@@ -3,12 +3,12 @@ episodes finish in another order, failed episodes still recorded, judges off the
 bounded pool, the env free for the next episode), and the simulated latencies of tools and judges
 that make the difference measurable."""
 
+import dataclasses
 import functools
 import math
 import os
 import threading
 import time
-from dataclasses import asdict
 
 import gymnasium as gym
 import pytest
@@ -18,7 +18,8 @@ from baselines.workflow_agent import WorkflowAgent
 from judge_server import JudgeServer, Reply
 from rl import evaluate
 from rl.config import RolloutConfig
-from rl.policy import AgentPolicy
+from rl.hf import CausalLMPolicy, QwenVLPolicy, VisionLMPolicy
+from rl.policy import POLICY, AgentPolicy
 from rl.rollout import RayRollout, SerialRollout, make_specs, run_episodes
 from rl.train import episode_metrics
 from rl_helpers import ECHO, CrashOnceEnv, LetterEnv, RaisingEnv
@@ -130,6 +131,30 @@ def test_tool_latency_sleeps_the_cost_model_latency_on_virtual_tiers():
         seconds[scale] = time.perf_counter() - start
         assert info["tool_result"]["backend"] != "real" and info["cost"]["latency_seconds"] == 8.0
     assert seconds[0.02] >= 0.02 * 8.0 > 2 * seconds[0.0]
+
+
+class TaggedPolicy(CausalLMPolicy):
+    """A text policy whose turns say how they were sampled: by the engine or by ``generate``."""
+
+    def generate(self, conversations):
+        return [dataclasses.replace(turn, text="generate:" + turn.text) for turn in super().generate(conversations)]
+
+    def engine_turn(self, conversation, result):
+        turn = super().engine_turn(conversation, result)
+        return dataclasses.replace(turn, text="engine:" + turn.text)
+
+
+def test_the_async_loop_serves_text_policies_and_their_subclasses_through_the_engine(saved_policy):
+    _, make_policy = saved_policy
+    policy = TaggedPolicy(make_policy().model, make_policy().tokenizer, max_new_tokens=12)
+    specs = make_specs(7, 0, 2, 2)
+    runs = {mode: run_episodes(policy, [LetterEnv() for _ in range(2)], specs, mode=mode)[0] for mode in ("sync", "async")}
+    turns = {mode: [s for e in episodes for s in e.segments if s.role == POLICY] for mode, episodes in runs.items()}
+    assert all(s.text.startswith("generate:") for s in turns["sync"])
+    assert all(s.text.startswith("engine:") for s in turns["async"])  # engine_turn made each turn
+    assert [(s.text.split(":", 1)[1], s.token_ids) for s in turns["async"]] == \
+        [(s.text.split(":", 1)[1], s.token_ids) for s in turns["sync"]]
+    assert CausalLMPolicy.engine_served and not VisionLMPolicy.engine_served and not QwenVLPolicy.engine_served
 
 
 def test_agents_play_visgen_with_latency_the_same_in_both_modes_and_the_waits_are_measured():
@@ -274,7 +299,7 @@ def test_an_evaluation_in_async_mode_records_the_same_episodes_as_in_sync_mode()
 
     runs = {mode: evaluate.play(RandomAgent, tasks, recorder=evaluate.Recorder(keep_trajectories=True),
                                 make_rollout=rollout(mode), progress=False) for mode in ("sync", "async")}
-    results = {mode: [asdict(r) for r in evaluate.results_of(episodes)] for mode, (episodes, _) in runs.items()}
+    results = {mode: [dataclasses.asdict(r) for r in evaluate.results_of(episodes)] for mode, (episodes, _) in runs.items()}
     assert results["async"] == results["sync"]
     assert runs["sync"][1].judge_queue_seconds == 0.0 < runs["async"][1].judge_queue_seconds  # scored on the pool
     # the last step's reward in the trajectory is the scored one, not the pending step reward
