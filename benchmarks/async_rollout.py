@@ -99,7 +99,8 @@ def judge_pool_share(make_env, episodes: int, envs: int) -> dict[str, Any]:
             for name, judges in (("judges_in_env", 0), ("judge_pool", MAX_CONCURRENT_JUDGES))}
     same = as_data(runs["judges_in_env"].pop("episodes")) == as_data(runs["judge_pool"].pop("episodes"))
     return {"episodes": episodes, "envs": envs, "same_episodes": same, **runs,
-            "speedup": round(runs["judge_pool"]["episodes_per_second"] / runs["judges_in_env"]["episodes_per_second"], 2)}
+            "speedup": round(runs["judge_pool"]["episodes_per_second"]
+                             / runs["judges_in_env"]["episodes_per_second"], 2)}
 
 
 def main() -> None:

@@ -148,7 +148,8 @@ def test_the_async_loop_serves_text_policies_and_their_subclasses_through_the_en
     _, make_policy = saved_policy
     policy = TaggedPolicy(make_policy().model, make_policy().tokenizer, max_new_tokens=12)
     specs = make_specs(7, 0, 2, 2)
-    runs = {mode: run_episodes(policy, [LetterEnv() for _ in range(2)], specs, mode=mode)[0] for mode in ("sync", "async")}
+    runs = {mode: run_episodes(policy, [LetterEnv() for _ in range(2)], specs, mode=mode)[0]
+            for mode in ("sync", "async")}
     turns = {mode: [s for e in episodes for s in e.segments if s.role == POLICY] for mode, episodes in runs.items()}
     assert all(s.text.startswith("generate:") for s in turns["sync"])
     assert all(s.text.startswith("engine:") for s in turns["async"])  # engine_turn made each turn
@@ -299,7 +300,8 @@ def test_an_evaluation_in_async_mode_records_the_same_episodes_as_in_sync_mode()
 
     runs = {mode: evaluate.play(RandomAgent, tasks, recorder=evaluate.Recorder(keep_trajectories=True),
                                 make_rollout=rollout(mode), progress=False) for mode in ("sync", "async")}
-    results = {mode: [dataclasses.asdict(r) for r in evaluate.results_of(episodes)] for mode, (episodes, _) in runs.items()}
+    results = {mode: [dataclasses.asdict(r) for r in evaluate.results_of(episodes)]
+               for mode, (episodes, _) in runs.items()}
     assert results["async"] == results["sync"]
     assert runs["sync"][1].judge_queue_seconds == 0.0 < runs["async"][1].judge_queue_seconds  # scored on the pool
     # the last step's reward in the trajectory is the scored one, not the pending step reward
