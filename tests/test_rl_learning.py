@@ -184,7 +184,9 @@ def test_zero_variance_groups_are_skipped():
     assert all(e.reward == 0.0 for e in episodes)  # a random policy never writes a parseable call
     before = policy.get_weights()
     metrics = algorithm.update(episodes, 0)
-    assert metrics == {"groups_skipped": 1.0, "episodes_trained": 0.0}
+    assert metrics == {"groups_skipped": 1.0, "episodes_trained": 0.0, "kl_coef": 0.0, "group_reward_std": 0.0,
+                       "groups_zero_variance": 1.0, "group_std/R_args": 0.0, "group_std/R_format": 0.0,
+                       "group_std/R_name": 0.0}
     assert changed(before, policy.get_weights()) == []
 
 
