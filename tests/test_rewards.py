@@ -112,6 +112,28 @@ def test_well_executed_bad_plan_scores_low_under_ltr_but_not_additive():
     assert AdditiveReward()([bad_plan])[0].total > 0.5
 
 
+def test_result_format_rubric_is_the_mean_of_result_and_format_and_ignores_the_plan():
+    from visenv.rewards.rubric import make_rubric
+
+    task = SCENARIOS["product_images"].make(1)
+
+    def vague_plan(action):
+        if "<plan>" not in action:
+            return action
+        head, rest = action.split("<plan>", 1)
+        return head + "<plan>\n1. make it nice\n2. deliver" + rest[rest.index("\n</plan>"):]
+
+    bad_plan, _ = episode(task, edit=vague_plan)
+    scored = make_rubric("result_format")([bad_plan])[0]
+    # the result is right and the format clean: (1 + 1) / 2, whatever the plan
+    assert ResultReward()([bad_plan]) == [1.0] and FormatReward()([bad_plan]) == [1.0]
+    assert scored.total == 1.0 and set(scored.components) == {"R_result", "R_format", "total"}
+    env = VisGenEnv(tasks=[task], rubric="result_format")
+    assert env.config.rubric is not None
+    with pytest.raises(ConfigError, match="'result_format'"):
+        VisGenEnv(tasks=[task], rubric="rf")
+
+
 def test_consistency_is_none_when_not_required_and_dropped_from_the_mean():
     task = next(t for t in (SCENARIOS["realistic_photography"].make(s) for s in range(20))
                 if not t.requirements.consistency)
