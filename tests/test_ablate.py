@@ -14,8 +14,9 @@ from test_main_job import SERIAL, small_config
 
 def tiny_base(out):
     return small_config(out, **SERIAL, **{"stages.0.max_steps": 3, "stages.1.max_steps": 2, "grpo_seconds": None,
-                                          "grpo_max_iterations": 1, "stop_at_time_limit": False, "eval_tasks": 4,
-                                          "eval_episodes": 4, "report_episodes": 0})
+                                          "grpo_max_iterations": 1, "stop_at_time_limit": False, "eval_tasks": 3,
+                                          "eval_episodes": 3, "report_episodes": 0, "train_tasks": 12,
+                                          "policy.max_new_tokens": 16})
 
 
 @pytest.mark.slow
