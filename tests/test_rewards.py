@@ -30,6 +30,14 @@ def episode(task, agent=None, seed=0, edit=None):
     return env.record, info
 
 
+def vague_plan(action):
+    """The teacher's action with its plan replaced by a vague one (the rest of the turn kept)."""
+    if "<plan>" not in action:
+        return action
+    head, rest = action.split("<plan>", 1)
+    return head + "<plan>\n1. make it nice\n2. deliver" + rest[rest.index("\n</plan>"):]
+
+
 class Constant:
     """A test component that answers a fixed value for every episode."""
 
@@ -99,12 +107,6 @@ def test_well_executed_bad_plan_scores_low_under_ltr_but_not_additive():
     record, _ = episode(task)
     good = LtrReward()([record])[0].total
 
-    def vague_plan(action):
-        if "<plan>" not in action:
-            return action
-        head, rest = action.split("<plan>", 1)
-        return head + "<plan>\n1. make it nice\n2. deliver" + rest[rest.index("\n</plan>"):]
-
     bad_plan, _ = episode(task, edit=vague_plan)
     assert ResultReward()([bad_plan]) == [1.0]
     assert RulePlanReward()([bad_plan]) == [0.0]
@@ -116,12 +118,6 @@ def test_result_format_rubric_is_the_mean_of_result_and_format_and_ignores_the_p
     from visenv.rewards.rubric import make_rubric
 
     task = SCENARIOS["product_images"].make(1)
-
-    def vague_plan(action):
-        if "<plan>" not in action:
-            return action
-        head, rest = action.split("<plan>", 1)
-        return head + "<plan>\n1. make it nice\n2. deliver" + rest[rest.index("\n</plan>"):]
 
     bad_plan, _ = episode(task, edit=vague_plan)
     scored = make_rubric("result_format")([bad_plan])[0]
