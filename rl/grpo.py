@@ -164,13 +164,19 @@ class GRPO:
             rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
             advantages, keep = core.group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
             return advantages[:, None], torch.ones(len(episodes), 1, dtype=torch.bool), keep, {}
+        for e in episodes:
+            said = sum(s.role == POLICY for s in e.segments)
+            if not math.isnan(e.reward) and said != len(e.rewards):
+                raise RuntimeError(f"episode {e.spec.episode_id} has {said} policy turns but {len(e.rewards)} turn "
+                                   "rewards: turn-level credit needs one reward per policy turn.")
         turns = max(len(e.rewards) for e in episodes)
         rewards = torch.tensor([e.rewards + [0.0] * (turns - len(e.rewards)) for e in episodes], dtype=torch.float32)
         mask = torch.tensor([[t < len(e.rewards) for t in range(turns)] for e in episodes])
         anchors = torch.tensor(turn_anchors(episodes, cfg.group_size, cfg.anchor, turns))
         advantages, keep = core.turn_credit_advantages(rewards, mask, anchors, cfg.group_size, cfg.step_weight,
                                                        cfg.step_gamma, scale=cfg.scale_rewards)
-        _, inverse, counts = torch.unique(anchors[mask], return_inverse=True, return_counts=True)
+        valid = torch.tensor([not math.isnan(e.reward) for e in episodes])
+        _, inverse, counts = torch.unique(anchors[mask & valid[:, None]], return_inverse=True, return_counts=True)
         metrics = {"step_groups_shared": (counts[inverse] >= 2).float().mean().item() if inverse.numel() else 0.0,
                    "step_group_size": counts.float().mean().item() if counts.numel() else 0.0}
         return advantages, mask, keep, metrics

@@ -159,8 +159,8 @@ def test_one_grpo_update_changes_every_parameter(aggregation):
     assert all(torch.equal(reference[name], before[name]) for name in before)
 
 
-@pytest.mark.parametrize("aggregation", ["token", "sequence"])
-def test_grpo_micro_batches_give_the_one_pass_update(aggregation):
+@pytest.mark.parametrize("aggregation, credit", [("token", "episode"), ("sequence", "episode"), ("token", "turn")])
+def test_grpo_micro_batches_give_the_one_pass_update(aggregation, credit):
     """Length-sorted chunks with accumulated gradients take the same optimizer step as one padded pass."""
     tokenizer = echo_tokenizer()
     sampler = tiny_policy(tokenizer, max_new_tokens=8)
@@ -171,7 +171,7 @@ def test_grpo_micro_batches_give_the_one_pass_update(aggregation):
     for micro_batch_tokens in (0, 60):
         policy = tiny_policy(tokenizer, max_new_tokens=8)
         config = GRPOConfig(tasks_per_iteration=4, group_size=4, kl_coef=0.05, loss_aggregation=aggregation,
-                            micro_batch_tokens=micro_batch_tokens)
+                            micro_batch_tokens=micro_batch_tokens, credit=credit, anchor="turn")
         metrics = GRPO(policy, reference_policy(policy), config).update(episodes, 0)
         results.append((metrics, {n: p.grad.clone() for n, p in policy.model.named_parameters()}))
     assert_same_step(*results)
