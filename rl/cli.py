@@ -15,6 +15,7 @@ one line on stderr and exit code 2.
 The applications (:mod:`rl.jobs.cli`, :mod:`baselines.data`)::
 
     rl main                          # the main job (bash scripts/main.sh): PST, GRPO, SFT-only vs RL
+    rl ablate --seeds 0 1 2          # the paper's ablations (variants x seeds): table with s.e., plots
     rl eval --agent teacher          # an agent, a policy folder or an API model on a benchmark suite
     rl data build --n 200 --out data.jsonl    # teacher trajectories through the data funnel
 """

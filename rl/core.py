@@ -2,7 +2,7 @@
 
 Every function here is stateless, works on ``torch`` tensors, and is tested against a case computed
 by hand in ``tests/test_rl_core.py``. Shapes: ``B`` rows (episodes), ``L`` token positions, ``T``
-turns. Masks are 1 (or True) where a value counts.
+turns. Turn-level credit (GiGPO's step groups) and bi-level (turn, token) GAE are here too. Masks are 1 (or True) where a value counts.
 """
 
 from __future__ import annotations
@@ -96,6 +96,157 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_advantage = advantage
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Each turn's discounted return from that turn on: ``G_t = r_t + gamma * G_{t+1}`` (0 outside ``mask``).
+
+    Args:
+        rewards: ``(B, T)`` reward after each turn.
+        mask: ``(B, T)`` the turns each row has (a prefix of the row).
+        gamma: discount per turn.
+    """
+    mask = mask.to(rewards.dtype)
+    returns = torch.zeros_like(rewards)
+    following = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        following = (rewards[:, t] + gamma * following) * mask[:, t]
+        returns[:, t] = following
+    return returns
+
+
+def anchor_advantages(returns: torch.Tensor, anchors: torch.Tensor, mask: torch.Tensor, scale: bool = True,
+                      eps: float = 1e-6) -> torch.Tensor:
+    """GiGPO's step-level advantages: each turn's return against the turns that share its anchor state.
+
+    Turns with the same anchor id (the same environment state, across a group's episodes) form a step
+    group; each turn's advantage is its return minus the step group's mean, over the group's unbiased
+    std when ``scale``. A step group of one turn, or one whose returns are all equal, gives 0.
+
+    Args:
+        returns: ``(B, T)`` the return from each turn on (:func:`returns_to_go`).
+        anchors: ``(B, T)`` integer anchor-state id of each turn; ids must be unique across episode
+            groups (two tasks never share a state).
+        mask: ``(B, T)`` the turns that take part.
+        scale: divide by the step group's std (False: mean baseline only).
+        eps: added to the std.
+
+    Returns:
+        ``(B, T)`` step advantages, 0 outside ``mask``.
+    """
+    mask = mask.bool()
+    values = returns[mask].to(torch.float64)
+    _, inverse = torch.unique(anchors[mask], return_inverse=True)
+    groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    count = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values))
+    mean = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, values) / count
+    deviation = values - mean[inverse]
+    var = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, deviation**2) / (count - 1).clamp(min=1)
+    std = var.sqrt()
+    informative = (count >= 2) & (std > 0)
+    advantage = deviation / (std[inverse] + eps) if scale else deviation
+    advantage = torch.where(informative[inverse], advantage, torch.zeros_like(advantage))
+    out = torch.zeros(returns.shape, dtype=torch.float64)
+    out[mask] = advantage
+    return out.to(returns.dtype)
+
+
+def turn_credit_advantages(rewards: torch.Tensor, mask: torch.Tensor, anchors: torch.Tensor, group_size: int,
+                           weight: float, gamma: float, scale: bool = True,
+                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """GiGPO (Feng et al. 2025): per-turn advantages ``A^E(episode) + weight * A^S(turn)``.
+
+    ``A^E`` is GRPO's episode advantage (:func:`group_advantages` of the episode returns, the sums of
+    the turn rewards); ``A^S`` is the step advantage (:func:`anchor_advantages` of each turn's
+    discounted :func:`returns_to_go` among the turns with the same anchor state). A row with a NaN
+    reward is left out of both levels.
+
+    Args:
+        rewards: ``(B, T)`` reward after each turn (NaN: the environment could not score it).
+        mask: ``(B, T)`` the turns each row has (a prefix of the row).
+        anchors: ``(B, T)`` anchor-state ids (see :func:`anchor_advantages`).
+        group_size: episodes per GRPO group (consecutive rows).
+        weight: ``omega``, the step advantage's weight.
+        gamma: discount of the step returns.
+        scale: normalise both levels by their std (False: Dr. GRPO's mean baselines).
+        eps: added to the stds.
+
+    Returns:
+        ``(advantages, keep)``: ``(B, T)`` advantages (0 outside ``mask`` and on dropped rows) and a
+        bool ``(B,)`` of the rows to train on: a valid row whose episode advantage is kept (see
+        :func:`group_advantages`) or which has a non-zero step advantage.
+    """
+    mask = mask.bool()
+    invalid = (torch.isnan(rewards) & mask).any(1)
+    clean = torch.where(mask & ~invalid[:, None], rewards, torch.zeros_like(rewards))
+    episode_returns = torch.where(invalid, torch.full_like(clean[:, 0], float("nan")), clean.sum(1))
+    episode, keep = group_advantages(episode_returns, group_size, scale=scale, eps=eps)
+    steps_mask = mask & ~invalid[:, None]
+    step = anchor_advantages(returns_to_go(clean, steps_mask, gamma), anchors, steps_mask, scale=scale, eps=eps)
+    keep = keep | (~invalid & (step != 0).any(1))
+    advantages = (episode[:, None] + weight * step) * (steps_mask & keep[:, None]).to(rewards.dtype)
+    return advantages, keep
+
+
+def token_gae(targets: torch.Tensor, values: torch.Tensor, turn_index: torch.Tensor, gamma: float,
+              lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the tokens inside each policy turn, the turn's target paid at its last token.
+
+    Within turn ``k`` of a row (its tokens are where ``turn_index == k``, contiguous), token ``i`` has
+    value ``v_i``; ``delta_i = gamma * v_{i+1} - v_i`` and, at the turn's last token,
+    ``delta = targets[k] - v_i``; advantages are ``delta_i + gamma * lam * A_{i+1}`` within the turn.
+    With ``gamma = lam = 1`` every token's advantage is ``targets[k] - v_i``.
+
+    Args:
+        targets: ``(B, T)`` what each turn is worth at its end (e.g. the turn-level lambda-return).
+        values: ``(B, L)`` value of the state before each token.
+        turn_index: ``(B, L)`` the policy turn of each token, -1 for environment tokens and padding.
+        gamma: discount per token.
+        lam: GAE lambda per token.
+
+    Returns:
+        ``(advantages, returns)``, both ``(B, L)`` and 0 where ``turn_index`` is -1.
+    """
+    advantages = torch.zeros_like(values)
+    following_turn = torch.full_like(turn_index[:, 0], -1)
+    following_value = torch.zeros_like(values[:, 0])
+    following_advantage = torch.zeros_like(values[:, 0])
+    for position in reversed(range(values.shape[1])):
+        turn = turn_index[:, position]
+        inside = turn >= 0
+        last = inside & (following_turn != turn)
+        target = targets.gather(1, turn.clamp(min=0)[:, None]).squeeze(1)
+        delta = torch.where(last, target, gamma * following_value) - values[:, position]
+        advantage = torch.where(last, delta, delta + gamma * lam * following_advantage) * inside
+        advantages[:, position] = advantage
+        following_turn, following_value, following_advantage = turn, values[:, position], advantage
+    inside = (turn_index >= 0).to(values.dtype)
+    return advantages, (advantages + values) * inside
+
+
+def bilevel_gae(rewards: torch.Tensor, turn_values: torch.Tensor, turn_mask: torch.Tensor,
+                token_values: torch.Tensor, turn_index: torch.Tensor, gamma: float, lam: float,
+                token_gamma: float = 1.0, token_lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bi-level GAE (ArCHer-style, Zhou et al. 2024): :func:`gae` over turns, then :func:`token_gae` within each turn.
+
+    The turn level runs GAE with the turn rewards and turn values; each turn's lambda-return
+    ``A_t + V_t`` is then the target its last token is paid, and token-level GAE with the token values
+    spreads it over the turn's tokens. When a turn's first token value is its turn value (the state the
+    turn starts from) and ``token_gamma = token_lam = 1``, the first token's advantage is the turn's
+    advantage and later tokens get ``return - v_i``: a baseline that moves inside the turn.
+
+    Args:
+        rewards, turn_values, turn_mask: ``(B, T)`` as in :func:`gae`.
+        token_values: ``(B, L)`` value of the state before each token.
+        turn_index: ``(B, L)`` the policy turn of each token, -1 elsewhere.
+        gamma, lam: the turn level's discount and lambda.
+        token_gamma, token_lam: the token level's.
+
+    Returns:
+        ``(advantages, returns)`` per token, ``(B, L)``, 0 outside policy tokens.
+    """
+    _, turn_returns = gae(rewards, turn_values, turn_mask, gamma, lam)
+    return token_gae(turn_returns, token_values, turn_index, token_gamma, token_lam)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:

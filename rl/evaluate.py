@@ -224,11 +224,12 @@ def evaluate_with_report(player: Policy | Callable[[], Any], tasks: Sequence[Tas
     return list(run.results), dict(run.summary)
 
 
-def write_comparison_report(runs: Sequence[Run], report_dir: str | Path, title: str,
-                            **described: Any) -> dict[str, Any]:
+def write_comparison_report(runs: Sequence[Run], report_dir: str | Path, title: str, *, preface: str = "",
+                            headline: str | None = None, **described: Any) -> dict[str, Any]:
     """Write ``report.html`` comparing ``runs`` (their pictures already under ``report_dir/media``) and
-    ``results.json`` beside it: ``described`` plus, per run name, its ``summary`` and ``episodes``."""
-    write_comparison(report_dir, runs, title)
+    ``results.json`` beside it: ``described`` plus, per run name, its ``summary`` and ``episodes``.
+    ``preface`` (HTML) and ``headline`` (text) are passed to :func:`visenv.report.render_comparison`."""
+    write_comparison(report_dir, runs, title, preface, headline)
     payload = {**described, "policies": {run.name: {"summary": run.summary, "episodes": [vars(r) for r in run.results]}
                                          for run in runs}}
     (Path(report_dir) / "results.json").write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")

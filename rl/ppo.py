@@ -5,6 +5,12 @@ token before each policy turn, the value of the state that turn starts from; GAE
 with the environment's per-turn rewards; each token of a turn gets its turn's (whitened) advantage.
 The loss is the clipped surrogate over policy tokens, plus the clipped value loss over turns, minus
 an entropy bonus, plus an optional KL penalty to the reference policy.
+
+Bi-level GAE (``credit: "bilevel"``, ArCHer-style): the value head also estimates the value before
+every policy token (its hidden state one position earlier; a turn's first token's value is the turn
+value). GAE runs over the turns as above, and each turn's lambda-return is then spread over the turn's
+tokens by token-level GAE (:func:`rl.core.bilevel_gae`): every token gets its own advantage, against a
+baseline that moves inside the turn, and the value loss covers every policy token.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from rl import core
 from rl.errors import ConfigError
 from rl.policy import ChunkedBatches, Scores, TokenBatch, TrainablePolicy
 from rl.rollout import Episode
+
+CREDITS = ("turn", "bilevel")
 
 
 @dataclass
@@ -44,6 +52,9 @@ class PPOConfig:
             old-policy pass and every minibatch run in length-sorted chunks within this size, with
             gradients accumulated (the loss is the same as in one pass; padding and peak memory
             shrink). 0 runs each in one pass.
+        credit: "turn" (every token of a turn gets its turn's GAE advantage) or "bilevel" (turn-level
+            GAE, then token-level GAE inside each turn; see the module docstring).
+        token_lam: with ``credit: "bilevel"``, the token level's GAE lambda (its discount is 1).
         seed: seeds the minibatch shuffling.
     """
 
@@ -62,9 +73,14 @@ class PPOConfig:
     minibatch_size: int = 0
     max_grad_norm: float = 1.0
     micro_batch_tokens: int = 4096
+    credit: str = "turn"
+    token_lam: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.credit not in CREDITS or not 0 <= self.token_lam <= 1:
+            raise ConfigError(f"credit ({self.credit!r}) must be one of {CREDITS} and token_lam ({self.token_lam}) "
+                              "in [0, 1].")
         if self.episodes_per_iteration < 2:
             raise ConfigError(f"episodes_per_iteration ({self.episodes_per_iteration}) must be at least 2 "
                              "(advantages are whitened over the batch).")
@@ -138,6 +154,11 @@ class PPO:
         hidden = scores.hidden.gather(1, positions.clamp(min=0)[..., None].expand(-1, -1, scores.hidden.shape[-1]))
         return self.value_head(hidden)
 
+    def _token_values(self, scores: Scores) -> torch.Tensor:
+        """``(B, L)``: the value of the state before each token (the head on the previous position's hidden state)."""
+        values = self.value_head(scores.hidden)
+        return torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], 1)
+
     def update(self, episodes: Sequence[Episode], iteration: int) -> dict[str, float]:
         cfg = self.config
         device = self.policy.device
@@ -166,6 +187,9 @@ class PPO:
         ref_logprobs: list[torch.Tensor] = [torch.empty(0)] * rows
         old_values = torch.zeros(rows, num_turns, device=device)
         turn_mask = torch.zeros(rows, num_turns, dtype=torch.bool, device=device)
+        bilevel = cfg.credit == "bilevel"
+        old_token_values: list[torch.Tensor] = [torch.empty(0)] * rows
+        turn_index: list[torch.Tensor] = [torch.empty(0)] * rows
         with torch.no_grad():
             for key in batches.chunks(range(rows)):
                 batch = batches[key]
@@ -175,13 +199,30 @@ class PPO:
                 old_values[list(key)] = self._values(old, positions.to(device)) * has
                 turn_mask[list(key)] = has
                 reference = self.reference.score(batch).logprobs if cfg.kl_coef > 0 else None
+                token_values = self._token_values(old) if bilevel else None
                 width = batch.input_ids.shape[1]
                 for j, i in enumerate(key):  # each row's real tokens, the right end of its padded row
                     old_logprobs[i] = old.logprobs[j, width - lengths[i]:]
                     if reference is not None:
                         ref_logprobs[i] = reference[j, width - lengths[i]:]
-            turn_adv, returns = core.gae(rewards, old_values, turn_mask, cfg.gamma, cfg.lam)
-            turn_adv = core.masked_whiten(turn_adv, turn_mask)
+                    if bilevel:
+                        old_token_values[i] = token_values[j, width - lengths[i]:]
+                        turn_index[i] = batch.turn_index[j, width - lengths[i]:].to(device)
+            if bilevel:  # every row right-aligned in one (rows, longest) layout, turn index -1 on the padding
+                longest = max(lengths)
+                padded_values = torch.zeros(rows, longest, device=device)
+                padded_turns = torch.full((rows, longest), -1, dtype=torch.long, device=device)
+                for i in range(rows):
+                    padded_values[i, longest - lengths[i]:] = old_token_values[i]
+                    padded_turns[i, longest - lengths[i]:] = turn_index[i]
+                token_adv, token_returns = core.bilevel_gae(rewards, old_values, turn_mask, padded_values, padded_turns,
+                                                            cfg.gamma, cfg.lam, 1.0, cfg.token_lam)
+                token_adv = core.masked_whiten(token_adv, padded_turns >= 0)
+                token_adv = [token_adv[i, longest - lengths[i]:] for i in range(rows)]
+                token_returns = [token_returns[i, longest - lengths[i]:] for i in range(rows)]
+            else:
+                turn_adv, returns = core.gae(rewards, old_values, turn_mask, cfg.gamma, cfg.lam)
+                turn_adv = core.masked_whiten(turn_adv, turn_mask)
         # 3. Epochs of minibatch steps on the clipped losses; the forward/backward passes run chunk by
         # chunk (gradients accumulate; both losses are normalised over the whole minibatch).
         size = cfg.minibatch_size or rows
@@ -197,6 +238,7 @@ class PPO:
                                            for k in keys))
                 turns = max(1.0, sum(float(turn_mask[list(k)].sum()) for k in keys))
                 tokens = sum(float(batches[k].loss_mask.sum()) for k in keys)
+                value_entries = max(tokens, 1.0) if bilevel else turns  # the value loss's mean is over these
                 step = dict.fromkeys(["clip_fraction", "entropy", "loss", "value_loss"]
                                      + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -204,9 +246,12 @@ class PPO:
                     batch, index = batches[key], list(key)
                     mask = batch.loss_mask.to(device)
                     scores = self.policy.score(batch, with_hidden=True)
-                    token_adv = turn_adv[index].gather(1, batch.turn_index.to(device).clamp(min=0)) * mask
+                    if bilevel:
+                        advantage = aligned(token_adv, key) * mask
+                    else:
+                        advantage = turn_adv[index].gather(1, batch.turn_index.to(device).clamp(min=0)) * mask
                     policy_loss, clipped = core.clipped_surrogate(scores.logprobs, aligned(old_logprobs, key),
-                                                                  token_adv, cfg.clip)
+                                                                  advantage, cfg.clip)
                     per_token = policy_loss - cfg.entropy_coef * scores.entropy
                     share = float(mask.sum()) / max(tokens, 1.0)  # token-weighted means of the diagnostics
                     step["clip_fraction"] += share * core.masked_mean(clipped.float(), mask).item()
@@ -215,10 +260,15 @@ class PPO:
                         kl = core.kl_penalty(scores.logprobs, aligned(ref_logprobs, key), cfg.kl_estimator)
                         per_token = per_token + cfg.kl_coef * kl
                         step["kl"] += share * core.masked_mean(kl.detach(), mask).item()
-                    positions, _ = turn_state_positions(batch, num_turns)
-                    values = self._values(scores, positions.to(device))
-                    value_loss = (core.clipped_value_loss(values, old_values[index], returns[index], cfg.value_clip)
-                                  * turn_mask[index]).sum() / turns
+                    if bilevel:  # over every policy token
+                        value_loss = (core.clipped_value_loss(self._token_values(scores), aligned(old_token_values, key),
+                                                              aligned(token_returns, key), cfg.value_clip)
+                                      * mask).sum() / value_entries
+                    else:  # over turns
+                        positions, _ = turn_state_positions(batch, num_turns)
+                        values = self._values(scores, positions.to(device))
+                        value_loss = (core.clipped_value_loss(values, old_values[index], returns[index],
+                                                              cfg.value_clip) * turn_mask[index]).sum() / value_entries
                     loss = (core.aggregate_sum(per_token, mask, cfg.loss_aggregation) / denominator
                             + cfg.value_coef * value_loss)
                     loss.backward()

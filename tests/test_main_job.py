@@ -89,6 +89,25 @@ def test_main_job_small_end_to_end(ray_session, tmp_path, capfd):
     assert list(report["policies"]) == ["SFT-only", "RL (SFT + GRPO)"] and all(
         len(p["episodes"]) == 3 for p in report["policies"].values())
     assert "SFT-only" in page and "RL (SFT + GRPO)" in page
+    # the page headlines the measurement (all 8 held-out episodes, the printed table's numbers), and says the
+    # tables below show the first 3
+    sampled = results["evaluations"]
+    assert (f"Held-out, 8 episodes on 8 tasks (sampled): SFT-only reward {sampled['sft']['sampled']['reward']:.3f}"
+            in page and "show the first 3 of these episodes" in page)
+    assert 'data-reward="{:.6f}"'.format(sampled["rl"]["sampled"]["reward"]) in page
+    assert "reward_paired_stderr" in results["margin"]["sampled"] and "paired s.e." in table
+    # the training curves: one point per GRPO iteration, the KeepBest selection shaded
+    iterations, selected = results["grpo"]["iterations"], results["grpo"]["selected_iteration"]
+    assert page.count('data-series="reward" data-values="') == 1 and f'data-band="{selected}-{selected}"' in page
+    logged = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    values = ",".join(f"{row['reward']:.3f}" for row in logged)
+    assert f'data-values="{values}"' in page and len(logged) == iterations
+    from rl.jobs.report import CURVES
+
+    drawn = [name for names in CURVES.values() for name in names if any(name in row for row in logged)]
+    assert {"policy_tokens", "turns", "group_reward_std", "groups_zero_variance"} <= set(drawn)  # always logged
+    for curve in drawn:
+        assert f'data-series="{curve}"' in page
     assert len(report["tasks"]) == 3 and set(report["tasks"]) <= held
     # the tiny CLIP model's alignment is logged per policy (a number, or None when nothing visual was delivered)
     assert "clip_alignment" in page
@@ -109,8 +128,11 @@ def test_main_job_small_end_to_end(ray_session, tmp_path, capfd):
     (tmp_path / "again" / "grpo").mkdir(parents=True)
     (tmp_path / "again" / "grpo" / "metrics.jsonl").write_text('{"step": 0, "stale": 1}\n')
     (tmp_path / "again" / "tasks_rl.jsonl").write_text('{"task_id": "stale"}\n')
+    # GRPO by iterations alone (no wall-clock budget, no time-limit guard): exactly grpo_max_iterations
     again = run_main_job(small_config(tmp_path / "again", sft_policy=str(out / "sft" / "policy"), report_episodes=0,
-                                      rl_task_seed=None, **SERIAL), log=lines.append)
+                                      rl_task_seed=None, grpo_seconds=None, stop_at_time_limit=False,
+                                      time_limit_seconds=1.0, **SERIAL), log=lines.append)
+    assert again["grpo"]["iterations"] == 2
     assert again["funnel"] is None and again["data"] is None and again["sft"]["stages"] == []
     assert again["report"] is None and not (tmp_path / "again" / "report").exists()
     # rl_task_seed None: GRPO practised on the training suite (no third suite is drawn; the stale one is gone)
@@ -190,6 +212,30 @@ def test_command_line_overrides_reach_the_sections_on_top_of_the_job_defaults(ca
     assert "no_such_field: unknown option" in capsys.readouterr().err
     assert main(["main", "--from-sft", "/no/such/policy"]) == 2
     assert "is not a policy folder" in capsys.readouterr().err
+
+
+def test_margin_paired_standard_error_by_hand():
+    from rl.jobs.compare import margin
+
+    sft = [{"task_seed": i, "reward": r} for i, r in enumerate([0.5, 0.2, 0.9, float("nan")])]
+    rl = [{"task_seed": i, "reward": r} for i, r in enumerate([0.7, 0.2, 1.0, 0.4])]
+    found = margin({"reward": 0.5, "success_rate": 0.25}, {"reward": 0.6, "success_rate": 0.5}, sft, rl)
+    # differences 0.2, 0.0, 0.1 (the NaN episode left out): mean 0.1, unbiased var 0.01, s.e. sqrt(0.01 / 3)
+    assert found["reward_paired_stderr"] == pytest.approx((0.01 / 3) ** 0.5)
+    assert found["reward"] == pytest.approx(0.1) and found["success_rate"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="same episodes"):
+        margin({"reward": 0.5, "success_rate": 0.0}, {"reward": 0.6, "success_rate": 0.0}, sft, rl[::-1])
+
+
+def test_main_job_budgets_can_be_steps_and_iterations():
+    config = apply_overrides(MainJobConfig(), {"stages.0.max_steps": 291, "stages.0.max_seconds": None,
+                                               "stages.1.max_steps": 197, "stages.1.max_seconds": None,
+                                               "grpo_seconds": None, "grpo_max_iterations": 60,
+                                               "stop_at_time_limit": False})
+    assert [(s.max_steps, s.max_seconds) for s in config.stages] == [(291, None), (197, None)]
+    assert (config.grpo_seconds, config.grpo_max_iterations, config.stop_at_time_limit) == (None, 60, False)
+    with pytest.raises(ValueError, match="grpo_seconds \\(-1.0\\) must be >= 0"):
+        apply_overrides(MainJobConfig(), {"grpo_seconds": -1.0})
 
 
 def test_main_job_defaults_fit_two_cpus():

@@ -344,3 +344,14 @@ def test_broken_pictures_are_reported_in_chromium(report, tmp_path):
     page = parse(run_chromium(tmp_path, "--dump-dom", (copy / "report.html").resolve().as_uri()))
     assert int(page.body["data-images-broken"]) == len(page.images) > 0
     assert page.body["data-images-loaded"] == "0"
+
+
+def test_line_chart_draws_every_value_and_the_band():
+    from visenv.report.svg import line_chart
+
+    svg = line_chart("curves", {"reward": [0.5, None, 0.75, 1.0], "kl": [0.0, 0.01, 0.02, 0.03]}, band=(1, 2))
+    # a missing value breaks the line in two; each piece carries all the series' values
+    assert svg.count('data-series="reward" data-values="0.500,nan,0.750,1.000"') == 2
+    assert svg.count('data-series="kl" data-values="0.000,0.010,0.020,0.030"') == 1
+    assert 'data-band="1-2"' in svg and "<title>selected: 1-2</title>" in svg
+    assert 'data-band' not in line_chart("flat", {"x": [1.0, 1.0]})  # no band asked; a flat line still draws

@@ -30,6 +30,14 @@ def episode(task, agent=None, seed=0, edit=None):
     return env.record, info
 
 
+def vague_plan(action):
+    """The teacher's action with its plan replaced by a vague one (the rest of the turn kept)."""
+    if "<plan>" not in action:
+        return action
+    head, rest = action.split("<plan>", 1)
+    return head + "<plan>\n1. make it nice\n2. deliver" + rest[rest.index("\n</plan>"):]
+
+
 class Constant:
     """A test component that answers a fixed value for every episode."""
 
@@ -99,17 +107,27 @@ def test_well_executed_bad_plan_scores_low_under_ltr_but_not_additive():
     record, _ = episode(task)
     good = LtrReward()([record])[0].total
 
-    def vague_plan(action):
-        if "<plan>" not in action:
-            return action
-        head, rest = action.split("<plan>", 1)
-        return head + "<plan>\n1. make it nice\n2. deliver" + rest[rest.index("\n</plan>"):]
-
     bad_plan, _ = episode(task, edit=vague_plan)
     assert ResultReward()([bad_plan]) == [1.0]
     assert RulePlanReward()([bad_plan]) == [0.0]
     assert LtrReward()([bad_plan])[0].total == 0.0 < good
     assert AdditiveReward()([bad_plan])[0].total > 0.5
+
+
+def test_result_format_rubric_is_the_mean_of_result_and_format_and_ignores_the_plan():
+    from visenv.rewards.rubric import make_rubric
+
+    task = SCENARIOS["product_images"].make(1)
+
+    bad_plan, _ = episode(task, edit=vague_plan)
+    scored = make_rubric("result_format")([bad_plan])[0]
+    # the result is right and the format clean: (1 + 1) / 2, whatever the plan
+    assert ResultReward()([bad_plan]) == [1.0] and FormatReward()([bad_plan]) == [1.0]
+    assert scored.total == 1.0 and set(scored.components) == {"R_result", "R_format", "total"}
+    env = VisGenEnv(tasks=[task], rubric="result_format")
+    assert env.config.rubric is not None
+    with pytest.raises(ConfigError, match="'result_format'"):
+        VisGenEnv(tasks=[task], rubric="rf")
 
 
 def test_consistency_is_none_when_not_required_and_dropped_from_the_mean():

@@ -3,6 +3,7 @@
     rl main                          # the main job: teacher data, PST, GRPO on Ray, SFT-only vs RL table
     rl main --baselines-only         # the scripted teacher and the random agent on held-out tasks
     rl main --set grpo_seconds=120 --set grpo.kl_coef=0.1     # any MainJobConfig field, dotted into sections
+    rl ablate --seeds 0 1 2          # the paper's ablations: the main job in variants x seeds, table + plots
     rl eval --agent teacher          # evaluate a baseline on a suite, write results.json + report.html
     rl eval --policy runs/main/rl/policy --scenarios official_account_cover --max-turns 5
                                      # ... or a trained policy, an agent class (module:Class), an API model
@@ -118,7 +119,10 @@ def cmd_main(args: argparse.Namespace) -> int:
 
 
 def add_job_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``main`` and ``eval`` on a subparsers object; each sets ``func`` (namespace -> exit status)."""
+    """Register ``main``, ``ablate`` and ``eval`` on a subparsers object; each sets ``func`` (namespace -> exit
+    status)."""
+    from rl.jobs.ablate import add_ablate_command
+
     p = sub.add_parser("main", help="the main job on embedded defaults (teacher data, PST, GRPO, evaluation)")
     p.add_argument("--n", type=int, default=None,
                    help="held-out tasks (main job default 256; --baselines-only default 84, two per scenario)")
@@ -136,6 +140,7 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines-only", action="store_true",
                    help="only evaluate the scripted teacher and the random agent (the old main table)")
     p.set_defaults(func=cmd_main)
+    add_ablate_command(sub)
 
     p = sub.add_parser("eval", help="evaluate an agent or a policy on a suite; write results.json and report.html")
     who = p.add_mutually_exclusive_group()

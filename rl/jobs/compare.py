@@ -63,11 +63,24 @@ def _stderr(values: Sequence[float]) -> float:
     return (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
 
 
-def margin(sft: dict[str, Any], rl: dict[str, Any]) -> dict[str, float]:
-    """RL minus SFT-only of two :func:`evaluate_policy` summaries (reward also relative to SFT-only's)."""
-    return {"reward": rl["reward"] - sft["reward"],
-            "reward_relative": (rl["reward"] - sft["reward"]) / abs(sft["reward"]) if sft["reward"] else float("nan"),
-            "success_rate": rl["success_rate"] - sft["success_rate"]}
+def margin(sft: dict[str, Any], rl: dict[str, Any], sft_rows: Sequence[dict[str, Any]] = (),
+           rl_rows: Sequence[dict[str, Any]] = ()) -> dict[str, float]:
+    """RL minus SFT-only of two :func:`evaluate_policy` summaries (reward also relative to SFT-only's).
+
+    With both policies' episode rows (the same episodes in the same order), ``reward_paired_stderr`` is
+    the standard error of the mean per-episode difference (episodes both policies could score), which
+    removes the tasks' own spread from the comparison.
+    """
+    found = {"reward": rl["reward"] - sft["reward"],
+             "reward_relative": (rl["reward"] - sft["reward"]) / abs(sft["reward"]) if sft["reward"] else float("nan"),
+             "success_rate": rl["success_rate"] - sft["success_rate"]}
+    if sft_rows:
+        if [r["task_seed"] for r in sft_rows] != [r["task_seed"] for r in rl_rows]:
+            raise ValueError("the paired standard error needs both policies' rows of the same episodes, in order.")
+        differences = [b["reward"] - a["reward"] for a, b in zip(sft_rows, rl_rows)
+                       if not (math.isnan(a["reward"]) or math.isnan(b["reward"]))]
+        found["reward_paired_stderr"] = _stderr(differences)
+    return found
 
 
 def format_comparison(results: dict[str, Any]) -> str:
@@ -84,7 +97,8 @@ def format_comparison(results: dict[str, Any]) -> str:
                          f"{s['success_rate']:>9.1%}{s['answered_rate']:>10.1%}{s['turns']:>7.2f}")
     for mode in modes:
         m = results["margin"][mode]
-        lines.append(f"RL - SFT ({mode}): reward {m['reward']:+.3f} ({m['reward_relative']:+.1%}), "
+        paired = f" ± {m['reward_paired_stderr']:.3f} paired s.e." if "reward_paired_stderr" in m else ""
+        lines.append(f"RL - SFT ({mode}): reward {m['reward']:+.3f}{paired} ({m['reward_relative']:+.1%}), "
                      f"success {m['success_rate']:+.1%} points")
     lines.append(f"wall time {results['timing']['total']:.0f} s (limit {results['time_limit_seconds']:.0f} s)")
     if results.get("report"):

@@ -17,6 +17,7 @@ from typing import Any
 from rl.config import EnvConfig, PolicyConfig, RolloutConfig, TinyModelConfig
 from rl.grpo import GRPOConfig
 from rl.sft import SFTStage
+from visenv.rewards.rubric import RUBRIC_NAMES
 from visenv.error import ConfigError
 
 #: The image scenarios whose teacher workflows are shortest (3 turns; ~350 BPE tokens a trajectory, docs/main-job.md).
@@ -74,15 +75,23 @@ class MainJobConfig:
             of docs/main-job.md).
         policy: how the policy samples (``max_new_tokens``, ``device``; its ``model`` is set by the job).
         grpo: GRPO's hyperparameters: GRPOConfig's defaults with :data:`MAIN_JOB_GRPO` on top.
+        rl_rubric: the rubric GRPO trains on ("ltr", "r1" or "result_format", see
+            :func:`visenv.rewards.rubric.make_rubric`), or null for the environment's own (``env.options``;
+            LtrReward by default). The teacher data and both evaluations keep the environment's rubric, so
+            policies trained on other rewards are measured by the same one.
         rollout: where GRPO's rollouts run: "ray" (``num_workers`` actors of ``num_envs`` environments)
             or "serial" (``num_envs`` environments in this process; no Ray needed).
         eval_rollout: where the held-out evaluation runs ("ray": in Ray workers, both cores busy; "serial":
             in this process); ``num_envs`` is the generate batch size (per worker on Ray).
         grpo_seconds: wall-clock budget of GRPO (the iteration running when it runs out finishes; 0 skips
-            GRPO). GRPO also stops early when the job would otherwise overrun ``time_limit_seconds``: it
-            keeps back the time the SFT-only evaluation took (the RL evaluation repeats it) plus
-            ``safety_seconds`` (which also covers the HTML report).
-        grpo_max_iterations: upper bound on GRPO iterations.
+            GRPO; null: no wall-clock budget, ``grpo_max_iterations`` is the budget). GRPO also stops
+            early when the job would otherwise overrun ``time_limit_seconds`` (unless
+            ``stop_at_time_limit`` is false): it keeps back the time the SFT-only evaluation took (the
+            RL evaluation repeats it) plus ``safety_seconds`` (which also covers the HTML report).
+        grpo_max_iterations: upper bound on GRPO iterations (the iteration budget when
+            ``grpo_seconds`` is null and ``stop_at_time_limit`` false: the same work on any machine).
+        stop_at_time_limit: stop GRPO early when the job would overrun ``time_limit_seconds``; false
+            lets the budgets alone decide (a machine-independent run may then take longer).
         keep_best_window: the RL policy is the one that sampled the best ``keep_best_window`` consecutive
             iterations of training reward (:class:`rl.train.KeepBest`: model selection on the training
             rollouts, no extra episodes), not necessarily the last; 0 keeps the last weights. Both are
@@ -123,10 +132,12 @@ class MainJobConfig:
     stages: list[SFTStage] = field(default_factory=_stages)
     policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(max_new_tokens=200, device="cpu"))
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(**MAIN_JOB_GRPO))
+    rl_rubric: str | None = None
     rollout: RolloutConfig = field(default_factory=lambda: _rollout(32))
     eval_rollout: RolloutConfig = field(default_factory=lambda: _rollout(64))
-    grpo_seconds: float = 450.0
+    grpo_seconds: float | None = 450.0
     grpo_max_iterations: int = 1000
+    stop_at_time_limit: bool = True
     keep_best_window: int = 5
     ray_num_cpus: int = 2
     torch_threads: int = 2
@@ -150,9 +161,11 @@ class MainJobConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)!r}) must be a positive integer.")
         for name, zero in (("report_episodes", "skips the report"), ("keep_best_window", "keeps the last weights"),
-                           ("grpo_seconds", "skips GRPO")):
-            if getattr(self, name) < 0:
+                           ("grpo_seconds", "skips GRPO; null: no wall-clock budget")):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} ({getattr(self, name)!r}) must be >= 0 (0 {zero}).")
+        if self.rl_rubric is not None and self.rl_rubric not in RUBRIC_NAMES:
+            raise ConfigError(f"rl_rubric ({self.rl_rubric!r}) must be null or one of {RUBRIC_NAMES}.")
         if self.train_task_seed == self.eval_task_seed:
             raise ConfigError(f"eval_task_seed ({self.eval_task_seed}) must differ from train_task_seed: the "
                               "evaluation is on held-out tasks.")

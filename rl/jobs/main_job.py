@@ -51,8 +51,9 @@ from rl.evaluate import MakeRollout, run_of, write_comparison_report
 from rl.grpo import GRPO
 from rl.hf import CausalLMPolicy, reference_policy, tiny_causal_lm
 from rl.jobs.compare import evaluate_policy, format_comparison, margin
+from rl.jobs import report as job_report
 from rl.jobs.config import MainJobConfig
-from rl.logging import MetricsLogger
+from rl.logging import MetricsLogger, read_metrics
 from rl.sft import chat_segments, load_chat_jsonl, run_pst
 from rl.tokenizer import train_tokenizer
 from rl.train import Budget, KeepBest, Trainer
@@ -106,7 +107,10 @@ def run_main_job(config: MainJobConfig | None = None, log: Log = print) -> dict[
             mark = time.perf_counter()
             # stop before the next iteration would eat into the time the RL evaluation needs
             deadline = start + config.time_limit_seconds - config.safety_seconds - timing["eval_sft"]
-            grpo_summary = grpo(config, policy, sft_dir, _env(config, suites["rl"]), out, deadline, log)
+            practice = _env(config, suites["rl"])
+            if config.rl_rubric is not None:  # GRPO's reward only: the evaluations keep the env's rubric
+                practice = dataclasses.replace(practice, options={**practice.options, "rubric": config.rl_rubric})
+            grpo_summary = grpo(config, policy, sft_dir, practice, out, deadline, log)
             timing["grpo"] = grpo_summary["seconds"] = time.perf_counter() - mark
             grpo_summary["seconds_per_iteration"] = timing["grpo"] / max(1, grpo_summary["iterations"])
             mark = time.perf_counter()
@@ -118,24 +122,27 @@ def run_main_job(config: MainJobConfig | None = None, log: Log = print) -> dict[
 
                 ray.shutdown()
 
-        report = None
+        margins = {mode: margin(evaluations["sft"][mode], evaluations["rl"][mode], episodes["sft"][mode],
+                                episodes["rl"][mode]) for mode in modes}
+        results = {"config": config.to_dict(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                           "load_average": _load()},
+                   "funnel": funnel.to_dict() if funnel else None, "data": data_stats, "sft": {"stages": stages},
+                   "grpo": grpo_summary,
+                   "eval": {"tasks": len(suites["heldout_tasks"]), "task_seed": config.eval_task_seed,
+                            "episodes": config.eval_episodes, "seed": eval_seed},
+                   "evaluations": evaluations, "margin": margins, "timing": timing, "report": None,
+                   "time_limit_seconds": config.time_limit_seconds}
         if shown:
             mark = time.perf_counter()
-            report = policy_report(config, played, held_out[:shown], report_dir, out, eval_seed)
+            metrics_path = out / "grpo" / "metrics.jsonl"
+            history = read_metrics(str(metrics_path)) if grpo_summary["iterations"] else []
+            results["report"] = policy_report(config, played, held_out[:shown], report_dir, out, eval_seed,
+                                              job_report.preface(results, history, config.keep_best_window),
+                                              job_report.headline(results, shown))
             timing["report"] = time.perf_counter() - mark
-            log(f"report: {report['path']} ({timing['report']:.0f} s)")
+            log(f"report: {results['report']['path']} ({timing['report']:.0f} s)")
     timing["total"] = time.perf_counter() - start
-
-    results = {"config": config.to_dict(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                       "load_average": _load()},
-               "funnel": funnel.to_dict() if funnel else None, "data": data_stats, "sft": {"stages": stages},
-               "grpo": grpo_summary,
-               "eval": {"tasks": len(suites["heldout_tasks"]), "task_seed": config.eval_task_seed,
-                        "episodes": config.eval_episodes, "seed": eval_seed},
-               "evaluations": evaluations,
-               "margin": {mode: margin(evaluations["sft"][mode], evaluations["rl"][mode]) for mode in modes},
-               "timing": timing, "report": report, "time_limit_seconds": config.time_limit_seconds,
-               "within_time_limit": timing["total"] <= config.time_limit_seconds}
+    results["within_time_limit"] = timing["total"] <= config.time_limit_seconds
     (out / "results.json").write_text(json.dumps(results, indent=1))
     for name, by_mode in episodes.items():
         with open(out / f"episodes_{name}.jsonl", "w", encoding="utf-8") as handle:
@@ -269,7 +276,8 @@ def pst(config: MainJobConfig, policy: CausalLMPolicy, data_path: str, out: Path
 
 def grpo(config: MainJobConfig, policy: CausalLMPolicy, sft_dir: str, env: EnvConfig, out: Path, deadline: float,
          log: Log) -> dict[str, Any]:
-    """Step 5: GRPO from the SFT-only policy until ``grpo_seconds`` (or ``deadline``) is spent.
+    """Step 5: GRPO from the SFT-only policy until ``grpo_seconds`` or ``grpo_max_iterations`` (or ``deadline``,
+    when ``stop_at_time_limit``) is spent.
 
     Saves ``out/rl/last_policy`` (the last weights) and ``out/rl/policy`` (the :class:`~rl.train.KeepBest`
     selection, or the last weights); returns the run's summary.
@@ -277,11 +285,12 @@ def grpo(config: MainJobConfig, policy: CausalLMPolicy, sft_dir: str, env: EnvCo
     settings = dataclasses.replace(config.grpo, seed=config.seed)
     history: list[dict[str, float]] = []
     keeper = KeepBest(policy, config.keep_best_window) if config.keep_best_window else None
-    if config.grpo_seconds > 0:
+    if config.grpo_seconds is None or config.grpo_seconds > 0:
         rollout = _rollout(config, config.rollout, policy, sft_dir, env, 1.0)
         (out / "grpo" / "metrics.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a new log
         algorithm = GRPO(policy, reference_policy(policy) if settings.kl_coef > 0 else None, settings)
-        callbacks = [Budget(seconds=config.grpo_seconds, deadline=deadline), *([keeper] if keeper else [])]
+        budget = Budget(seconds=config.grpo_seconds, deadline=deadline if config.stop_at_time_limit else None)
+        callbacks = [budget, *([keeper] if keeper else [])]
         trainer = Trainer(policy, algorithm, rollout, iterations=config.grpo_max_iterations,
                           num_groups=settings.tasks_per_iteration, group_size=settings.group_size, seed=config.seed,
                           logger=MetricsLogger(str(out / "grpo"), tensorboard=False, total=None), callbacks=callbacks)
@@ -309,8 +318,9 @@ def grpo(config: MainJobConfig, policy: CausalLMPolicy, sft_dir: str, env: EnvCo
 
 
 def policy_report(config: MainJobConfig, played: dict[str, list[Any]], tasks: Sequence, report_dir: Path,
-                  out: Path, seed: int) -> dict[str, Any]:
-    """Step 6b: the HTML report of both policies on the first held-out episodes of their sampled evaluations."""
+                  out: Path, seed: int, preface: str = "", headline: str | None = None) -> dict[str, Any]:
+    """Step 6b: the HTML report of both policies on the first held-out episodes of their sampled evaluations,
+    under ``preface`` (the job's held-out table and training curves, :mod:`rl.jobs.report`) and ``headline``."""
     metrics = {}
     if config.clip_model:
         from visenv.rewards.clip import ClipAlignment, ClipScorer
@@ -319,8 +329,8 @@ def policy_report(config: MainJobConfig, played: dict[str, list[Any]], tasks: Se
                   ClipScorer(model=config.clip_model, pretrained=config.clip_pretrained))
         metrics["clip_alignment"] = ClipAlignment(scorer)
     runs = [run_of(name, played[key], metrics=metrics) for name, key in (("SFT-only", "sft"), ("RL (SFT + GRPO)", "rl"))]
-    written = write_comparison_report(runs, report_dir, f"main job: SFT-only vs RL on {len(tasks)} held-out episodes",
-                                      seed=seed, episodes=len(tasks), env_options=dict(config.env.options),
+    written = write_comparison_report(runs, report_dir, "main job: SFT-only vs RL on held-out episodes",
+                                      preface=preface, headline=headline, seed=seed, episodes=len(tasks), env_options=dict(config.env.options),
                                       tasks=[t.task_id for t in tasks])
     overall = {name: run["summary"]["visgenbench"]["overall"] for name, run in written["policies"].items()}
     return {"path": str(report_dir / "report.html"), "episodes": len(tasks),

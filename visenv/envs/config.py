@@ -36,7 +36,8 @@ class VisGenConfig:
         backends: None (the attribute tier alone), a :class:`BackendChain`, a list of backends, or a
             mapping from a tool name, a tool group or "*" to a list of backends or a chain.
         media: a folder of your own media for the attribute tier (None: the procedural database).
-        rubric: "ltr" (LtrReward, R_plan x R_fine), "r1" (additive) or a rubric object.
+        rubric: "ltr" (LtrReward, R_plan x R_fine), "r1" (additive), "result_format" (the mean of R_result
+            and R_format) or a rubric object.
         error_penalty: reward subtracted on a step whose turn or call failed.
         observe_pixels: add a "pixels" array of the latest images and video frames to observations,
             and a "pixels_mask" that marks its real rows (the rest is zero padding).
@@ -83,8 +84,8 @@ class VisGenConfig:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
             raise ConfigError(f"tool_latency_scale ({scale!r}) must be a finite number >= 0 (0: no simulated "
                               "latency; 0.01: the cost model's latencies at 1/100 of real time).")
-        if isinstance(self.rubric, str) and self.rubric not in ("ltr", "r1"):
-            raise ConfigError(f"rubric ({self.rubric!r}) must be 'ltr', 'r1' or a rubric object.")
+        if isinstance(self.rubric, str) and self.rubric not in ("ltr", "r1", "result_format"):
+            raise ConfigError(f"rubric ({self.rubric!r}) must be 'ltr', 'r1', 'result_format' or a rubric object.")
         if self.media is not None and not os.path.isdir(self.media):
             raise ConfigError(f"media ({self.media!r}) must be a folder of images, videos and audio.")
         self.tools = make_tool_set(self.tools)

@@ -371,7 +371,7 @@ def _viewer(runs: Sequence[_Shown]) -> str:
     return viewer
 
 
-def _render(runs: Sequence[_Shown], title: str) -> str:
+def _render(runs: Sequence[_Shown], title: str, preface: str = "", given: str | None = None) -> str:
     scores, complete = _scores_table(runs)
     graded = any(g is not None for run in runs for g in run.grades)
     o_note = ("O-Score* is the paper's O-Score: the mean of S-Rate and all nine dimension scores." if complete else
@@ -389,7 +389,9 @@ def _render(runs: Sequence[_Shown], title: str) -> str:
             f"{run.name}: mean reward {_number(run.summary['overall']['reward'])}, S-Rate "
             f"{_number(run.summary['overall']['s_rate'])}" for run in runs])
         charts = _comparison_charts(runs)
-    return PAGE.substitute(title=escape(title), headline=escape(headline), scores=scores, o_note=escape(o_note),
+    headline = headline if given is None else given
+    return PAGE.substitute(title=escape(title), headline=escape(headline), preface=preface, scores=scores,
+                           o_note=escape(o_note),
                            metrics=_metrics_table(runs), charts=charts, viewer=_viewer(runs))
 
 
@@ -409,13 +411,17 @@ def render_page(results: Sequence[Any], summary: Mapping[str, Any], captures: Se
     return _render([_show(Run("", results, summary, captures, grades), None)], title)
 
 
-def render_comparison(runs: Sequence[Run], title: str = "visenv policy comparison") -> str:
+def render_comparison(runs: Sequence[Run], title: str = "visenv policy comparison", preface: str = "",
+                      headline: str | None = None) -> str:
     """The HTML of one page comparing several named runs of the same episodes (see the module docstring).
 
     Args:
         runs: the runs, in the order shown; each played the same tasks in the same order (e.g. the
             same suite and seed).
         title: the page title.
+        preface: HTML placed above the scores (an application's own sections, e.g. training curves);
+            the caller builds and escapes it.
+        headline: the line under the title (plain text); None: the runs' episode count and rewards.
 
     Raises:
         ValueError: no runs, names empty or repeated, or runs that played other tasks.
@@ -431,7 +437,7 @@ def render_comparison(runs: Sequence[Run], title: str = "visenv policy compariso
         if [e["task_id"] for e in run.episodes] != tasks:
             raise ValueError(f"run {run.name!r} played other tasks than run {shown[0].name!r}: a comparison shows "
                              "runs of the same tasks in the same order (same suite and seed).")
-    return _render(shown, title)
+    return _render(shown, title, preface, headline)
 
 
 def _write(report_dir: str | Path, html: str) -> Path:
@@ -452,9 +458,10 @@ def write_report(report_dir: str | Path, results: Sequence[Any], summary: Mappin
     return _write(report_dir, render_page(results, summary, captures, grades, title))
 
 
-def write_comparison(report_dir: str | Path, runs: Sequence[Run], title: str = "visenv policy comparison") -> Path:
+def write_comparison(report_dir: str | Path, runs: Sequence[Run], title: str = "visenv policy comparison",
+                     preface: str = "", headline: str | None = None) -> Path:
     """Write ``report_dir/report.html`` comparing ``runs`` (see :func:`render_comparison`); returns its path.
 
     The pictures the runs' captures name must already be in ``report_dir/media``.
     """
-    return _write(report_dir, render_comparison(runs, title))
+    return _write(report_dir, render_comparison(runs, title, preface, headline))

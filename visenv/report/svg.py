@@ -127,3 +127,61 @@ def grouped_histogram(title: str, series: Mapping[str, Sequence[float]], bins: i
     counts = {name: _bin_counts(values, bins, low, high) for name, values in series.items()}
     peak = max([1] + [count for row in counts.values() for count in row])
     return grouped_bars(title, _bin_labels(bins, low, high), counts, low=0.0, high=float(peak))
+
+
+def line_chart(title: str, series: Mapping[str, Sequence[float | None]], band: tuple[int, int] | None = None,
+               band_label: str = "selected", x_label: str = "iteration") -> str:
+    """Lines over a shared x axis 0, 1, ... (e.g. training iterations); the y axis fits the values.
+
+    Each line is a ``<polyline>`` whose ``data-series`` is its name and ``data-values`` its values
+    (comma-separated, "nan" for a missing one; missing values break the line). ``band`` shades the
+    x range ``[first, last]`` (``data-band="first-last"``), e.g. the stretch a model selection chose.
+    """
+    names = list(series)
+    count = max([len(values) for values in series.values()] + [1])
+    finite = [v for values in series.values() for v in values if v is not None and v == v]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if high - low < 1e-9:
+        low, high = low - 0.5, high + 0.5
+    left, top, plot_w, plot_h = 52, 40, 360, 150
+    legend_end = left + 130 * (len(names) - 1) + 24 + 7 * len(names[-1]) if names else 0
+    width, height = max(left + plot_w + 16, legend_end), top + plot_h + 34
+
+    def x_of(i: float) -> float:
+        return left + plot_w * (i / max(count - 1, 1))
+
+    def y_of(v: float) -> float:
+        return top + plot_h - (v - low) / (high - low) * plot_h
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart curves" width="{width}" height="{height}" '
+             f'role="img" aria-label="{escape(title)}">',
+             f'<text x="{left}" y="16" {_FONT} font-weight="bold">{escape(title)}</text>']
+    parts += _legend(names, left, 32)
+    if band is not None:
+        first, last = band
+        parts.append(f'<rect x="{x_of(first):.1f}" y="{top}" width="{max(x_of(last) - x_of(first), 2):.1f}" '
+                     f'height="{plot_h}" fill="#f3e3a6" data-band="{first}-{last}">'
+                     f'<title>{escape(band_label)}: {first}-{last}</title></rect>')
+    for tick in (low, (low + high) / 2, high):
+        y = y_of(tick)
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" {_FONT} text-anchor="end">{tick:.3g}</text>')
+    for tick in sorted({0, count // 2, count - 1}):
+        parts.append(f'<text x="{x_of(tick):.1f}" y="{top + plot_h + 14}" {_FONT} text-anchor="middle">{tick}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 28}" {_FONT} text-anchor="middle">'
+                 f'{escape(x_label)}</text>')
+    for s, name in enumerate(names):
+        values = list(series[name])
+        color = PALETTE[s % len(PALETTE)]
+        runs: list[list[str]] = [[]]
+        for i, v in enumerate(values):
+            if v is None or v != v:
+                runs.append([])
+            else:
+                runs[-1].append(f"{x_of(i):.1f},{y_of(v):.1f}")
+        listed = ",".join("nan" if v is None or v != v else _number(v) for v in values)
+        for points in (r for r in runs if r):
+            parts.append(f'<polyline points="{" ".join(points)}" stroke="{color}" fill="none" '
+                         f'data-series="{escape(name)}" data-values="{listed}"/>')
+    parts.append("</svg>")
+    return "".join(parts)

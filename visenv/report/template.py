@@ -20,6 +20,7 @@ tr.overall th, tr.overall td { font-weight: bold; background: #fafafa; }
 tr.modality th, tr.modality td { background: #f6f8fc; }
 td.na { color: #aaa; }
 .note { color: #555; max-width: 60em; }
+svg.curves polyline { fill: none; stroke-width: 1.5; }
 .charts { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
 #broken-images { background: #fde2e2; color: #900; padding: 0.5em 1em; }
 details.episode { border: 1px solid #ddd; margin: 0.4em 0; padding: 0.3em 0.6em; }
@@ -45,6 +46,7 @@ section.task > h3 { font-size: 13px; margin: 1em 0 0.2em; }
 <h1>$title</h1>
 <p>$headline</p>
 <p id="broken-images" hidden></p>
+$preface
 <nav><a href="#scores">VisGenBench scores</a> · <a href="#metrics">objective metrics</a> ·
 <a href="#rewards">reward components</a> · <a href="#trajectories">trajectories</a></nav>
 <h2 id="scores">VisGenBench scores</h2>

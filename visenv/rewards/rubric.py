@@ -175,7 +175,7 @@ class DelayedRubric:
     tests and benchmarks of rollout loops (the scores are the wrapped rubric's, unchanged).
 
     Attributes:
-        rubric: "ltr", "r1" or a rubric object (as :class:`~visenv.envs.config.VisGenConfig` takes).
+        rubric: "ltr", "r1", "result_format" or a rubric object (as :class:`~visenv.envs.config.VisGenConfig` takes).
         seconds: the wait per episode (``time.sleep``: the GIL released, other episodes running).
     """
 
@@ -193,12 +193,20 @@ class DelayedRubric:
         return self.rubric(episodes)
 
 
+RUBRIC_NAMES = ("ltr", "r1", "result_format")
+"""The rubrics known by name: LtrReward, VisionCreator-R1's additive reward, and the plain Result +
+Format reward (the mean of R_result and R_format: the ablation baseline of LtrReward)."""
+
+
 def make_rubric(name_or_rubric: Any) -> Any:
-    """"ltr" -> LtrReward(), "r1" -> AdditiveReward(), a rubric object -> itself."""
+    """"ltr" -> LtrReward(), "r1" -> AdditiveReward(), "result_format" -> the mean of R_result and R_format,
+    a rubric object -> itself."""
     if name_or_rubric == "ltr":
         return LtrReward()
     if name_or_rubric == "r1":
         return AdditiveReward()
+    if name_or_rubric == "result_format":
+        return AdditiveReward({"R_result": Entry(ResultReward()), "R_format": Entry(FormatReward())})
     if callable(name_or_rubric):
         return name_or_rubric
-    raise ConfigError(f"rubric ({name_or_rubric!r}) must be 'ltr', 'r1' or a callable rubric.")
+    raise ConfigError(f"rubric ({name_or_rubric!r}) must be one of {RUBRIC_NAMES} or a callable rubric.")
