@@ -21,6 +21,7 @@ from visenv.tasks import WORKFLOWS, Task, load_tasks, make_suite
 from visenv.tools.attribute import AttributeBackend
 from visenv.tools.calls import execute_call
 from visenv.tools.fidelity import REAL_TIER
+from visenv.tools.semantic import SemanticBackend
 from visenv.tools.specs import ToolSet
 
 PROTOCOL_HELP = (
@@ -143,7 +144,9 @@ class VisGenEnv(TextEnv):
         self.rubric = make_rubric(cfg.rubric)
         media = MediaDatabase.from_folder(cfg.media) if cfg.media else None
         self.tools = cfg.tools
-        self.chains = build_chains(cfg.backends, [AttributeBackend(media)], self.tools)
+        default = (SemanticBackend(media, cfg.tool_fidelity, cfg.perception_noise) if cfg.content == "semantic"
+                   else AttributeBackend(media))
+        self.chains = build_chains(cfg.backends, [default], self.tools)
         _warn_unplayable_workflows(self.tasks, self.tools)
         pixels = (cfg.max_pixel_images, cfg.pixel_size) if cfg.observe_pixels else None
         self.observation_space = observation_space(cfg.max_observation_chars, pixels)
