@@ -17,7 +17,8 @@ module holds the three pure pieces it needs, all deterministic:
   the tests share.
 - :func:`render_image`: the scene as an RGB picture: a style background (palette and texture),
   each subject instance as its icon (:data:`ICONS`) in its colour with its identity's marking, and
-  the text on a banner; :func:`describe` and :func:`parse_description` are the text form that the
+  the text on a banner, the whole composition shifted by the scene's ``pose`` (0-99: each
+  generation draws its own, so two shots or images of one identity still differ); :func:`describe` and :func:`parse_description` are the text form that the
   analysis tools write and agents read.
 
 Identities are strings ``"<name>-<4 hex digits>"``; an identity fixes the marking drawn on a subject
@@ -90,6 +91,7 @@ MAX_COUNT = 12
 _WORD = re.compile(r"[a-z][a-z-]*|\d+")
 _QUOTED = re.compile(r"\"([^\"]{1,200})\"|'([^']{1,200})'")
 _WINDOW = 3
+_STYLE_CLAUSE = re.compile(r"(?:^|[,;:.])\s*((?:[a-z-]+ ){0,2}[a-z-]+)\s+style\b")
 
 
 def _digest(text: str) -> int:
@@ -113,9 +115,13 @@ def _count(word: str) -> int | None:
 
 
 def parse_style(prompt: str, style: str | None = None) -> str | None:
-    """The style a call asks for: its ``style`` argument, else a :data:`STYLE_LOOKS` word of the prompt."""
+    """The style a call asks for: its ``style`` argument, else the words before "style" in a clause
+    of the prompt ("..., flat vector style"), else a :data:`STYLE_LOOKS` word of the prompt."""
     if style and style.strip():
         return style.strip().lower()
+    named = _STYLE_CLAUSE.search(prompt.lower())
+    if named:
+        return named.group(1).strip()
     words = set(_WORD.findall(prompt.lower()))
     return next((s for s in STYLE_LOOKS if s in words), None)
 
@@ -184,7 +190,7 @@ def realise(ask: Mapping[str, Any], identities: Mapping[str, str], seed: int) ->
         subjects.append({"name": subject["name"], "icon": SUBJECT_ICONS.get(subject["name"], "object"),
                          "count": subject["count"], "colour": subject["colour"] or identity_colour(identity),
                          "identity": identity})
-    return {"subjects": subjects, "text": ask.get("text"), "style": ask.get("style")}
+    return {"subjects": subjects, "text": ask.get("text"), "style": ask.get("style"), "pose": seed % 100}
 
 
 def defect(kind: str, subject: str = "", expected: Any = "", actual: Any = "") -> dict[str, str]:
@@ -233,20 +239,31 @@ def describe(scene: Mapping[str, Any] | None) -> str:
     parts = "; ".join(f"{s['count']} x {s['name']} ({s['colour']}, identity {s['identity']})"
                       for s in scene["subjects"])
     text = f' Text: "{scene["text"]}".' if scene.get("text") else " Text: none."
-    return f"{parts or 'nothing'}.{text} Style: {scene.get('style') or 'plain'}."
+    return f"{parts or 'nothing'}.{text} Style: {scene.get('style') or 'plain'}. Pose: {scene.get('pose', 0)}."
 
 
 _DESCRIBED = re.compile(r"(\d+) x ([a-z-]+) \(([a-z]+), identity ([a-z-]+-[0-9a-f]{4})\)")
 _DESCRIBED_TEXT = re.compile(r'Text: "([^"]*)"')
+_DESCRIBED_POSE = re.compile(r"Pose: (\d+)\.")
 
 
 def parse_description(line: str) -> dict[str, Any]:
-    """The scene a :func:`describe` line states (inverse of :func:`describe` for subjects and text)."""
+    """The scene a :func:`describe` line states (inverse of :func:`describe` for subjects, text and pose)."""
     subjects = [{"name": name, "icon": SUBJECT_ICONS.get(name, "object"), "count": int(count),
                  "colour": colour, "identity": identity}
                 for count, name, colour, identity in _DESCRIBED.findall(line)]
     text = _DESCRIBED_TEXT.search(line)
-    return {"subjects": subjects, "text": text.group(1) if text else None}
+    pose = _DESCRIBED_POSE.search(line)
+    return {"subjects": subjects, "text": text.group(1) if text else None, "pose": int(pose.group(1)) if pose else 0}
+
+
+_SHOWS = re.compile(r"^(?:Shows|Shot \d+ \([^)]*\)): (.*)$", re.MULTILINE)
+
+
+def parse_analysis(text: str) -> list[dict[str, Any]]:
+    """The scenes an analysis tool's answer states: one for an image ("Shows: ..."), one per shot
+    of a video ("Shot i (d s): ..."); empty when the answer describes no content (attribute tier)."""
+    return [parse_description(line) for line in _SHOWS.findall(text)]
 
 
 # ---- pixels --------------------------------------------------------------------------------------
@@ -366,9 +383,11 @@ def render_image(scene: Mapping[str, Any] | None, width: int, height: int) -> Im
         columns = max(1, min(columns, len(instances)))
         rows = math.ceil(len(instances) / columns)
         cell_w, cell_h = width / columns, area / rows
-        radius = 0.38 * min(cell_w, cell_h)
+        radius = 0.34 * min(cell_w, cell_h)
+        pose = scene.get("pose", 0)
+        dx, dy = ((pose % 10) / 9 - 0.5) * 0.25 * cell_w, ((pose // 10) / 9 - 0.5) * 0.25 * cell_h
         for k, subject in enumerate(instances):
-            cx, cy = (k % columns + 0.5) * cell_w, (k // columns + 0.5) * cell_h
+            cx, cy = (k % columns + 0.5) * cell_w + dx, (k // columns + 0.5) * cell_h + dy
             fill = COLOURS.get(subject["colour"], (128, 128, 128))
             _draw_icon(draw, subject["icon"], cx, cy, radius, fill)
             _draw_marking(draw, subject["identity"], cx, cy, radius, fill)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from visenv.error import ConfigError
+from visenv.rewards.rubric import RUBRICS
 from visenv.tools.backends import Backend, BackendChain
 from visenv.tools.semantic import check_fidelity
 from visenv.tools.spec import GROUPS
@@ -38,7 +39,8 @@ class VisGenConfig:
         backends: None (the attribute tier alone), a :class:`BackendChain`, a list of backends, or a
             mapping from a tool name, a tool group or "*" to a list of backends or a chain.
         media: a folder of your own media for the attribute tier (None: the procedural database).
-        rubric: "ltr" (LtrReward, R_plan x R_fine), "r1" (additive) or a rubric object.
+        rubric: "ltr" (LtrReward, R_plan x R_fine), "r1" (additive), either with "+percept" (adds
+            R_percept, scored on the semantic tier), or a rubric object.
         error_penalty: reward subtracted on a step whose turn or call failed.
         observe_pixels: add a "pixels" array of the latest images and video frames to observations,
             and a "pixels_mask" that marks its real rows (the rest is zero padding).
@@ -98,8 +100,8 @@ class VisGenConfig:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
             raise ConfigError(f"tool_latency_scale ({scale!r}) must be a finite number >= 0 (0: no simulated "
                               "latency; 0.01: the cost model's latencies at 1/100 of real time).")
-        if isinstance(self.rubric, str) and self.rubric not in ("ltr", "r1"):
-            raise ConfigError(f"rubric ({self.rubric!r}) must be 'ltr', 'r1' or a rubric object.")
+        if isinstance(self.rubric, str) and self.rubric not in RUBRICS:
+            raise ConfigError(f"rubric ({self.rubric!r}) must be one of {RUBRICS} or a rubric object.")
         if self.media is not None and not os.path.isdir(self.media):
             raise ConfigError(f"media ({self.media!r}) must be a folder of images, videos and audio.")
         self.tools = make_tool_set(self.tools)

@@ -36,11 +36,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from visenv.episode import EpisodeRecord
 from visenv.error import ConfigError
-from visenv.rewards.rules import (ConsistencyReward, FormatReward, ResultReward, RulePlanReward,
-                                  RuleReflectionReward, RuleTrajectoryReward, ToolReward)
+from visenv.rewards.rules import (ConsistencyReward, FormatReward, PerceptionReward, ResultReward,
+                                  RulePlanReward, RuleReflectionReward, RuleTrajectoryReward, ToolReward)
 
 Component = Callable[[Sequence[EpisodeRecord]], list]
 NONE_POLICIES = ("invalid", "lowest")
+RUBRICS = ("ltr", "r1", "ltr+percept", "r1+percept")
+"""The rubrics by name; "+percept" adds R_percept (:class:`PerceptionReward`, weight 1, optional)."""
 
 
 @dataclass(frozen=True)
@@ -194,11 +196,22 @@ class DelayedRubric:
 
 
 def make_rubric(name_or_rubric: Any) -> Any:
-    """"ltr" -> LtrReward(), "r1" -> AdditiveReward(), a rubric object -> itself."""
-    if name_or_rubric == "ltr":
-        return LtrReward()
-    if name_or_rubric == "r1":
-        return AdditiveReward()
+    """A rubric by name (:data:`RUBRICS`) or a rubric object as it is.
+
+    "ltr" -> LtrReward(), "r1" -> AdditiveReward(); "ltr+percept" and "r1+percept" add the entry
+    "R_percept" (:class:`PerceptionReward`, weight 1, optional: None on the attribute tier, where it
+    is dropped and the rubric scores as without it).
+    """
+    if name_or_rubric in ("ltr", "ltr+percept"):
+        rubric = LtrReward()
+        if name_or_rubric == "ltr+percept":
+            rubric.fine["R_percept"] = Entry(PerceptionReward())
+        return rubric
+    if name_or_rubric in ("r1", "r1+percept"):
+        rubric = AdditiveReward()
+        if name_or_rubric == "r1+percept":
+            rubric.entries["R_percept"] = Entry(PerceptionReward())
+        return rubric
     if callable(name_or_rubric):
         return name_or_rubric
-    raise ConfigError(f"rubric ({name_or_rubric!r}) must be 'ltr', 'r1' or a callable rubric.")
+    raise ConfigError(f"rubric ({name_or_rubric!r}) must be one of {RUBRICS} or a callable rubric.")
