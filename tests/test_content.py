@@ -205,3 +205,27 @@ def test_perception_noise_misreads_and_zero_noise_never_does():
             for _ in range(6)]
     truth = image.content["scene"]["subjects"][0]
     assert any((s["count"], s["colour"]) != (truth["count"], truth["colour"]) for s in seen)
+
+
+# ---- fidelity_report: the semantic tier against the attribute tier ---------------------------------
+
+def test_fidelity_report_compares_the_semantic_tier_with_the_attribute_tier(tmp_path, media_db):
+    from visenv.scene import render_image
+    from visenv.tools.attribute import AttributeBackend
+    from visenv.tools.cache_io import read_calls
+    from visenv.tools.fidelity import ColourHistogramSimilarity, fidelity_report
+    from visenv.tools.semantic import SemanticBackend
+
+    prompts = ("two red cars", "three blue foxes", "one green tree", "four yellow stars")
+    lines = []
+    for i, prompt in enumerate(prompts):  # prompt-faithful "real" outputs, identities and poses of their own
+        render_image(realise(parse_prompt(prompt), {}, 500 + i), 320, 320).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"tool": "tool_text2image_seed", "arguments": {"prompt": prompt},
+                                 "file": f"{i}.png", "seed": i + 1}))
+    (tmp_path / "calls.jsonl").write_text("\n".join(lines) + "\n")
+    tiers = {"attribute": AttributeBackend(media_db), "semantic": SemanticBackend(media_db, root=tmp_path / "r"),
+             "spoiled": SemanticBackend(media_db, fidelity=0.0, root=tmp_path / "r")}
+    report = fidelity_report(read_calls(tmp_path / "calls.jsonl"), tiers, ColourHistogramSimilarity())
+    attribute, semantic, spoiled = (report["tiers"][name] for name in tiers)
+    assert semantic["c_tool"] > attribute["c_tool"] + 0.5
+    assert (attribute["as_asked"], semantic["as_asked"], spoiled["as_asked"]) == (None, 1.0, 0.0)
