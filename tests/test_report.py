@@ -344,3 +344,15 @@ def test_broken_pictures_are_reported_in_chromium(report, tmp_path):
     page = parse(run_chromium(tmp_path, "--dump-dom", (copy / "report.html").resolve().as_uri()))
     assert int(page.body["data-images-broken"]) == len(page.images) > 0
     assert page.body["data-images-loaded"] == "0"
+
+
+def test_the_viewer_shows_rendered_content_defects_and_reflections(tmp_path):
+    """On the semantic tier the pictures say what was rendered, defects are marked and reflections stand out."""
+    evaluate_with_report(lambda: WorkflowAgent(seed=0, inspect=True), make_suite(3, 7, modality="image"), tmp_path,
+                         seed=0, progress=False, env_config={"content": "semantic", "tool_fidelity": 0.3,
+                                                             "max_turns": 90})
+    html = (tmp_path / "report.html").read_text()
+    assert re.search(r'<div class="content">\d+ x [a-z-]+ \([a-z]+, identity [a-z-]+-[0-9a-f]{4}\)', html)
+    assert 'class="status defect">came out wrong: img_' in html
+    assert re.search(r'<figure class="image defective"[^>]*>.*?<div class="defects">defects: [a-z_]+ \(', html)
+    assert '<div class="reflection"><b>reflection</b><pre>Step ' in html
