@@ -85,7 +85,10 @@ class VisGenEnv(TextEnv):
     answers in UTPC turns (``<think>``, ``<plan>``, ``<tool_call>``, ``<answer>``, optional
     ``<reflection>``); each tool call is validated against the tool's JSON Schema and artifact
     references, served by the tool's backend chain (by default the attribute tier: media of the
-    right resolution, duration and count drawn from a media database), and answered with a
+    right resolution, duration and count drawn from a media database; with ``content="semantic"``
+    the semantic tier: media rendered from what the call asked for, the truth on the artifact,
+    generations that come out wrong with probability ``1 - tool_fidelity`` and analysis tools that
+    describe what was rendered; see :mod:`visenv.tools.semantic`), and answered with a
     ``<tool_response>`` observation. The observation names the serving tier only for a
     nearest-neighbour answer (with its similarity), so that a replay from the exact cache shows the
     agent exactly what the recorded run showed; ``info["tool_result"]["backend"]`` always names it.
@@ -117,7 +120,8 @@ class VisGenEnv(TextEnv):
     characters.
 
     ## Info
-    ``turn`` (the parsed turn), ``tool_result`` (the call record, on steps whose turn held a call),
+    ``turn`` (the parsed turn), ``tool_result`` (the call record, on steps whose turn held a call;
+    its ``defects`` list what the semantic tier got wrong, empty otherwise),
     ``artifacts`` (all so far), ``reward_components``, ``cost`` (GPU-seconds and latency the real
     tool would have taken, for the step and the episode, and ``gpu_seconds_avoided``: the part that a
     virtual tier answered, not the real tool), ``task_id``; on the last step also ``checks`` and
@@ -134,7 +138,10 @@ class VisGenEnv(TextEnv):
     * v0: initial release; ``tool_latency_scale`` (simulated latency, default 0: none) added; ``pixels_mask`` added to the opt-in pixel observations, and the ``tools``
       option (default observations, dynamics and rewards unchanged). Hardening: blank text arguments and
       non-finite numbers are refused, integral floats in integer arguments are accepted, and info
-      leaves out None values and holds call arguments as JSON text (a candidate for v1).
+      leaves out None values and holds call arguments as JSON text (a candidate for v1). The
+      ``content`` (default "attribute": dynamics and rewards unchanged), ``tool_fidelity`` and
+      ``perception_noise`` options, the rubrics "ltr+percept" and "r1+percept", and the call
+      record's ``defects`` (always empty on the attribute tier) added.
     """
 
     def __init__(self, config: Any = None, **options: Any):
