@@ -229,3 +229,21 @@ def test_fidelity_report_compares_the_semantic_tier_with_the_attribute_tier(tmp_
     attribute, semantic, spoiled = (report["tiers"][name] for name in tiers)
     assert semantic["c_tool"] > attribute["c_tool"] + 0.5
     assert (attribute["as_asked"], semantic["as_asked"], spoiled["as_asked"]) == (None, 1.0, 0.0)
+
+
+def test_vector_envs_merge_the_defects_and_the_backend_pickles():
+    import pickle
+
+    import gymnasium
+
+    from visenv.tools.semantic import SemanticBackend
+
+    envs = gymnasium.vector.SyncVectorEnv([lambda f=f: VisGenEnv(content="semantic", tool_fidelity=f) for f in (0.0, 1.0)])
+    envs.reset(seed=0)
+    turn = format_turn(tool_call={"name": "tool_text2image_seed", "arguments": {"prompt": "two red cats"}})
+    info = envs.step([turn, turn])[4]
+    defects = info["tool_result"]["defects"]
+    assert len(defects[0]) == 1 and defects[1] == []
+    json.dumps(defects.tolist())
+    backend = pickle.loads(pickle.dumps(SemanticBackend(fidelity={"*": 0.3}, perception_noise=0.2)))
+    assert backend.fidelity("tool_x") == 0.3 and backend.perception_noise == 0.2

@@ -167,3 +167,8 @@ def test_the_data_funnel_reports_reflection_trajectories(tmp_path):
     assert funnel.reflections_generated == 4 and funnel.revisions_generated >= 1
     assert 0 < funnel.revisions_kept <= funnel.kept
     assert "revised" in funnel.format()
+
+
+def test_the_data_config_refuses_inspect_without_reflect(tmp_path):
+    with pytest.raises(ConfigError, match="inspect=True needs reflect=True"):
+        DataConfig(out=str(tmp_path / "d.jsonl"), inspect=True, reflect=False)
