@@ -41,7 +41,6 @@ import io
 import json
 import os
 import random
-import wave
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -52,6 +51,7 @@ import numpy as np
 from visenv.error import ConfigError
 from visenv.media import Artifact, BlobStore
 from visenv.mediadb import MediaDatabase
+from visenv.procedural_media import wav_bytes
 from visenv.scene import (COLOURS, VIDEO_FILE_FPS, VIDEO_SIDE, compare, defect, describe, merge_ask, parse_prompt,
                           realise, render_image, render_size)
 from visenv.tools import simulated_text
@@ -374,11 +374,4 @@ def _wav(duration: float, tempo: int) -> bytes:
     """A 16-bit mono WAV of exactly ``duration`` seconds with a decaying click on every beat."""
     t = np.arange(round(duration * AUDIO_RATE)) / AUDIO_RATE
     since = t % (60.0 / tempo)
-    samples = np.sin(2 * np.pi * 440.0 * since) * np.exp(-since * 30.0) * 0.6 * 32767
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(AUDIO_RATE)
-        out.writeframes(samples.astype("<i2").tobytes())
-    return buffer.getvalue()
+    return wav_bytes(np.sin(2 * np.pi * 440.0 * since) * np.exp(-since * 30.0) * 0.6 * 32767, AUDIO_RATE)
