@@ -1,5 +1,7 @@
 """Rewards that use the semantic tier's truth (R_reflect, R_percept) and the teacher that reflects."""
 
+import json
+
 import pytest
 
 from baselines.data import DataConfig, build_dataset
@@ -172,3 +174,15 @@ def test_the_data_funnel_reports_reflection_trajectories(tmp_path):
 def test_the_data_config_refuses_inspect_without_reflect(tmp_path):
     with pytest.raises(ConfigError, match="inspect=True needs reflect=True"):
         DataConfig(out=str(tmp_path / "d.jsonl"), inspect=True, reflect=False)
+
+
+def test_the_data_build_command_plays_the_inspecting_teacher_on_the_semantic_tier(tmp_path, capsys):
+    from rl.cli import main
+
+    assert main(["data", "build", "--out", str(tmp_path / "d.jsonl"), "--n", "3", "--suite", "image", "--inspect",
+                 "--content", "semantic", "--tool-fidelity", "0.5", "--max-turns", "90", "--rubric", "r1+percept",
+                 "--mistake-rate", "0", "--min-reward", "0", "--funnel", str(tmp_path / "f.json"), "--quiet"]) == 0
+    funnel = json.loads((tmp_path / "f.json").read_text())
+    assert funnel["reflections_generated"] == 3 and funnel["revisions_generated"] >= 1
+    assert "trajectories reflect" in capsys.readouterr().out
+    assert any("tool_image_analysis" in line for line in (tmp_path / "d.jsonl").read_text().splitlines())
