@@ -94,6 +94,7 @@ class WorkflowAgent:
         self._reset_inspection()
 
     def _reset_inspection(self) -> None:
+        self.planned = False  # whether the plan turn was written
         self.last_issued: int | None = None  # the planned call the last call turn made
         self.issued: dict[int, dict[str, Any]] = {}  # planned call -> the arguments it was issued with
         self.queue: list[str] = []  # outputs still to analyse
@@ -258,7 +259,8 @@ class WorkflowAgent:
         self.issued[index], self.last_issued = arguments, index
         self.repairing = None
         tool_call = {"name": call.tool, "arguments": arguments}
-        if self.position == 1 and not self.issued.keys() - {index}:
+        if not self.planned:
+            self.planned = True
             return format_turn(think=self._think(), plan=self._plan_text(), tool_call=tool_call)
         return format_turn(think=think, reflection=reflection, tool_call=tool_call)
 

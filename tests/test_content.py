@@ -247,3 +247,5 @@ def test_vector_envs_merge_the_defects_and_the_backend_pickles():
     json.dumps(defects.tolist())
     backend = pickle.loads(pickle.dumps(SemanticBackend(fidelity={"*": 0.3}, perception_noise=0.2)))
     assert backend.fidelity("tool_x") == 0.3 and backend.perception_noise == 0.2
+    with pytest.raises(ConfigError, match="tool_fidelity"):
+        SemanticBackend(fidelity=2)

@@ -186,3 +186,18 @@ def test_the_data_build_command_plays_the_inspecting_teacher_on_the_semantic_tie
     assert funnel["reflections_generated"] == 3 and funnel["revisions_generated"] >= 1
     assert "trajectories reflect" in capsys.readouterr().out
     assert any("tool_image_analysis" in line for line in (tmp_path / "d.jsonl").read_text().splitlines())
+
+
+def test_the_inspecting_teacher_plans_once_even_when_its_first_call_is_revised():
+    env = VisGenEnv(content="semantic", tool_fidelity=0.0, max_turns=120, tasks="image", num_tasks=6)
+    agent = WorkflowAgent(seed=0, inspect=True)
+    for episode in range(6):
+        obs, _ = env.reset(seed=episode, options={"task": episode})
+        agent.reset(obs)
+        turns, done = [], False
+        while not done:
+            turns.append(agent.act(obs))
+            obs, _, terminated, truncated, _ = env.step(turns[-1])
+            done = terminated or truncated
+        assert sum("<plan>" in turn for turn in turns) == 1 and terminated
+        assert sum(agent.revisions.values()) >= 1

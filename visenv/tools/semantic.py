@@ -68,14 +68,16 @@ AUDIO_RATE = 8000
 _RENDER_MEMO = 512
 
 
-def check_fidelity(value: Any, tools: Mapping[str, Any]) -> None:
+def check_fidelity(value: Any, tools: Mapping[str, Any] | None = None) -> None:
     """Raise :class:`ConfigError` unless ``value`` is a fidelity in [0, 1] or a mapping of them.
 
-    A mapping's keys are tool names of ``tools`` or "*" (every other tool).
+    A mapping's keys are tool names of ``tools`` (any string when ``tools`` is None) or "*" (every
+    other tool).
     """
     entries = value.items() if isinstance(value, Mapping) else [("tool_fidelity", value)]
     for key, number in entries:
-        if isinstance(value, Mapping) and key != "*" and key not in tools:
+        if isinstance(value, Mapping) and key != "*" and (not isinstance(key, str) or
+                                                           (tools is not None and key not in tools)):
             raise ConfigError(f"tool_fidelity key {key!r} must be a tool of the tool set or '*'.")
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0.0 <= number <= 1.0:
             raise ConfigError(f"tool_fidelity[{key!r}] ({number!r}) must be a number in [0, 1] (1.0: every "
@@ -151,6 +153,7 @@ class SemanticBackend(AttributeBackend):
     def __init__(self, media: MediaDatabase | None = None, fidelity: float | Mapping[str, float] = 1.0,
                  perception_noise: float = 0.0, root: str | os.PathLike | None = None):
         super().__init__(media)
+        check_fidelity(fidelity)
         if isinstance(fidelity, Mapping):
             self._fidelity = dict(fidelity)
         else:
