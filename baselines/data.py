@@ -43,11 +43,12 @@ from typing import Any, Mapping
 from tqdm import tqdm
 
 from baselines.workflow_agent import MISTAKES, WorkflowAgent
-from visenv.envs.config import TASK_SUITES, VisGenConfig
+from visenv.envs.config import CONTENT_TIERS, TASK_SUITES, VisGenConfig
 from visenv.envs.visgen import VisGenEnv
 from visenv.episode import EpisodeRecord
 from visenv.error import ConfigError
 from visenv.imports import import_object
+from visenv.rewards.rubric import RUBRICS
 from visenv.tasks import Task, load_tasks, make_suite
 
 TRUNCATED = "truncated"
@@ -70,6 +71,9 @@ class DataConfig:
         mistake_rate: probability that the teacher makes one mistake in an episode.
         mistakes: kinds of mistake the teacher draws from (see :data:`baselines.workflow_agent.MISTAKES`).
         reflect: whether the teacher writes a ``<reflection>`` on each result.
+        inspect: the teacher analyses each generated output, reflects on what it shows and revises on a
+            defect (:class:`~baselines.workflow_agent.WorkflowAgent`'s ``inspect``; meant for
+            ``env={"content": "semantic", "tool_fidelity": 0.8, "max_turns": 90}``).
         min_reward: trajectories whose rubric total is below this are dropped.
         judges: extra judges by name: batched components ``judge(records) -> list[float | None]``.
         min_judge_score: trajectories scoring below this with any judge are dropped.
@@ -86,6 +90,7 @@ class DataConfig:
     mistake_rate: float = 0.3
     mistakes: tuple[str, ...] = MISTAKES
     reflect: bool = True
+    inspect: bool = False
     min_reward: float = 0.5
     judges: Mapping[str, Any] = field(default_factory=dict)
     min_judge_score: float = 0.5
@@ -100,6 +105,8 @@ class DataConfig:
         if self.tasks not in TASK_SUITES and not os.path.isfile(self.tasks):
             raise ConfigError(f"tasks ({self.tasks!r}) must be one of {TASK_SUITES} or the path of an "
                               "existing JSONL task file (write one with `visenv tasks --out FILE`).")
+        if self.inspect and not self.reflect:
+            raise ConfigError("inspect=True needs reflect=True: the inspecting teacher writes the reflections.")
         if not 0.0 <= self.mistake_rate <= 1.0:
             raise ConfigError(f"mistake_rate ({self.mistake_rate}) must be in [0, 1], e.g. 0.3.")
         self.mistakes = tuple(self.mistakes)
@@ -142,6 +149,10 @@ class Funnel:
         mistakes_generated: generated trajectories in which the teacher made a deliberate mistake.
         mistakes_kept: of those, how many were kept (the filter let them through).
         mean_reward_kept: the mean rubric total of the kept trajectories (None when none was kept).
+        reflections_generated: generated trajectories with at least one ``<reflection>``.
+        revisions_generated: generated trajectories in which the teacher found a defect with the
+            analysis tools and revised (edited or regenerated) an output.
+        revisions_kept: of those, how many were kept.
     """
 
     out: str
@@ -151,6 +162,9 @@ class Funnel:
     mistakes_generated: int = 0
     mistakes_kept: int = 0
     mean_reward_kept: float | None = None
+    reflections_generated: int = 0
+    revisions_generated: int = 0
+    revisions_kept: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy."""
@@ -163,6 +177,8 @@ class Funnel:
         lines = [f"generated {self.generated}", f"kept      {self.kept}{share}, mean reward {mean}"]
         lines += [f"dropped   {count:>4}  {reason}" for reason, count in sorted(self.dropped.items())]
         lines.append(f"teacher mistakes: {self.mistakes_generated} generated, {self.mistakes_kept} kept")
+        lines.append(f"reflections: {self.reflections_generated} trajectories reflect; {self.revisions_generated} "
+                     f"revised a defective output, {self.revisions_kept} of them kept")
         lines.append(f"wrote {self.out}")
         return "\n".join(lines)
 
@@ -173,6 +189,11 @@ class _Trajectory:
     record: EpisodeRecord
     total: float | None
     mistake: str | None
+    revised: bool = False
+
+    @property
+    def reflected(self) -> bool:
+        return any(step.turn.reflection for step in self.record.turns)
 
 
 def _play(env: VisGenEnv, teacher: WorkflowAgent, task: Task, seed: int, system: str | None) -> _Trajectory:
@@ -187,7 +208,7 @@ def _play(env: VisGenEnv, teacher: WorkflowAgent, task: Task, seed: int, system:
         obs, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             total = info["reward_components"].get("total") if info["reward_valid"] else None
-            return _Trajectory(messages, env.record, total, teacher.mistake)
+            return _Trajectory(messages, env.record, total, teacher.mistake, bool(sum(teacher.revisions.values())))
         messages.append({"role": "tool", "content": obs["text"]})
 
 
@@ -236,7 +257,7 @@ def build_dataset(config: DataConfig, progress: bool = False) -> Funnel:
     tasks = config.suite()
     env = VisGenEnv(dict(config.env), tasks=tasks)
     teacher = WorkflowAgent(seed=config.seed, mistake_rate=config.mistake_rate, reflect=config.reflect,
-                            mistakes=config.mistakes)
+                            mistakes=config.mistakes, inspect=config.inspect)
     system = env.system_prompt if config.include_tool_docs else None
     funnel = Funnel(out=config.out)
     dropped: Counter = Counter()
@@ -245,6 +266,8 @@ def build_dataset(config: DataConfig, progress: bool = False) -> Funnel:
         trajectory = _play(env, teacher, task, config.seed + i, system)
         funnel.generated += 1
         funnel.mistakes_generated += trajectory.mistake is not None
+        funnel.reflections_generated += trajectory.reflected
+        funnel.revisions_generated += trajectory.revised
         reason = _screen(trajectory, config.min_reward)
         if reason is None:
             survivors.append(trajectory)
@@ -255,6 +278,7 @@ def build_dataset(config: DataConfig, progress: bool = False) -> Funnel:
     funnel.kept = len(kept)
     funnel.dropped = dict(dropped)
     funnel.mistakes_kept = sum(t.mistake is not None for t in kept)
+    funnel.revisions_kept = sum(t.revised for t in kept)
     funnel.mean_reward_kept = sum(t.total for t in kept) / len(kept) if kept else None
     return funnel
 
@@ -284,10 +308,14 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     env = {"rubric": args.rubric}
     if args.max_turns is not None:
         env["max_turns"] = args.max_turns
+    if args.content != "attribute":
+        env["content"] = args.content
+    if args.tool_fidelity is not None:
+        env["tool_fidelity"] = args.tool_fidelity
     config = DataConfig(out=args.out, num_tasks=args.n, tasks=args.tasks or args.suite, task_seed=args.task_seed,
                         seed=args.seed, mistake_rate=args.mistake_rate,
                         mistakes=tuple(args.mistakes.split(",")) if args.mistakes else MISTAKES,
-                        reflect=not args.no_reflect, min_reward=args.min_reward,
+                        reflect=not args.no_reflect, inspect=args.inspect, min_reward=args.min_reward,
                         judges=dict(_load_judge(spec) for spec in args.judge), min_judge_score=args.min_judge_score,
                         include_tool_docs=args.tool_docs, env=env)
     funnel = build_dataset(config, progress=not args.quiet)
@@ -318,7 +346,11 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--mistakes", help=f"comma-separated mistake kinds (default: all of {','.join(MISTAKES)})")
     p.add_argument("--no-reflect", action="store_true", help="the teacher writes no <reflection>")
     p.add_argument("--min-reward", type=float, default=0.5, help="drop trajectories whose reward is below this")
-    p.add_argument("--rubric", choices=("ltr", "r1"), default="ltr", help="the environment's rubric (default ltr)")
+    p.add_argument("--inspect", action="store_true",
+                   help="the teacher analyses its outputs, reflects and revises on a defect (use --content semantic)")
+    p.add_argument("--rubric", choices=RUBRICS, default="ltr", help="the environment's rubric (default ltr)")
+    p.add_argument("--content", choices=CONTENT_TIERS, default="attribute", help="the environment's media tier")
+    p.add_argument("--tool-fidelity", type=float, help="with --content semantic: chance a generation comes out as asked")
     p.add_argument("--max-turns", type=int, help="the environment's turn budget (default: the environment's)")
     p.add_argument("--judge", action="append", default=[], metavar="NAME=MODULE:FACTORY",
                    help="an extra judge: factory() returns a batched component; repeatable")

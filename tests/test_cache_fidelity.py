@@ -93,7 +93,8 @@ def test_fidelity_report_ranks_the_tiers(tmp_path, media_db):
              "attribute": AttributeBackend(media_db)}
     report = fidelity_report(heldout, tiers)
     assert report["metric"] == PROXY_METRIC and "Proxy for CLIP" in report["note"]
-    assert report["tiers"]["exact_cache"] == {"served": 0, "passed": 6, "failed": 0, "c_tool": None, "tools": {}}
+    assert report["tiers"]["exact_cache"] == {"served": 0, "passed": 6, "failed": 0, "c_tool": None,
+                                               "as_asked": None, "tools": {}}
     nearest, attribute = report["tiers"]["nearest"], report["tiers"]["attribute"]
     assert nearest["served"] == 6 and attribute["served"] == 6
     assert nearest["c_tool"] > 0.9

@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FLOORS = (
     ("visenv.error",),
-    ("visenv.media", "visenv.resolutions", "visenv.protocol", "visenv.procedural_media", "visenv.mediadb"),
+    ("visenv.media", "visenv.resolutions", "visenv.protocol", "visenv.procedural_media", "visenv.mediadb",
+     "visenv.scene"),
     ("visenv.tools",),
     ("visenv.tasks",),
     ("visenv.episode",),

@@ -355,3 +355,13 @@ def test_line_chart_draws_every_value_and_the_band():
     assert svg.count('data-series="kl" data-values="0.000,0.010,0.020,0.030"') == 1
     assert 'data-band="1-2"' in svg and "<title>selected: 1-2</title>" in svg
     assert 'data-band' not in line_chart("flat", {"x": [1.0, 1.0]})  # no band asked; a flat line still draws
+def test_the_viewer_shows_rendered_content_defects_and_reflections(tmp_path):
+    """On the semantic tier the pictures say what was rendered, defects are marked and reflections stand out."""
+    evaluate_with_report(lambda: WorkflowAgent(seed=0, inspect=True), make_suite(3, 7, modality="image"), tmp_path,
+                         seed=0, progress=False, env_config={"content": "semantic", "tool_fidelity": 0.3,
+                                                             "max_turns": 90})
+    html = (tmp_path / "report.html").read_text()
+    assert re.search(r'<div class="content">\d+ x [a-z-]+ \([a-z]+, identity [a-z-]+-[0-9a-f]{4}\)', html)
+    assert 'class="status defect">came out wrong: img_' in html
+    assert re.search(r'<figure class="image defective"[^>]*>.*?<div class="defects">defects: [a-z_]+ \(', html)
+    assert '<div class="reflection"><b>reflection</b><pre>Step ' in html

@@ -40,6 +40,9 @@ class Artifact:
         backend: the tier that produced it ("attribute", "exact_cache", "nearest", "real", ...).
         call_index: the index of the tool call (0-based, within the episode) that produced it.
         path: where the file lies; internal, never rendered to the agent.
+        content: the ground truth of what the file shows (semantic tier only, see
+            :mod:`visenv.tools.semantic`): the ask, the rendered scene or shots, the defects. Never
+            rendered to the agent; None for the other tiers.
     """
 
     id: str
@@ -52,17 +55,21 @@ class Artifact:
     backend: str = ""
     call_index: int = -1
     path: str = field(default="", repr=False, compare=False)
+    content: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def describe(self) -> dict[str, Any]:
         """What the agent is shown: id, kind and attributes (no path, no hash)."""
         return {"id": self.id, "kind": self.kind, **dict(self.attributes)}
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready record (for trajectories and reports), path included."""
-        return {"id": self.id, "kind": self.kind, "sha256": self.sha256,
-                "attributes": dict(self.attributes), "producer": self.producer, "prompt": self.prompt,
-                "sources": list(self.sources), "backend": self.backend, "call_index": self.call_index,
-                "path": self.path}
+        """A JSON-ready record (for trajectories and reports), path included (content when known)."""
+        record = {"id": self.id, "kind": self.kind, "sha256": self.sha256,
+                  "attributes": dict(self.attributes), "producer": self.producer, "prompt": self.prompt,
+                  "sources": list(self.sources), "backend": self.backend, "call_index": self.call_index,
+                  "path": self.path}
+        if self.content is not None:
+            record["content"] = self.content
+        return record
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -142,14 +149,14 @@ class ArtifactRegistry:
 
     def add(self, kind: str, sha256: str, attributes: Mapping[str, Any], producer: str, *,
             prompt: str = "", sources: tuple[str, ...] = (), backend: str = "",
-            call_index: int = -1, path: str = "") -> Artifact:
+            call_index: int = -1, path: str = "", content: Mapping[str, Any] | None = None) -> Artifact:
         """Register a new artifact of this episode and return it."""
         if kind not in ID_PREFIX:
             raise ArtifactError(f"Artifact kind {kind!r} must be one of {tuple(ID_PREFIX)}")
         digest = hashlib.sha256(f"{self.episode_id}:{len(self._artifacts)}:{sha256}".encode()).hexdigest()
         artifact = Artifact(id=f"{ID_PREFIX[kind]}_{digest[:12]}", kind=kind, sha256=sha256,
                             attributes=dict(attributes), producer=producer, prompt=prompt,
-                            sources=tuple(sources), backend=backend, call_index=call_index, path=path)
+                            sources=tuple(sources), backend=backend, call_index=call_index, path=path, content=content)
         self._artifacts[artifact.id] = artifact
         return artifact
 

@@ -112,7 +112,11 @@ def wav_audio(seconds: int, sample_rate: int, seed: int) -> bytes:
     beat = 60.0 / float(rng.integers(80, 141))
     since_beat = t % beat
     kick = np.sin(2 * np.pi * 60.0 * since_beat) * np.exp(-since_beat * 18.0)
-    samples = (0.25 * chord + 0.45 * kick) * 32767
+    return wav_bytes((0.25 * chord + 0.45 * kick) * 32767, sample_rate)
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """A 16-bit mono WAV of ``samples`` (already scaled to the int16 range)."""
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:
         out.setnchannels(1)

@@ -17,7 +17,7 @@ from typing import Any
 from rl.config import EnvConfig, PolicyConfig, RolloutConfig, TinyModelConfig
 from rl.grpo import GRPOConfig
 from rl.sft import SFTStage
-from visenv.rewards.rubric import RUBRIC_NAMES
+from visenv.rewards.rubric import RUBRICS
 from visenv.error import ConfigError
 
 #: The image scenarios whose teacher workflows are shortest (3 turns; ~350 BPE tokens a trajectory, docs/main-job.md).
@@ -164,8 +164,8 @@ class MainJobConfig:
                            ("grpo_seconds", "skips GRPO; null: no wall-clock budget")):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} ({getattr(self, name)!r}) must be >= 0 (0 {zero}).")
-        if self.rl_rubric is not None and self.rl_rubric not in RUBRIC_NAMES:
-            raise ConfigError(f"rl_rubric ({self.rl_rubric!r}) must be null or one of {RUBRIC_NAMES}.")
+        if self.rl_rubric is not None and self.rl_rubric not in RUBRICS:
+            raise ConfigError(f"rl_rubric ({self.rl_rubric!r}) must be null or one of {RUBRICS}.")
         if self.train_task_seed == self.eval_task_seed:
             raise ConfigError(f"eval_task_seed ({self.eval_task_seed}) must differ from train_task_seed: the "
                               "evaluation is on held-out tasks.")

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from visenv.error import ConfigError
+from visenv.rewards.rubric import RUBRICS
 from visenv.tools.backends import Backend, BackendChain
+from visenv.tools.semantic import check_fidelity
 from visenv.tools.spec import GROUPS
 from visenv.tools.specs import ToolSet, make_tool_set
 
 TASK_SUITES = ("all", "image", "video")
+CONTENT_TIERS = ("attribute", "semantic")
 
 
 @dataclass
@@ -36,8 +39,9 @@ class VisGenConfig:
         backends: None (the attribute tier alone), a :class:`BackendChain`, a list of backends, or a
             mapping from a tool name, a tool group or "*" to a list of backends or a chain.
         media: a folder of your own media for the attribute tier (None: the procedural database).
-        rubric: "ltr" (LtrReward, R_plan x R_fine), "r1" (additive), "result_format" (the mean of R_result
-            and R_format) or a rubric object.
+        rubric: "ltr" (LtrReward, R_plan x R_fine), "r1" (additive), either with "+percept" (adds
+            R_percept, scored on the semantic tier), "result_format" (the mean of R_result and R_format)
+            or a rubric object.
         error_penalty: reward subtracted on a step whose turn or call failed.
         observe_pixels: add a "pixels" array of the latest images and video frames to observations,
             and a "pixels_mask" that marks its real rows (the rest is zero padding).
@@ -47,6 +51,16 @@ class VisGenConfig:
             waits the tool's cost-model latency (``ToolCall.latency_seconds``) times this scale, with
             ``time.sleep`` (the GIL released, other episodes running); 0.01 plays a real latency
             mix at 1/100 of real time. 0 (the default) answers at once.
+        content: "attribute" (the default: the paper's attribute tier, media files drawn from a
+            database) or "semantic" (:mod:`visenv.tools.semantic`: media rendered from what each
+            call asked for, with the truth on the artifact). Chooses the default backend; an
+            explicit ``backends`` setting takes precedence.
+        tool_fidelity: with ``content="semantic"``, the probability that a generation comes out as
+            asked (else wrong in one realistic way, listed in ``info["tool_result"]["defects"]``):
+            a number in [0, 1] or a mapping from a tool name (or "*", every other tool) to one.
+            1.0 (the default): always as asked.
+        perception_noise: with ``content="semantic"``, the probability that the analysis tools
+            misread a subject's count or colour.
     """
 
     tasks: Any = "all"
@@ -65,6 +79,9 @@ class VisGenConfig:
     pixel_size: int = 64
     max_pixel_images: int = 4
     tool_latency_scale: float = 0.0
+    content: str = "attribute"
+    tool_fidelity: Any = 1.0
+    perception_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_tasks", "max_turns", "max_turn_chars", "max_episode_chars",
@@ -84,11 +101,23 @@ class VisGenConfig:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
             raise ConfigError(f"tool_latency_scale ({scale!r}) must be a finite number >= 0 (0: no simulated "
                               "latency; 0.01: the cost model's latencies at 1/100 of real time).")
-        if isinstance(self.rubric, str) and self.rubric not in ("ltr", "r1", "result_format"):
-            raise ConfigError(f"rubric ({self.rubric!r}) must be 'ltr', 'r1', 'result_format' or a rubric object.")
+        if isinstance(self.rubric, str) and self.rubric not in RUBRICS:
+            raise ConfigError(f"rubric ({self.rubric!r}) must be one of {RUBRICS} or a rubric object.")
         if self.media is not None and not os.path.isdir(self.media):
             raise ConfigError(f"media ({self.media!r}) must be a folder of images, videos and audio.")
         self.tools = make_tool_set(self.tools)
+        if self.content not in CONTENT_TIERS:
+            raise ConfigError(f"content ({self.content!r}) must be one of {CONTENT_TIERS}: 'attribute' draws media "
+                              "files from a database, 'semantic' renders them from what each call asked for.")
+        check_fidelity(self.tool_fidelity, self.tools)
+        noise = self.perception_noise
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
+            raise ConfigError(f"perception_noise ({noise!r}) must be a number in [0, 1].")
+        semantic_only = [name for name, off in (("tool_fidelity", self.tool_fidelity == 1.0),
+                                                ("perception_noise", noise == 0.0)) if not off]
+        if semantic_only and self.content != "semantic":
+            raise ConfigError(f"{', '.join(semantic_only)} need(s) content='semantic' (the attribute tier renders "
+                              "no content to get wrong or to perceive); set content='semantic'.")
         if isinstance(self.backends, Mapping):
             for key in self.backends:
                 if key != "*" and key not in self.tools and key not in GROUPS:

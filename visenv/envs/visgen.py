@@ -22,6 +22,7 @@ from visenv.tasks import WORKFLOWS, Task, load_tasks, make_suite
 from visenv.tools.attribute import AttributeBackend
 from visenv.tools.calls import execute_call
 from visenv.tools.fidelity import REAL_TIER
+from visenv.tools.semantic import SemanticBackend
 from visenv.tools.specs import ToolSet
 
 PROTOCOL_HELP = (
@@ -122,7 +123,10 @@ class VisGenEnv(TextEnv):
     answers in UTPC turns (``<think>``, ``<plan>``, ``<tool_call>``, ``<answer>``, optional
     ``<reflection>``); each tool call is validated against the tool's JSON Schema and artifact
     references, served by the tool's backend chain (by default the attribute tier: media of the
-    right resolution, duration and count drawn from a media database), and answered with a
+    right resolution, duration and count drawn from a media database; with ``content="semantic"``
+    the semantic tier: media rendered from what the call asked for, the truth on the artifact,
+    generations that come out wrong with probability ``1 - tool_fidelity`` and analysis tools that
+    describe what was rendered; see :mod:`visenv.tools.semantic`), and answered with a
     ``<tool_response>`` observation. The observation names the serving tier only for a
     nearest-neighbour answer (with its similarity), so that a replay from the exact cache shows the
     agent exactly what the recorded run showed; ``info["tool_result"]["backend"]`` always names it.
@@ -165,7 +169,8 @@ class VisGenEnv(TextEnv):
     that episode; ``reset`` starts a new one and leaves it alone.
 
     ## Info
-    ``turn`` (the parsed turn), ``tool_result`` (the call record, on steps whose turn held a call),
+    ``turn`` (the parsed turn), ``tool_result`` (the call record, on steps whose turn held a call;
+    its ``defects`` list what the semantic tier got wrong, empty otherwise),
     ``artifacts`` (all so far), ``reward_components``, ``cost`` (GPU-seconds and latency the real
     tool would have taken, for the step and the episode, and ``gpu_seconds_avoided``: the part that a
     virtual tier answered, not the real tool), ``task_id``; on the last step also ``checks`` and
@@ -183,7 +188,10 @@ class VisGenEnv(TextEnv):
       option (default observations, dynamics and rewards unchanged). Hardening: blank text arguments and
       non-finite numbers are refused, integral floats in integer arguments are accepted, and info
       leaves out None values and holds call arguments as JSON text (a candidate for v1). Opt-in deferred
-      scoring (``defer_scoring``, :meth:`detach_pending_score`; default steps and rewards unchanged).
+      scoring (``defer_scoring``, :meth:`detach_pending_score`; default steps and rewards unchanged). The
+      ``content`` (default "attribute": dynamics and rewards unchanged), ``tool_fidelity`` and
+      ``perception_noise`` options, the rubrics "ltr+percept", "r1+percept" and "result_format", and the call
+      record's ``defects`` (always empty on the attribute tier) added.
     """
 
     def __init__(self, config: Any = None, **options: Any):
@@ -193,7 +201,9 @@ class VisGenEnv(TextEnv):
         self.rubric = make_rubric(cfg.rubric)
         media = MediaDatabase.from_folder(cfg.media) if cfg.media else None
         self.tools = cfg.tools
-        self.chains = build_chains(cfg.backends, [AttributeBackend(media)], self.tools)
+        default = (SemanticBackend(media, cfg.tool_fidelity, cfg.perception_noise) if cfg.content == "semantic"
+                   else AttributeBackend(media))
+        self.chains = build_chains(cfg.backends, [default], self.tools)
         _warn_unplayable_workflows(self.tasks, self.tools)
         pixels = (cfg.max_pixel_images, cfg.pixel_size) if cfg.observe_pixels else None
         self.observation_space = observation_space(cfg.max_observation_chars, pixels)

@@ -4,7 +4,8 @@ Images and audio get one thumbnail (:func:`visenv.mediadb.thumbnail`: letterboxe
 waveform of a track); videos get a strip of frames spread over the clip. Files are named by the
 content hash of the media they show, so a file that several artifacts share (the attribute tier
 draws from a small media database) is written once. Paths are relative to the report folder, so
-the page renders offline wherever the folder is moved.
+the page renders offline wherever the folder is moved. Media of the semantic tier also carry what
+was rendered and the defects they show, which the trajectory viewer prints under the pictures.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image, ImageOps
 from visenv.episode import EpisodeRecord
 from visenv.media import Artifact
 from visenv.mediadb import thumbnail
+from visenv.scene import describe, shot_scenes
 
 MEDIA_FOLDER = "media"
 """The folder, inside the report folder, that holds the pictures."""
@@ -35,6 +37,9 @@ class MediaItem:
         producer: the tool that made it.
         attributes: its attributes (resolution, duration...).
         pictures: paths of its PNGs relative to the report folder (one; a video: its frames in order).
+        content: what the semantic tier rendered (:func:`visenv.scene.describe`, one line per shot of
+            a video); "" for media without truth.
+        defects: what it shows wrong, one line each ("wrong_count (fox: asked 1, shows 2)").
     """
 
     id: str
@@ -42,6 +47,8 @@ class MediaItem:
     producer: str
     attributes: dict[str, Any]
     pictures: tuple[str, ...]
+    content: str = ""
+    defects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,20 @@ def media_item(artifact: Artifact, report_dir: Path, size: int, frames: int) -> 
             pictures = [_save(p, report_dir, name) for name, p in zip(names, video_frames(artifact.path, frames, size))]
     else:
         pictures = [_save(thumbnail(artifact.path, artifact.kind, size), report_dir, stem)]
-    return MediaItem(artifact.id, artifact.kind, artifact.producer, dict(artifact.attributes), tuple(pictures))
+    content, defects = "", ()
+    if artifact.content is not None and artifact.kind in ("image", "video"):
+        scenes = shot_scenes(artifact.content)
+        content = describe(scenes[0]) if "scene" in artifact.content else "\n".join(
+            f"shot {i}: {describe(scene)}" for i, scene in enumerate(scenes, start=1))
+        defects = tuple(defect_line(d) for d in artifact.content["defects"])
+    return MediaItem(artifact.id, artifact.kind, artifact.producer, dict(artifact.attributes), tuple(pictures),
+                     content, defects)
+
+
+def defect_line(found: dict[str, str]) -> str:
+    """One defect as a line: ``wrong_count (fox: asked 1, shows 2)``."""
+    subject = f"{found['subject']}: " if found.get("subject") else ""
+    return f"{found['kind']} ({subject}asked {found['expected']}, shows {found['actual']})"
 
 
 def capture_episode(record: EpisodeRecord, report_dir: str | Path, size: int = 160, frames: int = 4) -> EpisodeCapture:

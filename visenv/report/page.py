@@ -20,7 +20,9 @@ moved with its folder. Sections:
   reward distribution; mean reward per scenario.
 * **Trajectories**: per episode, each turn's think, reflection, plan and tool call (or answer)
   with the call's result beside the pictures it produced (video: frames across the clip); a turn
-  that could not be parsed is shown as the text the agent wrote.
+  that could not be parsed is shown as the text the agent wrote. On the semantic tier each picture
+  also says what was rendered, a defective output is outlined with its defects listed (and the
+  call's ``defects`` under its status), and reflections are marked with a bar.
 
 :func:`render_page` shows one evaluation. :func:`render_comparison` shows several named
 :class:`Run` of the same episodes on one page: each table row becomes one row per run (a
@@ -41,7 +43,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
-from visenv.report.media import EpisodeCapture
+from visenv.report.media import EpisodeCapture, defect_line
 from visenv.report.svg import grouped_bars, grouped_histogram, histogram
 from visenv.report.template import PAGE
 from visenv.tasks import DIMENSIONS
@@ -292,8 +294,12 @@ def _pictures(capture: EpisodeCapture | None, ids: Sequence[str]) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in item.attributes.items() if k in SHOWN_ATTRIBUTES)
         images = "".join(f'<img src="{escape(p)}" alt="{escape(item.id)} {item.kind}" width="120" height="120">'
                          for p in item.pictures)
-        figures.append(f'<figure class="{item.kind}" data-artifact="{escape(item.id)}">{images}'
-                       f"<figcaption>{escape(item.id)} · {item.kind}<br>{escape(shown)}</figcaption></figure>")
+        content = f'<div class="content">{escape(item.content)}</div>' if item.content else ""
+        defects = (f'<div class="defects">defects: {escape("; ".join(item.defects))}</div>' if item.defects else "")
+        marked = " defective" if item.defects else ""
+        figures.append(f'<figure class="{item.kind}{marked}" data-artifact="{escape(item.id)}">{images}'
+                       f"<figcaption>{escape(item.id)} · {item.kind}<br>{escape(shown)}{content}{defects}"
+                       "</figcaption></figure>")
     return "".join(figures)
 
 
@@ -319,6 +325,9 @@ def _turn(number: int, step: Mapping[str, Any], capture: EpisodeCapture | None) 
         else:
             detail = result["error"]
         parts.append(f'<div class="status {status}">{status}: {escape(detail)}</div>')
+        if result.get("defects"):
+            found = "; ".join(f"{d['artifact']} {defect_line(d)}" for d in result["defects"])
+            parts.append(f'<div class="status defect">came out wrong: {escape(found)}</div>')
     elif turn.get("tool_call_error"):
         parts.append(f'<div class="status error">error: {escape(turn["tool_call_error"])}</div>')
     problems = "; ".join(p["message"] for p in turn.get("problems", []))

@@ -35,6 +35,9 @@ figure { margin: 0; font-size: 10px; color: #555; }
 figure.video img { margin-right: 2px; }
 pre { white-space: pre-wrap; word-break: break-word; margin: 0.1em 0 0.3em; background: #f8f8f8; padding: 2px 4px; }
 .status.ok { color: #1d6b34; } .status.error, .problems { color: #a11; }
+.status.defect, figure .defects { color: #b35900; font-weight: bold; }
+div.reflection { border-left: 3px solid #6a5acd; padding-left: 4px; }
+figure.defective img { outline: 3px solid #e08a00; } figure .content { color: #333; max-width: 260px; }
 .n { color: #888; font-size: 11px; }
 .request { font-style: italic; }
 span.run, th.run { font-weight: bold; white-space: nowrap; }

@@ -36,11 +36,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 from visenv.episode import EpisodeRecord
 from visenv.error import ConfigError
-from visenv.rewards.rules import (ConsistencyReward, FormatReward, ResultReward, RulePlanReward,
-                                  RuleReflectionReward, RuleTrajectoryReward, ToolReward)
+from visenv.rewards.rules import (ConsistencyReward, FormatReward, PerceptionReward, ResultReward,
+                                  RulePlanReward, RuleReflectionReward, RuleTrajectoryReward, ToolReward)
 
 Component = Callable[[Sequence[EpisodeRecord]], list]
 NONE_POLICIES = ("invalid", "lowest")
+RUBRICS = ("ltr", "r1", "ltr+percept", "r1+percept", "result_format")
+"""The rubrics by name; "+percept" adds R_percept (:class:`PerceptionReward`, weight 1, optional);
+"result_format" is the plain Result + Format reward (the mean of R_result and R_format: the ablation
+baseline of LtrReward)."""
 
 
 @dataclass(frozen=True)
@@ -193,20 +197,25 @@ class DelayedRubric:
         return self.rubric(episodes)
 
 
-RUBRIC_NAMES = ("ltr", "r1", "result_format")
-"""The rubrics known by name: LtrReward, VisionCreator-R1's additive reward, and the plain Result +
-Format reward (the mean of R_result and R_format: the ablation baseline of LtrReward)."""
-
-
 def make_rubric(name_or_rubric: Any) -> Any:
-    """"ltr" -> LtrReward(), "r1" -> AdditiveReward(), "result_format" -> the mean of R_result and R_format,
-    a rubric object -> itself."""
-    if name_or_rubric == "ltr":
-        return LtrReward()
-    if name_or_rubric == "r1":
-        return AdditiveReward()
+    """A rubric by name (:data:`RUBRICS`) or a rubric object as it is.
+
+    "ltr" -> LtrReward(), "r1" -> AdditiveReward(); "ltr+percept" and "r1+percept" add the entry
+    "R_percept" (:class:`PerceptionReward`, weight 1, optional: None on the attribute tier, where it
+    is dropped and the rubric scores as without it); "result_format" -> the mean of R_result and R_format.
+    """
+    if name_or_rubric in ("ltr", "ltr+percept"):
+        rubric = LtrReward()
+        if name_or_rubric == "ltr+percept":
+            rubric.fine["R_percept"] = Entry(PerceptionReward())
+        return rubric
+    if name_or_rubric in ("r1", "r1+percept"):
+        rubric = AdditiveReward()
+        if name_or_rubric == "r1+percept":
+            rubric.entries["R_percept"] = Entry(PerceptionReward())
+        return rubric
     if name_or_rubric == "result_format":
         return AdditiveReward({"R_result": Entry(ResultReward()), "R_format": Entry(FormatReward())})
     if callable(name_or_rubric):
         return name_or_rubric
-    raise ConfigError(f"rubric ({name_or_rubric!r}) must be one of {RUBRIC_NAMES} or a callable rubric.")
+    raise ConfigError(f"rubric ({name_or_rubric!r}) must be one of {RUBRICS} or a callable rubric.")

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from visenv.episode import EpisodeRecord
 from visenv.rewards.checks import AUDIO_PRODUCERS, RESULT_CHECKS
+from visenv.scene import FALLBACK_SUBJECT, parse_prompt, shot_scenes
 from visenv.tasks import WORKFLOWS
 
 TOOL_NAME = re.compile(r"\btool_[a-z0-9_]+")
@@ -188,20 +189,108 @@ class RulePlanReward(EpisodeRule):
         return f["fulfilment"] * (f["executability"] + f["atomicity"] + f["coverage"] + f["coherence"]) / 4
 
 
-class RuleReflectionReward(EpisodeRule):
-    """R_reflect (rule version): share of media-producing calls followed by a <reflection> turn.
+DEFECT_PHRASES: dict[str, tuple[str, ...]] = {
+    "wrong_count": ("wrong_count", "wrong count", "count is wrong", "wrong number", "too many", "too few"),
+    "wrong_colour": ("wrong_colour", "wrong colour", "wrong color", "colour is wrong", "color is wrong"),
+    "missing_text": ("missing_text", "missing text", "text is missing", "lacks the text"),
+    "misspelled_text": ("misspelled_text", "misspell", "typo"),
+    "identity_drift": ("identity_drift", "identity drift", "identity changed", "drifted"),
+    "missing_shot": ("missing_shot", "missing shot", "shot is missing", "repeated shot"),
+    "missing_subject": ("missing_subject", "missing subject", "subject is missing"),
+}
+"""The words by which a reflection names each defect kind of the semantic tier (lower case)."""
 
-    VisionCreator-R1 scores VLM-judged checkpoints; this proxy only checks that the agent reflected
-    after seeing each generated result. ``None`` when no media was produced.
+
+def claimed_defects(reflection: str) -> set[str]:
+    """The defect kinds a reflection names (see :data:`DEFECT_PHRASES`); empty: it claims none."""
+    text = reflection.lower()
+    return {kind for kind, phrases in DEFECT_PHRASES.items() if any(p in text for p in phrases)}
+
+
+def reflection_credit(claimed: set[str], present: set[str]) -> float:
+    """How right a reflection is, in [-1, 1]: +1 names exactly the defects present (or none when
+    there are none), -1 names only wrong ones or misses every one (an "ok" after a defect).
+
+    ``(right - wrong - missed) / |claimed | present|``, and +1 when both sets are empty.
+    """
+    if not claimed and not present:
+        return 1.0
+    return (len(claimed & present) - len(claimed - present) - len(present - claimed)) / len(claimed | present)
+
+
+class RuleReflectionReward(EpisodeRule):
+    """R_reflect (rule version): did the agent reflect after each media result, and rightly?
+
+    Attribute tier (no truth on the artifacts): the share of media-producing calls followed by a
+    ``<reflection>`` turn, a proxy for VisionCreator-R1's VLM-judged checkpoints.
+
+    Semantic tier (the outputs carry their truth, :mod:`visenv.tools.semantic`): each
+    media-producing call is a checkpoint whose reflection is the first ``<reflection>`` written
+    after it, up to and including the turn of the next media-producing call (so the agent may look
+    with an analysis tool first). A checkpoint scores :func:`reflection_credit` of the defect kinds
+    the reflection names (:func:`claimed_defects`) against those its outputs show: +1 right, 0 no
+    reflection, down to -1 for false claims and missed defects; R_reflect = (1 + mean) / 2. So no
+    reflection at all scores 0.5, an "ok" after a defective image scores below it, and a reflection
+    that names the defects present scores above it. ``None`` when no media was produced.
     """
 
     name = "R_reflect"
 
     def score(self, episode: EpisodeRecord) -> float | None:
-        checkpoints = reflected = 0
-        for i, step in enumerate(episode.turns):
-            if step.call is not None and step.call.ok and step.call.outputs:
-                checkpoints += 1
-                following = episode.turns[i + 1] if i + 1 < len(episode.turns) else None
-                reflected += bool(following and following.turn.reflection)
-        return reflected / checkpoints if checkpoints else None
+        makes = [i for i, step in enumerate(episode.turns)
+                 if step.call is not None and step.call.ok and step.call.outputs]
+        if not makes:
+            return None
+        if not any(episode.artifacts[a].content is not None for i in makes for a in episode.turns[i].call.outputs
+                   if a in episode.artifacts):
+            following = [episode.turns[i + 1] if i + 1 < len(episode.turns) else None for i in makes]
+            return sum(bool(turn and turn.turn.reflection) for turn in following) / len(makes)
+        credits = []
+        for k, i in enumerate(makes):
+            until = makes[k + 1] if k + 1 < len(makes) else len(episode.turns) - 1
+            reflection = next((step.turn.reflection for step in episode.turns[i + 1:until + 1]
+                               if step.turn.reflection), None)
+            if reflection is None:
+                credits.append(0.0)
+                continue
+            present = {d["kind"] for a in episode.turns[i].call.outputs if a in episode.artifacts
+                       for d in (episode.artifacts[a].content or {}).get("defects", ())}
+            credits.append(reflection_credit(claimed_defects(reflection), present))
+        return (1.0 + sum(credits) / len(credits)) / 2.0
+
+
+class PerceptionReward(EpisodeRule):
+    """R_percept: the delivered media show what the request asked, read from the semantic tier's truth.
+
+    One item per delivered image or video that carries its truth: 1 when it shows no defect
+    (counts, colours, text, identities and shots as its calls asked), shows the task's subject (the
+    first content keyword, parsed with :func:`visenv.scene.parse_prompt`; not checked when it names no
+    noun of the vocabulary) and, when the task names a
+    style, is rendered in it; else 0. When the task requires consistency, one more item: 1 when the
+    subject keeps one identity across the delivered images (and every shot of a video). R_percept
+    is the mean of the items; ``None`` when nothing delivered carries truth (the attribute tier):
+    opt in with the rubrics "ltr+percept" and "r1+percept".
+    """
+
+    name = "R_percept"
+
+    def score(self, episode: EpisodeRecord) -> float | None:
+        delivered = [a for a in episode.delivered() if a.kind in ("image", "video") and a.content is not None]
+        if not delivered:
+            return None
+        req = episode.task.requirements
+        subject = parse_prompt(req.keywords[0])["subjects"][0]["name"] if req.keywords else None
+        subject = None if subject == FALLBACK_SUBJECT else subject  # a keyword outside the vocabulary
+        items, identities = [], set()
+        for artifact in delivered:
+            scenes = [scene for scene in shot_scenes(artifact.content) if scene is not None]
+            names = [{s["name"]: s for s in scene["subjects"]} for scene in scenes]
+            shows = subject is None or any(subject in found for found in names)
+            styled = req.style is None or (bool(scenes) and all(req.style.lower() in (scene.get("style") or "")
+                                                               for scene in scenes))
+            items.append(float(bool(scenes) and not artifact.content["defects"] and shows and styled))
+            key = subject if subject is not None else (scenes[0]["subjects"][0]["name"] if scenes else None)
+            identities |= {found[key]["identity"] for found in names if key in found}
+        if req.consistency:
+            items.append(float(len(identities) == 1))
+        return sum(items) / len(items)

@@ -47,6 +47,9 @@ class MediaOutput:
         path: where the file lies (never shown to the agent).
         attributes: the simulated or measured attributes (width, height, duration, fps, shots...).
         prompt: the prompt that made it (for alignment rewards and nearest-neighbour lookup).
+        content: the ground truth of what the file shows (semantic tier), else None.
+        defects: what this call got wrong in this output (semantic tier with ``tool_fidelity`` < 1):
+            :func:`visenv.scene.defect` records; empty when it came out as asked.
     """
 
     kind: str
@@ -54,6 +57,8 @@ class MediaOutput:
     path: str
     attributes: Mapping[str, Any]
     prompt: str = ""
+    content: Mapping[str, Any] | None = None
+    defects: tuple[Mapping[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

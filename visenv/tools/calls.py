@@ -40,6 +40,9 @@ class CallRecord:
         similarity: the neighbour similarity when the nearest tier answered.
         gpu_seconds: what the call would have cost on the real tool.
         latency_seconds: how long the real tool would have taken.
+        defects: what went wrong in the outputs (semantic tier with ``tool_fidelity`` < 1), each a
+            dict of text: ``artifact``, ``kind`` (e.g. "wrong_count"), ``subject``, ``expected``,
+            ``actual``; empty when every output is as asked (and always for the other tiers).
     """
 
     index: int
@@ -55,6 +58,7 @@ class CallRecord:
     similarity: float | None = None
     gpu_seconds: float = 0.0
     latency_seconds: float = 0.0
+    defects: tuple[Mapping[str, str], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -65,7 +69,8 @@ class CallRecord:
                 "status": self.status, "error": self.error, "error_kind": self.error_kind,
                 "outputs": list(self.outputs), "inputs": list(self.inputs), "text": self.text,
                 "backend": self.backend, "similarity": self.similarity,
-                "gpu_seconds": self.gpu_seconds, "latency_seconds": self.latency_seconds}
+                "gpu_seconds": self.gpu_seconds, "latency_seconds": self.latency_seconds,
+                "defects": [dict(d) for d in self.defects]}
 
 
 def _refuse(index: int, call: ToolCall, kind: str, message: str, inputs: tuple[str, ...] = ()) -> CallRecord:
@@ -140,10 +145,14 @@ def execute_call(call: ToolCall, index: int, registry: ArtifactRegistry, chains:
         return dataclasses.replace(_refuse(index, call, "tool_failure", answer.message, input_ids),
                                    backend=answer.backend)
     outputs = [registry.add(out.kind, out.sha256, out.attributes, spec.name, prompt=out.prompt,
-                            sources=input_ids, backend=answer.backend, call_index=index, path=out.path)
+                            sources=input_ids, backend=answer.backend, call_index=index, path=out.path,
+                            content=out.content)
                for out in answer.outputs]
+    defects = tuple({"artifact": artifact.id, **found} for artifact, out in zip(outputs, answer.outputs)
+                    for found in out.defects)
     gpu_seconds, latency_seconds = spec.cost.estimate(_units(spec, outputs))
     return CallRecord(index=index, tool=spec.name, arguments=call.arguments, status=CALL_OK,
                       outputs=tuple(a.id for a in outputs), inputs=input_ids, text=answer.text,
                       backend=answer.backend, similarity=answer.similarity,
-                      gpu_seconds=round(gpu_seconds, 3), latency_seconds=round(latency_seconds, 3))
+                      gpu_seconds=round(gpu_seconds, 3), latency_seconds=round(latency_seconds, 3),
+                      defects=defects)

@@ -152,6 +152,30 @@ class PerceptualHashSimilarity:
         return phash_similarity(a, b)
 
 
+class ColourHistogramSimilarity:
+    """A second model-free proxy: histogram intersection of 4x4x4-bin RGB colour histograms
+    (1.0 same colour mix; video on its middle frame). Sensitive to what colours a picture shows,
+    blind to where: it tells prompt-following renderings from random pictures where pHash, which
+    reads layout, cannot."""
+
+    name = "colour_histogram_similarity"
+    note = ("Histogram intersection of 64-bin RGB colour histograms (video: middle frame); 1.0 for the same "
+            "colour mix.")
+
+    def embed(self, path: str, kind: str) -> np.ndarray:
+        if kind == "image":
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB").resize((64, 64)))
+        else:
+            pixels = thumbnail(path, "video", 64)
+        bins = (pixels // 64).reshape(-1, 3).astype(int)
+        counts = np.bincount(bins[:, 0] * 16 + bins[:, 1] * 4 + bins[:, 2], minlength=64)
+        return counts / counts.sum()
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.minimum(a, b).sum())
+
+
 class ClipImageSimilarity:
     """CLIP image-image cosine similarity (a video: the mean over its sampled frames).
 
@@ -185,14 +209,17 @@ def fidelity_report(calls: Sequence[CallLine], tiers: Mapping[str, Backend], met
             they must not be in the cache that the tiers read, or the exact tier scores them as seen.
         tiers: name -> backend to evaluate, e.g. ``{"nearest": NearestBackend(cache),
             "attribute": AttributeBackend()}``.
-        metric: :class:`ClipImageSimilarity` (C_tool as CLIP sees it) or, by default,
-            :class:`PerceptualHashSimilarity` (a proxy that needs no model).
+        metric: :class:`ClipImageSimilarity` (C_tool as CLIP sees it), :class:`ColourHistogramSimilarity`
+            or, by default, :class:`PerceptualHashSimilarity` (proxies that need no model).
 
     Returns:
         ``{"metric", "note", "chance", "tiers": {name: {"served", "passed", "failed", "c_tool",
-        "tools": {tool: {"n", "mean"}}}}}``; ``c_tool`` is the mean similarity over the calls the
-        tier served (None if it served none); ``chance`` is the similarity of two real outputs of
-        different calls of the same tool. Calls of text and audio tools are skipped.
+        "as_asked", "tools": {tool: {"n", "mean"}}}}}``; ``c_tool`` is the mean similarity over the
+        calls the tier served (None if it served none); ``chance`` is the similarity of two real
+        outputs of different calls of the same tool; ``as_asked`` is, for a content-aware tier (the
+        semantic tier, whose outputs carry their truth), the share of its outputs that show what
+        the call asked (no defect), and None for a tier whose outputs carry no truth (the attribute,
+        cache and real tiers). Calls of text and audio tools are skipped.
     """
     metric = metric or PerceptualHashSimilarity()
     calls = [c for c in calls if c.spec.output.kind in ("image", "video") and c.files]
@@ -207,6 +234,7 @@ def fidelity_report(calls: Sequence[CallLine], tiers: Mapping[str, Backend], met
     for name, backend in tiers.items():
         scores: dict[str, list[float]] = collections.defaultdict(list)
         passed = failed = 0
+        truths: list[bool] = []
         for call, references in zip(calls, real):
             answer = backend.answer(call.request())
             if answer is None:
@@ -214,6 +242,7 @@ def fidelity_report(calls: Sequence[CallLine], tiers: Mapping[str, Backend], met
             elif isinstance(answer, ToolFailure) or not isinstance(answer, BackendAnswer) or not answer.outputs:
                 failed += 1
             else:
+                truths += [not out.content["defects"] for out in answer.outputs if out.content is not None]
                 pairs = zip(answer.outputs, references)
                 scores[call.spec.name].append(statistics.fmean(
                     metric.similarity(metric.embed(out.path, out.kind), ref) for out, ref in pairs))
@@ -221,5 +250,6 @@ def fidelity_report(calls: Sequence[CallLine], tiers: Mapping[str, Backend], met
         report["tiers"][name] = {
             "served": len(served), "passed": passed, "failed": failed,
             "c_tool": statistics.fmean(served) if served else None,
+            "as_asked": statistics.fmean(truths) if truths else None,
             "tools": {tool: {"n": len(v), "mean": statistics.fmean(v)} for tool, v in sorted(scores.items())}}
     return report

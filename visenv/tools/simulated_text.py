@@ -229,12 +229,19 @@ def html_builder(request: ToolRequest, rng: random.Random) -> str:
 
 
 def beat_detect(request: ToolRequest, rng: random.Random) -> str:
-    """Tempo and phase come from the audio's content hash, so the same track always gives the same beats."""
+    """Tempo and phase come from the audio's content hash, so the same track always gives the same beats.
+
+    A track of the semantic tier (its ``content`` holds the ``tempo`` it was rendered with) reports
+    that tempo, first beat at 0 s: the beats it really has.
+    """
     audio = request.inputs["audio"][0]
     duration = float(audio.attributes["duration"])
-    tempo = 80 + int(audio.sha256[:8], 16) % 61
+    if audio.content and audio.content.get("tempo"):
+        tempo, offset = audio.content["tempo"], 0.0
+    else:
+        tempo = 80 + int(audio.sha256[:8], 16) % 61
+        offset = int(audio.sha256[8:12], 16) % 1000 / 1000 * (60.0 / tempo)
     period = 60.0 / tempo
-    offset = int(audio.sha256[8:12], 16) % 1000 / 1000 * period
     count = max(0, math.ceil((duration - offset) / period - 1e-9))
     beats = [round(offset + k * period, 3) for k in range(count)]
     listed = ", ".join(f"{b:.3f}" for b in beats[:MAX_LISTED_BEATS])
