@@ -86,7 +86,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(env_id=args.env, env_options=env_options(args.option, args.config),
                           max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                           max_action_chars=args.max_action_chars, max_body_bytes=args.max_body_bytes)
-    serve(config, args.host, args.port, log_level=args.log_level)
+    try:
+        serve(config, args.host, args.port, log_level=args.log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
     return 0
 
 

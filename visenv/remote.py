@@ -81,7 +81,8 @@ class RemoteEnv(gym.Env):
         if self._ws is None:
             ws_url = self._http.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/ws"
             try:
-                self._ws = connect(ws_url, open_timeout=self.timeout, max_size=self.max_message_bytes)
+                # entered as its context (websockets' supported use); _drop() leaves it
+                self._ws = connect(ws_url, open_timeout=self.timeout, max_size=self.max_message_bytes).__enter__()
             except (OSError, InvalidHandshake, TimeoutError) as error:
                 raise RemoteEnvError(f"Cannot open a session on {ws_url} ({error}); is `visenv serve` running "
                                      "there?") from None
@@ -104,7 +105,7 @@ class RemoteEnv(gym.Env):
 
     def _drop(self) -> None:
         if self._ws is not None:
-            self._ws.close()
+            self._ws.__exit__(None, None, None)
             self._ws = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

@@ -72,8 +72,9 @@ def space_from_json(data: dict[str, Any]) -> spaces.Space:
     if kind == "Discrete":
         return spaces.Discrete(data["n"], start=data["start"])
     if kind == "Box":
-        low = -np.inf if data["low"] is None else np.asarray(data["low"])
-        high = np.inf if data["high"] is None else np.asarray(data["high"])
+        low = -np.inf if data["low"] is None else data["low"]
+        high = np.inf if data["high"] is None else data["high"]
+        low, high = (np.asarray(b) if isinstance(b, list) else b for b in (low, high))
         return spaces.Box(low, high, tuple(data["shape"]), dtype=np.dtype(data["dtype"]))
     if kind == "MultiBinary":
         return spaces.MultiBinary(data["n"])
