@@ -115,6 +115,8 @@ def test_websocket_session_speaks_openenv_messages(server):
         assert state["type"] == "state" and state["data"]["step_count"] == 1
         error = ws_call(ws, {"type": "jump"})
         assert error["type"] == "error" and error["data"]["code"] == "UNKNOWN_TYPE"
+        too_long = ws_call(ws, {"type": "step", "data": {"text": "x" * 70_000}})
+        assert too_long["data"]["status"] == 413 and too_long["data"]["code"] == "VALIDATION_ERROR"
         ws.send("{not json")
         assert json.loads(ws.recv(timeout=60))["data"]["code"] == "INVALID_JSON"
         assert ws_call(ws, {"type": "state"})["data"]["step_count"] == 1  # the session survived both
@@ -199,6 +201,10 @@ def test_remote_env_passes_the_checker_pickles_and_makes_by_id(server):
     check_env(env, skip_render_check=True)
     copy = pickle.loads(pickle.dumps(env))
     assert copy.url == env.url and copy.observation_space == env.observation_space
+    make_env = pickle.loads(pickle.dumps(functools.partial(RemoteEnv, server.url)))  # what RayRollout ships
+    shipped = make_env()
+    assert shipped.reset(seed=3)[1]["task_id"] == env.reset(seed=3)[1]["task_id"]
+    shipped.close()
     made = gymnasium.make("visenv/Remote-v0", url=server.url)
     observation, _ = made.reset(seed=0)
     assert made.observation_space.contains(observation)
@@ -304,3 +310,28 @@ def test_serve_command_answers_and_stops_cleanly_on_ctrl_c():
             process.kill()
             process.wait()
     assert "Traceback" not in process.stderr.read()
+
+
+OPENENV_CLIENT = """
+import sys
+from openenv.core.generic_client import GenericEnvClient
+with GenericEnvClient(base_url=sys.argv[1]).sync() as env:
+    first = env.reset(seed=3)
+    assert not first.done and first.reward is None and first.observation["text"].startswith("Request: ")
+    last = env.step({"text": "<think>x</think><answer>nothing</answer>"})
+    assert last.done and last.reward == float(sys.argv[2]), last
+    assert env.state()["step_count"] == 1
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("OPENENV_SITE"), reason="set OPENENV_SITE to a folder holding openenv-core "
+                    "(pip install --target DIR openenv-core==0.3.0): it is not a dependency of visenv")
+def test_openenv_own_client_plays_the_server(server):
+    local = VisGenEnv(**OPTIONS)
+    local.reset(seed=3)
+    reward = local.step("<think>x</think><answer>nothing</answer>")[1]
+    done = subprocess.run([sys.executable, "-c", OPENENV_CLIENT, server.url, repr(reward)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.environ["OPENENV_SITE"]})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
