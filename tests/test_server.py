@@ -130,6 +130,7 @@ def test_websocket_session_speaks_openenv_messages(server):
     ("/reset", b'{"sead": 1}', 422, r"remove \['sead'\]"),
     ("/reset", b'{"options": {"task": 999}}', 422, r"index 999 is outside the suite"),
     ("/reset", b'{"options": {"task": {"request": 1}}}', 422, r"not a valid task"),
+    ("/reset", b'{"episode_id": 5}', 422, r"episode_id \(5\) must be a string"),
     ("/reset", b'{"session_id": "feed"}', 404, r"Unknown session 'feed'"),
     ("/step", b'{"session_id": "feed", "action": {"text": "x"}}', 404, r"Unknown session 'feed'"),
     ("/step", b'{"session_id": "feed"}', 422, r"POST /step takes"),
@@ -257,6 +258,36 @@ def test_remote_env_errors_are_clear(media_db):
         env.step("x")
     with pytest.raises(RemoteEnvError, match=r"Cannot open a session on ws://"):
         env.reset(seed=0)
+
+
+class CrashingEnv(gymnasium.Env):
+    """Steps raise: a library bug inside a served environment."""
+
+    observation_space = action_space = gymnasium.spaces.Text(16)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return "ready", {}
+
+    def step(self, action):
+        raise RuntimeError("boom")
+
+
+def test_an_environment_that_raises_gets_500_and_the_session_survives():
+    gymnasium.register("visenv-test/Crashing-v0", entry_point=CrashingEnv, disable_env_checker=True)
+    try:
+        with ServerThread(ServerConfig(env_id="visenv-test/Crashing-v0")) as running:
+            env = RemoteEnv(running.url, timeout=10)
+            env.reset(seed=0)
+            with pytest.raises(RemoteEnvError, match=r"raised RuntimeError in step\(\): boom.*reset to go on"):
+                env.step("x")
+            assert env.reset(seed=1)[0] == "ready"  # same session, still open
+            sid = httpx.post(running.url + "/reset", json={}).json()["session_id"]
+            answer = httpx.post(running.url + "/step", json={"session_id": sid, "action": {"text": "x"}})
+            assert answer.status_code == 500 and "boom" in answer.json()["detail"]
+            env.close()
+    finally:
+        gymnasium.registry.pop("visenv-test/Crashing-v0")
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ task's ``to_dict()``.
 
 Bad input gets a 4xx answer with ``{"detail": message}``: malformed JSON 400, unknown session 404,
 step before reset or after the end 409, oversized body or action 413, a body of the wrong shape or
-bad reset options 422, all sessions taken 503.
+bad reset options 422, all sessions taken 503. An environment that raises (a library bug) gets 500
+with the exception's message and a logged traceback; its session stays open.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import logging
 import secrets
 import socket
 import threading
@@ -63,6 +65,8 @@ try:
     from starlette.websockets import WebSocket, WebSocketDisconnect
 except ImportError as missing:
     raise DependencyNotInstalled(missing.name or "starlette", "serve", "visenv serve (the HTTP server)") from None
+
+LOG = logging.getLogger("visenv.server")
 
 RESET_KEYS = ("seed", "options", "episode_id")
 """What a reset may carry (``episode_id`` is OpenEnv's: it is reported by the session's state)."""
@@ -256,6 +260,9 @@ class EnvServer:
             raise Problem(422, f"seed ({seed!r}) must be a non-negative integer or null.")
         if options is not None and not isinstance(options, dict):
             raise Problem(422, f"options ({options!r}) must be an object or null.")
+        episode_id = data.get("episode_id")
+        if episode_id is not None and not (isinstance(episode_id, str) and 0 < len(episode_id) <= 255):
+            raise Problem(422, f"episode_id ({_clip(episode_id)}) must be a string of 1 to 255 characters or null.")
         if options and isinstance(options.get("task"), dict):
             try:
                 options = {**options, "task": Task.from_dict(options["task"])}
@@ -266,8 +273,10 @@ class EnvServer:
                 observation, info = await self._run(session.env.reset, seed=seed, options=options)
             except ConfigError as error:
                 raise Problem(422, f"reset options refused: {error}") from None
+            except Exception as error:
+                raise _crashed("reset", error) from None
             session.step_count, session.done = 0, False
-            session.episode_id = data.get("episode_id") or info.get("episode_id")
+            session.episode_id = episode_id or info.get("episode_id")
         session.last_active = time.monotonic()
         return {"observation": wire.encode(observation, self.observation_space), "reward": None, "done": False,
                 "info": info}
@@ -286,6 +295,8 @@ class EnvServer:
                 observation, reward, terminated, truncated, info = await self._run(session.env.step, text)
             except (ResetNeeded, gymnasium.error.ResetNeeded) as error:
                 raise Problem(409, str(error)) from None
+            except Exception as error:
+                raise _crashed("step", error) from None
             session.step_count += 1
             session.done = bool(terminated or truncated)
         session.last_active = time.monotonic()
@@ -435,6 +446,13 @@ def _parse_object(raw: str | bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise Problem(422, f"The body must be a JSON object, got {type(data).__name__}.")
     return data
+
+
+def _crashed(call: str, error: Exception) -> Problem:
+    """A library bug in the environment: logged with its traceback, answered with 500; the session stays open."""
+    LOG.error("env.%s raised", call, exc_info=error)
+    return Problem(500, f"The environment raised {type(error).__name__} in {call}(): {error}. This is a bug of the "
+                        "environment, not of the request (the server log has the traceback); reset to go on.")
 
 
 def _clip(value: Any, limit: int = 120) -> str:
