@@ -311,6 +311,25 @@ def test_serial_rollout_runs_over_remote_envs(server):
 
 
 @pytest.mark.slow
+def test_ray_rollout_workers_play_remote_envs(server, ray_session):
+    from rl.policy import AgentPolicy
+    from rl.rollout import RayRollout, SerialRollout, make_specs
+
+    specs = make_specs(seed=1, iteration=0, num_groups=2, group_size=2)
+    local = SerialRollout(AgentPolicy(WorkflowAgent), functools.partial(VisGenEnv, **OPTIONS), 2)
+    remote = RayRollout(functools.partial(AgentPolicy, WorkflowAgent), functools.partial(RemoteEnv, server.url),
+                        num_workers=1, envs_per_worker=2, num_cpus=0.5)
+    try:
+        episodes, stats = remote.sample(specs)
+        expected, _ = local.sample(specs)
+    finally:
+        remote.close()
+        local.close()
+    assert stats.episodes_failed == 0 and [e.error for e in episodes] == [None] * 4
+    assert [e.rewards for e in episodes] == [e.rewards for e in expected]
+
+
+@pytest.mark.slow
 def test_serve_command_answers_and_stops_cleanly_on_ctrl_c():
     import socket
 
