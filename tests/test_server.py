@@ -241,6 +241,15 @@ def test_session_cap_and_idle_timeout():
         assert http.get("/health").json()["sessions"] == 0
         assert http.post("/step", json={"session_id": first, "action": {"text": "x"}}).status_code == 404
         assert http.post("/reset", json={}).status_code == 200  # room again
+        env = RemoteEnv(running.url, timeout=10)
+        env.reset(seed=0)
+        time.sleep(1.5)
+        with pytest.raises(RemoteEnvError, match=r"step\(\).*idle for 0.5 s"):
+            env.step("x")
+        env.reset(seed=0)
+        time.sleep(1.5)
+        assert env.reset(seed=1)[0]  # a reset after the timeout opens a new session by itself
+        env.close()
 
 
 def test_remote_env_errors_are_clear(media_db):

@@ -11,8 +11,8 @@ remote environment unchanged: ``SerialRollout(policy, functools.partial(RemoteEn
 itself, as a fresh client of the same server).
 
 One RemoteEnv holds one WebSocket session, opened by the first ``reset`` and closed by ``close``.
-When the connection is lost (server stopped, idle timeout), the call that noticed raises
-:class:`~visenv.error.RemoteEnvError`; the episode is gone, and the next ``reset`` opens a new
+When the connection is lost (server stopped, idle timeout), a ``step`` raises
+:class:`~visenv.error.RemoteEnvError` saying so (the episode is gone), and ``reset`` opens a new
 session. A reset without a seed in a new session starts the server's generator afresh.
 """
 
@@ -112,7 +112,14 @@ class RemoteEnv(gym.Env):
         super().reset(seed=seed)
         if options and isinstance(options.get("task"), Task):
             options = {**options, "task": options["task"].to_dict()}
-        data = self._call({"type": "reset", "data": {"seed": seed, "options": options}}, "reset()")
+        message = {"type": "reset", "data": {"seed": seed, "options": options}}
+        had_session = self._ws is not None
+        try:
+            data = self._call(message, "reset()")
+        except RemoteEnvError:
+            if not had_session or self._ws is not None:  # no server, or a refusal on a live session
+                raise
+            data = self._call(message, "reset()")  # the old session was gone (idle timeout, restart): a new one
         return wire.decode(data["observation"], self.observation_space), data["info"]
 
     def step(self, action: Any):

@@ -385,6 +385,7 @@ class EnvServer:
             await _send_error(websocket, problem)
             await websocket.close(code=1013)  # try again later
             return
+        close_code, close_reason = 1000, ""
         try:
             while True:
                 try:
@@ -392,6 +393,7 @@ class EnvServer:
                 except asyncio.TimeoutError:
                     await _send_error(websocket, Problem(408, f"The session was idle for {self.config.idle_timeout:g} s "
                                                                "and is closed; connect again to open a new one."))
+                    close_code, close_reason = 4408, f"session idle for {self.config.idle_timeout:g} s: closed"
                     break
                 if message["type"] == "websocket.disconnect":
                     break
@@ -408,7 +410,7 @@ class EnvServer:
         finally:
             await self.close_session(session)
             try:
-                await websocket.close()
+                await websocket.close(code=close_code, reason=close_reason)
             except (RuntimeError, WebSocketDisconnect):  # already closed by the client
                 pass
 
