@@ -244,6 +244,13 @@ VISENV_CASES = {
     "corrupt results.json": (["report", "{tmp}/results.json"], r"is not a results.json written by"),
     "unknown callable module": (["cache", "build", "{tmp}/cache", "{tmp}/tasks.jsonl", "--callable", "no_such_mod:f"],
                                 r"--callable \('no_such_mod:f'\): cannot import it"),
+    "serve unknown env": (["serve", "--env", "visenv/Nope-v0"], r"env_id \('visenv/Nope-v0'\) is not a registered"),
+    "serve bad env option": (["serve", "--option", "max_turns=0"], r"max_turns \(0\) must be a positive integer"),
+    "serve unknown env option": (["serve", "--option", "colour=red"], r"Unknown VisGen option\(s\) \['colour'\]"),
+    "serve option without value": (["serve", "--option", "max_turns"], r"--option 'max_turns': expected KEY=VALUE"),
+    "serve bad port": (["serve", "--port", "70000"], r"--port \(70000\) must be between 0 and 65535"),
+    "serve no sessions": (["serve", "--max-sessions", "0"], r"max_sessions \(0\) must be a positive integer"),
+    "serve missing config": (["serve", "--config", "{tmp}/none.yaml"], r"No such file or directory"),
 }
 
 # The applications (main job, benchmark evaluation, teacher data) are rl commands.
@@ -283,6 +290,17 @@ def test_a_missing_dependency_names_the_pip_extra(package, option, files, capsys
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(rf"needs the package '{package}', which is not installed. Install it with: "
                      r"pip install 'visenv\[rl\]'", line), line
+
+
+def test_serve_without_its_extra_names_it(capsys, monkeypatch):
+    import visenv.cli
+
+    monkeypatch.delitem(sys.modules, "visenv.server", raising=False)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert visenv.cli.main(["serve"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"visenv serve: error: visenv serve \(the HTTP server\) needs the package 'uvicorn', which is "
+                     r"not installed. Install it with: pip install 'visenv\[serve\]'", line), line
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,6 +4,9 @@ Importing the package registers the environments with gymnasium::
 
     import gymnasium, visenv
     env = gymnasium.make("visenv/VisGen-v0")
+
+``visenv/Remote-v0`` (``gymnasium.make("visenv/Remote-v0", url=...)``) plays an environment served by
+`visenv serve` (:class:`visenv.remote.RemoteEnv`); it needs a server, so it is not in :data:`ENV_IDS`.
 """
 
 from gymnasium.envs.registration import register, registry
@@ -21,6 +24,7 @@ def _register() -> None:
         "visenv/VisGenVideo-v0": ("visenv.envs.visgen:VisGenEnv", {"tasks": "video"}),
         "visenv/ToolEcho-v0": ("visenv.envs.toy:ToolEchoEnv", {}),
         "visenv/VisGenStructured-v0": ("visenv.wrappers.structured:make_structured", {}),
+        "visenv/Remote-v0": ("visenv.remote:RemoteEnv", {}),
     }
     for env_id, (entry_point, kwargs) in specs.items():
         if env_id not in registry:

@@ -92,3 +92,7 @@ class CacheCorruptError(VisenvError):
 
     def __reduce__(self):  # crosses to Ray workers and back
         return type(self), (self.root, self.detail)
+
+
+class RemoteEnvError(VisenvError, ConnectionError):
+    """A :class:`~visenv.remote.RemoteEnv` lost its server, or the server refused a request; the message says which."""
