@@ -110,7 +110,7 @@ def run_record(config: EvalConfig) -> dict[str, float]:
     if config.agent:
         policy = AgentPolicy(import_object(config.agent, "agent", "baselines.random_agent:RandomAgent"))
     elif config.api_base_url:
-        policy = ApiPolicy(config.api_base_url, config.api_model)
+        policy = ApiPolicy(config.api_base_url, config.api_model, system_prompt=config.env.tool_prompt())
     else:
         policy = config.policy.for_env(config.env).build()
     rollout = SerialRollout(policy, config.env.make, config.num_envs)
