@@ -13,6 +13,7 @@ reward is asked for (it delivered nothing).
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,13 @@ SESSION_CALLS = ("plan", "answer")
 INSTRUCTIONS = ("Make what is asked with the tools. First call `plan` with your numbered steps (one tool each), "
                 "then call one tool at a time, referring to artifacts by their ids; finish by calling `answer` "
                 "with the ids of the artifacts you deliver.")
+
+
+def task_seeds(n: int, seed: int = 0) -> list[int]:
+    """``n`` distinct-looking task seeds drawn from ``seed`` (one per dataset row; the rows of a GRPO
+    group share their row's seed, so its rollouts play the same task)."""
+    rng = random.Random(f"visenv-integrations/{seed}")
+    return [rng.randrange(2**31) for _ in range(n)]
 
 
 class ToolSession:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from visenv.integrations.session import ToolSession
+from visenv.integrations.session import ToolSession, task_seeds
 from visenv.tools.specs import ToolSet
 
 JSON_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool}
@@ -41,10 +41,7 @@ JSON_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool}
 def task_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` dataset rows for ``GRPOTrainer``: an empty user prompt (``reset`` supplies the request)
     and a distinct ``task_seed`` each, drawn from ``seed``."""
-    import random
-
-    rng = random.Random(f"visenv-trl/{seed}")
-    return [{"prompt": [{"role": "user", "content": ""}], "task_seed": rng.randrange(2**31)} for _ in range(n)]
+    return [{"prompt": [{"role": "user", "content": ""}], "task_seed": s} for s in task_seeds(n, seed)]
 
 
 def _annotation(schema: dict[str, Any]) -> Any:
