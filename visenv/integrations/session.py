@@ -105,6 +105,33 @@ class ToolSession:
             return self._ended_text()
         return self._step(f"<answer>{' '.join(map(str, artifacts))}</answer>")
 
+    def dispatch(self, name: str, arguments: Any) -> str:
+        """A parsed function call by name: ``plan``, ``answer`` or a tool. Arguments that are not a JSON
+        object (or lack ``steps`` / ``artifacts``) get an error the agent can read, as a bad tool call does."""
+        if not isinstance(arguments, dict):
+            return f"Error: the arguments of {name} must be a JSON object, got {type(arguments).__name__}."
+        if name in SESSION_CALLS:
+            key = "steps" if name == "plan" else "artifacts"
+            value = arguments.get(key)
+            if not isinstance(value, list):
+                return f'Error: {name} takes {{"{key}": [...]}}, a list of strings; got {json.dumps(arguments)[:200]}.'
+            return self.plan(value) if name == "plan" else self.answer(value)
+        return self.call(name, arguments)
+
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        """OpenAI function schemas of the environment's tools plus ``plan`` and ``answer`` (for chat templates)."""
+        def strings(description: str) -> dict[str, Any]:
+            return {"type": "array", "items": {"type": "string"}, "description": description}
+
+        own = [{"name": "plan", "description": "Write down the plan before the first tool call: one tool per step.",
+                "parameters": {"type": "object", "properties": {"steps": strings("the steps, in order")},
+                               "required": ["steps"]}},
+               {"name": "answer", "description": "Deliver the finished artifacts and end the episode. Call it last.",
+                "parameters": {"type": "object", "properties": {"artifacts": strings("ids of the delivered artifacts")},
+                               "required": ["artifacts"]}}]
+        tools = [self.env.tools[name].to_prompt() for name in self.env.tools]
+        return [{"type": "function", "function": f} for f in own + tools]
+
     def finish(self) -> float:
         """The episode return (sum of the step rewards; NaN when the rubric could not score), ending the
         episode with an empty answer first if it is still going."""
