@@ -55,6 +55,6 @@ def test_the_turn_budget_ends_the_episode():
 
 def test_without_skyrl_gym_the_class_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "skyrl_gym.envs.base_text_env", None)
-    monkeypatch.setattr(adapter, "_CLASS", None)
+    monkeypatch.setattr(adapter.__getattr__, "made", {})
     with pytest.raises(DependencyNotInstalled, match=r"pip install 'visenv\[skyrl\]'"):
         adapter.VisGenSkyRLEnv

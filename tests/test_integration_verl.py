@@ -57,7 +57,7 @@ def test_task_rows_are_verl_dataset_rows_and_the_recipe_names_the_loop():
 
 def test_without_verl_the_class_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "verl", None)
-    monkeypatch.setattr(adapter, "_CLASS", None)
+    monkeypatch.setattr(adapter.__getattr__, "made", {})
     with pytest.raises(DependencyNotInstalled, match=r"pip install 'visenv\[verl\]'"):
         adapter.VisGenAgentLoop
 
@@ -105,7 +105,7 @@ def stand_in_verl(monkeypatch, turns):
     schemas.ToolResponse = ToolResponse
     monkeypatch.setitem(sys.modules, loop_module.__name__, loop_module)
     monkeypatch.setitem(sys.modules, schemas.__name__, schemas)
-    monkeypatch.setattr(adapter, "_CLASS", None)
+    monkeypatch.setattr(adapter.__getattr__, "made", {})
 
 
 def test_the_agent_loop_plays_one_episode_per_run_over_a_stand_in(monkeypatch):

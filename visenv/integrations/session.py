@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,6 +28,22 @@ SESSION_CALLS = ("plan", "answer")
 INSTRUCTIONS = ("Make what is asked with the tools. First call `plan` with your numbered steps (one tool each), "
                 "then call one tool at a time, referring to artifacts by their ids; finish by calling `answer` "
                 "with the ids of the artifacts you deliver.")
+
+
+def lazy_class(module: str, name: str, body: type, base: Callable[[], type]) -> Callable[[str], type]:
+    """A module ``__getattr__`` that makes class ``name`` (``body`` mixed into the framework class
+    ``base()`` returns) on first access, so that importing the module needs no framework.
+    ``__getattr__.made`` holds the class once made."""
+
+    def __getattr__(attr: str) -> type:
+        if attr != name:
+            raise AttributeError(f"module {module!r} has no attribute {attr!r}")
+        if name not in __getattr__.made:
+            __getattr__.made[name] = type(name, (body, base()), {"__module__": module, "__doc__": body.__doc__})
+        return __getattr__.made[name]
+
+    __getattr__.made = {}  # type: ignore[attr-defined]
+    return __getattr__
 
 
 def task_seeds(n: int, seed: int = 0) -> list[int]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from visenv.envs.visgen import VisGenEnv
 from visenv.error import DependencyNotInstalled
-from visenv.integrations.session import task_seeds
+from visenv.integrations.session import lazy_class, task_seeds
 
 ENV_ID = "visenv_visgen"
 """The id :func:`register` gives the environment in skyrl-gym's registry (the rows' ``env_class``)."""
@@ -114,17 +114,7 @@ class _VisGenSkyRL:
         self.env.close()
 
 
-_CLASS: type | None = None
-
-
-def __getattr__(name: str) -> Any:
-    global _CLASS
-    if name != "VisGenSkyRLEnv":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if _CLASS is None:
-        _CLASS = type("VisGenSkyRLEnv", (_VisGenSkyRL, _base_text_env()),
-                      {"__module__": __name__, "__doc__": _VisGenSkyRL.__doc__})
-    return _CLASS
+__getattr__ = lazy_class(__name__, "VisGenSkyRLEnv", _VisGenSkyRL, lambda: _base_text_env())
 
 
 def register(env_id: str = ENV_ID) -> None:

@@ -36,7 +36,7 @@ import json
 from typing import Any
 
 from visenv.error import DependencyNotInstalled
-from visenv.integrations.session import ToolSession, task_seeds
+from visenv.integrations.session import ToolSession, lazy_class, task_seeds
 
 AGENT_NAME = "visenv_agent"
 """The ``agent_name`` of the rows and of the agent-loop config entry."""
@@ -123,17 +123,7 @@ class _VisGenLoop:
         return (response_cls(text=text, image=pictures) if pictures else response_cls(text=text)), 0.0, {}
 
 
-_CLASS: type | None = None
-
-
-def __getattr__(name: str) -> Any:
-    global _CLASS
-    if name != "VisGenAgentLoop":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if _CLASS is None:
-        base, _ = _verl()
-        _CLASS = type("VisGenAgentLoop", (_VisGenLoop, base), {"__module__": __name__, "__doc__": _VisGenLoop.__doc__})
-    return _CLASS
+__getattr__ = lazy_class(__name__, "VisGenAgentLoop", _VisGenLoop, lambda: _verl()[0])
 
 
 def task_rows(n: int, seed: int = 0, config: Any = None) -> list[dict[str, Any]]:
