@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 from typing import Any, Sequence
 
-from rl.errors import ConfigError
+from rl.errors import ConfigError, EndpointError
 from rl.policy import ENV, POLICY, Conversation, Segment
 from visenv.error import BackendError
 from visenv.rewards.judges.backends import OpenAIChatBackend, user_content
@@ -85,7 +85,8 @@ class ApiPolicy:
 
     def messages(self, conversation: Conversation) -> list[dict[str, Any]]:
         """The chat messages of a conversation (with ``vision``, the last observation's images as data URLs)."""
-        messages: list[dict[str, Any]] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages: list[dict[str, Any]] = ([{"role": "system", "content": self.system_prompt}]
+                                          if self.system_prompt else [])
         last = len(conversation.segments) - 1
         for i, segment in enumerate(conversation.segments):
             if segment.role != ENV:
@@ -108,3 +109,20 @@ class ApiPolicy:
         """Requests sent, retries, rate-limited answers and failed turns, in this process."""
         b = self.backend
         return {"attempts": b.attempts, "retries": b.retries, "rate_limited": b.rate_limited, "failures": b.failures}
+
+
+POLICY_ERROR = "PolicyError: "
+"""How the episode runner prefixes ``Episode.error`` for a turn the policy could not produce."""
+
+
+def check_some_answered(errors: Sequence[str | None]) -> None:
+    """Refuse an evaluation in which no episode got a single turn from the endpoint (a wrong URL, a
+    server that is down): its results say nothing about the model.
+
+    Raises:
+        EndpointError: every episode failed with a policy error; the message quotes the first.
+    """
+    if errors and all(e is not None and e.startswith(POLICY_ERROR) for e in errors):
+        raise EndpointError(f"Every episode failed: POST {errors[0][len(POLICY_ERROR):].rstrip('.')}. Expected an "
+                            "OpenAI-compatible server there: start it, or fix the base URL (it ends in /v1 for "
+                            "most servers) and the model name.")

@@ -125,6 +125,10 @@ def run_record(config: EvalConfig) -> dict[str, float]:
             if config.min_reward is None or episode.reward >= config.min_reward:
                 handle.write(json.dumps({"messages": episode.messages(), "reward": episode.reward,
                                          "task_seed": episode.spec.task_seed}) + "\n")
+    if config.api_base_url:
+        from rl.api import check_some_answered
+
+        check_some_answered([episode.error for episode in episodes])
     return summary
 
 

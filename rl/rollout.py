@@ -218,7 +218,7 @@ class _Live:
         the finished episode when it ended (or the env raised)."""
         start = time.perf_counter()
         if turn.error is not None:  # the policy gave up on this turn: the episode fails, the env is not stepped
-            return self._failed(f"PolicyError: {turn.error}", start)
+            return self._failed(f"PolicyError: {turn.error}", start)  # rl.api.POLICY_ERROR
         try:
             observation, reward, terminated, truncated, info = self.env.step(turn.text)
         except Exception as error:

@@ -135,3 +135,36 @@ def test_rl_eval_api_prints_the_visgenbench_table_with_the_o_score(tmp_path, cap
         next(line for line in printed.splitlines() if line.startswith("group") and "O-Score" in line)) + 2]
     assert any(p["model"] == "api-model" and "tool_text2image_qwen" in p["messages"][0]["content"]
                for p in server.requests)
+
+
+def test_a_failed_turn_fails_its_episode_in_the_async_runner_too():
+    import pickle
+
+    from rl.evaluate import evaluation_specs
+    from rl.rollout import run_episodes
+
+    doomed = request_text_of(TASKS[0])
+
+    def reply(payload, number):
+        if request_text(payload) == doomed:
+            return Reply(status=400, body=b'{"error": "bad request"}')
+        return Reply(content=scripted_turn(payload))
+
+    with JudgeServer(reply) as server:
+        player = pickle.loads(pickle.dumps(policy(server.url)))  # what a Ray worker receives
+        envs = [VisGenEnv() for _ in range(2)]
+        episodes, stats = run_episodes(player, envs, evaluation_specs(TASKS[:3], 0), mode="async")
+    assert stats.episodes_failed == 1 and [e.error is None for e in episodes] == [False, True, True]
+    assert "answered HTTP 400" in episodes[0].error and episodes[0].reward != episodes[0].reward  # NaN
+    assert all(e.terminated for e in episodes[1:])
+
+
+def test_an_evaluation_in_which_no_turn_came_back_is_refused():
+    from rl.api import check_some_answered
+    from rl.errors import EndpointError
+
+    check_some_answered([None, "PolicyError: x failed"])  # some answered: the failures are results
+    check_some_answered(["TypeError: the env broke"])  # not the endpoint's fault
+    with pytest.raises(EndpointError, match=r"Every episode failed: POST http://h/v1/chat/completions failed after "
+                                            r"5 attempts\. Expected an OpenAI-compatible server there"):
+        check_some_answered(["PolicyError: http://h/v1/chat/completions failed after 5 attempts"] * 2)

@@ -49,7 +49,8 @@ def test_tool_schemas_list_plan_answer_and_every_tool():
 
 def test_task_rows_are_verl_dataset_rows_and_the_recipe_names_the_loop():
     rows = adapter.task_rows(3, seed=0, config={"max_turns": 4})
-    assert {r["agent_name"] for r in rows} == {adapter.AGENT_NAME} and len({r["extra_info"]["task_seed"] for r in rows}) == 3
+    assert {r["agent_name"] for r in rows} == {adapter.AGENT_NAME}
+    assert len({r["extra_info"]["task_seed"] for r in rows}) == 3
     assert rows[0]["prompt"][0]["content"].startswith("Request: ")
     [entry] = yaml.safe_load(open("examples/verl/agent_loops.yaml"))
     assert entry["name"] == adapter.AGENT_NAME and entry["_target_"] == "visenv.integrations.verl.VisGenAgentLoop"

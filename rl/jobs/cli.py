@@ -110,6 +110,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "scenarios": [s.strip() for s in args.scenarios.split(",")] if args.scenarios else None})
     write_results(args.out, results, summary, suite | {"seed": args.seed, "env_config": env_config or {}})
     print(f"wrote {args.out}" + ("" if args.no_report else f" and {Path(args.out).parent / 'report.html'}"))
+    if args.api_base_url:
+        from rl.api import check_some_answered
+
+        check_some_answered([r.error for r in results])
     return 0
 
 

@@ -74,7 +74,8 @@ def episode_summary(session: ToolSession) -> dict[str, Any]:
     from visenv.rewards import run_checks
 
     record = session.env.record
-    return {"task_id": record.task.task_id, "calls": len(record.calls), "failed_calls": sum(not c.ok for c in record.calls),
+    return {"task_id": record.task.task_id, "calls": len(record.calls),
+            "failed_calls": sum(not c.ok for c in record.calls),
             "answered": record.answered, "rewards": list(session.rewards),
             "checks": {k: v for k, v in run_checks(record).items() if v is not None}}
 
@@ -117,7 +118,8 @@ class _VisGenLoop:
         output.extra_fields["visenv"] = episode_summary(session)
         return output
 
-    async def _call_tool(self, tool_call: Any, tools_kwargs: dict[str, Any], agent_data: Any) -> tuple[Any, float, dict]:
+    async def _call_tool(self, tool_call: Any, tools_kwargs: dict[str, Any],
+                         agent_data: Any) -> tuple[Any, float, dict]:
         _, response_cls = _verl()
         text, pictures = tool_response(_SESSION.get(), tool_call.name, tool_call.arguments, self.images)
         return (response_cls(text=text, image=pictures) if pictures else response_cls(text=text)), 0.0, {}
