@@ -88,7 +88,7 @@ def tiny_tool_caller(tokenizer, prompts, completion):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     target = tokenizer(completion, add_special_tokens=False)["input_ids"]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(300):
+    for _ in range(400):
         loss = 0
         for prompt in prompts:
             ids = torch.tensor([prompt + target])
@@ -98,7 +98,7 @@ def tiny_tool_caller(tokenizer, prompts, completion):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if loss.item() < 0.02 * len(prompts):
+        if loss.item() < 0.005 * len(prompts):
             break
     return model
 
@@ -155,7 +155,8 @@ def test_grpo_trainer_trains_two_steps_with_the_environment(make_env, tmp_path, 
 
     args = trl.GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
                           max_completion_length=96, logging_steps=1, report_to="none", use_cpu=True,
-                          save_strategy="no", max_tool_calling_iterations=1, bf16=False)
+                          save_strategy="no", max_tool_calling_iterations=1, bf16=False,
+                          temperature=0.2)  # near-greedy: the fitted turn comes back as fitted
     trainer = trl.GRPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                               environment_factory=lambda: Recorded(config))
     trainer.train()
