@@ -111,7 +111,7 @@ def run_record(config: EvalConfig) -> dict[str, float]:
     if config.agent:
         policy = AgentPolicy(import_object(config.agent, "agent", "baselines.random_agent:RandomAgent"))
     elif config.api_base_url:
-        policy = ApiPolicy(config.api_base_url, config.api_model)
+        policy = ApiPolicy(config.api_base_url, config.api_model, system_prompt=config.env.tool_prompt())
     else:
         policy = config.policy.for_env(config.env).build()
     rollout = SerialRollout(policy, config.env.make, config.num_envs)
@@ -126,6 +126,10 @@ def run_record(config: EvalConfig) -> dict[str, float]:
             if config.min_reward is None or episode.reward >= config.min_reward:
                 handle.write(json.dumps({"messages": episode.messages(), "reward": episode.reward,
                                          "task_seed": episode.spec.task_seed}) + "\n")
+    if config.api_base_url:
+        from rl.api import check_some_answered
+
+        check_some_answered([episode.error for episode in episodes])
     return summary
 
 

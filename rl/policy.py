@@ -40,6 +40,9 @@ class Segment:
         images: for an environment turn of a VLM policy, the ``(N, H, W, 3)`` uint8 images that the
             turn's image placeholder tokens stand for.
         observation: the observation an environment turn encodes (for agents and trajectory files).
+        error: for a policy turn, why no turn could be produced (an API endpoint that kept failing),
+            or None. The episode runner ends that episode as a failed one (``Episode.error``), as
+            when the environment raises; the other episodes go on.
     """
 
     role: str
@@ -48,6 +51,7 @@ class Segment:
     logprobs: list[float] | None = None
     images: np.ndarray | None = None
     observation: dict[str, Any] | None = None
+    error: str | None = None
 
 
 @dataclass

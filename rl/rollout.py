@@ -11,7 +11,8 @@ GRPO groups are ``group_size`` consecutive specs with the same ``task_seed``. Ra
 on one worker (``placement="colocate"``) or spread its members over chunks (``"spread"``).
 
 Fault tolerance: an environment that raises fails its episode only (``Episode.error``, counted in
-``RolloutStats.episodes_failed``), never the rollout. A Ray worker that dies at any moment (sampling,
+``RolloutStats.episodes_failed``), never the rollout; so does a policy turn the policy could not
+produce (``Segment.error``: an API endpoint that kept failing). A Ray worker that dies at any moment (sampling,
 idle, receiving weights) is replaced by a fresh worker that first receives the current weights, and
 its chunk is re-run there; results are keyed by ``episode_id`` and each is accepted once, so no
 episode is lost or counted twice.
@@ -101,7 +102,8 @@ class Episode:
         gpu_seconds: GPU-seconds the virtual tiers saved: what the real tools would have taken for the
             calls a virtual tier answered (``info["cost"]["episode_gpu_seconds_avoided"]``).
         weight_version: the weights version that sampled it.
-        error: why the environment failed the episode (``"TypeError: ..."``), or None; a failed
+        error: why the environment failed the episode (``"TypeError: ..."``), or why the policy could
+            not produce a turn (``"PolicyError: ..."``), or None; a failed
             episode ends at the failing step with a NaN reward, so the trainers leave it out.
         extra: what the runner's ``finish`` hook returned for it (e.g. an evaluation's record).
     """
@@ -233,7 +235,7 @@ class _Live:
         try:
             observation, _ = self.env.reset(seed=self.spec.task_seed, options=options)
         except Exception as error:  # the env's failure ends this episode, not the rollout
-            return self._failed(error, start)
+            return self._failed(f"{type(error).__name__}: {error}", start)
         self.stats.env_seconds += time.perf_counter() - start
         return observation
 
@@ -242,11 +244,13 @@ class _Live:
         finished episode when it ended (or the env raised), or the env's pending score when it deferred
         the scoring of the episode's end (see :meth:`judge`)."""
         start = time.perf_counter()
+        if turn.error is not None:  # the policy gave up on this turn: the episode fails, the env is not stepped
+            return self._failed(f"PolicyError: {turn.error}", start)  # rl.api.POLICY_ERROR
         try:
             observation, reward, terminated, truncated, info = self.env.step(turn.text)
             pending = self.env.unwrapped.detach_pending_score() if info.get("reward_pending") else None
         except Exception as error:
-            return self._failed(error, start)
+            return self._failed(f"{type(error).__name__}: {error}", start)
         end = time.perf_counter()
         if pending is not None:
             self.ending = (observation, bool(terminated), bool(truncated), end - start)
@@ -267,7 +271,7 @@ class _Live:
         except Exception as error:  # a failing judge ends this episode, not the rollout
             self.judge_span = (start, time.perf_counter())
             self.stats.env_seconds += step_seconds
-            return self._failed(error, start)
+            return self._failed(f"{type(error).__name__}: {error}", start)
         self.judge_span = (start, time.perf_counter())
         return self._record(observation, reward, terminated, truncated, info,
                             step_seconds + self.judge_span[1] - start, finish)
@@ -303,12 +307,12 @@ class _Live:
         self.conversation.segments.append(policy.encode(observation, first=not self.conversation.segments))
         self.stats.env_seconds += time.perf_counter() - start
 
-    def _failed(self, error: Exception, start: float) -> Episode:
+    def _failed(self, error: str, start: float) -> Episode:
         self.stats.env_seconds += time.perf_counter() - start
         self.stats.episodes_failed += 1
         return Episode(self.spec, self.conversation.segments, self.rewards + [float("nan")], {}, False, False,
                        dict(self.backends), weight_version=self.weight_version,
-                       error=f"{type(error).__name__}: {error}")
+                       error=error)
 
 
 def _check_mode(mode: str) -> None:
@@ -434,8 +438,9 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
     Every policy and agent is played by this loop: training rollouts, evaluation and the report
     (scripted agents through :class:`~rl.policy.AgentPolicy`). A finished episode frees its environment
     for the next spec, so multi-turn batches stay full. An environment that raises ends its episode
-    as a failed one (``Episode.error``, NaN reward, counted in ``stats.episodes_failed``); the policy
-    raising is a bug and propagates.
+    as a failed one (``Episode.error``, NaN reward, counted in ``stats.episodes_failed``), and so does
+    a policy turn that carries ``Segment.error`` (the policy could not produce it, e.g. an API
+    endpoint that kept failing); the policy raising is a bug and propagates.
 
     Args:
         policy: the policy.

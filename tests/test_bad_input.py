@@ -221,7 +221,9 @@ RL_CASES = {
     "SFT stage without data": (["sft", "--set", "stages=[{epochs: 2}]"],
                                r"stages\[0\]: the option\(s\) \['visual'\] are required but missing"),
     "refused API connection": ([EVAL, "--api_base_url", "{api}", "--api_model", "m", "--episodes", "1",
-                                "--num_envs", "1"], r"POST http://127.0.0.1:\d+/v1/chat/completions failed .*refused"),
+                                "--num_envs", "1"],
+                               r"Every episode failed: POST http://127.0.0.1:\d+/v1/chat/completions failed "
+                               r".*ConnectError"),
     "unknown agent module": ([EVAL, "--agent", "no_such_module:Agent"],
                              r"agent \('no_such_module:Agent'\): cannot import it \(No module named"),
 }
@@ -262,7 +264,7 @@ RL_CASES.update({
     "negative API temperature": (["eval", "--api-base-url", "{api}", "--api-model", "m", "--temperature", "-1", "--n",
                                   "1", "--no-report", "--out", "{tmp}/r.json"], r"temperature \(-1.0\) must be >= 0"),
     "refused API connection": (["eval", "--api-base-url", "{api}", "--api-model", "m", "--n", "1", "--no-report",
-                                "--out", "{tmp}/r.json"], r"failed .*Connection refused"),
+                                "--out", "{tmp}/r.json"], r"Every episode failed: POST .* failed .*ConnectError"),
 })
 
 

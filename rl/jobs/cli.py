@@ -6,7 +6,9 @@
     rl ablate --seeds 0 1 2          # the paper's ablations: the main job in variants x seeds, table + plots
     rl eval --agent teacher          # evaluate a baseline on a suite, write results.json + report.html
     rl eval --policy runs/main/rl/policy --scenarios official_account_cover --max-turns 5
-                                     # ... or a trained policy, an agent class (module:Class), an API model
+                                     # ... or a trained policy, an agent class (module:Class), an API model:
+    rl eval --api http://127.0.0.1:8000/v1 --api-model M \
+            --grader-base-url http://127.0.0.1:8001/v1 --grader-model V     # the VisGenBench table with O-Score
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def agent_factory(name: str, seed: int):
     return (lambda: cls(seed=seed)) if takes_seed else cls
 
 
-def load_policy(args: argparse.Namespace):
-    """``--policy DIR`` or ``--api-base-url``: an rl policy (its turns batched over the episodes)."""
+def load_policy(args: argparse.Namespace, env_config: dict | None = None):
+    """``--policy DIR`` or ``--api``: an rl policy (its turns batched over the episodes). An API model
+    gets the environment's tool documentation as its system prompt."""
     if args.policy:
         from rl.config import PolicyConfig
 
@@ -53,37 +56,65 @@ def load_policy(args: argparse.Namespace):
                               device=args.device).build()
     else:
         from rl.api import ApiPolicy
+        from visenv.envs.visgen import VisGenEnv
 
         if not args.api_model:
-            raise ConfigError("--api-base-url needs --api-model (the model name the endpoint serves).")
-        policy = ApiPolicy(args.api_base_url, args.api_model, max_tokens=args.max_new_tokens,
-                           temperature=args.temperature)
+            raise ConfigError("--api needs --api-model (the model name the endpoint serves).")
+        policy = ApiPolicy(args.api_base_url, args.api_model, api_key_env=args.api_key_env,
+                           system_prompt=VisGenEnv(env_config).system_prompt, max_tokens=args.max_new_tokens,
+                           temperature=args.temperature, timeout=args.api_timeout, concurrency=args.num_envs,
+                           max_retries=args.api_retries, vision=args.api_vision)
     return policy
+
+
+def load_grader(args: argparse.Namespace):
+    """``--grader-base-url`` and ``--grader-model``: the VisGenBench grader (a VLM endpoint), or None."""
+    if not args.grader_base_url:
+        if args.grader_model:
+            raise ConfigError("--grader-model needs --grader-base-url (the grader's OpenAI-compatible API root).")
+        return None
+    if not args.grader_model:
+        raise ConfigError("--grader-base-url needs --grader-model (the model name the endpoint serves).")
+    from visenv.rewards.judges import BenchmarkGrader, OpenAIChatBackend
+
+    backend = OpenAIChatBackend(args.grader_base_url, args.grader_model, api_key_env=args.grader_key_env)
+    return BenchmarkGrader(backend, cache_path=args.grader_cache)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate an agent or a policy on a suite; print the tables, write results.json (and report.html)."""
     tasks = suite_from_args(args)
+    env_config = {"max_turns": args.max_turns} if args.max_turns else {}
+    if args.api_vision:
+        env_config["observe_pixels"] = True
+    env_config = env_config or None
+    grader = load_grader(args)
     if args.policy or args.api_base_url:
-        player = load_policy(args)
+        player = load_policy(args, env_config)
         name, num_envs = args.policy or f"{args.api_model} at {args.api_base_url}", args.num_envs
     else:
         player, name, num_envs = agent_factory(args.agent, args.seed), args.agent, 1
-    env_config = {"max_turns": args.max_turns} if args.max_turns else None
     if args.no_report:
         results, summary = evaluate(player, tasks, seed=args.seed, keep_trajectories=args.trajectories,
-                                    env_config=env_config, num_envs=num_envs)
+                                    env_config=env_config, num_envs=num_envs, grader=grader)
     else:
         results, summary = evaluate_with_report(player, tasks, Path(args.out).parent, seed=args.seed,
-                                                env_config=env_config, num_envs=num_envs,
+                                                env_config=env_config, num_envs=num_envs, grader=grader,
                                                 title=f"{name} on {len(tasks)} tasks")
     print(format_table(summary, title=f"== {name} on {len(tasks)} tasks =="))
     print(format_benchmark(summary["visgenbench"]))
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        print(f"failed episodes: {len(failed)} of {len(results)} (scored as failures; first: {failed[0].error})")
     suite = ({"tasks": args.tasks} if args.tasks else
              {"suite": args.suite, "n": args.n, "task_seed": args.task_seed,
               "scenarios": [s.strip() for s in args.scenarios.split(",")] if args.scenarios else None})
     write_results(args.out, results, summary, suite | {"seed": args.seed, "env_config": env_config or {}})
     print(f"wrote {args.out}" + ("" if args.no_report else f" and {Path(args.out).parent / 'report.html'}"))
+    if args.api_base_url:
+        from rl.api import check_some_answered
+
+        check_some_answered([r.error for r in results])
     return 0
 
 
@@ -148,9 +179,23 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
                      help="teacher, random, or an agent class as module:Class (reset(observation, seed) / "
                           "act(observation); built with seed= when it takes one). Default: teacher")
     who.add_argument("--policy", metavar="DIR", help="a policy folder written by rl (e.g. runs/main/rl/policy)")
-    who.add_argument("--api-base-url", metavar="URL",
-                     help="an OpenAI-compatible endpoint (POST URL/chat/completions), with --api-model")
+    who.add_argument("--api", "--api-base-url", dest="api_base_url", metavar="URL",
+                     help="an OpenAI-compatible endpoint (POST URL/chat/completions), with --api-model; it gets the "
+                          "tool documentation as its system prompt")
     p.add_argument("--api-model", help="the model name the endpoint serves")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the endpoint's API key (default OPENAI_API_KEY; unset: none)")
+    p.add_argument("--api-vision", action="store_true",
+                   help="the model accepts images: the env observes pixels and each turn sends the latest images")
+    p.add_argument("--api-timeout", type=float, default=120.0,
+                   help="seconds one API turn may take, retries included; then the episode fails (default 120)")
+    p.add_argument("--api-retries", type=int, default=4, help="retries of a failed API request (default 4)")
+    p.add_argument("--grader-base-url", metavar="URL",
+                   help="an OpenAI-compatible VLM endpoint grading the six subjective VisGenBench dimensions "
+                        "(with --grader-model); without one they and the O-Score are '-'")
+    p.add_argument("--grader-model", help="the grader's model name")
+    p.add_argument("--grader-key-env", default="OPENAI_API_KEY", help="environment variable with the grader's key")
+    p.add_argument("--grader-cache", metavar="FILE", help="SQLite cache of the grader's answers (default: none)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of a policy (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens in one policy turn (default 512)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",

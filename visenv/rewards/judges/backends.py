@@ -10,7 +10,7 @@ as their settings alone: clients, locks and models are recreated on first use in
 API). Each request has one deadline, ``timeout_s``, for everything: connect, send, read, retries
 and backoff; it holds against a server that drips its answer a byte at a time. Connection errors
 (refused, reset, closed early), 408, 429 and 5xx are retried with exponential backoff and jitter
-while the deadline allows, a 429's ``Retry-After`` (seconds or HTTP date) is honoured, other 4xx
+while the deadline allows, a ``Retry-After`` (seconds or HTTP date; 429 and 503 send it) is honoured, other 4xx
 and undecodable bodies (bad gzip) fail at once; a body that is not JSON, not UTF-8 or holds no
 answer text fails too. At most ``concurrency`` requests are in flight per backend object, across all
 threads. Images travel as PNG data URLs. The API key is read from an environment variable at
@@ -67,6 +67,13 @@ class ChatBackend(Protocol):
 
     def complete_many(self, prompts: Sequence[ChatPrompt]) -> list[str | BackendError]:
         """One answer text, or the error that stopped it, per prompt."""
+
+
+def user_content(parts: Sequence[str | bytes]) -> list[dict[str, Any]]:
+    """OpenAI content parts of text chunks (str) and PNG images (bytes, sent as data URLs)."""
+    return [{"type": "text", "text": part} if isinstance(part, str) else
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(part).decode()}}
+            for part in parts]
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -175,13 +182,7 @@ class OpenAIChatBackend:
 
     def messages(self, prompt: ChatPrompt) -> list[dict[str, Any]]:
         """The OpenAI ``messages`` of a prompt (a plain string user message when it has no images)."""
-        if prompt.has_images:
-            content: Any = [
-                {"type": "text", "text": part} if isinstance(part, str) else
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(part).decode()}}
-                for part in prompt.parts]
-        else:
-            content = "".join(prompt.parts)
+        content: Any = user_content(prompt.parts) if prompt.has_images else "".join(prompt.parts)
         return [{"role": "system", "content": prompt.system}, {"role": "user", "content": content}]
 
     def _delay(self, attempt: int) -> float:
@@ -191,7 +192,7 @@ class OpenAIChatBackend:
         self._count("failures")
         return BackendError(message)
 
-    async def _complete(self, prompt: ChatPrompt) -> str:
+    async def _complete(self, messages: list[dict[str, Any]], extra: dict[str, Any]) -> str:
         """One request under its deadline (see :meth:`complete`)."""
         url = f"{self.base_url}/chat/completions"
         assert self._slots is not None
@@ -200,18 +201,19 @@ class OpenAIChatBackend:
             failed: list[str] = []
             try:
                 async with asyncio.timeout_at(deadline):
-                    return await self._attempts(url, prompt, deadline, failed)
+                    return await self._attempts(url, messages, extra, deadline, failed)
             except TimeoutError:
                 earlier = f"; earlier: {failed[-1]}" if failed else ""
                 raise self._fail(f"{url} gave no answer within timeout_s ({self.timeout_s:g} s): attempt "
                                  f"{len(failed) + 1} was cut off{earlier}.") from None
 
-    async def _attempts(self, url: str, prompt: ChatPrompt, deadline: float, failed: list[str]) -> str:
+    async def _attempts(self, url: str, messages: list[dict[str, Any]], extra: dict[str, Any], deadline: float,
+                        failed: list[str]) -> str:
         """The attempts of one request; ``failed`` gets each failed attempt's reason."""
         import httpx
 
-        payload = {"model": self.model, "messages": self.messages(prompt),
-                   "temperature": self.temperature, "max_tokens": self.max_tokens}
+        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                   "max_tokens": self.max_tokens, **extra}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         for attempt in range(self.max_retries + 1):
@@ -233,11 +235,12 @@ class OpenAIChatBackend:
                     raise self._fail(f"{url} answered {failed[-1]}; not retried.")
                 if status == 429:
                     self._count("rate_limited")
-                    wait = retry_after_seconds(response.headers.get("retry-after"))
-                    if wait is not None and wait > self.max_backoff_s:
-                        raise self._fail(f"{url} is rate-limited for {wait:.0f} s (Retry-After), longer than "
-                                         f"max_backoff_s ({self.max_backoff_s:g} s).")
-                    delay = delay if wait is None else wait
+                wait = retry_after_seconds(response.headers.get("retry-after"))
+                if wait is not None and wait > self.max_backoff_s:
+                    state = "rate-limited" if status == 429 else "unavailable"
+                    raise self._fail(f"{url} is {state} for {wait:.0f} s (HTTP {status}, Retry-After), longer than "
+                                     f"max_backoff_s ({self.max_backoff_s:g} s).")
+                delay = delay if wait is None else wait
             if attempt == self.max_retries:
                 break
             left = deadline - asyncio.get_running_loop().time()
@@ -258,21 +261,33 @@ class OpenAIChatBackend:
             raise self._fail(f"The chat endpoint returned no answer text: {response.text[:300]!r}")
         return content
 
-    async def _gather(self, prompts: Sequence[ChatPrompt]) -> list[str | BackendError]:
-        async def one(prompt: ChatPrompt) -> str | BackendError:
+    async def _gather(self, conversations: Sequence[list[dict[str, Any]]],
+                      extras: Sequence[dict[str, Any]]) -> list[str | BackendError]:
+        async def one(messages: list[dict[str, Any]], extra: dict[str, Any]) -> str | BackendError:
             try:
-                return await self._complete(prompt)
+                return await self._complete(messages, extra)
             except BackendError as err:
                 return err
 
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+        return list(await asyncio.gather(*(one(m, e) for m, e in zip(conversations, extras, strict=True))))
+
+    def chat_many(self, conversations: Sequence[list[dict[str, Any]]],
+                  extras: Sequence[dict[str, Any]] | None = None) -> list[str | BackendError]:
+        """Each conversation's answer text, or its BackendError; up to ``concurrency`` at once, each
+        ending within ``timeout_s`` of getting its slot.
+
+        Args:
+            conversations: OpenAI ``messages`` lists (multi-turn, images as :func:`user_content` parts).
+            extras: per conversation, more request fields (e.g. ``{"seed": 7}``); None sends none.
+        """
+        if not conversations:
+            return []
+        extras = [{}] * len(conversations) if extras is None else extras
+        return asyncio.run_coroutine_threadsafe(self._gather(conversations, extras), self._runner()).result()
 
     def complete_many(self, prompts: Sequence[ChatPrompt]) -> list[str | BackendError]:
-        """Each prompt's answer, or its BackendError; up to ``concurrency`` at once. Each request
-        ends within ``timeout_s`` of getting its slot."""
-        if not prompts:
-            return []
-        return asyncio.run_coroutine_threadsafe(self._gather(prompts), self._runner()).result()
+        """Each prompt's answer, or its BackendError (see :meth:`chat_many`)."""
+        return self.chat_many([self.messages(p) for p in prompts])
 
     def complete(self, prompt: ChatPrompt) -> str:
         """The answer text of one prompt.
