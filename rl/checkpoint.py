@@ -5,6 +5,7 @@ Layout of one checkpoint folder::
     iter_000012/
       policy/            the model and tokenizer (``save_pretrained``): ``rl eval`` and ``from_pretrained`` read it
       trainer.pt         trainable weights, algorithm state (optimizer, value head) and the iteration
+      sampler.pt         (overlapping runs only) the weights the next iteration is sampled with, and their version
       rl_complete.json   the completion marker (every file's size); policy/ has its own
 
 Every iteration's tasks and sampling noise derive from ``(seed, iteration)`` (see
@@ -125,15 +126,29 @@ def incomplete(path: str) -> str | None:
     return None
 
 
-def save(path: str, policy: TrainablePolicy, algorithm_state: dict, iteration: int) -> None:
-    """Write the checkpoint folder ``path`` atomically (see :func:`write_folder`)."""
+def save(path: str, policy: TrainablePolicy, algorithm_state: dict, iteration: int,
+         sampler: tuple[dict[str, torch.Tensor], int] | None = None) -> None:
+    """Write the checkpoint folder ``path`` atomically (see :func:`write_folder`); ``sampler``: the weights
+    and version the rollout samples the next iteration with, when they are not the learner's (overlap)."""
 
     def write(folder: str) -> None:
         policy.save(os.path.join(folder, "policy"))
         torch.save({"weights": policy.get_weights(), "algorithm": algorithm_state, "iteration": iteration},
                    os.path.join(folder, "trainer.pt"))
+        if sampler is not None:
+            torch.save({"weights": sampler[0], "version": sampler[1]}, os.path.join(folder, "sampler.pt"))
 
     write_folder(path, write)
+
+
+def load_sampler(path: str) -> tuple[dict[str, torch.Tensor], int] | None:
+    """The sampler's weights and version saved in checkpoint ``path``, or None when it holds none (a run
+    without overlap wrote it). Call after :func:`load`, which checks that the folder is complete."""
+    file = os.path.join(path, "sampler.pt")
+    if not os.path.isfile(file):
+        return None
+    state = torch.load(file, weights_only=False)
+    return state["weights"], state["version"]
 
 
 def load(path: str, policy: TrainablePolicy) -> tuple[dict, int]:

@@ -89,6 +89,7 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
     num_groups, group_size = config.groups
     trainer = Trainer(policy, algorithm, rollout, iterations=config.iterations, num_groups=num_groups,
                       group_size=group_size, seed=config.seed, max_staleness=config.rollout.max_staleness,
+                      overlap=config.rollout.overlap,
                       checkpoint_dir=checkpoints, checkpoint_every=config.checkpoint_every)
     latest = checkpoint.latest(checkpoints) if config.resume else None
     if latest is not None:

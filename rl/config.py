@@ -209,6 +209,9 @@ class RolloutConfig:
         max_concurrent_judges: (async) end-of-episode scores (rubric and judges) running at once per
             process, on a pool that frees each finished episode's env at once; 0 scores inside the
             env's last step.
+        overlap: roll out the next iteration while the update runs: iteration it samples with the weights
+            after update it-2 (staleness exactly 1 after the first iteration); needs grpo.off_policy: true
+            and max_staleness 0; the serial backend then samples with its own copy of the policy.
     """
 
     backend: str = "serial"
@@ -223,6 +226,7 @@ class RolloutConfig:
     ray_address: str | None = None
     mode: str = "sync"
     max_concurrent_judges: int = 16
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("sync", "async"):
@@ -243,6 +247,9 @@ class RolloutConfig:
         if self.max_staleness and self.backend == "serial":
             raise ConfigError(f"rollout.max_staleness ({self.max_staleness}) needs backend 'ray': the serial "
                              "backend always samples with the learner's latest weights. Set it to 0.")
+        if self.overlap and self.max_staleness:
+            raise ConfigError(f"rollout.max_staleness ({self.max_staleness}) must be 0 with rollout.overlap: true "
+                              "(overlap already samples with the weights one update behind). Set one of them off.")
 
     def check_local_cpus(self) -> None:
         """Before a local Ray starts (no ray_address, Ray not running): the workers fit this machine's CPUs."""
@@ -258,12 +265,14 @@ class RolloutConfig:
         """The rollout backend; Ray is started (or joined) here when needed.
 
         ``finish`` is the runner's end-of-episode hook (:func:`rl.rollout.run_episodes`), e.g. an
-        evaluation's :class:`rl.evaluate.Recorder`.
+        evaluation's :class:`rl.evaluate.Recorder`. With ``overlap`` the serial backend samples with a copy
+        of ``policy`` (the update changes the learner's while the next iteration is sampled).
         """
         from rl.rollout import RayRollout, SerialRollout
 
         if self.backend == "serial":
-            return SerialRollout(policy, make_env, self.num_envs, finish, self.mode, self.max_concurrent_judges)
+            return SerialRollout(copy.deepcopy(policy) if self.overlap else policy, make_env, self.num_envs, finish,
+                                 self.mode, self.max_concurrent_judges)
         self.check_local_cpus()
         start_ray(self.ray_address)
         return RayRollout(make_policy, make_env, self.num_workers, self.num_envs, self.placement,
@@ -392,6 +401,10 @@ class TrainConfig:
                              "true (the old log-probs must come from the stale sampler).")
         if self.algorithm == "ppo" and self.rollout.max_staleness:
             raise ConfigError(f"rollout.max_staleness ({self.rollout.max_staleness}) must be 0 with ppo.")
+        if self.rollout.overlap and (self.algorithm == "ppo" or not self.grpo.off_policy):
+            raise ConfigError(f"rollout.overlap: true with algorithm {self.algorithm!r} needs the off-policy "
+                              "correction (the old log-probs from the sampler, one update behind the learner): "
+                              "use algorithm 'grpo' with grpo.off_policy: true, or rollout.overlap: false.")
         if self.sft is None and not self.policy.model:
             raise ConfigError("policy.model is empty and there is no sft section: give a model folder, or an "
                              "sft section to build one first.")

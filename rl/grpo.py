@@ -57,7 +57,7 @@ class GRPOConfig:
             accumulated (the loss is the same as in one pass; padding and peak memory shrink). 0 runs
             each minibatch in one pass.
         off_policy: use the sampler's log-probs as the old policy (needed when rollout workers may
-            hold stale weights, ``max_staleness > 0``); otherwise the learner's own log-probs before
+            hold stale weights: ``max_staleness > 0`` or ``overlap``); otherwise the learner's own log-probs before
             the update are used, which is exact on-policy.
         credit: "episode" (every token of an episode gets the episode's advantage: GRPO) or "turn"
             (GiGPO's episode plus step advantage per turn, see the module docstring).
@@ -142,6 +142,11 @@ class GRPO:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.group_size = config.group_size
+
+    @property
+    def off_policy(self) -> bool:
+        """Whether the old log-probs are the sampler's (``config.off_policy``): what stale samples need."""
+        return self.config.off_policy
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -133,6 +133,9 @@ class PPO:
         config: hyperparameters.
     """
 
+    off_policy = False
+    """The old log-probs and values are the learner's before the update: PPO needs on-policy samples."""
+
     def __init__(self, policy: TrainablePolicy, reference: TrainablePolicy | None, config: PPOConfig):
         if config.kl_coef > 0 and reference is None:
             raise ConfigError(f"kl_coef ({config.kl_coef}) > 0 needs a reference policy; pass one or set kl_coef: 0.")

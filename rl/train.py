@@ -1,10 +1,16 @@
 """The training loop both algorithms share: sync weights, roll out, update, log, checkpoint.
 
-An *algorithm* is any object with ``update(episodes, iteration) -> metrics`` and
-``state_dict()`` / ``load_state_dict()`` (:class:`~rl.grpo.GRPO`, :class:`~rl.ppo.PPO`); the
-loop owns everything around it. Four callbacks are the extension points (:class:`Callback`);
+An *algorithm* is any object with ``update(episodes, iteration) -> metrics``,
+``state_dict()`` / ``load_state_dict()`` and ``off_policy`` (:class:`~rl.grpo.GRPO`, :class:`~rl.ppo.PPO`);
+the loop owns everything around it. Four callbacks are the extension points (:class:`Callback`);
 :class:`KeepBest` (keep the weights of the best stretch of training reward) and :class:`Budget` (stop on a
 time or iteration budget) are two.
+
+Weight versions: version ``v`` is the learner's weights before update ``v`` (version 0 the initial
+weights). Without overlap, iteration ``it`` samples with version ``it`` (or up to ``max_staleness``
+older). With ``overlap=True`` iteration ``it + 1`` is sampled on a rollout thread while update ``it``
+runs, so it samples with version ``max(0, it - 1)`` (the weights after update ``it - 2``): staleness
+exactly one version after the first iteration, never more, and each episode sampled by one version.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import math
 import os
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -20,10 +27,14 @@ import torch
 from rl import checkpoint
 from rl.errors import ConfigError
 from rl.policy import TrainablePolicy
-from rl.rollout import Episode, Rollout, RolloutStats, make_specs
+from rl.rollout import Episode, Rollout, RolloutStats, SerialRollout, make_specs
 
 
 class Algorithm(Protocol):
+    off_policy: bool
+    """True when ``update`` takes the old policy's log-probs from the sampler (the episodes' segments), as
+    samples from stale weights need; read only when the trainer overlaps rollout and update."""
+
     def update(self, episodes: Sequence[Episode], iteration: int) -> dict[str, float]: ...
 
     def state_dict(self) -> dict: ...
@@ -59,7 +70,13 @@ class KeepBest(Callback):
 
     A window of several iterations averages over many tasks, so one lucky batch does not win; the
     selected stretch is still an upward-biased estimate of that policy's reward (it won a maximum), so
-    measure the restored policy on held-out tasks. Assumes on-policy rollouts (``max_staleness`` 0).
+    measure the restored policy on held-out tasks.
+
+    With stale samplers (a :class:`Trainer` with ``overlap`` or ``max_staleness``) the newest iteration
+    of a window was sampled by older weights than the learner's: the keeper then copies the learner's
+    weights at every rollout end (one copy per version the samplers may lag, held in memory) and keeps
+    the copy of the version that sampled (``Episode.weight_version``). A window whose sampling weights
+    it never saw (the first iterations after a resume) is not a candidate.
 
     Args:
         policy: the trained policy (its ``get_weights()`` / ``set_weights()`` are used).
@@ -79,16 +96,28 @@ class KeepBest(Callback):
         self.best_iteration: int | None = None
         self.best_reward = -math.inf
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self.lag = 0
+        self.versions: dict[int, dict[str, torch.Tensor]] = {}
+        """With stale samplers: the learner's weights of the last ``lag + 1`` versions."""
+
+    def on_start(self, trainer: "Trainer") -> None:
+        self.lag = trainer.max_staleness + int(trainer.overlap)
 
     def on_rollout_end(self, iteration: int, episodes: Sequence[Episode], stats: RolloutStats) -> None:
+        if self.lag:  # the learner holds version ``iteration`` until this iteration's update
+            self.versions[iteration] = self.policy.get_weights()
+            self.versions = {v: w for v, w in self.versions.items() if v >= iteration - self.lag}
         self.recent.append([e.reward for e in episodes if not math.isnan(e.reward)])
         rewards = [r for rewards in self.recent for r in rewards]
         if len(self.recent) < self.window or not rewards:
             return
         mean = sum(rewards) / len(rewards)
-        if mean > self.best_reward:
+        if mean <= self.best_reward:
+            return
+        weights = self.versions.get(min(e.weight_version for e in episodes)) if self.lag else self.policy.get_weights()
+        if weights is not None:
             self.best_iteration, self.best_reward = iteration, mean
-            self.best_weights = self.policy.get_weights()
+            self.best_weights = weights
 
     def restore(self) -> bool:
         """Set the policy to the best weights; False (nothing changed) when no window was full."""
@@ -181,6 +210,17 @@ def episode_metrics(episodes: Sequence[Episode], stats: RolloutStats) -> dict[st
     return metrics
 
 
+class WeightsSnapshot:
+    """Trainable weights held at one version: what an overlapping :class:`Trainer` gives
+    ``Rollout.set_weights`` in place of the policy (the backends read only ``get_weights()``)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.weights = weights
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return self.weights
+
+
 class Trainer:
     """Runs iterations of roll out -> update, with weight sync, logging and checkpoints.
 
@@ -195,6 +235,13 @@ class Trainer:
         seed: seeds every iteration's tasks and sampling noise (with the iteration number).
         max_staleness: iterations the rollout workers' weights may lag behind the learner's
             (0: sync before every iteration, exact on-policy).
+        overlap: sample iteration ``it + 1`` on a rollout thread while update ``it`` runs. Iteration
+            ``it`` is then sampled with weights version ``max(0, it - 1)`` (staleness exactly 1 after the
+            first iteration), the update must take the old log-probs from the sampler
+            (``algorithm.off_policy``), ``max_staleness`` must be 0, and the rollout must sample with its
+            own weights (a :class:`~rl.rollout.SerialRollout` given a copy of the policy, or Ray workers).
+            Checkpoints then also hold the sampler's weights, so a resumed run samples what the
+            uninterrupted one did.
         logger: a :class:`~rl.logging.MetricsLogger`, or None.
         checkpoint_dir: where checkpoints go, or None for none.
         checkpoint_every: save every this many iterations (and at the end); 0 only at the end.
@@ -202,9 +249,11 @@ class Trainer:
     """
 
     def __init__(self, policy: TrainablePolicy, algorithm: Algorithm, rollout: Rollout, *, iterations: int,
-                 num_groups: int, group_size: int, seed: int = 0, max_staleness: int = 0, logger: Any = None,
-                 checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+                 num_groups: int, group_size: int, seed: int = 0, max_staleness: int = 0, overlap: bool = False,
+                 logger: Any = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
                  callbacks: Sequence[Callback] = ()):
+        if overlap:
+            _check_overlap(policy, algorithm, rollout, max_staleness)
         self.policy = policy
         self.algorithm = algorithm
         self.rollout = rollout
@@ -213,53 +262,121 @@ class Trainer:
         self.group_size = group_size
         self.seed = seed
         self.max_staleness = max_staleness
+        self.overlap = overlap
         self.logger = logger
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self.callbacks = list(callbacks)
         self.iteration = 0
         self.synced_version: int | None = None
+        self.sampler: tuple[dict[str, torch.Tensor], int] | None = None
+        """With overlap: the weights the rollout samples the next iteration with, and their version."""
 
     def save(self) -> str:
         """Write a checkpoint of the current iteration; returns its folder."""
         path = os.path.join(self.checkpoint_dir, f"iter_{self.iteration:06d}")
-        checkpoint.save(path, self.policy, self.algorithm.state_dict(), self.iteration)
+        checkpoint.save(path, self.policy, self.algorithm.state_dict(), self.iteration,
+                        sampler=self.sampler if self.overlap else None)
         return path
 
     def resume(self, path: str) -> None:
-        """Continue from a checkpoint folder: weights, optimizer and iteration are restored."""
+        """Continue from a checkpoint folder: weights, optimizer and iteration are restored (with overlap,
+        the sampler's weights too; a checkpoint without them samples its first iteration with its weights)."""
         state, self.iteration = checkpoint.load(path, self.policy)
         self.algorithm.load_state_dict(state)
+        self.sampler = checkpoint.load_sampler(path) if self.overlap else None
+        self.synced_version = None
+
+    def _specs(self, iteration: int):
+        return make_specs(self.seed, iteration, self.num_groups, self.group_size)
+
+    def _sample(self, iteration: int) -> tuple[list[Episode], RolloutStats, float]:
+        """Sample ``iteration`` with the weights synced so far; also returns when it finished."""
+        episodes, stats = self.rollout.sample(self._specs(iteration))
+        return episodes, stats, time.perf_counter()
+
+    def _sync(self, iteration: int) -> None:
+        """Give the rollout the weights that sample ``iteration`` (unless it holds them already)."""
+        if not self.overlap:
+            if self.synced_version is None or iteration - self.synced_version > self.max_staleness:
+                self.rollout.set_weights(self.policy, iteration)
+                self.synced_version = iteration
+            return
+        if self.sampler is None:  # the first iteration of a run: the learner's weights
+            self.sampler = (self.policy.get_weights(), iteration)
+        weights, version = self.sampler
+        if self.synced_version != version:
+            self.rollout.set_weights(WeightsSnapshot(weights), version)
+            self.synced_version = version
 
     def run(self) -> list[dict[str, float]]:
         """Train to ``iterations``; returns the metrics of every iteration run."""
         history: list[dict[str, float]] = []
         for callback in self.callbacks:
             callback.on_start(self)
-        while self.iteration < self.iterations:
-            it = self.iteration
-            if self.synced_version is None or it - self.synced_version > self.max_staleness:
-                self.rollout.set_weights(self.policy, it)
-                self.synced_version = it
-            episodes, stats = self.rollout.sample(make_specs(self.seed, it, self.num_groups, self.group_size))
-            for callback in self.callbacks:
-                callback.on_rollout_end(it, episodes, stats)
-            start = time.perf_counter()
-            metrics = self.algorithm.update(episodes, it)
-            metrics["time/update"] = time.perf_counter() - start
-            metrics |= episode_metrics(episodes, stats)
-            metrics["weight_lag"] = float(it - min(e.weight_version for e in episodes))
-            history.append(metrics)
-            self.iteration = it + 1
-            if self.logger is not None:
-                self.logger.log(it, metrics)
-            stop = any([callback.on_step(it, metrics) for callback in self.callbacks])
-            due = self.checkpoint_every and self.iteration % self.checkpoint_every == 0
-            if self.checkpoint_dir and (stop or due or self.iteration == self.iterations):
-                self.save()
-            if stop:
-                break
+        background = ThreadPoolExecutor(1, thread_name_prefix="rollout") if self.overlap else None
+        pending: Future | None = None  # the next iteration's rollout, running while this update runs
+        try:
+            while self.iteration < self.iterations:
+                it = self.iteration
+                begun = time.perf_counter()
+                if pending is None:
+                    self._sync(it)
+                    episodes, stats, _ = self._sample(it)
+                else:
+                    episodes, stats, _ = pending.result()
+                    pending = None
+                waited = time.perf_counter() - begun
+                for callback in self.callbacks:
+                    callback.on_rollout_end(it, episodes, stats)
+                if self.overlap:
+                    if self.sampler is None or self.sampler[1] != it:
+                        self.sampler = (self.policy.get_weights(), it)  # version it samples iteration it + 1
+                    if it + 1 < self.iterations:
+                        self._sync(it + 1)
+                        pending = background.submit(self._sample, it + 1)
+                start = time.perf_counter()
+                metrics = self.algorithm.update(episodes, it)
+                end = time.perf_counter()
+                hidden = 0.0
+                if pending is not None:  # the share of the update during which the next rollout ran
+                    finished = pending.result()[2] if pending.done() else end
+                    hidden = min(1.0, max(0.0, (finished - start) / max(end - start, 1e-9)))
+                metrics |= {"time/update": end - start, "time/update_hidden": hidden, "time/rollout_wait": waited,
+                            "time/iteration": end - begun}
+                metrics |= episode_metrics(episodes, stats)
+                lags = [it - e.weight_version for e in episodes]
+                metrics |= {"rollout/staleness_mean": sum(lags) / len(lags), "rollout/staleness_max": float(max(lags))}
+                history.append(metrics)
+                self.iteration = it + 1
+                if self.logger is not None:
+                    self.logger.log(it, metrics)
+                stop = any([callback.on_step(it, metrics) for callback in self.callbacks])
+                due = self.checkpoint_every and self.iteration % self.checkpoint_every == 0
+                if self.checkpoint_dir and (stop or due or self.iteration == self.iterations):
+                    self.save()
+                if stop:
+                    break
+        finally:
+            if background is not None:  # a rollout left running (training stopped or failed) ends, unused
+                background.shutdown(wait=True)
         for callback in self.callbacks:
             callback.on_end(history)
         return history
 
+
+def _check_overlap(policy: TrainablePolicy, algorithm: Algorithm, rollout: Rollout, max_staleness: int) -> None:
+    """Refuse what overlapping rollout and update cannot do correctly (see ``Trainer``'s ``overlap``)."""
+    if max_staleness:
+        raise ConfigError(f"max_staleness ({max_staleness}) must be 0 with overlap: overlap already samples each "
+                          "iteration with the weights one update behind the learner. Set max_staleness to 0.")
+    if not algorithm.off_policy:
+        raise ConfigError(f"overlap samples each iteration with the weights one update behind the learner, so the "
+                          f"update must take the old log-probs from the sampler, and {type(algorithm).__name__} "
+                          "does not (off_policy False). Use GRPO with GRPOConfig(off_policy=True) "
+                          "(grpo.off_policy: true), or overlap off.")
+    if isinstance(rollout, SerialRollout) and rollout.policy is policy:
+        raise ConfigError("overlap needs a rollout that samples with its own copy of the weights, but this "
+                          "SerialRollout samples with the learner's policy object, which the update changes while "
+                          "the next rollout runs. Build it with a copy: SerialRollout(copy.deepcopy(policy), ...) "
+                          "(RolloutConfig.build does this when overlap is on).")

@@ -69,4 +69,16 @@ def test_grpo_on_visgen_with_ray_workers(ray_session, teacher_data, tmp_path):
                           rollout={"backend": "ray", "num_workers": 2, "num_envs": 2, "worker_num_cpus": 0.25})
     assert main(["train", "--config", config]) == 0
     record = read_metrics(str(run / "metrics.jsonl"))[0]
-    assert record["worker_restarts"] == 0 and record["weight_lag"] == 0
+    assert record["worker_restarts"] == 0 and record["rollout/staleness_max"] == 0
+
+
+@pytest.mark.slow
+def test_grpo_with_overlapped_rollouts_through_the_command(teacher_data, tmp_path):
+    run = tmp_path / "overlap"
+    config = write_config(tmp_path / "overlap.yaml", teacher_data, run, iterations=3,
+                          rollout={"num_envs": 4, "mode": "async"})
+    assert main(["train", "--config", config, "--set", "rollout.overlap=true"]) == 2  # needs the correction
+    assert main(["train", "--config", config, "--set", "rollout.overlap=true", "--set", "grpo.off_policy=true"]) == 0
+    records = read_metrics(str(run / "metrics.jsonl"))
+    assert [r["rollout/staleness_max"] for r in records] == [0.0, 1.0, 1.0]
+    assert os.path.exists(run / "checkpoints" / "iter_000003" / "sampler.pt")

@@ -4,6 +4,7 @@ The writers are forked from the test process (the tiny model is already built, s
 milliseconds) and killed at random moments; the parent then checks the folders as a rerun would.
 """
 
+import copy
 import multiprocessing
 import os
 import random
@@ -137,17 +138,19 @@ def test_policy_folder_left_by_a_killed_save_is_refused(tokenizer, tmp_path):
         policy.save(folder)  # a save replaces the folder whole, so it keeps off files it did not write
 
 
-def make_trainer(tokenizer, directory, callbacks=()):
+def make_trainer(tokenizer, directory, callbacks=(), overlap=False):
     policy = tiny_policy(tokenizer, max_new_tokens=8)
-    algorithm = GRPO(policy, reference_policy(policy), GRPOConfig(2, 2, kl_coef=0.05, minibatch_size=4))
-    return Trainer(policy, algorithm, SerialRollout(policy, lambda: LetterEnv(turns=2), 4), iterations=3,
-                   num_groups=2, group_size=2, seed=3, checkpoint_dir=os.path.join(directory, "checkpoints"),
-                   checkpoint_every=1, callbacks=callbacks)
+    algorithm = GRPO(policy, reference_policy(policy), GRPOConfig(2, 2, kl_coef=0.05, minibatch_size=4,
+                                                                  off_policy=overlap))
+    sampler = copy.deepcopy(policy) if overlap else policy
+    return Trainer(policy, algorithm, SerialRollout(sampler, lambda: LetterEnv(turns=2), 4), iterations=3,
+                   num_groups=2, group_size=2, seed=3, overlap=overlap,
+                   checkpoint_dir=os.path.join(directory, "checkpoints"), checkpoint_every=1, callbacks=callbacks)
 
 
-def train_resuming(tokenizer, directory: str, callbacks=()) -> Trainer:
+def train_resuming(tokenizer, directory: str, callbacks=(), overlap=False) -> Trainer:
     """What ``rl train`` does: resume from the newest complete checkpoint, continue the log, run."""
-    trainer = make_trainer(tokenizer, directory, callbacks=callbacks)
+    trainer = make_trainer(tokenizer, directory, callbacks, overlap)
     found = checkpoint.latest(trainer.checkpoint_dir)
     if found is not None:
         trainer.resume(found)
@@ -163,7 +166,8 @@ def logged(directory: str) -> list[tuple[int, float]]:
     return [(r["step"], r["reward"]) for r in read_metrics(os.path.join(directory, "metrics.jsonl"))]
 
 
-def test_a_resumed_run_logs_each_step_once(tokenizer, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_resumed_run_logs_each_step_once(tokenizer, tmp_path, overlap):
     class Killed(Exception):
         pass
 
@@ -175,32 +179,33 @@ def test_a_resumed_run_logs_each_step_once(tokenizer, tmp_path):
 
     interrupted = str(tmp_path / "interrupted")
     with pytest.raises(Killed):
-        train_resuming(tokenizer, interrupted, [KillAfterLogging()])
+        train_resuming(tokenizer, interrupted, [KillAfterLogging()], overlap)
     assert [step for step, _ in logged(interrupted)] == [0, 1]
     assert checkpoint.latest(os.path.join(interrupted, "checkpoints")).endswith("iter_000001")
     with open(os.path.join(interrupted, "metrics.jsonl"), "a") as handle:
         handle.write('{"step": 2, "rew')  # and a line that a killed writer left cut short
-    resumed = train_resuming(tokenizer, interrupted)
-    straight = train_resuming(tokenizer, str(tmp_path / "straight"))
+    resumed = train_resuming(tokenizer, interrupted, (), overlap)
+    straight = train_resuming(tokenizer, str(tmp_path / "straight"), (), overlap)
     assert logged(interrupted) == logged(str(tmp_path / "straight"))  # steps 0-2, once each, same rewards
     final, again = straight.policy.get_weights(), resumed.policy.get_weights()
     assert all(torch.equal(final[k], again[k]) for k in final)
 
 
 @pytest.mark.slow
-def test_training_killed_at_random_moments_resumes_to_the_same_log(tokenizer, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_training_killed_at_random_moments_resumes_to_the_same_log(tokenizer, tmp_path, overlap):
     straight = str(tmp_path / "straight")
     start = time.perf_counter()
-    train_resuming(tokenizer, straight)
+    train_resuming(tokenizer, straight, (), overlap)
     duration = time.perf_counter() - start
     directory, rng, kills = str(tmp_path / "killed"), random.Random(1), 0
     for _ in range(4):
-        child = forked(train_resuming, tokenizer, directory)
+        child = forked(train_resuming, tokenizer, directory, (), overlap)
         time.sleep(rng.uniform(0.0, duration / 3))
         if child.is_alive():
             os.kill(child.pid, signal.SIGKILL)
             kills += 1
         child.join()
     assert kills >= 2
-    train_resuming(tokenizer, directory)
+    train_resuming(tokenizer, directory, (), overlap)
     assert logged(directory) == logged(straight)

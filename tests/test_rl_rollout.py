@@ -134,7 +134,7 @@ def test_stale_weights_sync_on_schedule_and_grpo_uses_the_sampler_logprobs(ray_s
         history = trainer.run()
     finally:
         rollout.close()
-    assert [m["weight_lag"] for m in history] == [0.0, 1.0, 0.0]
+    assert [m["rollout/staleness_max"] for m in history] == [0.0, 1.0, 0.0]
     # iteration 1 sampled with the weights of iteration 0: the learner's log-probs moved away from them
     assert history[0]["sampler_logprob_gap"] < 1e-4 < history[1]["sampler_logprob_gap"]
 
