@@ -52,18 +52,10 @@ from visenv.envs.visgen import VisGenEnv
 from visenv.rewards.rubric import DelayedRubric
 
 
-class TrainablePacedPolicy(PacedAgentPolicy):
-    """The paced agent as a rollout's sampler: ``set_weights`` loads the learner's weights into its LM."""
-
-    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.lm.set_weights(weights)
-
-
-def paced_policy(folder: str, max_new_tokens: int) -> TrainablePacedPolicy:
+def paced_policy(folder: str, max_new_tokens: int) -> PacedAgentPolicy:
     """A Ray worker's sampler: the saved tiny LM (the learner's weights follow) paced by the random agent."""
     torch.set_num_threads(1)
-    return TrainablePacedPolicy(CausalLMPolicy.from_pretrained(folder, max_new_tokens=max_new_tokens),
-                                AgentPolicy(RandomAgent))
+    return PacedAgentPolicy.from_pretrained(folder, agent=AgentPolicy(RandomAgent), max_new_tokens=max_new_tokens)
 
 
 class Rewards(Callback):
@@ -79,7 +71,8 @@ class Rewards(Callback):
 def train(args, folder: str, make_env, backend: str, overlap: bool) -> dict[str, Any]:
     learner = CausalLMPolicy.from_pretrained(folder, max_new_tokens=args.max_new_tokens)
     if backend == "serial":
-        sampler = TrainablePacedPolicy(copy.deepcopy(learner), AgentPolicy(RandomAgent))
+        sampler = PacedAgentPolicy(copy.deepcopy(learner.model), learner.tokenizer, AgentPolicy(RandomAgent),
+                                   max_new_tokens=args.max_new_tokens)
         rollout = SerialRollout(sampler, make_env, args.envs, mode="async")
     else:
         rollout = RayRollout(functools.partial(paced_policy, folder, args.max_new_tokens), make_env, num_workers=1,
@@ -137,7 +130,8 @@ def main() -> None:
     probe = VisGenEnv(max_turns=args.max_turns)
     tokenizer = train_tokenizer([probe.reset(seed=i)[0]["text"] for i in range(100)], 2000)
     lm = CausalLMPolicy(tiny_causal_lm(len(tokenizer)), tokenizer, max_new_tokens=args.max_new_tokens)
-    run_episodes(PacedAgentPolicy(lm, AgentPolicy(RandomAgent)), [probe], make_specs(1, 0, 2, 1))  # warm-up
+    run_episodes(PacedAgentPolicy(lm.model, tokenizer, AgentPolicy(RandomAgent), max_new_tokens=args.max_new_tokens),
+                 [probe], make_specs(1, 0, 2, 1))  # warm-up
     folder = tempfile.mkdtemp(prefix="overlap-policy-")
     lm.save(folder)
     backends = args.backends.split(",")
