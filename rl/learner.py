@@ -41,8 +41,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rl.errors import ConfigError, RolloutError
+from rl.errors import RolloutError
 from rl.policy import TrainablePolicy
+from rl.rollout import check_cluster_fits
 
 
 @dataclass(frozen=True)
@@ -182,11 +183,7 @@ class LearnerGroup:
 
         if not ray.is_initialized():
             raise RolloutError("LearnerGroup needs Ray running: call ray.init() (or rl.config.start_ray) first.")
-        total = ray.cluster_resources()
-        if num_workers * num_cpus > total.get("CPU", 0) or num_workers * num_gpus > total.get("GPU", 0):
-            raise ConfigError(f"learner.num_workers ({num_workers}) x (num_cpus {num_cpus}, num_gpus {num_gpus}) "
-                              f"exceed the cluster's CPU {total.get('CPU', 0)} / GPU {total.get('GPU', 0)}: lower "
-                              "num_workers or the per-worker resources.")
+        check_cluster_fits(f"learner.num_workers ({num_workers})", num_workers, num_cpus, num_gpus)
         self._ray = ray
         self.policy = policy
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(LearnerWorker)

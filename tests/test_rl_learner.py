@@ -1,16 +1,20 @@
-"""The distributed learner: two gloo workers (Ray actors) take the one-process update on the same batch."""
+"""The distributed learner: two gloo workers (Ray actors) take the one-process update on the same batch,
+checkpoint rank 0 and resume exactly."""
 
 import functools
 import json
+import os
 
 import pytest
 import torch
 
+from rl import checkpoint
 from rl.grpo import GRPO, GRPOConfig
-from rl.hf import reference_policy
+from rl.hf import CausalLMPolicy, reference_policy
 from rl.learner import LearnerGroup, Shard
 from rl.rollout import SerialRollout, make_specs
 from rl.sft import SFTStage, run_pst
+from rl.train import Trainer
 from rl_helpers import LetterEnv, echo_examples, echo_tokenizer, tiny_policy
 
 # Parameters after the two-worker update and after the one-process update agree to within ATOL (5e-5,
@@ -96,3 +100,43 @@ def test_two_workers_take_the_one_process_sft_steps(ray_session, tokenizer, tmp_
     assert close(policy.get_weights(), mirror.get_weights()) < ATOL
     assert got[0]["loss"] == pytest.approx(expected[0]["loss"], rel=1e-5)
     assert got[0]["steps"] == expected[0]["steps"] == 4
+
+
+def deterministic(history):
+    return [{k: v for k, v in m.items() if not k.startswith("time/") and "per_second" not in k} for m in history]
+
+
+def group_trainer(tokenizer, directory):
+    """A 4-iteration GRPO run on two learner workers that checkpoints every 2 iterations, and its group."""
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    config = GRPOConfig(4, 4, kl_coef=0.05, minibatch_size=8, warmup_steps=5)
+    group = LearnerGroup(policy, make, num_workers=2, num_cpus=0.5).start_grpo(config)
+    rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
+    return Trainer(policy, group, rollout, iterations=4, num_groups=4, group_size=4, seed=5,
+                   checkpoint_dir=str(directory), checkpoint_every=2), group
+
+
+@pytest.mark.slow
+def test_a_learner_group_run_checkpoints_rank_0_and_resumes_exactly(ray_session, tokenizer, tmp_path):
+    full, group = group_trainer(tokenizer, tmp_path / "a")
+    try:
+        history = full.run()
+    finally:
+        group.close()
+    start = tiny_policy(tokenizer, max_new_tokens=8).get_weights()
+    final = full.policy.get_weights()
+    assert close(final, start) > 0  # it trained
+    path = checkpoint.latest(str(tmp_path / "a"))
+    saved = CausalLMPolicy.from_pretrained(os.path.join(path, "policy"), max_new_tokens=8).get_weights()
+    assert all(torch.equal(final[k], saved[k]) for k in final)  # the checkpoint holds rank 0's weights
+    resumed, group = group_trainer(tokenizer, tmp_path / "b")
+    try:
+        resumed.resume(path.replace("000004", "000002"))  # weights and optimizer go to every rank
+        rest = resumed.run()
+        rank0, rank1 = group.worker_weights()
+    finally:
+        group.close()
+    assert deterministic(rest) == deterministic(history[2:])
+    again = resumed.policy.get_weights()
+    assert all(torch.equal(final[k], again[k]) and torch.equal(rank0[k], rank1[k]) for k in final)

@@ -9,12 +9,15 @@ trainer seeds 0-4 (at lr 3e-3 two of five seeds stalled at ~0.83: the policy lea
 max_new_tokens and its entropy collapsed, so every group had zero variance); PPO went
 0.549 -> 0.854 in 61 iterations (8.6 s). The caps below leave about 1.8x and 4x headroom."""
 
+import functools
+
 import pytest
 import torch
 
 from rl import core
 from rl.grpo import GRPO, GRPOConfig
 from rl.hf import reference_policy
+from rl.learner import LearnerGroup
 from rl.ppo import PPO, PPOConfig
 from rl.rollout import SerialRollout, make_specs
 from rl.sft import train_sft
@@ -23,6 +26,7 @@ from rl_helpers import ECHO, LetterEnv, echo_examples, echo_tokenizer, tiny_poli
 
 GRPO_THRESHOLD, GRPO_MAX_ITERATIONS = 0.9, 300
 PPO_THRESHOLD, PPO_MAX_ITERATIONS = 0.85, 250
+TWO_WORKER_THRESHOLD, TWO_WORKER_MAX_ITERATIONS = 0.75, 150
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,27 @@ def test_grpo_learns_tool_echo(warm_state):
     assert start < 0.8, f"the warm start is already too good ({start:.3f}): the test would prove nothing"
     assert sum(stop.rewards[-5:]) / 5 >= GRPO_THRESHOLD, (
         f"GRPO reached {sum(stop.rewards[-5:]) / 5:.3f} after {len(history)} iterations (from {start:.3f})")
+
+
+@pytest.mark.slow
+def test_grpo_learns_tool_echo_on_two_learner_workers(ray_session, warm_state):
+    """The same run as above, its updates on two gloo learner actors (rl.learner), to a lower bar
+    (TWO_WORKER_THRESHOLD) so that it stays short; the rollouts run serially on the driver's mirror of rank 0."""
+    policy = warm_policy(warm_state)
+    config = GRPOConfig(tasks_per_iteration=8, group_size=8, learning_rate=1e-3, kl_coef=0.0)
+    stop = StopAtThreshold(TWO_WORKER_THRESHOLD)
+    group = LearnerGroup(policy, functools.partial(warm_policy, warm_state), num_workers=2, num_cpus=0.5)
+    try:
+        trainer = Trainer(policy, group.start_grpo(config), SerialRollout(policy, ECHO.make, 64),
+                          iterations=TWO_WORKER_MAX_ITERATIONS, num_groups=8, group_size=8, callbacks=[stop])
+        history = trainer.run()
+    finally:
+        group.close()
+    start = sum(m["reward"] for m in history[:5]) / 5
+    assert start < 0.65, f"the warm start is already too good ({start:.3f}): the test would prove nothing"
+    assert sum(stop.rewards[-5:]) / 5 >= TWO_WORKER_THRESHOLD, (
+        f"GRPO on two learner workers reached {sum(stop.rewards[-5:]) / 5:.3f} after {len(history)} iterations "
+        f"(from {start:.3f})")
 
 
 @pytest.mark.slow
