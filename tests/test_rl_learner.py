@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rl import checkpoint
+from rl.cli import main
 from rl.errors import ConfigError
 from rl.grpo import GRPO, GRPOConfig
 from rl.hf import CausalLMPolicy, reference_policy
@@ -148,3 +149,21 @@ def test_a_learner_group_run_checkpoints_rank_0_and_resumes_exactly(ray_session,
     assert deterministic(rest) == deterministic(history[2:])
     again = resumed.policy.get_weights()
     assert all(torch.equal(final[k], again[k]) and torch.equal(rank0[k], rank1[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_rl_sft_on_two_learner_workers_saves_the_one_process_policy(ray_session, tmp_path):
+    data = tmp_path / "echo.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in echo_examples(60, 0.5)))
+    common = ["sft", "--set", f"stages=[{{visual: {data}, batch_size: 9, max_steps: 3}}]",
+              "--set", "tiny={vocab_size: 400, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}"]
+    assert main([*common, "--output_dir", str(tmp_path / "one")]) == 0
+    assert main([*common, "--output_dir", str(tmp_path / "two"), "--learner.num_workers", "2",
+                 "--learner.num_cpus", "0.5"]) == 0
+    one, two = (CausalLMPolicy.from_pretrained(str(tmp_path / name / "policy")).get_weights() for name in ("one", "two"))
+    assert close(one, two) < ATOL
+    logged = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "two")}
+    assert [row["step"] for row in logged["two"]] == [1, 2, 3]  # rank 0's step metrics reach the driver's log
+    losses = {name: [row["sft_loss"] for row in rows] for name, rows in logged.items()}
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-5)
+    assert losses["one"][2] < losses["one"][0]  # it trained
