@@ -114,8 +114,9 @@ class LearnerWorker:
         import torch.distributed as dist
 
         dist.init_process_group(backend, init_method=address, rank=self.shard.rank, world_size=self.shard.world_size)
-        if backend == "nccl":
-            torch.cuda.set_device(0)  # Ray gives each GPU actor its own visible device
+        if backend == "nccl":  # Ray gives each GPU actor its own visible device; nccl reduces CUDA tensors
+            torch.cuda.set_device(0)
+            self.policy.model.to("cuda")
 
     def start_grpo(self, config: Any, weights: dict[str, torch.Tensor]) -> None:
         """Set the replica to ``weights`` (the reference is a copy of them) and build its GRPO update."""
