@@ -29,23 +29,28 @@ import sys
 
 from baselines.data import add_data_commands
 from rl import checkpoint
-from rl.config import EvalConfig, SFTConfig, TrainConfig, add_options, load, overrides_from, to_dict
+from rl.config import EvalConfig, LearnerConfig, SFTConfig, TrainConfig, add_options, load, overrides_from, to_dict
 from rl.errors import VisenvError
 from rl.jobs.cli import add_job_commands
+from rl.learner import LearnerGroup
 from rl.logging import MetricsLogger
 from rl.rollout import SerialRollout, make_specs
 from rl.train import Trainer, episode_metrics
 from visenv.imports import import_object
 
 
-def run_sft(config: SFTConfig, progress: bool = True) -> str:
-    """Run the PST stages; returns the folder of the fine-tuned policy."""
+def run_sft(config: SFTConfig, progress: bool = True, learner: LearnerConfig | None = None) -> str:
+    """Run the PST stages (on ``learner``, by default ``config.learner``); returns the folder of the
+    fine-tuned policy."""
+    import copy
+    import functools
     import random
 
     from rl.hf import CausalLMPolicy, tiny_causal_lm
     from rl.sft import run_pst
     from rl.tokenizer import train_tokenizer
 
+    learner = learner or config.learner
     if config.model == "tiny":
         texts = [m["content"] for stage in config.stages for example in stage.examples(random.Random(config.seed))
                  for m in example]
@@ -56,7 +61,14 @@ def run_sft(config: SFTConfig, progress: bool = True) -> str:
     else:
         policy = CausalLMPolicy.from_pretrained(config.model, chat=config.chat)
     logger = MetricsLogger(config.output_dir, tensorboard=False, total=None)
-    results = run_pst(policy, config.stages, config.seed, on_step=logger.log)
+    if learner.num_workers > 1:
+        group = learner.start(policy, functools.partial(copy.deepcopy, policy))
+        try:
+            results = group.run_pst(config.stages, config.seed, on_step=logger.log)
+        finally:
+            group.close()
+    else:
+        results = run_pst(policy, config.stages, config.seed, on_step=logger.log)
     logger.close()
     path = os.path.join(config.output_dir, "policy")
     policy.save(path)
@@ -69,21 +81,30 @@ def run_sft(config: SFTConfig, progress: bool = True) -> str:
 
 
 def run_train(config: TrainConfig) -> list[dict[str, float]]:
-    """PST (when configured) then GRPO or PPO; resumes from the newest checkpoint when asked."""
+    """PST (when configured) then GRPO or PPO; resumes from the newest checkpoint when asked.
+
+    With ``learner.num_workers`` > 1 the SFT warm start and GRPO run on a :class:`rl.learner.LearnerGroup`.
+    """
     from rl.grpo import GRPO
     from rl.hf import reference_policy
     from rl.ppo import PPO
 
+    ray_rollout = config.rollout.backend == "ray"
+    rollout_cpus = config.rollout.num_workers * config.rollout.worker_num_cpus if ray_rollout else 0.0
     if config.sft is not None:
         sft_policy = os.path.join(config.sft.output_dir, "policy")
         if not (config.resume and checkpoint.incomplete(sft_policy) is None):  # a killed SFT save is redone
-            run_sft(config.sft, progress=config.progress)
+            run_sft(config.sft, progress=config.progress, learner=config.learner)
         config.policy.model = sft_policy
     policy_config = config.policy.for_env(config.env)
     policy = policy_config.build()
     settings = config.grpo if config.algorithm == "grpo" else config.ppo
-    reference = reference_policy(policy) if settings.kl_coef > 0 else None
-    algorithm = (GRPO if config.algorithm == "grpo" else PPO)(policy, reference, settings)
+    if config.learner.num_workers > 1:
+        algorithm = config.learner.start(policy, policy_config.build, config.rollout.ray_address,
+                                         rollout_cpus).start_grpo(settings)
+    else:
+        reference = reference_policy(policy) if settings.kl_coef > 0 else None
+        algorithm = (GRPO if config.algorithm == "grpo" else PPO)(policy, reference, settings)
     rollout = config.rollout.build(policy, policy_config.build, config.env.make)
     checkpoints = os.path.join(config.output_dir, "checkpoints")
     num_groups, group_size = config.groups
@@ -102,6 +123,8 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
     finally:
         trainer.logger.close()
         rollout.close()
+        if isinstance(algorithm, LearnerGroup):
+            algorithm.close()
 
 
 def run_record(config: EvalConfig) -> dict[str, float]:

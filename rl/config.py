@@ -304,6 +304,58 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_dr
 
 
 @dataclass
+class LearnerConfig:
+    """The learner: this process, or a data-parallel group of Ray actors (:mod:`rl.learner`, docs/scaling.md).
+
+    Attributes:
+        num_workers: learner processes; 1 trains in this process (no Ray), more start that many Ray
+            actors, each holding a replica of the policy that trains on its share of every minibatch
+            (gradients summed over a torch.distributed group): the same update as one process.
+        num_cpus: (num_workers > 1) CPUs each learner actor reserves (fractions allowed).
+        num_gpus: (num_workers > 1) GPUs each learner actor reserves: 0 on CPU, 1 with backend "nccl".
+        backend: the torch.distributed backend: "gloo" (CPU) or "nccl" (one GPU per worker).
+        torch_threads: (num_workers > 1) torch threads per learner actor.
+    """
+
+    num_workers: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    backend: str = "gloo"
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.torch_threads < 1:
+            raise ConfigError(f"learner.num_workers ({self.num_workers}) and learner.torch_threads "
+                             f"({self.torch_threads}) must be at least 1.")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError(f"learner.num_cpus ({self.num_cpus}) and learner.num_gpus ({self.num_gpus}) must be >= 0.")
+        if self.backend not in ("gloo", "nccl"):
+            raise ConfigError(f"learner.backend ({self.backend!r}) must be 'gloo' (CPU) or 'nccl' (GPUs).")
+        if self.backend == "nccl" and self.num_gpus != 1:
+            raise ConfigError(f"learner.backend 'nccl' needs learner.num_gpus 1 (one GPU per worker), got "
+                             f"{self.num_gpus}; use backend 'gloo' on CPU.")
+
+    def start(self, policy, make_policy: Callable[[], Any], ray_address: str | None = None, other_cpus: float = 0.0):
+        """The :class:`rl.learner.LearnerGroup` of ``num_workers`` actors, starting from ``policy``'s weights.
+
+        Ray is started (or joined at ``ray_address``) when it is not running; on a local Ray the learner
+        actors and ``other_cpus`` (e.g. the rollout workers') must fit this machine's CPUs.
+        """
+        import ray
+
+        from rl.learner import LearnerGroup
+
+        needed, cpus = self.num_workers * self.num_cpus + other_cpus, os.cpu_count() or 1
+        if ray_address is None and not ray.is_initialized() and needed > cpus:
+            raise ConfigError(f"learner.num_workers ({self.num_workers}) x learner.num_cpus ({self.num_cpus}) and "
+                              f"{other_cpus:g} CPUs of rollout workers need {needed:g} CPUs; this machine has {cpus}. "
+                              "Lower num_workers or num_cpus (fractions allowed), or join a cluster.")
+        start_ray(ray_address)
+        return LearnerGroup(policy, make_policy, self.num_workers, self.num_cpus, self.num_gpus, self.backend,
+                            self.torch_threads)
+
+
+@dataclass
 class TinyModelConfig:
     """A Llama built from scratch, with a BPE tokenizer trained on the SFT data.
 
@@ -338,6 +390,7 @@ class SFTConfig:
         stages: the PST stages, in order.
         seed: seeds data mixing, batching and the tiny model's initialisation.
         output_dir: where the fine-tuned policy folder ("policy") and metrics go.
+        learner: the learner processes (``rl sft``; within ``rl train`` the top-level learner applies).
     """
 
     model: str = "tiny"
@@ -346,6 +399,7 @@ class SFTConfig:
     stages: list[SFTStage] = field(default_factory=list)
     seed: int = 0
     output_dir: str = "runs/sft"
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -361,6 +415,7 @@ class TrainConfig:
         env: the environment.
         policy: the policy to train (its model is replaced by the SFT result when sft is set).
         rollout: rollout backend and layout.
+        learner: the learner processes (of the SFT warm start too); more than one needs algorithm "grpo".
         grpo: GRPO hyperparameters (algorithm "grpo").
         ppo: PPO hyperparameters (algorithm "ppo").
         sft: PST stages to run first, or null.
@@ -378,6 +433,7 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sft: SFTConfig | None = None
@@ -405,6 +461,12 @@ class TrainConfig:
             raise ConfigError(f"rollout.overlap: true with algorithm {self.algorithm!r} needs the off-policy "
                               "correction (the old log-probs from the sampler, one update behind the learner): "
                               "use algorithm 'grpo' with grpo.off_policy: true, or rollout.overlap: false.")
+        if self.algorithm == "ppo" and self.learner.num_workers > 1:
+            raise ConfigError(f"learner.num_workers ({self.learner.num_workers}) > 1 needs algorithm 'grpo': the "
+                             "distributed learner runs GRPO (and SFT); PPO trains in one process. Set it to 1.")
+        if self.sft is not None and self.sft.learner not in (LearnerConfig(), self.learner):
+            raise ConfigError("sft.learner is set inside rl train's sft section: the top-level learner section "
+                             "applies to the warm start too. Move the settings to learner: and remove sft.learner.")
         if self.sft is None and not self.policy.model:
             raise ConfigError("policy.model is empty and there is no sft section: give a model folder, or an "
                              "sft section to build one first.")

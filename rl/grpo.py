@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -29,6 +29,9 @@ from rl.rollout import Episode
 
 CREDITS = ("episode", "turn")
 ANCHORS = ("history", "turn")
+
+if TYPE_CHECKING:
+    from rl.learner import Shard
 
 
 @dataclass
@@ -129,9 +132,16 @@ class GRPO:
         policy: the policy to train.
         reference: the frozen reference policy for the KL penalty (None when ``kl_coef`` is 0).
         config: hyperparameters.
+        shard: this process's place in a data-parallel learner group (:class:`rl.learner.Shard`), or None
+            for a learner of one process. With a shard, every process holds all of the iteration's
+            episodes and computes the same advantages and minibatches; it runs forward/backward on its
+            share of each minibatch only, with the loss normalised over the whole minibatch, and the
+            gradients (and diagnostics) are summed over the group before the step: the update is the
+            one-process update.
     """
 
-    def __init__(self, policy: TrainablePolicy, reference: TrainablePolicy | None, config: GRPOConfig):
+    def __init__(self, policy: TrainablePolicy, reference: TrainablePolicy | None, config: GRPOConfig,
+                 shard: "Shard | None" = None):
         if config.kl_coef > 0 and reference is None:
             raise ConfigError(f"kl_coef ({config.kl_coef}) > 0 needs a reference policy; pass one or set kl_coef: 0.")
         self.policy = policy
@@ -142,6 +152,11 @@ class GRPO:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.group_size = config.group_size
+        self.shard = shard
+
+    def _mine(self, minibatch: list[int]) -> list[int]:
+        """The rows of a minibatch that this process runs (all of them without a shard)."""
+        return minibatch if self.shard is None else self.shard.part(minibatch)
 
     @property
     def off_policy(self) -> bool:
@@ -210,24 +225,23 @@ class GRPO:
         if not exact_detach:
             with torch.no_grad():
                 for minibatch in minibatches:
-                    for key in batches.chunks(minibatch):
+                    for key in batches.chunks(self._mine(minibatch)):
                         if key not in old:
                             batch = batches[key]
                             old[key] = (batch.sampled_logprobs if cfg.off_policy
                                         else self.policy.score(batch).logprobs.detach())
         # 3. Clipped surrogate + KL, one AdamW step per minibatch; the forward/backward passes run chunk
-        # by chunk (gradients accumulate; the loss is normalised over the whole minibatch).
+        # by chunk (gradients accumulate; the loss is normalised over the whole minibatch, of every shard).
         sums: dict[str, float] = {}
         for minibatch in minibatches:
             keys = batches.chunks(minibatch)
             denominator = max(1.0, sum(core.aggregate_count(batches[k].loss_mask, cfg.loss_aggregation) for k in keys))
             tokens = sum(float(batches[k].loss_mask.sum()) for k in keys)
-            step = dict.fromkeys(["clip_fraction", "entropy", "sampler_logprob_gap", "advantage_token_mean",
+            step = dict.fromkeys(["loss", "clip_fraction", "entropy", "sampler_logprob_gap", "advantage_token_mean",
                                   "advantage_token_square", "advantage_positive"]
                                  + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
             self.optimizer.zero_grad(set_to_none=True)
-            loss_value = 0.0
-            for key in keys:
+            for key in batches.chunks(self._mine(minibatch)):
                 batch = batches[key]
                 mask = batch.loss_mask.to(self.policy.device)
                 scores = self.policy.score(batch)
@@ -254,12 +268,14 @@ class GRPO:
                     step["kl"] += share * core.masked_mean(kl.detach(), mask).item()
                 loss = core.aggregate_sum(per_token, mask, cfg.loss_aggregation) / denominator
                 loss.backward()
-                loss_value += loss.item()
+                step["loss"] += loss.item()
+            if self.shard is not None:
+                self.shard.sum_gradients(self.policy.parameters(), step)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
             learning_rate = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
-            step |= {"loss": loss_value, "grad_norm": float(grad_norm), "learning_rate": learning_rate}
+            step |= {"grad_norm": float(grad_norm), "learning_rate": learning_rate}
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
         metrics |= {key: value / len(minibatches) for key, value in sums.items()}

@@ -686,6 +686,18 @@ class RolloutWorker:
         return os.getpid()
 
 
+def check_cluster_fits(actors: str, count: int, num_cpus: float, num_gpus: float) -> None:
+    """Raise ConfigError unless ``count`` Ray actors of ``num_cpus`` / ``num_gpus`` each fit the running
+    cluster (else they would wait forever); ``actors`` names them in the message."""
+    import ray
+
+    total = ray.cluster_resources()
+    if count * num_cpus > total.get("CPU", 0) or count * num_gpus > total.get("GPU", 0):
+        raise ConfigError(f"{actors} x (num_cpus {num_cpus}, num_gpus {num_gpus}) exceed the cluster's CPU "
+                          f"{total.get('CPU', 0)} / GPU {total.get('GPU', 0)}: lower num_workers or the per-worker "
+                          "resources.")
+
+
 class RayRollout:
     """Runs episodes in Ray actors; the same results as :class:`SerialRollout` for the same specs.
 
@@ -730,11 +742,7 @@ class RayRollout:
         if not ray.is_initialized():
             raise RolloutError("RayRollout needs Ray running: call ray.init() (or ray.init(address='auto') "
                                "to join a cluster) first.")
-        available = ray.cluster_resources()
-        if num_workers * num_cpus > available.get("CPU", 0) or num_workers * num_gpus > available.get("GPU", 0):
-            raise ConfigError(f"{num_workers} workers x (num_cpus {num_cpus}, num_gpus {num_gpus}) exceed the "
-                             f"cluster's CPU {available.get('CPU', 0)} / GPU {available.get('GPU', 0)}: "
-                             "lower num_workers or the per-worker resources.")
+        check_cluster_fits(f"{num_workers} workers", num_workers, num_cpus, num_gpus)
         self._ray = ray
         self._actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(RolloutWorker)
         self._args = (make_policy, make_env, envs_per_worker, torch_threads, finish, mode, max_concurrent_judges)

@@ -18,14 +18,16 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from rl import core
 from rl.errors import ChatDataError, ConfigError
 from rl.hf import CausalLMPolicy
 from rl.policy import ENV, POLICY, Segment, TokenBatch
+
+if TYPE_CHECKING:
+    from rl.learner import Shard
 
 ENV_ROLES = ("user", "tool")
 
@@ -152,12 +154,17 @@ class SFTStage:
 def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]]], epochs: int,
               batch_size: int, learning_rate: float, seed: int,
               on_step: Callable[[int, dict[str, float]], None] | None = None, max_steps: int | None = None,
-              max_seconds: float | None = None) -> dict[str, float]:
+              max_seconds: float | None = None, shard: Shard | None = None) -> dict[str, float]:
     """Minimise the mean negative log-likelihood of the assistant tokens, in length-bucketed batches.
 
     Training ends after ``epochs`` passes, or earlier when a budget is spent: ``max_steps`` optimizer
     steps, or ``max_seconds`` of wall time since the call (checked after each step, so the step running
     when it runs out finishes). A step budget does the same work on any machine; a time budget does not.
+
+    With ``shard`` (a process of a data-parallel learner group, :class:`rl.learner.Shard`) every process
+    encodes all examples and forms the same batches, runs its share of each batch, normalises by the
+    whole batch's token count and sums gradients over the group: the same step as one process takes.
+    The time budget is rank 0's clock, so every process stops after the same step.
 
     Returns:
         ``loss`` (the last epoch's mean), ``steps``, ``tokens_per_second``, ``seconds`` (wall time of the call).
@@ -167,40 +174,47 @@ def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]
     lengths = [sum(len(s.token_ids) for s in segments) for segments in encoded]
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
-    step, tokens, start = 0, 0, time.perf_counter()
-
-    def spent() -> bool:
-        return step == max_steps or (max_seconds is not None and time.perf_counter() - began >= max_seconds)
-
+    step, tokens, start, spent = 0, 0, time.perf_counter(), False
     for _ in range(epochs):
-        if step and spent():
+        if spent:
             break
         losses = []
         for index in length_batches(lengths, batch_size, rng):
-            batch = TokenBatch.from_segments([encoded[i] for i in index], policy.pad_id)
-            mask = batch.loss_mask.to(policy.device)
-            loss = -core.masked_mean(policy.score(batch).logprobs, mask)
+            mine = index if shard is None else shard.part(index)
+            count = sum(len(s.token_ids) for i in index for s in encoded[i] if s.role == POLICY)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            sums = {"sft_loss": 0.0, "tokens": 0.0}
+            if mine:
+                batch = TokenBatch.from_segments([encoded[i] for i in mine], policy.pad_id)
+                mask = batch.loss_mask.to(policy.device)
+                loss = -(policy.score(batch).logprobs * mask).sum() / max(count, 1)
+                loss.backward()
+                sums = {"sft_loss": loss.item(), "tokens": float(batch.attention_mask.sum())}
+            late = max_seconds is not None and time.perf_counter() - began >= max_seconds
+            sums["late"] = float(late and (shard is None or shard.rank == 0))
+            if shard is not None:
+                shard.sum_gradients(policy.parameters(), sums)
             optimizer.step()
             step += 1
-            tokens += int(batch.attention_mask.sum())
-            losses.append(loss.item())
+            tokens += int(sums["tokens"])
+            losses.append(sums["sft_loss"])
             if on_step is not None:
                 on_step(step, {"sft_loss": losses[-1]})
-            if spent():
+            spent = step == max_steps or sums["late"] > 0
+            if spent:
                 break
     return {"loss": sum(losses) / len(losses), "steps": float(step),
             "tokens_per_second": tokens / (time.perf_counter() - start), "seconds": time.perf_counter() - began}
 
 
 def run_pst(policy: CausalLMPolicy, stages: Sequence[SFTStage], seed: int,
-            on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Run the PST stages in order on ``policy``; one metrics dict per stage."""
+            on_step: Callable[[int, dict[str, float]], None] | None = None,
+            shard: Shard | None = None) -> list[dict[str, float]]:
+    """Run the PST stages in order on ``policy``; one metrics dict per stage (``shard``: see :func:`train_sft`)."""
     rng = random.Random(seed)
     results = []
     for number, stage in enumerate(stages):
         examples = stage.examples(rng)
         results.append(train_sft(policy, examples, stage.epochs, stage.batch_size, stage.learning_rate,
-                                 seed + number, on_step, stage.max_steps, stage.max_seconds))
+                                 seed + number, on_step, stage.max_steps, stage.max_seconds, shard))
     return results

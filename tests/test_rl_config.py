@@ -6,9 +6,10 @@ import os
 import pytest
 
 from rl.cli import build_parser, main
-from rl.config import (EnvConfig, EvalConfig, PolicyConfig, RolloutConfig, SFTConfig, TinyModelConfig,
+from rl.config import (EnvConfig, EvalConfig, LearnerConfig, PolicyConfig, RolloutConfig, SFTConfig, TinyModelConfig,
                        TrainConfig, apply_overrides, from_dict, load, overrides_from, parse_sets, to_dict)
 from rl.errors import ConfigError
+from rl.sft import SFTStage
 from visenv.yamlio import load_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (lambda: SFTConfig(), r"sft.stages is empty"),
     (lambda: EvalConfig(agent="baselines.random_agent"), r"must look like 'module:Class'"),
     (lambda: EnvConfig("Nope-v0"), r"env.id \('Nope-v0'\) is not a registered environment"),
+    (lambda: LearnerConfig(num_workers=0), r"learner.num_workers \(0\) and learner.torch_threads \(1\) must be"),
+    (lambda: LearnerConfig(backend="mpi"), r"learner.backend \('mpi'\) must be 'gloo' \(CPU\) or 'nccl'"),
+    (lambda: LearnerConfig(backend="nccl"), r"backend 'nccl' needs learner.num_gpus 1 .* got 0.0; use backend 'gloo'"),
+    (lambda: LearnerConfig(num_cpus=-1), r"learner.num_cpus \(-1\) .* must be >= 0"),
+    (lambda: TrainConfig(algorithm="ppo", policy=PolicyConfig(model="m"), learner=LearnerConfig(num_workers=2)),
+     r"learner.num_workers \(2\) > 1 needs algorithm 'grpo'"),
+    (lambda: TrainConfig(sft=SFTConfig(stages=[SFTStage("v.jsonl")], learner=LearnerConfig(num_workers=2))),
+     r"sft.learner is set inside rl train's sft section: the top-level learner section applies"),
 ])
 def test_validation_messages(make, message):
     with pytest.raises(ValueError, match=message):
@@ -136,6 +145,7 @@ def test_help_explains_every_option(capsys):
     assert "--grpo.kl_estimator VALUE" in text and '"k1", "k2" or "k3"' in text
     assert "--rollout.max_staleness VALUE" in text and "(default: 0)" in text
     assert "--sft.tiny.hidden_size" in text
+    assert "--learner.num_workers VALUE learner processes; 1 trains in this process" in text
     for command in ("train", "sft", "record"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
@@ -148,6 +158,25 @@ def test_set_options_win_over_section_options_and_reach_nested_fields():
     config = load(TrainConfig, None, overrides_from(args))
     assert (config.policy.model, config.grpo.epochs, config.env.options, config.policy.lora.rank) == (
         "b", 2, {"subjects": ["cat"]}, 4)
+
+
+def test_learner_section_from_yaml_and_options(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("policy: {model: m}\nlearner: {num_workers: 2, num_cpus: 0.5}\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--learner.torch_threads", "2"])
+    learner = load(TrainConfig, args.config, overrides_from(args)).learner
+    assert (learner.num_workers, learner.num_cpus, learner.torch_threads, learner.backend) == (2, 0.5, 2, "gloo")
+    args = build_parser().parse_args(["sft", "--set", "stages=[{visual: v.jsonl}]", "--learner.num_workers", "2"])
+    assert load(SFTConfig, None, overrides_from(args)).learner.num_workers == 2
+    with pytest.raises(ConfigError, match=r"^learner.num_workers: expected an integer, got 1.5"):
+        load(TrainConfig, None, {"policy.model": "m", "learner.num_workers": 1.5})
+
+
+def test_learner_group_must_fit_the_local_cpus(monkeypatch):
+    monkeypatch.setattr("ray.is_initialized", lambda: False)  # the check is made before a local Ray starts
+    needed = os.cpu_count() + 1
+    with pytest.raises(ConfigError, match=rf"learner.num_workers \({needed}\) x learner.num_cpus \(1.0\) and 0 CPUs"):
+        LearnerConfig(num_workers=needed).start(None, None)
 
 
 def test_cli_reports_bad_values_without_a_traceback(capsys):

@@ -1,0 +1,169 @@
+"""The distributed learner: two gloo workers (Ray actors) take the one-process update on the same batch,
+checkpoint rank 0 and resume exactly."""
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+
+from rl import checkpoint
+from rl.cli import main
+from rl.errors import ConfigError
+from rl.grpo import GRPO, GRPOConfig
+from rl.hf import CausalLMPolicy, reference_policy
+from rl.learner import LearnerGroup, Shard
+from rl.rollout import SerialRollout, make_specs
+from rl.sft import SFTStage, run_pst
+from rl.train import Trainer
+from rl_helpers import LetterEnv, echo_examples, echo_tokenizer, tiny_policy
+
+# Parameters after the two-worker update and after the one-process update agree to within ATOL (5e-5,
+# measured 1.6e-5 after four GRPO steps at lr 1e-3 on 2026-12-06): the gradients differ only by float rounding
+# (other chunks, another summation order), but AdamW's first steps move a weight by about the learning
+# rate (1e-3) whatever its gradient's size, so rounding on a near-zero gradient can show as a small
+# share of a step. AdamW is blind to the gradient's scale, so the metrics (the loss and the grad norm
+# before clipping) are compared too: a mean instead of a sum over ranks halves the grad norm.
+ATOL = 5e-5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return echo_tokenizer()
+
+
+def close(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_shard_parts_cover_a_minibatch_once():
+    rows = [7, 3, 9, 1, 4]
+    parts = [Shard(rank, 2).part(rows) for rank in range(2)]
+    assert parts == [[7, 9, 4], [3, 1]]
+    assert Shard(2, 3).part([5]) == []
+
+
+def test_a_learner_group_that_cannot_fit_the_cluster_is_refused_before_any_actor_starts(ray_session, tokenizer):
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    with pytest.raises(ConfigError, match=r"learner.num_workers \(5\) x \(num_cpus 0.5, num_gpus 0.0\) exceed the "
+                                          r"cluster's CPU 2.0"):
+        LearnerGroup(make(), make, num_workers=5, num_cpus=0.5)
+
+
+@pytest.mark.slow
+def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer):
+    torch.set_num_threads(1)
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    start = policy.get_weights()
+    rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
+    batches = [rollout.sample(make_specs(5, it, 4, 4))[0] for it in range(2)]
+    # two minibatches of 8 episodes (two steps per update), per-token loss with a KL term
+    config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=64)
+    single = GRPO(policy, reference_policy(policy), config)
+    expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
+    one_process = policy.get_weights()
+
+    mirror = make()
+    mirror.set_weights(start)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5).start_grpo(config)
+    try:
+        got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
+        rank0, rank1 = group.worker_weights()
+    finally:
+        group.close()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the replicas stay identical
+    assert all(torch.equal(rank0[k], mirror.get_weights()[k]) for k in rank0)  # the driver mirrors rank 0
+    assert close(one_process, start) > 50 * ATOL  # the update moved the weights
+    assert close(one_process, rank0) < ATOL
+    for want, have in zip(expected, got):
+        assert want.keys() == have.keys()
+        for key in ("loss", "kl", "entropy", "grad_norm", "clip_fraction", "episodes_trained"):
+            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_two_workers_take_the_one_process_sft_steps(ray_session, tokenizer, tmp_path):
+    torch.set_num_threads(1)
+    data = tmp_path / "echo.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in echo_examples(40, 0.5)))
+    # batches of 7: the two shards of a batch are uneven (4 + 3), and the last batch (5) too
+    stages = [SFTStage(str(data), batch_size=7, learning_rate=1e-3, max_steps=4)]
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    start = policy.get_weights()
+    expected = run_pst(policy, stages, seed=3)
+    mirror = make()
+    mirror.set_weights(start)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5)
+    steps = []
+    try:
+        got = group.run_pst(stages, seed=3, on_step=lambda step, metrics: steps.append(step))
+        rank0, rank1 = group.worker_weights()
+    finally:
+        group.close()
+    assert steps == [1, 2, 3, 4]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert close(policy.get_weights(), start) > 50 * ATOL
+    assert close(policy.get_weights(), mirror.get_weights()) < ATOL
+    assert got[0]["loss"] == pytest.approx(expected[0]["loss"], rel=1e-5)
+    assert got[0]["steps"] == expected[0]["steps"] == 4
+
+
+def deterministic(history):
+    return [{k: v for k, v in m.items() if not k.startswith("time/") and "per_second" not in k} for m in history]
+
+
+def group_trainer(tokenizer, directory):
+    """A 4-iteration GRPO run on two learner workers that checkpoints every 2 iterations, and its group."""
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    config = GRPOConfig(4, 4, kl_coef=0.05, minibatch_size=8, warmup_steps=5)
+    group = LearnerGroup(policy, make, num_workers=2, num_cpus=0.5).start_grpo(config)
+    rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
+    return Trainer(policy, group, rollout, iterations=4, num_groups=4, group_size=4, seed=5,
+                   checkpoint_dir=str(directory), checkpoint_every=2), group
+
+
+@pytest.mark.slow
+def test_a_learner_group_run_checkpoints_rank_0_and_resumes_exactly(ray_session, tokenizer, tmp_path):
+    full, group = group_trainer(tokenizer, tmp_path / "a")
+    try:
+        history = full.run()
+    finally:
+        group.close()
+    start = tiny_policy(tokenizer, max_new_tokens=8).get_weights()
+    final = full.policy.get_weights()
+    assert close(final, start) > 0  # it trained
+    path = checkpoint.latest(str(tmp_path / "a"))
+    saved = CausalLMPolicy.from_pretrained(os.path.join(path, "policy"), max_new_tokens=8).get_weights()
+    assert all(torch.equal(final[k], saved[k]) for k in final)  # the checkpoint holds rank 0's weights
+    resumed, group = group_trainer(tokenizer, tmp_path / "b")
+    try:
+        resumed.resume(path.replace("000004", "000002"))  # weights and optimizer go to every rank
+        rest = resumed.run()
+        rank0, rank1 = group.worker_weights()
+    finally:
+        group.close()
+    assert deterministic(rest) == deterministic(history[2:])
+    again = resumed.policy.get_weights()
+    assert all(torch.equal(final[k], again[k]) and torch.equal(rank0[k], rank1[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_rl_sft_on_two_learner_workers_saves_the_one_process_policy(ray_session, tmp_path):
+    data = tmp_path / "echo.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in echo_examples(60, 0.5)))
+    common = ["sft", "--set", f"stages=[{{visual: {data}, batch_size: 9, max_steps: 3}}]",
+              "--set", "tiny={vocab_size: 400, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}"]
+    assert main([*common, "--output_dir", str(tmp_path / "one")]) == 0
+    assert main([*common, "--output_dir", str(tmp_path / "two"), "--learner.num_workers", "2",
+                 "--learner.num_cpus", "0.5"]) == 0
+    one, two = (CausalLMPolicy.from_pretrained(str(tmp_path / name / "policy")).get_weights() for name in ("one", "two"))
+    assert close(one, two) < ATOL
+    logged = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "two")}
+    assert [row["step"] for row in logged["two"]] == [1, 2, 3]  # rank 0's step metrics reach the driver's log
+    losses = {name: [row["sft_loss"] for row in rows] for name, rows in logged.items()}
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-5)
+    assert losses["one"][2] < losses["one"][0]  # it trained
