@@ -14,6 +14,11 @@ longest common prefix with the cached ones: a conversation's earlier turns are n
 Weight updates wait for the running rows to finish, then load the weights and drop every kept cache
 (it was computed with the old weights), so each turn is sampled by exactly one weight version.
 
+The running batch's KV cache is preallocated (:class:`SlabLayer`): each decoding step writes its keys
+and values in place, with room reserved for the longest remaining turn when rows join, instead of
+``DynamicCache``'s concatenation (a copy of the whole cache per step and layer). Stop checks and
+sampling are batched tensor operations; the host reads the sampled ids once per step.
+
 Supports causal LMs whose cache layers are full-attention ``DynamicLayer`` s (Llama, Qwen2, Mistral
 without sliding window, ...). Text only: VLM policies keep :meth:`rl.hf.CausalLMPolicy.generate`.
 """
@@ -28,7 +33,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from rl.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, named_tensors
 from rl.policy import POLICY, Conversation, Segment
@@ -90,8 +95,62 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperatures: torch.Ten
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _kv(cache: DynamicCache) -> KV:
+class SlabLayer(DynamicLayer):
+    """A full-attention cache layer over a preallocated buffer ``(B, heads, capacity, head_dim)``.
+
+    :meth:`update` writes the new keys and values in place after the filled columns and returns views
+    of the filled part (``keys``/``values``, as ``DynamicLayer`` exposes them); the buffer is
+    reallocated (doubled) only when a write would pass its capacity. Padding columns hold zeros.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        batch, heads, length, dim = keys.shape
+        self._keys = keys.new_zeros(batch, heads, max(capacity, length), dim)
+        self._values = values.new_zeros(batch, heads, max(capacity, length), values.shape[3])
+        self._keys[:, :, :length] = keys
+        self._values[:, :, :length] = values
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+        self._show(length)
+
+    @classmethod
+    def right_aligned(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], length: int, capacity: int) -> "SlabLayer":
+        """The rows of every part (keys, values) stacked, each part right-aligned at column ``length``."""
+        keys, values = parts[0]
+        layer = cls(keys[:0, :, :0], values[:0, :, :0], 0)
+        batch = sum(k.shape[0] for k, _ in parts)
+        layer._keys = keys.new_zeros(batch, keys.shape[1], max(capacity, length), keys.shape[3])
+        layer._values = values.new_zeros(batch, values.shape[1], max(capacity, length), values.shape[3])
+        row = 0
+        for k, v in parts:
+            layer._keys[row:row + k.shape[0], :, length - k.shape[2]:length] = k
+            layer._values[row:row + v.shape[0], :, length - v.shape[2]:length] = v
+            row += k.shape[0]
+        layer._show(length)
+        return layer
+
+    def _show(self, length: int) -> None:
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
+        if end > self._keys.shape[2]:
+            grow = max(end, 2 * self._keys.shape[2]) - self._keys.shape[2]
+            self._keys = F.pad(self._keys, (0, 0, 0, grow))
+            self._values = F.pad(self._values, (0, 0, 0, grow))
+        self._keys[:, :, start:end] = key_states
+        self._values[:, :, start:end] = value_states
+        self._show(end)
+        return self.keys, self.values
+
+
+def _kv(cache: Cache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _slab(parts: list[KV], length: int, capacity: int) -> Cache:
+    """One preallocated cache holding the rows of every part, right-aligned at column ``length``."""
+    return Cache(layers=[SlabLayer.right_aligned(list(layer), length, capacity) for layer in zip(*parts)])
 
 
 def _pad_left(kv: KV, length: int) -> KV:
@@ -131,7 +190,7 @@ class HFEngine(InferenceEngine):
         self._update: tuple[list[tuple[str, torch.Tensor]], int, Future] | None = None
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
+        self._cache: Cache | None = None
         self._mask = self._logits = None
         self._closed = False
         self._wake = threading.Condition()
@@ -250,12 +309,12 @@ class HFEngine(InferenceEngine):
             self._update = None
         future.set_result(None)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache | None):
         """Next-token logits of every row, and the cache (grown in place by the model)."""
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1)
         layers = out.cache.layers
-        if not all(type(layer) is DynamicLayer for layer in layers):
+        if not all(type(layer) in (DynamicLayer, SlabLayer) for layer in layers):
             raise ConfigError(f"HFEngine supports models whose KV cache is full attention (DynamicLayer); this model "
                               f"uses {sorted({type(layer).__name__ for layer in layers})}. Use "
                               "CausalLMPolicy.generate for it.")
@@ -305,17 +364,14 @@ class HFEngine(InferenceEngine):
         logits, cache = self._forward(ids.to(device), mask, positions.to(device), cache)
         if any(row.done for row in self._rows):
             self._compact([i for i, row in enumerate(self._rows) if not row.done])
+        parts, masks, logits_parts = [_kv(cache)], [mask], [logits]
+        if self._rows:
+            parts, masks, logits_parts = [_kv(self._cache)] + parts, [self._mask] + masks, [self._logits, logits]
         self._rows += rows
-        if self._mask is None:
-            self._cache, self._mask, self._logits = cache, mask, logits
-            return
-        length = max(self._mask.shape[1], mask.shape[1])
-        self._cache = DynamicCache(ddp_cache_data=[
-            (torch.cat([bk, k]), torch.cat([bv, v]))
-            for (bk, bv), (k, v) in zip(_pad_left(_kv(self._cache), length), _pad_left(_kv(cache), length))])
-        self._mask = torch.cat([F.pad(self._mask, (length - self._mask.shape[1], 0)),
-                                F.pad(mask, (length - mask.shape[1], 0))])
-        self._logits = torch.cat([self._logits, logits])
+        length = max(m.shape[1] for m in masks)
+        self._cache = _slab(parts, length, length + self._reserve())
+        self._mask = torch.cat([F.pad(m, (length - m.shape[1], 0)) for m in masks])
+        self._logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits
 
     def _step(self) -> None:
         """Sample one token for every live row, finish the rows that are done, feed the tokens.
@@ -353,10 +409,15 @@ class HFEngine(InferenceEngine):
         self._rows = [self._rows[i] for i in keep]
         self._mask, self._logits = self._mask[index], self._logits[index]
         start = int(self._mask.any(0).nonzero()[0])
-        self._cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
-                                                   for k, v in _kv(self._cache)])
         self._mask = self._mask[:, start:]
+        length = self._mask.shape[1]
+        self._cache = _slab([[(k[index, :, start:], v[index, :, start:]) for k, v in _kv(self._cache)]], length,
+                            length + self._reserve())
         return index
+
+    def _reserve(self) -> int:
+        """The most cache columns a running row may still write (each sampled token but its last is fed)."""
+        return max((row.request.max_new_tokens - len(row.tokens) for row in self._rows if not row.done), default=0)
 
     def _finish(self, i: int, row: _Row, reason: str) -> None:
         session = row.request.session
