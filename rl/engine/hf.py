@@ -69,7 +69,7 @@ class _Row:
 
     request: GenerationRequest
     future: Future
-    uniforms: list[float]
+    uniforms: torch.Tensor
     length: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -84,14 +84,18 @@ class _Session:
     kv: KV
 
 
-def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperatures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperatures: torch.Tensor,
+           any_greedy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row by inverse CDF at the row's uniform (argmax where the temperature is 0), and
-    its log-prob under ``log_softmax(logits / temperature)`` (temperature 1 for greedy rows)."""
+    its log-prob under ``log_softmax(logits / temperature)`` (temperature 1 for greedy rows).
+    ``any_greedy=False`` (no row has temperature 0) skips the argmax."""
     greedy = temperatures == 0
     logp = torch.log_softmax(logits / torch.where(greedy, 1.0, temperatures)[:, None], dim=-1)
     cdf = logp.exp().cumsum(-1)  # first token whose cdf exceeds u: never one of probability 0
-    drawn = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], side="right").squeeze(-1)
-    tokens = torch.where(greedy, logp.argmax(-1), drawn.clamp(max=logits.shape[-1] - 1))
+    tokens = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], side="right").squeeze(-1)
+    tokens = tokens.clamp(max=logits.shape[-1] - 1)
+    if any_greedy:
+        tokens = torch.where(greedy, logp.argmax(-1), tokens)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -182,6 +186,7 @@ class HFEngine(InferenceEngine):
 
     def __init__(self, model, config: HFEngineConfig = HFEngineConfig(), banned_token_ids: Sequence[int] = ()):
         self.model = model.eval()
+        self._device = next(model.parameters()).device
         self.config = config
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.banned = torch.tensor(sorted(banned_token_ids), dtype=torch.long)
@@ -206,7 +211,7 @@ class HFEngine(InferenceEngine):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._device
 
     # ---- the caller's side -------------------------------------------------------------------
 
@@ -330,6 +335,7 @@ class HFEngine(InferenceEngine):
         Each row is ``[padding, cached prefix, padding, new tokens]``: prefixes and new tokens are
         left-padded separately, the mask hides both paddings, and positions count real tokens only.
         """
+        self._sync_rows()
         rows, cached = [], []
         for request, future, session in admitted:
             prompt, prefix = request.prompt_ids, 0
@@ -339,7 +345,7 @@ class HFEngine(InferenceEngine):
                 prefix = min(common, len(prompt) - 1)  # at least one token to prefill: its logits sample
             cached.append([(k[:, :, :prefix], v[:, :, :prefix]) for k, v in session.kv] if prefix else None)
             uniforms = torch.rand(request.max_new_tokens, generator=torch.Generator().manual_seed(request.seed))
-            rows.append(_Row(request, future, uniforms.tolist(), prefix))
+            rows.append(_Row(request, future, uniforms, prefix))
         width = max(row.length for row in rows)  # the longest cached prefix
         new = max(len(row.request.prompt_ids) - row.length for row in rows)
         ids = torch.zeros(len(rows), new, dtype=torch.long)
@@ -372,6 +378,27 @@ class HFEngine(InferenceEngine):
         self._cache = _slab(parts, length, length + self._reserve())
         self._mask = torch.cat([F.pad(m, (length - m.shape[1], 0)) for m in masks])
         self._logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits
+        self._row_tensors()
+
+    def _row_tensors(self) -> None:
+        """The running rows' sampling state as tensors (rebuilt when rows join or leave): each row's
+        uniforms, how many tokens it sampled, its next position, its temperature."""
+        rows, device = self._rows, self.device
+        turn = max(len(row.uniforms) for row in rows)
+        self._draws = torch.zeros(len(rows), turn + 1)  # a spare column for finished rows still in the batch
+        for i, row in enumerate(rows):
+            self._draws[i, :len(row.uniforms)] = row.uniforms
+        self._draws = self._draws.to(device)
+        self._counts = torch.tensor([len(row.tokens) for row in rows], device=device).clamp(max=turn)
+        self._positions = torch.tensor([row.length for row in rows], device=device)
+        self._temperatures = torch.tensor([float(row.request.temperature) for row in rows], device=device)
+        self._any_greedy = any(row.request.temperature == 0 for row in rows)
+
+    def _sync_rows(self) -> None:
+        """Write the running rows' positions back to them (before the rows change)."""
+        if self._rows:
+            for row, position in zip(self._rows, self._positions.tolist()):
+                row.length = position
 
     def _step(self) -> None:
         """Sample one token for every live row, finish the rows that are done, feed the tokens.
@@ -379,10 +406,10 @@ class HFEngine(InferenceEngine):
         A finished row stays in the batch (its samples ignored) until a quarter of the rows are
         finished or new rows join: compacting the cache copies it, so it is done in bulk.
         """
-        rows, device = self._rows, self.device
-        uniforms = torch.tensor([0.0 if row.done else row.uniforms[len(row.tokens)] for row in rows], device=device)
-        temperatures = torch.tensor([float(row.request.temperature) for row in rows], device=device)
-        tokens, logprobs = sample(self._logits, uniforms, temperatures)
+        rows = self._rows
+        uniforms = self._draws.gather(1, self._counts[:, None]).squeeze(1)
+        tokens, logprobs = sample(self._logits, uniforms, self._temperatures, self._any_greedy)
+        self._counts.add_(1).clamp_(max=self._draws.shape[1] - 1)
         for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
             if row.done:
                 continue
@@ -397,14 +424,13 @@ class HFEngine(InferenceEngine):
             return
         if 4 * (len(rows) - len(live)) >= len(rows):
             tokens = tokens[self._compact(live)]
-        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long, device=device)], 1)
-        positions = torch.tensor([[row.length] for row in self._rows], device=device)
-        self._logits, self._cache = self._forward(tokens[:, None], self._mask, positions, self._cache)
-        for row in self._rows:
-            row.length += 1
+        self._mask = F.pad(self._mask, (0, 1), value=1)
+        self._logits, self._cache = self._forward(tokens[:, None], self._mask, self._positions[:, None], self._cache)
+        self._positions += 1
 
     def _compact(self, keep: list[int]) -> torch.Tensor:
         """Keep only the rows ``keep`` (and drop the columns that are padding in all of them); their index."""
+        self._sync_rows()
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._rows = [self._rows[i] for i in keep]
         self._mask, self._logits = self._mask[index], self._logits[index]
@@ -413,6 +439,7 @@ class HFEngine(InferenceEngine):
         length = self._mask.shape[1]
         self._cache = _slab([[(k[index, :, start:], v[index, :, start:]) for k, v in _kv(self._cache)]], length,
                             length + self._reserve())
+        self._row_tensors()
         return index
 
     def _reserve(self) -> int:
