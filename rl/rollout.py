@@ -550,9 +550,8 @@ class RayRollout:
     """Runs episodes in Ray actors; the same results as :class:`SerialRollout` for the same specs.
 
     Ray must be initialised (``ray.init()``, or ``ray.init(address="auto")`` to join a cluster)
-    before this is built. Workers ask for ``num_cpus`` / ``num_gpus`` each; each ``sample``
-    gives every worker one chunk of the specs (whole GRPO groups with ``placement="colocate"``), which
-    it plays with its ``envs_per_worker`` environments, refilling them as episodes end.
+    before this is built. Workers ask for ``num_cpus`` / ``num_gpus`` each; chunks of
+    ``envs_per_worker`` episodes go to whichever worker is free.
 
     A worker that dies at any moment (while sampling, idle between iterations, or while receiving
     weights) is replaced by a fresh one that first receives the current weights, and its unfinished
@@ -564,7 +563,7 @@ class RayRollout:
         make_policy: picklable zero-argument callable that builds the policy in a worker.
         make_env: picklable zero-argument callable that builds one environment.
         num_workers: rollout worker actors.
-        envs_per_worker: environments per worker (the most episodes it plays at once).
+        envs_per_worker: environments per worker, and episodes per chunk.
         placement: ``"colocate"`` (a chunk holds whole GRPO groups, in order) or ``"spread"`` (the
             members of a group go to different chunks).
         num_cpus: CPUs each worker reserves (fractions allowed).
@@ -639,23 +638,11 @@ class RayRollout:
         return deaths
 
     def _chunks(self, specs: Sequence[EpisodeSpec]) -> list[list[EpisodeSpec]]:
-        """One chunk per worker, as even as whole groups allow: ``"colocate"`` cuts the consecutive
-        groups into runs, ``"spread"`` deals the specs round-robin. A worker refills its
-        ``envs_per_worker`` environments from its chunk as episodes end, so its batch stays full to
-        the end of the iteration (chunks of ``envs_per_worker`` drained their batch at the end of
-        every chunk, and the last chunk left the other workers idle)."""
-        count = min(len(self.workers), len(specs))
-        if self.placement == "spread":
-            return [list(specs[j::count]) for j in range(count)]
-        groups: list[list[EpisodeSpec]] = []
-        for spec in specs:
-            if groups and groups[-1][0].group == spec.group:
-                groups[-1].append(spec)
-            else:
-                groups.append([spec])
-        count = min(count, len(groups))
-        bounds = [round(i * len(groups) / count) for i in range(count + 1)]
-        return [[spec for group in groups[a:b] for spec in group] for a, b in zip(bounds, bounds[1:])]
+        size = self.envs_per_worker
+        if self.placement == "colocate":
+            return [list(specs[i:i + size]) for i in range(0, len(specs), size)]
+        count = -(-len(specs) // size)
+        return [list(specs[j::count]) for j in range(count)]
 
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
         from ray.exceptions import RayActorError

@@ -113,27 +113,6 @@ def test_ray_rollout_checks_its_arguments_before_starting_actors(ray_session, sa
         RayRollout(make_policy, ECHO.make, num_workers=1, envs_per_worker=2, placement="random")
 
 
-def test_ray_chunks_give_each_worker_one_share_of_whole_groups():
-    """One chunk per worker (its envs refill from it): colocate cuts whole groups as evenly as they
-    allow, spread deals the specs round-robin; every spec in exactly one chunk."""
-    rollout = RayRollout.__new__(RayRollout)  # _chunks reads only the workers and the placement
-    rollout.workers, rollout.placement = [None, None], "colocate"
-    specs = make_specs(0, 0, 5, 4)
-    chunks = rollout._chunks(specs)
-    assert [len(c) for c in chunks] == [8, 12]
-    first, second = chunks
-    assert not {s.group for s in first} & {s.group for s in second}  # a group stays on one worker
-    assert [s for c in chunks for s in c] == specs
-    rollout.placement = "spread"
-    chunks = rollout._chunks(specs)
-    assert [len(c) for c in chunks] == [10, 10] and {s.episode_id for c in chunks for s in c} == set(range(20))
-    assert all({s.group for s in c} == set(range(5)) for c in chunks)  # members of each group on both
-    rollout.workers = [None] * 3
-    assert len(rollout._chunks(specs[:2])) == 2  # never an empty chunk
-    rollout.placement = "colocate"
-    assert rollout._chunks(specs[:4]) == [specs[:4]]  # one group: one chunk
-
-
 def test_episode_spec_is_what_crosses_to_workers():
     spec = EpisodeSpec(episode_id=1, task_seed=2, sample_seed=3, group=0)
     assert pickle.loads(pickle.dumps(spec)) == spec
