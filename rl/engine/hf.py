@@ -16,8 +16,9 @@ Weight updates wait for the running rows to finish, then load the weights and dr
 
 The running batch's KV cache is preallocated (:class:`SlabLayer`): each decoding step writes its keys
 and values in place, with room reserved for the longest remaining turn when rows join, instead of
-``DynamicCache``'s concatenation (a copy of the whole cache per step and layer). Stop checks and
-sampling are batched tensor operations; the host reads the sampled ids once per step.
+``DynamicCache``'s concatenation (a copy of the whole cache per step and layer). The rows' sampling
+state (uniforms, counts, positions, temperatures) is kept as tensors, rebuilt only when rows join or
+leave; the host reads the sampled ids and log-probs once per step.
 
 Supports causal LMs whose cache layers are full-attention ``DynamicLayer`` s (Llama, Qwen2, Mistral
 without sliding window, ...). Text only: VLM policies keep :meth:`rl.hf.CausalLMPolicy.generate`.
