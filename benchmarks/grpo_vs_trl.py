@@ -1,20 +1,27 @@
 """GRPO iteration throughput: rl's GRPO against TRL's GRPOTrainer, side by side in one run.
 
 Both train the same tiny policy (a Llama of hidden 128 x 2 layers on a BPE trained in code,
-warm-started by a few seconds of SFT so completions have realistic lengths) on the same ToolEcho
-prompts, with the same group size, prompts per step, completion budget, temperature, learning rate,
-KL weight (k3 estimator, reference = the warm start) and token-level loss. One iteration = sample
-``prompts x group`` completions, score them with the ToolEcho reward, one optimizer step. Each side
+warm-started by a few seconds of SFT so completions have realistic lengths, or with ``--init random``
+left at its random initialisation, so that nearly every completion runs to ``--max-new-tokens``) on
+the same prompts (ToolEcho's, or LetterEnv's with ``--env letter``), with the same group size,
+prompts per step, completion budget, temperature, learning rate, KL weight (k3 estimator, reference =
+the starting weights) and token-level loss. One iteration = sample ``prompts x group`` completions,
+score them with the environment's reward, one optimizer step. Each side
 runs ``--iterations`` timed iterations after ``--warmup`` untimed ones; blocks alternate so that
-load drift on a shared machine hits both. Needs TRL (benchmark-only): ``pip install trl``.
+load drift on a shared machine hits both. rl samples through the rollout loop's ``--mode``: ``async``
+(the default) runs the in-process engine (:class:`rl.engine.hf.HFEngine`, continuous batching),
+``sync`` one batched ``policy.generate`` per turn. Needs TRL (benchmark-only): ``pip install -e ".[bench]"``.
 
-    python benchmarks/grpo_vs_trl.py [--iterations 10] [--blocks 2] [--threads 2]
-        [--out benchmarks/results/grpo_vs_trl.json]
+    python benchmarks/grpo_vs_trl.py [--iterations 10] [--blocks 2] [--threads 2] [--max-new-tokens 16]
+        [--init warm|random] [--mode async|sync] [--out benchmarks/results/grpo_vs_trl.json]
+
+The issue-14 workload: ``--init random --env letter --max-new-tokens 64``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -34,12 +41,19 @@ from rl.hf import CausalLMPolicy  # noqa: E402
 from rl.rollout import SerialRollout  # noqa: E402
 from rl.sft import train_sft  # noqa: E402
 from rl.train import Callback, Trainer  # noqa: E402
-from rl_helpers import ECHO, echo_examples, echo_tokenizer  # noqa: E402
+from rl_helpers import ECHO, LetterEnv, echo_examples, echo_tokenizer  # noqa: E402
+
+ENVS = {"echo": ECHO.make, "letter": functools.partial(LetterEnv, 1)}
+"""``--env``: ToolEcho (a random policy scores 0 on every completion, so rl's GRPO skips every group
+and runs no update) or the one-turn LetterEnv (the share of a word's letters the completion holds:
+varied rewards from any policy, so both trainers update every iteration)."""
 
 
-def warm_policy(max_new_tokens: int) -> CausalLMPolicy:
+def start_policy(max_new_tokens: int, init: str) -> CausalLMPolicy:
     tokenizer = echo_tokenizer()
     policy = CausalLMPolicy(tiny_causal_lm(len(tokenizer)), tokenizer, max_new_tokens=max_new_tokens)
+    if init == "random":
+        return policy
     train_sft(policy, echo_examples(1600, correct_share=0.5), epochs=1, batch_size=32, learning_rate=3e-3, seed=0)
     return policy
 
@@ -64,7 +78,7 @@ def run_ours(policy, weights, args, iterations, seed):
                         kl_coef=args.beta, kl_estimator="k3", loss_aggregation="token")
     timer = Timer()
     trainer = Trainer(policy, GRPO(policy, reference_policy(policy), config),
-                      SerialRollout(policy, ECHO.make, args.prompts * args.group), iterations=iterations,
+                      SerialRollout(policy, ENVS[args.env], args.prompts * args.group, mode=args.mode), iterations=iterations,
                       num_groups=args.prompts, group_size=args.group, seed=seed, callbacks=[timer])
     trainer.run()
     return timer
@@ -77,16 +91,16 @@ def run_trl(policy, weights, args, iterations, seed):
     from trl import GRPOTrainer
 
     policy.set_weights(weights)
-    env = ECHO.make()
+    env = ENVS[args.env]()
     rows = []
     for i in range(args.prompts * (iterations + 2)):
         observation, _ = env.reset(seed=seed * 100_000 + i)
         rows.append({"prompt": policy.chat.render(observation["text"], True, None), "task_seed": seed * 100_000 + i})
 
-    def echo_reward(prompts, completions, task_seed, **kwargs):
+    def env_reward(prompts, completions, task_seed, **kwargs):
         rewards = []
         for completion, task in zip(completions, task_seed):
-            env.reset(seed=task)
+            env.reset(seed=task)  # the prompt's own task
             rewards.append(env.step(completion.replace(policy.chat.stop, ""))[1])
         return rewards
 
@@ -103,7 +117,7 @@ def run_trl(policy, weights, args, iterations, seed):
             self.times.append(now - self._last)
             self._last = now
 
-    # TRL loads the policy and its reference from a folder: the warm start, saved once
+    # TRL loads the policy and its reference from a folder: the starting weights
     folder = os.path.join(args.scratch, "warm")
     policy.model.generation_config.eos_token_id = policy.stop_id
     policy.model.generation_config.pad_token_id = policy.pad_id
@@ -118,7 +132,7 @@ def run_trl(policy, weights, args, iterations, seed):
                        disable_dropout=True, shuffle_dataset=False, seed=seed, lr_scheduler_type="constant",
                        weight_decay=0.0, max_grad_norm=1.0, adam_beta2=0.999, dataloader_num_workers=0)
     timer = TRLTimer()
-    trainer = GRPOTrainer(model=folder, reward_funcs=[echo_reward], args=config, train_dataset=Dataset.from_list(rows),
+    trainer = GRPOTrainer(model=folder, reward_funcs=[env_reward], args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=policy.tokenizer, callbacks=[timer])
     trainer.train()
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history
@@ -134,6 +148,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--env", choices=sorted(ENVS), default="echo", help="the prompts and reward (see ENVS)")
+    parser.add_argument("--init", choices=("warm", "random"), default="warm",
+                        help="warm: a short SFT warm start; random: the random initialisation")
+    parser.add_argument("--mode", choices=("async", "sync"), default="async",
+                        help="rl's rollout mode: async runs the in-process engine")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=0.02)
     parser.add_argument("--threads", type=int, default=2)
@@ -145,7 +164,7 @@ def main() -> None:
     import transformers
     import trl
 
-    policy = warm_policy(args.max_new_tokens)
+    policy = start_policy(args.max_new_tokens, args.init)
     weights = policy.get_weights()
     samples = args.prompts * args.group
     ours, theirs, our_tokens, their_tokens, shares = [], [], [], [], []
@@ -165,7 +184,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch threads {args.threads}",
         "command": shlex.join(["python", *sys.argv]),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "setup": {"prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens,
+                  "env": args.env, "init": args.init, "mode": args.mode,
                   "model": "Llama hidden 128 x 2 layers, tied, vocab %d" % len(policy.tokenizer)},
         "ours_samples_per_s": round(ours_rate, 1), "trl_samples_per_s": round(trl_rate, 1),
         "speedup": round(ours_rate / trl_rate, 2),

@@ -7,7 +7,10 @@ and one torch thread each. Reported: episodes/s, policy tokens/s, env steps/s, t
 of 2 workers over 1, and where the workers' time went (generation vs environment).
 
     python benchmarks/rollout_scaling.py [--env visenv/ToolEcho-v0] [--episodes 256] [--envs-per-worker 32]
-        [--repeats 3] [--out benchmarks/results/rollout_scaling.json]
+        [--repeats 3] [--mode sync|async] [--out benchmarks/results/rollout_scaling.json]
+
+``--mode async`` runs every runner's async loop (the in-process engine: continuous batching, KV caches
+kept between turns) instead of one batched ``generate`` per turn.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--envs-per-worker", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mode", choices=("sync", "async"), default="sync", help="the rollout loop's mode")
     parser.add_argument("--out", default="benchmarks/results/rollout_scaling.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -69,11 +73,11 @@ def main() -> None:
     make_policy = functools.partial(CausalLMPolicy.from_pretrained, folder, max_new_tokens=args.max_new_tokens)
     specs = make_specs(0, 0, args.episodes, 1)
     torch.set_num_threads(1)
-    results = {"serial (1 thread)": measure(SerialRollout(policy, env.make, args.envs_per_worker), policy, specs,
+    results = {"serial (1 thread)": measure(SerialRollout(policy, env.make, args.envs_per_worker, mode=args.mode), policy, specs,
                                             args.repeats)}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     for workers in (1, 2):
-        rollout = RayRollout(make_policy, env.make, workers, args.envs_per_worker, num_cpus=1.0)
+        rollout = RayRollout(make_policy, env.make, workers, args.envs_per_worker, num_cpus=1.0, mode=args.mode)
         results[f"ray, {workers} worker(s)"] = measure(rollout, policy, specs, args.repeats)
         rollout.close()
     ray.shutdown()
@@ -86,6 +90,7 @@ def main() -> None:
     print(f"scaling efficiency 2 workers vs 1: {efficiency:.2f}")
     output = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
               "command": shlex.join(["python", *sys.argv]), "env": args.env, "episodes": args.episodes,
+              "mode": args.mode, "load_average": [round(x, 2) for x in os.getloadavg()],
               "results": results, "scaling_efficiency": round(efficiency, 3)}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:

@@ -225,3 +225,50 @@ def test_a_failing_pass_fails_its_requests_and_the_engine_keeps_serving(model):
         finally:
             del model.forward
         assert len(engine.generate_many([request(0)])[0].token_ids) == 10
+
+
+def test_the_preallocated_cache_writes_in_place_and_matches_a_dynamic_cache(model):
+    """SlabLayer: decoding into the preallocated buffer (growing it past its capacity) gives the
+    logits of DynamicCache's concatenation, and keeps one buffer while there is room."""
+    from transformers.cache_utils import Cache, DynamicCache
+
+    from rl.engine.hf import SlabLayer
+
+    ids = torch.tensor([prompt(1, 6), prompt(2, 6)])
+    with torch.inference_mode():
+        dynamic = model(input_ids=ids, use_cache=True).cache
+        slab = Cache(layers=[SlabLayer(layer.keys, layer.values, capacity=8) for layer in dynamic.layers])
+        buffer = slab.layers[0]._keys
+        for step in range(5):  # columns 6..10: past the capacity of 8 at the third step
+            token = torch.tensor([[step + 1], [step + 2]])
+            positions = torch.full((2, 1), 6 + step)
+            theirs = model(input_ids=token, position_ids=positions, cache=dynamic, use_cache=True).logits
+            ours = model(input_ids=token, position_ids=positions, cache=slab, use_cache=True).logits
+            assert torch.allclose(ours, theirs, atol=LOGPROB_ATOL)
+            if step < 2:
+                assert slab.layers[0]._keys is buffer  # written in place
+        assert slab.layers[0].keys.shape[2] == 11 and slab.layers[0]._keys.shape[2] >= 11
+        assert torch.equal(slab.layers[1].values, dynamic.layers[1].values)
+
+
+def test_rows_joining_and_leaving_a_running_batch_sample_what_they_sample_alone(model):
+    """Requests of different lengths (rows leave and the batch is compacted) and a second wave that
+    joins mid-decoding: each samples what it samples alone."""
+    first = [request(seed, length=3 + seed, max_new_tokens=4 + 6 * seed) for seed in range(6)]
+    second = [request(seed, length=13 - seed, max_new_tokens=5 + seed) for seed in range(6, 10)]
+    with HFEngine(model, HFEngineConfig(max_batch_size=16)) as engine:
+        alone = [engine.generate_many([r])[0] for r in first + second]
+        started = threading.Event()
+        hook = model.get_input_embeddings().register_forward_hook(
+            lambda module, inputs, output: started.set() if inputs[0].shape[1] == 1 else None)
+        try:
+            futures = [engine.submit(r) for r in first]
+            started.wait(30)  # the first wave decodes
+            futures += [engine.submit(r) for r in second]
+            together = [f.result(60) for f in futures]
+        finally:
+            hook.remove()
+    for mine, theirs in zip(together, alone):
+        assert mine.token_ids == theirs.token_ids
+        assert mine.logprobs == pytest.approx(theirs.logprobs, abs=LOGPROB_ATOL)
+    assert [len(r.token_ids) for r in together] == [r.max_new_tokens for r in first + second]

@@ -14,6 +14,12 @@ longest common prefix with the cached ones: a conversation's earlier turns are n
 Weight updates wait for the running rows to finish, then load the weights and drop every kept cache
 (it was computed with the old weights), so each turn is sampled by exactly one weight version.
 
+The running batch's KV cache is preallocated (:class:`SlabLayer`): each decoding step writes its keys
+and values in place, with room reserved for the longest remaining turn when rows join, instead of
+``DynamicCache``'s concatenation (a copy of the whole cache per step and layer). The rows' sampling
+state (uniforms, counts, positions, temperatures) is kept as tensors, rebuilt only when rows join or
+leave; the host reads the sampled ids and log-probs once per step.
+
 Supports causal LMs whose cache layers are full-attention ``DynamicLayer`` s (Llama, Qwen2, Mistral
 without sliding window, ...). Text only: VLM policies keep :meth:`rl.hf.CausalLMPolicy.generate`.
 """
@@ -28,7 +34,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from rl.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, named_tensors
 from rl.policy import POLICY, Conversation, Segment
@@ -64,7 +70,7 @@ class _Row:
 
     request: GenerationRequest
     future: Future
-    uniforms: list[float]
+    uniforms: torch.Tensor
     length: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -79,19 +85,77 @@ class _Session:
     kv: KV
 
 
-def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperatures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperatures: torch.Tensor,
+           any_greedy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row by inverse CDF at the row's uniform (argmax where the temperature is 0), and
-    its log-prob under ``log_softmax(logits / temperature)`` (temperature 1 for greedy rows)."""
+    its log-prob under ``log_softmax(logits / temperature)`` (temperature 1 for greedy rows).
+    ``any_greedy=False`` (no row has temperature 0) skips the argmax."""
     greedy = temperatures == 0
     logp = torch.log_softmax(logits / torch.where(greedy, 1.0, temperatures)[:, None], dim=-1)
     cdf = logp.exp().cumsum(-1)  # first token whose cdf exceeds u: never one of probability 0
-    drawn = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], side="right").squeeze(-1)
-    tokens = torch.where(greedy, logp.argmax(-1), drawn.clamp(max=logits.shape[-1] - 1))
+    tokens = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], side="right").squeeze(-1)
+    tokens = tokens.clamp(max=logits.shape[-1] - 1)
+    if any_greedy:
+        tokens = torch.where(greedy, logp.argmax(-1), tokens)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _kv(cache: DynamicCache) -> KV:
+class SlabLayer(DynamicLayer):
+    """A full-attention cache layer over a preallocated buffer ``(B, heads, capacity, head_dim)``.
+
+    :meth:`update` writes the new keys and values in place after the filled columns and returns views
+    of the filled part (``keys``/``values``, as ``DynamicLayer`` exposes them); the buffer is
+    reallocated (doubled) only when a write would pass its capacity. Padding columns hold zeros.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        batch, heads, length, dim = keys.shape
+        self._keys = keys.new_zeros(batch, heads, max(capacity, length), dim)
+        self._values = values.new_zeros(batch, heads, max(capacity, length), values.shape[3])
+        self._keys[:, :, :length] = keys
+        self._values[:, :, :length] = values
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+        self._show(length)
+
+    @classmethod
+    def right_aligned(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], length: int, capacity: int) -> "SlabLayer":
+        """The rows of every part (keys, values) stacked, each part right-aligned at column ``length``."""
+        keys, values = parts[0]
+        layer = cls(keys[:0, :, :0], values[:0, :, :0], 0)
+        batch = sum(k.shape[0] for k, _ in parts)
+        layer._keys = keys.new_zeros(batch, keys.shape[1], max(capacity, length), keys.shape[3])
+        layer._values = values.new_zeros(batch, values.shape[1], max(capacity, length), values.shape[3])
+        row = 0
+        for k, v in parts:
+            layer._keys[row:row + k.shape[0], :, length - k.shape[2]:length] = k
+            layer._values[row:row + v.shape[0], :, length - v.shape[2]:length] = v
+            row += k.shape[0]
+        layer._show(length)
+        return layer
+
+    def _show(self, length: int) -> None:
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
+        if end > self._keys.shape[2]:
+            grow = max(end, 2 * self._keys.shape[2]) - self._keys.shape[2]
+            self._keys = F.pad(self._keys, (0, 0, 0, grow))
+            self._values = F.pad(self._values, (0, 0, 0, grow))
+        self._keys[:, :, start:end] = key_states
+        self._values[:, :, start:end] = value_states
+        self._show(end)
+        return self.keys, self.values
+
+
+def _kv(cache: Cache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _slab(parts: list[KV], length: int, capacity: int) -> Cache:
+    """One preallocated cache holding the rows of every part, right-aligned at column ``length``."""
+    return Cache(layers=[SlabLayer.right_aligned(list(layer), length, capacity) for layer in zip(*parts)])
 
 
 def _pad_left(kv: KV, length: int) -> KV:
@@ -123,6 +187,7 @@ class HFEngine(InferenceEngine):
 
     def __init__(self, model, config: HFEngineConfig = HFEngineConfig(), banned_token_ids: Sequence[int] = ()):
         self.model = model.eval()
+        self._device = next(model.parameters()).device
         self.config = config
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.banned = torch.tensor(sorted(banned_token_ids), dtype=torch.long)
@@ -131,7 +196,7 @@ class HFEngine(InferenceEngine):
         self._update: tuple[list[tuple[str, torch.Tensor]], int, Future] | None = None
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
+        self._cache: Cache | None = None
         self._mask = self._logits = None
         self._closed = False
         self._wake = threading.Condition()
@@ -147,7 +212,7 @@ class HFEngine(InferenceEngine):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._device
 
     # ---- the caller's side -------------------------------------------------------------------
 
@@ -250,12 +315,12 @@ class HFEngine(InferenceEngine):
             self._update = None
         future.set_result(None)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache | None):
         """Next-token logits of every row, and the cache (grown in place by the model)."""
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=1)
         layers = out.cache.layers
-        if not all(type(layer) is DynamicLayer for layer in layers):
+        if not all(type(layer) in (DynamicLayer, SlabLayer) for layer in layers):
             raise ConfigError(f"HFEngine supports models whose KV cache is full attention (DynamicLayer); this model "
                               f"uses {sorted({type(layer).__name__ for layer in layers})}. Use "
                               "CausalLMPolicy.generate for it.")
@@ -271,6 +336,7 @@ class HFEngine(InferenceEngine):
         Each row is ``[padding, cached prefix, padding, new tokens]``: prefixes and new tokens are
         left-padded separately, the mask hides both paddings, and positions count real tokens only.
         """
+        self._sync_rows()
         rows, cached = [], []
         for request, future, session in admitted:
             prompt, prefix = request.prompt_ids, 0
@@ -280,7 +346,7 @@ class HFEngine(InferenceEngine):
                 prefix = min(common, len(prompt) - 1)  # at least one token to prefill: its logits sample
             cached.append([(k[:, :, :prefix], v[:, :, :prefix]) for k, v in session.kv] if prefix else None)
             uniforms = torch.rand(request.max_new_tokens, generator=torch.Generator().manual_seed(request.seed))
-            rows.append(_Row(request, future, uniforms.tolist(), prefix))
+            rows.append(_Row(request, future, uniforms, prefix))
         width = max(row.length for row in rows)  # the longest cached prefix
         new = max(len(row.request.prompt_ids) - row.length for row in rows)
         ids = torch.zeros(len(rows), new, dtype=torch.long)
@@ -305,17 +371,35 @@ class HFEngine(InferenceEngine):
         logits, cache = self._forward(ids.to(device), mask, positions.to(device), cache)
         if any(row.done for row in self._rows):
             self._compact([i for i, row in enumerate(self._rows) if not row.done])
+        parts, masks, logits_parts = [_kv(cache)], [mask], [logits]
+        if self._rows:
+            parts, masks, logits_parts = [_kv(self._cache)] + parts, [self._mask] + masks, [self._logits, logits]
         self._rows += rows
-        if self._mask is None:
-            self._cache, self._mask, self._logits = cache, mask, logits
-            return
-        length = max(self._mask.shape[1], mask.shape[1])
-        self._cache = DynamicCache(ddp_cache_data=[
-            (torch.cat([bk, k]), torch.cat([bv, v]))
-            for (bk, bv), (k, v) in zip(_pad_left(_kv(self._cache), length), _pad_left(_kv(cache), length))])
-        self._mask = torch.cat([F.pad(self._mask, (length - self._mask.shape[1], 0)),
-                                F.pad(mask, (length - mask.shape[1], 0))])
-        self._logits = torch.cat([self._logits, logits])
+        length = max(m.shape[1] for m in masks)
+        self._cache = _slab(parts, length, length + self._reserve())
+        self._mask = torch.cat([F.pad(m, (length - m.shape[1], 0)) for m in masks])
+        self._logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits
+        self._row_tensors()
+
+    def _row_tensors(self) -> None:
+        """The running rows' sampling state as tensors (rebuilt when rows join or leave): each row's
+        uniforms, how many tokens it sampled, its next position, its temperature."""
+        rows, device = self._rows, self.device
+        turn = max(len(row.uniforms) for row in rows)
+        self._draws = torch.zeros(len(rows), turn + 1)  # a spare column for finished rows still in the batch
+        for i, row in enumerate(rows):
+            self._draws[i, :len(row.uniforms)] = row.uniforms
+        self._draws = self._draws.to(device)
+        self._counts = torch.tensor([len(row.tokens) for row in rows], device=device).clamp(max=turn)
+        self._positions = torch.tensor([row.length for row in rows], device=device)
+        self._temperatures = torch.tensor([float(row.request.temperature) for row in rows], device=device)
+        self._any_greedy = any(row.request.temperature == 0 for row in rows)
+
+    def _sync_rows(self) -> None:
+        """Write the running rows' positions back to them (before the rows change)."""
+        if self._rows:
+            for row, position in zip(self._rows, self._positions.tolist()):
+                row.length = position
 
     def _step(self) -> None:
         """Sample one token for every live row, finish the rows that are done, feed the tokens.
@@ -323,10 +407,10 @@ class HFEngine(InferenceEngine):
         A finished row stays in the batch (its samples ignored) until a quarter of the rows are
         finished or new rows join: compacting the cache copies it, so it is done in bulk.
         """
-        rows, device = self._rows, self.device
-        uniforms = torch.tensor([0.0 if row.done else row.uniforms[len(row.tokens)] for row in rows], device=device)
-        temperatures = torch.tensor([float(row.request.temperature) for row in rows], device=device)
-        tokens, logprobs = sample(self._logits, uniforms, temperatures)
+        rows = self._rows
+        uniforms = self._draws.gather(1, self._counts[:, None]).squeeze(1)
+        tokens, logprobs = sample(self._logits, uniforms, self._temperatures, self._any_greedy)
+        self._counts.add_(1).clamp_(max=self._draws.shape[1] - 1)
         for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
             if row.done:
                 continue
@@ -341,22 +425,27 @@ class HFEngine(InferenceEngine):
             return
         if 4 * (len(rows) - len(live)) >= len(rows):
             tokens = tokens[self._compact(live)]
-        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long, device=device)], 1)
-        positions = torch.tensor([[row.length] for row in self._rows], device=device)
-        self._logits, self._cache = self._forward(tokens[:, None], self._mask, positions, self._cache)
-        for row in self._rows:
-            row.length += 1
+        self._mask = F.pad(self._mask, (0, 1), value=1)
+        self._logits, self._cache = self._forward(tokens[:, None], self._mask, self._positions[:, None], self._cache)
+        self._positions += 1
 
     def _compact(self, keep: list[int]) -> torch.Tensor:
         """Keep only the rows ``keep`` (and drop the columns that are padding in all of them); their index."""
+        self._sync_rows()
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._rows = [self._rows[i] for i in keep]
         self._mask, self._logits = self._mask[index], self._logits[index]
         start = int(self._mask.any(0).nonzero()[0])
-        self._cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
-                                                   for k, v in _kv(self._cache)])
         self._mask = self._mask[:, start:]
+        length = self._mask.shape[1]
+        self._cache = _slab([[(k[index, :, start:], v[index, :, start:]) for k, v in _kv(self._cache)]], length,
+                            length + self._reserve())
+        self._row_tensors()
         return index
+
+    def _reserve(self) -> int:
+        """The most cache columns a running row may still write (each sampled token but its last is fed)."""
+        return max((row.request.max_new_tokens - len(row.tokens) for row in self._rows if not row.done), default=0)
 
     def _finish(self, i: int, row: _Row, reason: str) -> None:
         session = row.request.session
