@@ -62,6 +62,12 @@ def _save_forever(policy, directory: str) -> None:
         policy.save(os.path.join(directory, "policy"))
 
 
+def _save_once(policy, directory: str) -> None:
+    """One iteration of the writer, to time it."""
+    checkpoint.save(os.path.join(directory, "iter_000001"), policy, {"step": 1}, 1)
+    policy.save(os.path.join(directory, "policy"))
+
+
 def _assert_loadable(directory: str, fresh) -> int:
     """Every folder under its final name is complete and loads; returns the newest checkpoint's iteration."""
     for name in os.listdir(directory):
@@ -80,10 +86,13 @@ def _assert_loadable(directory: str, fresh) -> int:
 @pytest.mark.slow
 def test_saves_killed_at_random_moments_leave_loadable_folders(tokenizer, tmp_path):
     policy, fresh = tiny_policy(tokenizer), tiny_policy(tokenizer, seed=1)
-    directory = str(tmp_path)
+    directory = str(tmp_path / "run")
+    os.makedirs(directory)
     rng = random.Random(0)
-    start = time.perf_counter()
-    checkpoint.save(os.path.join(directory, "probe"), policy, {}, 0)  # how long one save takes here
+    start = time.perf_counter()  # how long a forked writer takes to start and write one checkpoint and policy
+    probe = forked(_save_once, policy, str(tmp_path / "probe"))  # (forking a big test process is slow late in a
+    probe.join()                                                  # full run: the kills must span that too)
+    assert probe.exitcode == 0
     window = 3 * (time.perf_counter() - start)
     mid_save, newest = 0, 0
     for _ in range(30):
