@@ -45,13 +45,22 @@ _SESSION: contextvars.ContextVar[ToolSession] = contextvars.ContextVar("visenv_s
 """The episode of the trajectory being run (asyncio tasks started by ``run`` inherit it)."""
 
 
-def _verl() -> tuple[type, type]:
+def _verl() -> tuple[type, type, type]:
     try:
         from verl.experimental.agent_loop.tool_agent_loop import ToolAgentLoop
-        from verl.tools.schemas import ToolResponse
+        from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
     except ImportError:
         raise DependencyNotInstalled("verl", "verl", "The verl adapter (visenv.integrations.verl)") from None
-    return ToolAgentLoop, ToolResponse
+    return ToolAgentLoop, ToolResponse, OpenAIFunctionToolSchema
+
+
+class _Tool:
+    """What verl's loop reads from an entry of ``self.tools``: its ``name`` and its ``tool_schema``
+    (the parser is handed the schemas; the calls themselves go to :meth:`_VisGenLoop._call_tool`)."""
+
+    def __init__(self, schema: dict[str, Any]):
+        self.name = schema["function"]["name"]
+        self.tool_schema = _verl()[2].model_validate(schema)
 
 
 def tool_response(session: ToolSession, name: str, arguments: str, images: bool) -> tuple[str, list[Any]]:
@@ -102,7 +111,7 @@ class _VisGenLoop:
         self.visenv_config = config
         self.images, self.image_size = images, image_size
         self.tool_schemas = ToolSession(config, image_size=image_size).tool_schemas()
-        self.tools = {schema["function"]["name"]: None for schema in self.tool_schemas}
+        self.tools = {tool.name: tool for tool in map(_Tool, self.tool_schemas)}
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> Any:
         extra = kwargs.get("extra_info") or {}
@@ -120,7 +129,7 @@ class _VisGenLoop:
 
     async def _call_tool(self, tool_call: Any, tools_kwargs: dict[str, Any],
                          agent_data: Any) -> tuple[Any, float, dict]:
-        _, response_cls = _verl()
+        response_cls = _verl()[1]
         text, pictures = tool_response(_SESSION.get(), tool_call.name, tool_call.arguments, self.images)
         return (response_cls(text=text, image=pictures) if pictures else response_cls(text=text)), 0.0, {}
 
