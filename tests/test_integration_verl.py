@@ -150,14 +150,15 @@ VERL_EPISODE = r"""
 import asyncio
 import json
 import re
+from importlib.metadata import version
 
+import hydra.utils
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
 from verl.workers.rollout.replica import TokenOutput
 
-from visenv.integrations import verl as adapter
 from visenv.integrations.session import ToolSession
 
 TEMPLATE = (
@@ -207,15 +208,17 @@ config = OmegaConf.create({
                        "max_tool_response_length": 100000, "tool_response_truncate_side": "middle",
                        "format": "hermes"}}},
     "data": {}})
-session = ToolSession({"max_turns": 6})
+session = ToolSession({"max_turns": 8})
 corpus = [session.reset(s) for s in range(4)] + [json.dumps(session.tool_schemas()), TEMPLATE,
                                                  call("plan", {"steps": ["x"]})] * 3
 tok = tokenizer(corpus)
 server = Server(tok)
-async def main():  # verl's loop binds the running event loop when it is made
-    loop = adapter.VisGenAgentLoop(trainer_config=DictConfigWrap(config), server_manager=server, tokenizer=tok,
-                                   processor=None, dataset_cls=None, data_config=DictConfigWrap(config.data),
-                                   tools=ToolListWrap([]), visenv_config={"max_turns": 6}, image_size=16)
+async def main():  # made as verl's AgentLoopWorker makes it (inside the running event loop, which it binds)
+    [entry] = OmegaConf.load("examples/verl/agent_loops.yaml")  # the recipe's registry entry
+    loop = hydra.utils.instantiate(config=entry, trainer_config=DictConfigWrap(config), server_manager=server,
+                                   tokenizer=tok, processor=None, hf_model_type=None, dataset_cls=None,
+                                   data_config=DictConfigWrap(config.data), tools=ToolListWrap([]))
+    assert type(loop).__name__ == "VisGenAgentLoop" and loop.visenv_config == {"max_turns": 8}
     return await loop.run({"temperature": 1.0}, extra_info={"task_seed": 3}, raw_prompt=[])
 
 
@@ -240,6 +243,7 @@ assert tok.decode(out.prompt_ids).count("Request: ") == 1
 summary = out.extra_fields["visenv"]
 assert summary["answered"] and summary["calls"] == 1 and summary["failed_calls"] == 0, summary
 assert out.reward_score == sum(summary["rewards"]) and out.num_turns == 8, (out.reward_score, out.num_turns)
+print("verl", version("verl"), "transformers", version("transformers"))
 print("reward", out.reward_score, "response tokens", len(ids), "runs", [len(r[1]) for r in runs])
 print("ok")
 """
@@ -255,5 +259,5 @@ def test_real_verl_tool_agent_loop_plays_a_token_exact_episode():
     the episode's return is the reward."""
     root = pathlib.Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", VERL_EPISODE], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": f"{os.environ['VERL_SITE']}{os.pathsep}{root}"})
+                          cwd=root, env={**os.environ, "PYTHONPATH": f"{os.environ['VERL_SITE']}{os.pathsep}{root}"})
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == ["ok"], done.stderr[-3000:]
