@@ -1,12 +1,16 @@
 """VisGen in verl's multi-turn agent loop (written against verl 0.9.1's ``ToolAgentLoop``).
 
-.. warning::
-   Not run against verl: verl 0.9.1 pins ``transformers<5.11`` and visenv's environment has
-   transformers 5.24, so verl could not be installed beside it. This module follows verl
-   0.9.1's source (``verl/experimental/agent_loop/tool_agent_loop.py``); its verl-free parts
-   (the episode, the tool dispatch, the schemas, the tool responses) are tested in
-   ``tests/test_integration_verl.py``, and the class itself against a stand-in of the two verl
-   names it uses, not against verl.
+.. note::
+   verl 0.9.1 pins ``transformers<5.11`` and visenv's environment has transformers 5.24, so verl is
+   not installed beside visenv. Run against verl 0.9.1 itself on CPU, from an isolated install
+   (``pip install --target DIR --no-deps verl==0.9.1 transformers==5.10.4 ...``, the full line in
+   docs/integrations.md): ``VERL_SITE=DIR pytest tests/test_integration_verl.py`` makes this loop
+   from ``examples/verl/agent_loops.yaml`` with hydra as verl's worker does and plays one episode
+   through verl's own ``ToolAgentLoop`` (state machine, hermes parser, Continuous Token builder)
+   with a scripted LLM server and a tiny tokenizer, checking the response ids, mask, log-probs and
+   reward token for token. Not run against verl: the trainer (GPUs, vLLM/SGLang), verl's
+   ``AgentLoopWorker`` post-processing, and ``images=True`` (needs a vision-language processor; only
+   checked over a stand-in). The default test run (no ``VERL_SITE``) uses that stand-in.
 
 :class:`VisGenAgentLoop` subclasses verl's ``ToolAgentLoop``, so the token bookkeeping is verl's
 own: the sampled response ids and log-probs are kept exactly as the server returned them
