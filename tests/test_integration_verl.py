@@ -147,9 +147,11 @@ def test_the_agent_loop_plays_one_episode_per_run_over_a_stand_in(monkeypatch):
 
 
 VERL_EPISODE = r"""
+
 import asyncio
 import json
 import re
+import sys
 from importlib.metadata import version
 
 import hydra.utils
@@ -157,16 +159,19 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
+from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.rollout.replica import TokenOutput
 
 from visenv.integrations.session import ToolSession
 
+IMAGES = sys.argv[1:] == ["images"]  # tool responses carry their pictures, through a LLaVA processor
 TEMPLATE = (
     "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for c in m.content %}{% if c.type == 'text' %}{{ c.text }}{% else %}<image>{% endif %}{% endfor %}{% endif %}"
     "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIAL = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<pad>"]
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<pad>", "<image>"]
 
 
 def tokenizer(texts):
@@ -212,11 +217,20 @@ session = ToolSession({"max_turns": 8})
 corpus = [session.reset(s) for s in range(4)] + [json.dumps(session.tool_schemas()), TEMPLATE,
                                                  call("plan", {"steps": ["x"]})] * 3
 tok = tokenizer(corpus)
+processor = None
+if IMAGES:
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                  crop_size={"height": 16, "width": 16}),
+                               tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                               chat_template=TEMPLATE, image_token="<image>")
 server = Server(tok)
 async def main():  # made as verl's AgentLoopWorker makes it (inside the running event loop, which it binds)
     [entry] = OmegaConf.load("examples/verl/agent_loops.yaml")  # the recipe's registry entry
+    entry.images, entry.image_size = IMAGES, 16
     loop = hydra.utils.instantiate(config=entry, trainer_config=DictConfigWrap(config), server_manager=server,
-                                   tokenizer=tok, processor=None, hf_model_type=None, dataset_cls=None,
+                                   tokenizer=tok, processor=processor, hf_model_type=None, dataset_cls=RLHFDataset,
                                    data_config=DictConfigWrap(config.data), tools=ToolListWrap([]))
     assert type(loop).__name__ == "VisGenAgentLoop" and loop.visenv_config == {"max_turns": 8}
     return await loop.run({"temperature": 1.0}, extra_info={"task_seed": 3}, raw_prompt=[])
@@ -243,6 +257,13 @@ assert tok.decode(out.prompt_ids).count("Request: ") == 1
 summary = out.extra_fields["visenv"]
 assert summary["answered"] and summary["calls"] == 1 and summary["failed_calls"] == 0, summary
 assert out.reward_score == sum(summary["rewards"]) and out.num_turns == 8, (out.reward_score, out.num_turns)
+image_id = tok.convert_tokens_to_ids("<image>")
+pictures = out.multi_modal_data.get("images") or []
+if IMAGES:  # the picture in multi_modal_data, and in the tool's run as LLaVA's 2x2 patches less the one it drops
+    assert [p.size for p in pictures] == [(16, 16)], pictures
+    assert [r[1].count(image_id) for r in runs] == [0, 0, 0, 3, 0, 0, 0], [r[1].count(image_id) for r in runs]
+else:
+    assert not pictures and image_id not in ids
 print("verl", version("verl"), "transformers", version("transformers"))
 print("reward", out.reward_score, "response tokens", len(ids), "runs", [len(r[1]) for r in runs])
 print("ok")
@@ -252,12 +273,14 @@ print("ok")
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("VERL_SITE"), reason="set VERL_SITE to a folder holding verl 0.9.1 and its "
                     "transformers<5.11 (docs/integrations.md, verl): verl cannot be installed beside visenv")
-def test_real_verl_tool_agent_loop_plays_a_token_exact_episode():
+@pytest.mark.parametrize("mode", ["text", "images"])
+def test_real_verl_tool_agent_loop_plays_a_token_exact_episode(mode):
     """verl's own ToolAgentLoop, fed by a scripted LLM server (plan, one picture, answer, a closing
     turn) through a tiny byte-level tokenizer: every sampled token and log-prob comes back with
     response_mask 1, each tool response is environment tokens (mask 0) holding the env's text, and
-    the episode's return is the reward."""
+    the episode's return is the reward; with images, through a LLaVA processor, the picture the call
+    made is in multi_modal_data and its patch tokens in the tool response."""
     root = pathlib.Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", VERL_EPISODE], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", VERL_EPISODE, mode], capture_output=True, text=True, timeout=300,
                           cwd=root, env={**os.environ, "PYTHONPATH": f"{os.environ['VERL_SITE']}{os.pathsep}{root}"})
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == ["ok"], done.stderr[-3000:]
