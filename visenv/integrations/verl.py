@@ -8,9 +8,10 @@
    from ``examples/verl/agent_loops.yaml`` with hydra as verl's worker does and plays one episode
    through verl's own ``ToolAgentLoop`` (state machine, hermes parser, Continuous Token builder)
    with a scripted LLM server and a tiny tokenizer, checking the response ids, mask, log-probs and
-   reward token for token. Not run against verl: the trainer (GPUs, vLLM/SGLang), verl's
-   ``AgentLoopWorker`` post-processing, and ``images=True`` (needs a vision-language processor; only
-   checked over a stand-in). The default test run (no ``VERL_SITE``) uses that stand-in.
+   reward token for token, text only and with ``images=True`` through a LLaVA processor. Not run
+   against verl: the trainer (GPUs, vLLM/SGLang), verl's ``AgentLoopWorker`` post-processing, a
+   real model or a real vision-language processor. The default test run (no ``VERL_SITE``) runs
+   the class over a stand-in of verl instead.
 
 :class:`VisGenAgentLoop` subclasses verl's ``ToolAgentLoop``, so the token bookkeeping is verl's
 own: the sampled response ids and log-probs are kept exactly as the server returned them
