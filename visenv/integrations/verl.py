@@ -1,12 +1,17 @@
 """VisGen in verl's multi-turn agent loop (written against verl 0.9.1's ``ToolAgentLoop``).
 
-.. warning::
-   Not run against verl: verl 0.9.1 pins ``transformers<5.11`` and visenv's environment has
-   transformers 5.24, so verl could not be installed beside it. This module follows verl
-   0.9.1's source (``verl/experimental/agent_loop/tool_agent_loop.py``); its verl-free parts
-   (the episode, the tool dispatch, the schemas, the tool responses) are tested in
-   ``tests/test_integration_verl.py``, and the class itself against a stand-in of the two verl
-   names it uses, not against verl.
+.. note::
+   verl 0.9.1 pins ``transformers<5.11`` and visenv's environment has transformers 5.24, so verl is
+   not installed beside visenv. Run against verl 0.9.1 itself on CPU, from an isolated install
+   (``pip install --target DIR --no-deps verl==0.9.1 transformers==5.10.4 ...``, the full line in
+   docs/integrations.md): ``VERL_SITE=DIR pytest tests/test_integration_verl.py`` makes this loop
+   from ``examples/verl/agent_loops.yaml`` with hydra as verl's worker does and plays one episode
+   through verl's own ``ToolAgentLoop`` (state machine, hermes parser, Continuous Token builder)
+   with a scripted LLM server and a tiny tokenizer, checking the response ids, mask, log-probs and
+   reward token for token, text only and with ``images=True`` through a LLaVA processor. Not run
+   against verl: the trainer (GPUs, vLLM/SGLang), verl's ``AgentLoopWorker`` post-processing, a
+   real model or a real vision-language processor. The default test run (no ``VERL_SITE``) runs
+   the class over a stand-in of verl instead.
 
 :class:`VisGenAgentLoop` subclasses verl's ``ToolAgentLoop``, so the token bookkeeping is verl's
 own: the sampled response ids and log-probs are kept exactly as the server returned them
@@ -45,13 +50,22 @@ _SESSION: contextvars.ContextVar[ToolSession] = contextvars.ContextVar("visenv_s
 """The episode of the trajectory being run (asyncio tasks started by ``run`` inherit it)."""
 
 
-def _verl() -> tuple[type, type]:
+def _verl() -> tuple[type, type, type]:
     try:
         from verl.experimental.agent_loop.tool_agent_loop import ToolAgentLoop
-        from verl.tools.schemas import ToolResponse
+        from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
     except ImportError:
         raise DependencyNotInstalled("verl", "verl", "The verl adapter (visenv.integrations.verl)") from None
-    return ToolAgentLoop, ToolResponse
+    return ToolAgentLoop, ToolResponse, OpenAIFunctionToolSchema
+
+
+class _Tool:
+    """What verl's loop reads from an entry of ``self.tools``: its ``name`` and its ``tool_schema``
+    (the parser is handed the schemas; the calls themselves go to :meth:`_VisGenLoop._call_tool`)."""
+
+    def __init__(self, schema: dict[str, Any]):
+        self.name = schema["function"]["name"]
+        self.tool_schema = _verl()[2].model_validate(schema)
 
 
 def tool_response(session: ToolSession, name: str, arguments: str, images: bool) -> tuple[str, list[Any]]:
@@ -102,7 +116,7 @@ class _VisGenLoop:
         self.visenv_config = config
         self.images, self.image_size = images, image_size
         self.tool_schemas = ToolSession(config, image_size=image_size).tool_schemas()
-        self.tools = {schema["function"]["name"]: None for schema in self.tool_schemas}
+        self.tools = {tool.name: tool for tool in map(_Tool, self.tool_schemas)}
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> Any:
         extra = kwargs.get("extra_info") or {}
@@ -120,7 +134,7 @@ class _VisGenLoop:
 
     async def _call_tool(self, tool_call: Any, tools_kwargs: dict[str, Any],
                          agent_data: Any) -> tuple[Any, float, dict]:
-        _, response_cls = _verl()
+        response_cls = _verl()[1]
         text, pictures = tool_response(_SESSION.get(), tool_call.name, tool_call.arguments, self.images)
         return (response_cls(text=text, image=pictures) if pictures else response_cls(text=text)), 0.0, {}
 
