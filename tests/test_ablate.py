@@ -58,7 +58,7 @@ def test_mean_stderr_and_one_stage_by_hand():
     assert mean == pytest.approx(7 / 3) and stderr == pytest.approx(math.sqrt(7 / 9))
     assert math.isnan(mean_stderr([1.0])[1])
     merged = one_stage(MainJobConfig())
-    assert len(merged.stages) == 1 and merged.stages[0].max_seconds == 270.0 and merged.stages[0].max_steps is None
+    assert len(merged.stages) == 1 and merged.stages[0].max_steps == 291 + 197 and merged.stages[0].max_seconds is None
     assert merged.stages[0].learning_rate == MainJobConfig().stages[0].learning_rate
 
 

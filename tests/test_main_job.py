@@ -78,6 +78,14 @@ def test_main_job_small_end_to_end(ray_session, tmp_path, capfd):
         sft, rl = results["evaluations"]["sft"][mode], results["evaluations"]["rl"][mode]
         assert math.isclose(results["margin"][mode]["reward"], rl["reward"] - sft["reward"])
         assert math.isclose(results["margin"][mode]["success_rate"], rl["success_rate"] - sft["success_rate"])
+    # the teacher that wrote the data played the same 8 held-out episodes; the margin says how much of the
+    # SFT-only policy's gap to it RL closed
+    teacher = results["teacher"]
+    assert teacher["episodes"] == 8 and 0.0 < teacher["reward"] <= 1.0
+    assert results["timing"]["eval_teacher"] > 0
+    gap = teacher["reward"] - results["evaluations"]["sft"]["sampled"]["reward"]
+    closed = results["margin"]["sampled"]["teacher_gap_closed"]
+    assert (math.isnan(closed) if gap <= 0 else math.isclose(closed, results["margin"]["sampled"]["reward"] / gap))
     assert results["timing"]["total"] >= sum(v for k, v in results["timing"].items() if k != "total") - 1e-6
     table = format_comparison(results)
     assert "RL - SFT (sampled)" in table and table in lines
@@ -178,7 +186,7 @@ def test_sft_steps_make_the_sft_only_policy_the_same_on_any_machine(tmp_path):
     ({"report_episodes": -1}, "report_episodes"),
     ({"keep_best_window": -1}, "keep_best_window"),
     ({"rl_task_seed": 0}, "rl_task_seed"),
-    ({"stages.0.max_seconds": None}, "stages.0: .* max_steps or max_seconds set"),
+    ({"stages.0.max_steps": None}, "stages.0: .* max_steps or max_seconds set"),
     ({"stages.1.visual": "mine.jsonl"}, "stages.1: visual"),
     ({"stages.0.max_steps": 0}, "max_steps \\(0\\) must be null or >= 1"),
     ({"stages.2.max_steps": 5}, "'2' is not an index of the 2-item list stages"),
@@ -202,7 +210,7 @@ def test_command_line_overrides_reach_the_sections_on_top_of_the_job_defaults(ca
     config = apply_overrides(MainJobConfig(), overrides)
     assert config.scenarios == ["avatar"] and config.grpo.learning_rate == 5e-4 and config.grpo.tasks_per_iteration == 8
     assert isinstance(config.stages[1], type(config.stages[0])) and config.stages[1].max_steps == 7
-    assert (config.stages[1].max_seconds, config.stages[0].max_steps) == (108.0, None)  # the rest kept
+    assert (config.stages[1].max_seconds, config.stages[0].max_steps) == (None, 291)  # the rest kept
     # overrides go on top of the main job's GRPO settings, not GRPOConfig's bare defaults
     assert (config.grpo.warmup_steps, config.grpo.kl_coef) == (10, 0.05) == tuple(MAIN_JOB_GRPO.values())
     assert MainJobConfig().grpo == GRPOConfig(**MAIN_JOB_GRPO)
@@ -225,6 +233,12 @@ def test_margin_paired_standard_error_by_hand():
     assert found["reward"] == pytest.approx(0.1) and found["success_rate"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="same episodes"):
         margin({"reward": 0.5, "success_rate": 0.0}, {"reward": 0.6, "success_rate": 0.0}, sft, rl[::-1])
+    # the share of the gap to the teacher (0.9) that RL closed: 0.1 of 0.4; none when SFT-only is not below it
+    with_teacher = margin({"reward": 0.5, "success_rate": 0.25}, {"reward": 0.6, "success_rate": 0.5}, sft, rl,
+                          teacher={"reward": 0.9})
+    assert with_teacher["teacher_gap_closed"] == pytest.approx(0.25)
+    assert math.isnan(margin({"reward": 0.9, "success_rate": 0.0}, {"reward": 0.95, "success_rate": 0.0},
+                             teacher={"reward": 0.9})["teacher_gap_closed"])
 
 
 def test_main_job_budgets_can_be_steps_and_iterations():
@@ -242,8 +256,9 @@ def test_main_job_defaults_fit_two_cpus():
     config = MainJobConfig()
     for rollout in (config.rollout, config.eval_rollout):
         assert rollout.backend == "ray" and rollout.num_workers * rollout.worker_num_cpus <= config.ray_num_cpus == 2
-    assert [(s.max_seconds, s.max_steps) for s in config.stages] == [(162.0, None), (108.0, None)]
-    assert sum(s.max_seconds for s in config.stages) + config.grpo_seconds < config.time_limit_seconds
+    # machine-independent budgets: PST in steps, GRPO in iterations, no wall-clock cut
+    assert [(s.max_seconds, s.max_steps) for s in config.stages] == [(None, 291), (None, 197)]
+    assert (config.grpo_seconds, config.grpo_max_iterations, config.stop_at_time_limit) == (None, 60, False)
     assert config.eval_task_seed != config.train_task_seed and config.mistake_rate > 0
 
 

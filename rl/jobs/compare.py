@@ -10,7 +10,7 @@ from rl.evaluate import MakeRollout, Recorder, play
 from rl.train import episode_metrics
 
 
-def evaluate_policy(policy, make_rollout: MakeRollout, tasks: Sequence[Any], seed: int, temperature: float,
+def evaluate_policy(policy, make_rollout: MakeRollout | None, tasks: Sequence[Any], seed: int, temperature: float | None,
                     env_options: dict[str, Any], report_dir: Path | None = None, report_episodes: int = 0
                     ) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
     """Play the held-out episodes once with ``policy``'s weights through the one episode runner.
@@ -18,19 +18,23 @@ def evaluate_policy(policy, make_rollout: MakeRollout, tasks: Sequence[Any], see
     Episode ``i`` is ``tasks[i]`` with seed ``seed + i`` (:func:`rl.evaluate.play`), so two policies play
     the same episodes. ``make_rollout`` is the backend (serial, or Ray workers that get the weights). The
     first ``report_episodes`` episodes keep their trajectories and pictures (under ``report_dir``).
+    ``policy`` may also be an agent factory (the scripted teacher), played serially in the driver
+    (``make_rollout`` None) at its own temperature (``temperature`` None).
 
     Returns:
         The summary metrics, one row per episode, and the played episodes.
     """
-    saved = policy.temperature
-    policy.temperature = temperature
+    saved = getattr(policy, "temperature", None)
+    if temperature is not None:
+        policy.temperature = temperature
     recorder = Recorder(keep_trajectories=report_episodes > 0,
                         report_dir=None if report_dir is None else str(report_dir), captured=report_episodes)
     try:
         found, stats = play(policy, tasks, seed=seed, env_config=env_options, recorder=recorder,
                             make_rollout=make_rollout, progress=False)
     finally:
-        policy.temperature = saved
+        if temperature is not None:
+            policy.temperature = saved
     rows = []
     for episode in found:
         total = episode.components.get("total")
@@ -64,12 +68,14 @@ def _stderr(values: Sequence[float]) -> float:
 
 
 def margin(sft: dict[str, Any], rl: dict[str, Any], sft_rows: Sequence[dict[str, Any]] = (),
-           rl_rows: Sequence[dict[str, Any]] = ()) -> dict[str, float]:
+           rl_rows: Sequence[dict[str, Any]] = (), teacher: dict[str, Any] | None = None) -> dict[str, float]:
     """RL minus SFT-only of two :func:`evaluate_policy` summaries (reward also relative to SFT-only's).
 
     With both policies' episode rows (the same episodes in the same order), ``reward_paired_stderr`` is
     the standard error of the mean per-episode difference (episodes both policies could score), which
-    removes the tasks' own spread from the comparison.
+    removes the tasks' own spread from the comparison. With the ``teacher``'s summary on the same episodes,
+    ``teacher_gap_closed`` is the share of the SFT-only policy's gap to the teacher's reward that RL closed
+    (``(rl - sft) / (teacher - sft)``; NaN when SFT-only is not below the teacher).
     """
     found = {"reward": rl["reward"] - sft["reward"],
              "reward_relative": (rl["reward"] - sft["reward"]) / abs(sft["reward"]) if sft["reward"] else float("nan"),
@@ -80,6 +86,9 @@ def margin(sft: dict[str, Any], rl: dict[str, Any], sft_rows: Sequence[dict[str,
         differences = [b["reward"] - a["reward"] for a, b in zip(sft_rows, rl_rows)
                        if not (math.isnan(a["reward"]) or math.isnan(b["reward"]))]
         found["reward_paired_stderr"] = _stderr(differences)
+    if teacher is not None:
+        gap = teacher["reward"] - sft["reward"]
+        found["teacher_gap_closed"] = found["reward"] / gap if gap > 0 else float("nan")
     return found
 
 
@@ -95,11 +104,17 @@ def format_comparison(results: dict[str, Any]) -> str:
             s = evaluations[name][mode]
             lines.append(f"{name:<10}{mode:<9}{s['reward']:>8.3f} ±{s['reward_stderr']:.3f}"
                          f"{s['success_rate']:>9.1%}{s['answered_rate']:>10.1%}{s['turns']:>7.2f}")
+    teacher = results.get("teacher")
+    if teacher:
+        lines.append(f"{'teacher':<10}{'script':<9}{teacher['reward']:>8.3f} ±{teacher['reward_stderr']:.3f}"
+                     f"{teacher['success_rate']:>9.1%}{teacher['answered_rate']:>10.1%}{teacher['turns']:>7.2f}")
     for mode in modes:
         m = results["margin"][mode]
         paired = f" ± {m['reward_paired_stderr']:.3f} paired s.e." if "reward_paired_stderr" in m else ""
+        closed = (f"; {m['teacher_gap_closed']:.0%} of the gap to the teacher closed"
+                  if not math.isnan(m.get("teacher_gap_closed", math.nan)) else "")
         lines.append(f"RL - SFT ({mode}): reward {m['reward']:+.3f}{paired} ({m['reward_relative']:+.1%}), "
-                     f"success {m['success_rate']:+.1%} points")
+                     f"success {m['success_rate']:+.1%} points{closed}")
     lines.append(f"wall time {results['timing']['total']:.0f} s (limit {results['time_limit_seconds']:.0f} s)")
     if results.get("report"):
         lines.append(f"report: {results['report']['path']}")

@@ -31,11 +31,21 @@ SHORT_SCENARIOS = ["official_account_cover", "social_media_cover", "realistic_ph
 MAIN_JOB_GRPO = {"warmup_steps": 10, "kl_coef": 0.05}
 
 
+#: PST's budgets in optimizer steps (stage 1, stage 2): what 162 s + 108 s gave on a quiet 2-core machine
+#: (run 17 of docs/main-job.md), so that a seed trains the same SFT-only policy on any machine.
+PST_STEPS = (291, 197)
+
+#: GRPO's budget in iterations: about what 450 s gave on a quiet 2-core machine (55-72 in runs 10-17).
+GRPO_ITERATIONS = 60
+
+
 def _stages() -> list[SFTStage]:
-    """PST's two stages: 270 s in all, 60 % to stage 1 (the teacher data once, lr 2e-3), 40 % to stage 2
-    (twice, lr 1e-3); ``epochs`` is an upper bound the budgets always reach first."""
-    return [SFTStage(visual="", visual_weight=1.0, epochs=1000, batch_size=32, learning_rate=2e-3, max_seconds=162.0),
-            SFTStage(visual="", visual_weight=2.0, epochs=1000, batch_size=32, learning_rate=1e-3, max_seconds=108.0)]
+    """PST's two stages, budgeted in steps (:data:`PST_STEPS`, about 270 s on a quiet 2-core machine): stage 1
+    (lambda 1, lr 2e-3), stage 2 (lambda 2, lr 1e-3); ``epochs`` is an upper bound the budgets always reach first."""
+    return [SFTStage(visual="", visual_weight=1.0, epochs=1000, batch_size=32, learning_rate=2e-3,
+                     max_steps=PST_STEPS[0]),
+            SFTStage(visual="", visual_weight=2.0, epochs=1000, batch_size=32, learning_rate=1e-3,
+                     max_steps=PST_STEPS[1])]
 
 
 def _rollout(num_envs: int) -> RolloutConfig:
@@ -68,11 +78,10 @@ class MainJobConfig:
         env: the environment (its ``id`` VisGen; its ``options`` get each suite's ``tasks`` from the job).
         tiny: the tiny Llama built from scratch and its BPE vocabulary (at least 300 tokens).
         stages: PST's stages, in order; each trains on the job's teacher data (leave ``visual`` empty)
-            until its ``max_steps`` or ``max_seconds`` budget is spent (at least one of them set). A step
-            budget does the same work on any machine, so two runs of a seed on one machine with the same
-            ``torch_threads`` train the same SFT-only policy, bit for bit (``--set stages.0.max_steps=285
-            --set stages.0.max_seconds=null`` and the same for stage 1 with 196: what 270 s gave in run 13
-            of docs/main-job.md).
+            until its ``max_steps`` or ``max_seconds`` budget is spent (at least one of them set). By
+            default the budgets are steps (:data:`PST_STEPS`): the same work on any machine, so two runs
+            of a seed with the same ``torch_threads`` train the same SFT-only policy, bit for bit
+            (``--set stages.0.max_seconds=162 --set stages.0.max_steps=null`` budgets a stage in seconds).
         policy: how the policy samples (``max_new_tokens``, ``device``; its ``model`` is set by the job).
         grpo: GRPO's hyperparameters: GRPOConfig's defaults with :data:`MAIN_JOB_GRPO` on top.
         rl_rubric: the rubric GRPO trains on ("ltr", "r1" or "result_format", see
@@ -88,10 +97,11 @@ class MainJobConfig:
             early when the job would otherwise overrun ``time_limit_seconds`` (unless
             ``stop_at_time_limit`` is false): it keeps back the time the SFT-only evaluation took (the
             RL evaluation repeats it) plus ``safety_seconds`` (which also covers the HTML report).
-        grpo_max_iterations: upper bound on GRPO iterations (the iteration budget when
-            ``grpo_seconds`` is null and ``stop_at_time_limit`` false: the same work on any machine).
-        stop_at_time_limit: stop GRPO early when the job would overrun ``time_limit_seconds``; false
-            lets the budgets alone decide (a machine-independent run may then take longer).
+        grpo_max_iterations: upper bound on GRPO iterations (the budget itself, by default: ``grpo_seconds``
+            null and ``stop_at_time_limit`` false, the same work on any machine).
+        stop_at_time_limit: stop GRPO early when the job would overrun ``time_limit_seconds``; false (the
+            default) lets the budgets alone decide, so a slower or loaded machine takes longer but does
+            the same work.
         keep_best_window: the RL policy is the one that sampled the best ``keep_best_window`` consecutive
             iterations of training reward (:class:`rl.train.KeepBest`: model selection on the training
             rollouts, no extra episodes), not necessarily the last; 0 keeps the last weights. Both are
@@ -135,9 +145,9 @@ class MainJobConfig:
     rl_rubric: str | None = None
     rollout: RolloutConfig = field(default_factory=lambda: _rollout(32))
     eval_rollout: RolloutConfig = field(default_factory=lambda: _rollout(64))
-    grpo_seconds: float | None = 450.0
-    grpo_max_iterations: int = 1000
-    stop_at_time_limit: bool = True
+    grpo_seconds: float | None = None
+    grpo_max_iterations: int = GRPO_ITERATIONS
+    stop_at_time_limit: bool = False
     keep_best_window: int = 5
     ray_num_cpus: int = 2
     torch_threads: int = 2

@@ -18,7 +18,9 @@ machine. Each step is a library piece:
 6. **Evaluation.** The SFT-only and the RL policy play the same held-out episodes (same task and
    sampling seeds: episode ``i`` is held-out task ``i``, seed ``seed + 777 + i``), once each, through the
    one episode runner (:func:`rl.jobs.compare.evaluate_policy` -> :func:`rl.evaluate.play`), sampled at
-   temperature 1 and greedily; ``results.json`` holds both, and a comparison table is printed. The HTML
+   temperature 1 and greedily; the scripted teacher that wrote the data plays the same episodes
+   (:func:`evaluate_teacher`: the reward SFT imitates); ``results.json`` holds all of them, and a
+   comparison table is printed. The HTML
    report shows the first ``report_episodes`` of the sampled ones side by side
    (:func:`rl.evaluate.write_comparison_report`).
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -46,6 +49,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from baselines.data import DataConfig, build_dataset
+from baselines.workflow_agent import WorkflowAgent
 from rl.config import EnvConfig, RolloutConfig, start_ray
 from rl.evaluate import MakeRollout, run_of, write_comparison_report
 from rl.grpo import GRPO
@@ -99,6 +103,11 @@ def run_main_job(config: MainJobConfig | None = None, log: Log = print) -> dict[
         started_ray = start_ray(num_cpus=config.ray_num_cpus, log_to_driver=False) if config.uses_ray else False
         try:
             mark = time.perf_counter()
+            teacher = evaluate_teacher(config, held_out, eval_seed)
+            timing["eval_teacher"] = time.perf_counter() - mark
+            log(f"teacher held-out (mistake rate {config.mistake_rate}): reward {teacher['reward']:.3f}, "
+                f"success {teacher['success_rate']:.1%} ({timing['eval_teacher']:.0f} s)")
+            mark = time.perf_counter()
             evaluate("sft")  # before GRPO changes the weights in place
             timing["eval_sft"] = time.perf_counter() - mark
             for mode, s in evaluations["sft"].items():
@@ -123,14 +132,14 @@ def run_main_job(config: MainJobConfig | None = None, log: Log = print) -> dict[
                 ray.shutdown()
 
         margins = {mode: margin(evaluations["sft"][mode], evaluations["rl"][mode], episodes["sft"][mode],
-                                episodes["rl"][mode]) for mode in modes}
+                                episodes["rl"][mode], teacher) for mode in modes}
         results = {"config": config.to_dict(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                            "load_average": _load()},
                    "funnel": funnel.to_dict() if funnel else None, "data": data_stats, "sft": {"stages": stages},
                    "grpo": grpo_summary,
                    "eval": {"tasks": len(suites["heldout_tasks"]), "task_seed": config.eval_task_seed,
                             "episodes": config.eval_episodes, "seed": eval_seed},
-                   "evaluations": evaluations, "margin": margins, "timing": timing, "report": None,
+                   "evaluations": evaluations, "teacher": teacher, "margin": margins, "timing": timing, "report": None,
                    "time_limit_seconds": config.time_limit_seconds}
         if shown:
             mark = time.perf_counter()
@@ -151,6 +160,16 @@ def run_main_job(config: MainJobConfig | None = None, log: Log = print) -> dict[
     log(format_comparison(results))
     log(f"wrote {out / 'results.json'}")
     return results
+
+
+def evaluate_teacher(config: MainJobConfig, held_out: Sequence, eval_seed: int) -> dict[str, Any]:
+    """The scripted teacher that wrote the SFT data (its ``mistake_rate`` and ``reflect``) on the held-out
+    episodes the policies play (same tasks and seeds), serially in the driver: the reward that SFT imitates
+    and the reference of ``margin.<mode>.teacher_gap_closed``. Returns its summary."""
+    make_teacher = functools.partial(WorkflowAgent, seed=config.seed, mistake_rate=config.mistake_rate,
+                                     reflect=config.reflect)
+    summary, _, _ = evaluate_policy(make_teacher, None, held_out, eval_seed, None, dict(config.env.options))
+    return summary
 
 
 def draw_suites(config: MainJobConfig, out: Path) -> dict[str, Any]:
