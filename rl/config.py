@@ -112,8 +112,8 @@ class PolicyConfig:
         model: folder (or hub id) of the model and its tokenizer, e.g. the "policy" folder that
             ``rl sft`` writes.
         kind: "causal_lm" (text) or "vlm" (image-text-to-text; sees tool images). The VLM policy
-            follows the model's model_type: "llava" (fixed tokens per image), "qwen2_vl" or
-            "qwen2_5_vl" (dynamic resolution; needs chat "chatml").
+            follows the model's model_type: "llava" (fixed tokens per image), "qwen2_vl",
+            "qwen2_5_vl" or "qwen3_vl" (dynamic resolution; needs chat "chatml").
         chat: chat format: "plain" (tokenizers trained by rl) or "chatml" (Qwen and similar).
         system_prompt: text of the system segment that opens each episode, "tools" for the
             environment's documentation of its tools (what a policy needs to call them), or null.

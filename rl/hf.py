@@ -1,7 +1,7 @@
 """Policies on transformers models: a causal LM and VLMs (image-text-to-text) that see tool images.
 
 :class:`CausalLMPolicy` (text), :class:`VisionLMPolicy` (Llava-style: fixed tokens per image) and
-:class:`QwenVLPolicy` (Qwen2-VL / Qwen2.5-VL: dynamic resolution, multimodal RoPE) implement
+:class:`QwenVLPolicy` (Qwen2-VL / Qwen2.5-VL / Qwen3-VL: dynamic resolution, multimodal RoPE) implement
 :class:`~rl.policy.TrainablePolicy`. Generation is a plain KV-cached decoding loop
 over a left-padded batch with inverse-CDF sampling: each row draws its uniforms for the whole turn
 from its own generator seeded by :meth:`~rl.policy.Conversation.turn_seed`, so a sample does not
@@ -110,11 +110,12 @@ def tiny_vlm(vocab_size: int, image_token_id: int, hidden_size: int = 64, num_la
 
 def tiny_qwen_vl(tokenizer, model_type: str = "qwen2_vl", hidden_size: int = 64, num_layers: int = 2,
                  patch_size: int = 4, max_pixels: int = 32 * 32, seed: int = 0):
-    """A randomly initialised Qwen2-VL or Qwen2.5-VL (1-block vision tower) and its image processor.
+    """A randomly initialised Qwen2-VL, Qwen2.5-VL or Qwen3-VL (1-block vision tower) and its image processor.
 
     Args:
         tokenizer: a tokenizer with the tokens of :data:`CHATML_SPECIAL_TOKENS` (the vision markers).
-        model_type: "qwen2_vl" or "qwen2_5_vl".
+        model_type: "qwen2_vl", "qwen2_5_vl" or "qwen3_vl" (its vision block also feeds a deepstack
+            merger into the first language layer; interleaved multimodal RoPE).
         hidden_size: width of the language model (4 heads, 2 key-value heads).
         num_layers: language model layers.
         patch_size: side of a vision patch; 2 x 2 patches merge into one image token.
@@ -125,7 +126,8 @@ def tiny_qwen_vl(tokenizer, model_type: str = "qwen2_vl", hidden_size: int = 64,
         ``(model, image_processor)``, built from code (no files).
     """
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
 
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -144,8 +146,14 @@ def tiny_qwen_vl(tokenizer, model_type: str = "qwen2_vl", hidden_size: int = 64,
         config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64,
                       window_size=4 * patch_size, fullatt_block_indexes=[0])
+    elif model_type == "qwen3_vl":
+        config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        text.update(head_dim=hidden_size // 4)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0])
     else:
-        raise ConfigError(f"model_type ({model_type!r}) must be 'qwen2_vl' or 'qwen2_5_vl'.")
+        raise ConfigError(f"model_type ({model_type!r}) must be 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl'.")
     config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     torch.manual_seed(seed)
     processor = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
@@ -194,7 +202,7 @@ def check_policy_folder(path: str) -> None:
 def vision_policy_class(model: str) -> type:
     """The VLM policy class for a model folder (or hub id), chosen by its config's ``model_type``.
 
-    ``llava`` -> :class:`VisionLMPolicy`; ``qwen2_vl`` and ``qwen2_5_vl`` -> :class:`QwenVLPolicy`.
+    ``llava`` -> :class:`VisionLMPolicy`; ``qwen2_vl``, ``qwen2_5_vl`` and ``qwen3_vl`` -> :class:`QwenVLPolicy`.
     """
     from transformers import AutoConfig
 
@@ -457,7 +465,7 @@ class VisionLMPolicy(CausalLMPolicy):
 
 
 class QwenVLPolicy(CausalLMPolicy):
-    """A Qwen2-VL or Qwen2.5-VL model (dynamic resolution) that sees the tool outputs as images.
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL model (dynamic resolution) that sees the tool outputs as images.
 
     Each shown image (the newest ``images_per_turn`` real ones, see :func:`shown_images`) becomes
     ``<|vision_start|>``, one ``<|image_pad|>`` per merged patch (``t * h * w / merge_size**2`` of the
@@ -471,11 +479,18 @@ class QwenVLPolicy(CausalLMPolicy):
     The images of one batch must share a size (``TokenBatch.pixel_values`` is one array): VisGen's
     thumbnails all have ``pixel_size``.
 
+    With ``chat="chatml"`` a conversation is what the model's own chat template writes for the same
+    exchange: the UTPC ``<tool_call>`` JSON is Qwen's (Hermes) tool-call format, and the environment's
+    ``<tool_response>`` sits in a user turn, as Qwen's template puts a ``tool`` message
+    (tests/test_rl_policy.py checks it character for character).
+
     Args:
-        model: a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+        model: a ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+            ``Qwen3VLForConditionalGeneration`` (whose deepstack features enter with the images).
         tokenizer: its fast tokenizer, with the vision start/end tokens and the chat format's image
             token (``chat="chatml"``: ``<|image_pad|>``).
-        image_processor: a ``Qwen2VLImageProcessor`` whose patch, merge and temporal patch sizes are
+        image_processor: the model's image processor (``Qwen2VLImageProcessor`` for all three
+            families) whose patch, merge and temporal patch sizes are
             the vision tower's; its ``min_pixels``/``max_pixels`` bound the tokens per image.
         images_per_turn: most images shown per observation.
         **options: as :class:`CausalLMPolicy`.
@@ -503,12 +518,12 @@ class QwenVLPolicy(CausalLMPolicy):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", **options: Any) -> "QwenVLPolicy":
-        """Load the model, tokenizer and image processor of a folder (a Qwen2-VL release or :meth:`save`)."""
-        from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2VLImageProcessor
+        """Load the model, tokenizer and image processor of a folder (a Qwen-VL release or :meth:`save`)."""
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, PreTrainedTokenizerFast
 
         check_policy_folder(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
-        return cls(model, PreTrainedTokenizerFast.from_pretrained(path), Qwen2VLImageProcessor.from_pretrained(path),
+        return cls(model, PreTrainedTokenizerFast.from_pretrained(path), AutoImageProcessor.from_pretrained(path),
                    **options)
 
     def _save_files(self, folder: str) -> None:
@@ -541,7 +556,8 @@ class QwenVLPolicy(CausalLMPolicy):
                 "image_grid_thw": grid.to(device)}
 
 
-VISION_POLICIES = {"llava": VisionLMPolicy, "qwen2_vl": QwenVLPolicy, "qwen2_5_vl": QwenVLPolicy}
+VISION_POLICIES = {"llava": VisionLMPolicy, "qwen2_vl": QwenVLPolicy, "qwen2_5_vl": QwenVLPolicy,
+                   "qwen3_vl": QwenVLPolicy}
 """The VLM policy class of each supported ``model_type``."""
 
 
