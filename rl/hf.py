@@ -199,15 +199,20 @@ def check_policy_folder(path: str) -> None:
                           "(rl sft; rl train resumes from its last complete checkpoint) or give a complete model folder.")
 
 
+def read_model_type(model: str) -> str:
+    """The ``model_type`` of a model folder's config.json (or a hub id's); an incomplete folder is refused."""
+    from transformers import AutoConfig
+
+    check_policy_folder(model)
+    return AutoConfig.from_pretrained(model).model_type
+
+
 def vision_policy_class(model: str) -> type:
     """The VLM policy class for a model folder (or hub id), chosen by its config's ``model_type``.
 
     ``llava`` -> :class:`VisionLMPolicy`; ``qwen2_vl``, ``qwen2_5_vl`` and ``qwen3_vl`` -> :class:`QwenVLPolicy`.
     """
-    from transformers import AutoConfig
-
-    check_policy_folder(model)
-    model_type = AutoConfig.from_pretrained(model).model_type
+    model_type = read_model_type(model)
     if model_type not in VISION_POLICIES:
         raise ConfigError(f"The model at {model!r} has model_type {model_type!r}; policy.kind 'vlm' supports "
                          f"{sorted(VISION_POLICIES)}. Use kind 'causal_lm' for a text-only model.")
@@ -228,6 +233,9 @@ class CausalLMPolicy:
         temperature: sampling temperature; 0 samples greedily (log-probs then at temperature 1).
         system_prompt: text of the system segment that opens each episode, or None.
     """
+
+    images_per_turn: int | None = None
+    """Most images shown per environment turn; None for a text policy, which refuses images."""
 
     engine_served: ClassVar[bool] = True
     """Whether the async rollout loop serves this policy's turns with the in-process
@@ -296,13 +304,25 @@ class CausalLMPolicy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def encode(self, observation: dict[str, Any], first: bool) -> Segment:
-        return self._env_segment(observation, first)
+        return self.env_segment(observation["text"], first, self.system_prompt, self.shown(observation), observation)
 
-    def _env_segment(self, observation: dict[str, Any], first: bool, images: np.ndarray | None = None,
-                     placeholders: str = "") -> Segment:
-        """The environment segment of an observation: its text (after a VLM's image ``placeholders``)
-        in the chat format, encoded once, with the ``images`` the placeholders stand for."""
-        text = self.chat.render(placeholders + observation["text"], first, self.system_prompt)
+    def shown(self, observation: dict[str, Any]) -> np.ndarray | None:
+        """The images the policy shows for an observation (None: a text policy shows none)."""
+        return None
+
+    def image_placeholders(self, images: np.ndarray) -> str:
+        """The text that stands for ``images`` in a prompt; a text policy has none and refuses them."""
+        raise ConfigError(f"A text policy ({type(self.model).__name__}) cannot take {len(images)} image(s): use a "
+                          "VLM (policy.kind / sft.kind 'vlm') or data without images.")
+
+    def env_segment(self, text: str, first: bool, system: str | None, images: np.ndarray | None = None,
+                    observation: dict[str, Any] | None = None) -> Segment:
+        """An environment segment: ``text`` (after the placeholders of ``images``, uint8 ``(N, H, W, 3)``)
+        in the chat format (``system`` opens the first segment), encoded once, with the images the
+        placeholders stand for. Rollouts (:meth:`encode`) and SFT data (:func:`rl.sft.chat_segments`)
+        both write their environment turns here, so SFT trains on the tokens RL samples after."""
+        placeholders = "" if images is None else self.image_placeholders(images)
+        text = self.chat.render(placeholders + text, first, system)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return Segment(ENV, text, ids, images=images, observation=observation)
 
@@ -449,10 +469,11 @@ class VisionLMPolicy(CausalLMPolicy):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
         return cls(model, PreTrainedTokenizerFast.from_pretrained(path), **options)
 
-    def encode(self, observation: dict[str, Any], first: bool) -> Segment:
-        images = shown_images(observation, self.images_per_turn)
-        count = 0 if images is None else len(images)
-        return self._env_segment(observation, first, images, self.chat.image * (self.image_tokens * count))
+    def shown(self, observation: dict[str, Any]) -> np.ndarray | None:
+        return shown_images(observation, self.images_per_turn)
+
+    def image_placeholders(self, images: np.ndarray) -> str:
+        return self.chat.image * (self.image_tokens * len(images))
 
     def _model_inputs(self, batch: TokenBatch) -> dict[str, Any]:
         inputs = super()._model_inputs(batch)
@@ -531,13 +552,12 @@ class QwenVLPolicy(CausalLMPolicy):
         super()._save_files(folder)
         self.image_processor.save_pretrained(folder)
 
-    def encode(self, observation: dict[str, Any], first: bool) -> Segment:
-        images = shown_images(observation, self.images_per_turn)
-        if images is None:
-            return self._env_segment(observation, first)
+    def shown(self, observation: dict[str, Any]) -> np.ndarray | None:
+        return shown_images(observation, self.images_per_turn)
+
+    def image_placeholders(self, images: np.ndarray) -> str:
         counts = (self._process(images)["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
-        placeholders = "".join(self.vision_start + self.chat.image * n + self.vision_end for n in counts)
-        return self._env_segment(observation, first, images, placeholders)
+        return "".join(self.vision_start + self.chat.image * n + self.vision_end for n in counts)
 
     def _process(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         """``pixel_values`` (flattened patches) and ``image_grid_thw`` of ``(N, H, W, 3)`` uint8 images."""
@@ -582,12 +602,14 @@ def reference_policy(policy: CausalLMPolicy) -> CausalLMPolicy | AdapterOffRefer
     return reference
 
 
-def add_lora(policy: CausalLMPolicy, rank: int, alpha: float, target_modules: Sequence[str]) -> CausalLMPolicy:
-    """Wrap the policy's model with LoRA adapters (peft); only the adapters stay trainable."""
+def add_lora(policy: CausalLMPolicy, rank: int, alpha: float, target_modules: Sequence[str],
+             dropout: float = 0.0) -> CausalLMPolicy:
+    """Wrap the policy's model with LoRA adapters (peft); only the adapters stay trainable. ``dropout``
+    acts only in train mode (SFT); rollouts and RL updates run in eval mode."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise DependencyNotInstalled("peft", "rl", "LoRA (policy.lora)") from None
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
     policy.model = get_peft_model(policy.model, config).eval()  # no dropout, as for the base model
     return policy
