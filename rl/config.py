@@ -129,6 +129,8 @@ class PolicyConfig:
         chat: chat format: "plain" (tokenizers trained by rl) or "chatml" (Qwen and similar).
         system_prompt: text of the system segment that opens each episode, "tools" for the
             environment's documentation of its tools (what a policy needs to call them), or null.
+            A pretrained chat model (chat "chatml" or kind "vlm") learns of the tools only here:
+            ``rl train`` and ``rl record`` refuse null for it ("" runs it without one on purpose).
         max_new_tokens: most tokens in one policy turn.
         temperature: sampling temperature (0: greedy).
         dtype: "float32", "bfloat16" or "float16".
@@ -157,6 +159,34 @@ class PolicyConfig:
         if self.max_new_tokens < 1 or self.temperature < 0:
             raise ConfigError(f"policy.max_new_tokens ({self.max_new_tokens}) must be >= 1 and "
                              f"policy.temperature ({self.temperature}) >= 0.")
+
+    @classmethod
+    def for_folder(cls, model: str, **options: Any) -> "PolicyConfig":
+        """The config of a saved policy folder: kind from its model_type, chat from its tokenizer
+        (Qwen's ``<|im_start|>`` -> "chatml"), and, for a pretrained chat model (chatml or VLM),
+        ``system_prompt: tools``: the tool documentation reaches it as it reaches the presets' models."""
+        from transformers import PreTrainedTokenizerFast
+
+        from rl.hf import VISION_POLICIES, read_model_type
+
+        kind = "vlm" if read_model_type(model) in VISION_POLICIES else "causal_lm"
+        chatml = "<|im_start|>" in PreTrainedTokenizerFast.from_pretrained(model).get_vocab()
+        config = cls(model=model, kind=kind, chat="chatml" if chatml else "plain", **options)
+        return config if config.system_prompt is not None or not config.needs_tools else \
+            dataclasses.replace(config, system_prompt="tools")
+
+    @property
+    def needs_tools(self) -> bool:
+        """Whether the policy is a pretrained chat model (chat "chatml" or kind "vlm"), which learns of
+        the tools only from its system prompt (a tiny "plain" model learns them from the SFT data)."""
+        return self.chat == "chatml" or self.kind == "vlm"
+
+    def check_sees_tools(self) -> None:
+        """Refuse a pretrained chat model (:attr:`needs_tools`) without a system prompt."""
+        if self.needs_tools and self.system_prompt is None:
+            raise ConfigError(f"policy.system_prompt is null for a {self.kind!r} policy with chat {self.chat!r}: the "
+                              "model would never see the tools. Set it to 'tools' (the environment's tool "
+                              "documentation), to a text, or to \"\" to run without a system prompt on purpose.")
 
     def for_env(self, env: EnvConfig) -> "PolicyConfig":
         """This config, with ``system_prompt: tools`` replaced by ``env``'s tool documentation."""
@@ -539,6 +569,10 @@ class TrainConfig:
         if self.sft is None and not self.policy.model:
             raise ConfigError("policy.model is empty and there is no sft section: give a model folder, or an "
                              "sft section to build one first.")
+        if self.sft is not None and "auto" != self.sft.kind != self.policy.kind:
+            raise ConfigError(f"sft.kind ({self.sft.kind!r}) differs from policy.kind ({self.policy.kind!r}): RL starts "
+                              "from the SFT policy folder, so set both to the same kind.")
+        self.policy.check_sees_tools()
 
     @property
     def groups(self) -> tuple[int, int]:
@@ -584,6 +618,8 @@ class EvalConfig:
                              "'baselines.random_agent:RandomAgent'.")
         if self.api_base_url and not self.api_model:
             raise ConfigError("api_base_url is set but api_model is empty: name the model the endpoint serves.")
+        if not (self.agent or self.api_base_url):
+            self.policy.check_sees_tools()
 
 
 # ---------------------------------------------------------------- dicts, YAML and command lines
