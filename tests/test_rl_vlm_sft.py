@@ -228,3 +228,24 @@ def test_rl_sft_trains_a_vlm_with_lora_from_teacher_data_with_images(tmp_path, c
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     policy = PolicyConfig(model=str(tmp_path / "out" / "policy"), kind="vlm", chat="chatml", device="cpu").build()
     assert type(policy.model).__name__ == "Qwen3VLForConditionalGeneration"
+
+
+def test_rl_train_warm_starts_with_the_rl_policys_system_prompt(monkeypatch):
+    """rl train's SFT encodes trajectories without a system message with the prompt RL samples from."""
+    import rl.cli
+    from rl.config import EnvConfig, TrainConfig
+    from visenv.envs.visgen import VisGenEnv
+
+    class Stop(Exception):
+        pass
+
+    def fake_sft(config, progress, learner, system_prompt):
+        raise Stop(system_prompt)
+
+    monkeypatch.setattr(rl.cli, "run_sft", fake_sft)
+    config = TrainConfig(env=EnvConfig(id="visenv/VisGen-v0"), resume=False,
+                         policy=PolicyConfig(kind="vlm", chat="chatml", system_prompt="tools"),
+                         sft=SFTConfig(model="some/vlm", kind="vlm", chat="chatml", stages=[SFTStage("v.jsonl")]))
+    with pytest.raises(Stop) as stopped:
+        rl.cli.run_train(config)
+    assert stopped.value.args[0] == VisGenEnv().system_prompt
