@@ -24,6 +24,10 @@ that pass LtrReward and a VLM grader):
    The observation after the final turn is left out (no action follows it). With
    ``include_tool_docs`` a ``system`` message with the environment's tool documentation opens each
    trajectory; leave it off when the policy brings its own system prompt (``rl.sft`` then uses it).
+   With ``images`` each tool message also lists the pictures the environment showed with it
+   (``"images": ["<name>_images/<hash>.png", ...]``, relative to the JSONL file's folder: VisGen's
+   ``pixels`` rows that ``pixels_mask`` marks, the latest images and video middle frames at the
+   env's ``pixel_size``, newest first), for VLM SFT; each picture is written once.
 
 Command line: ``python -m rl.cli data build --out data/visgen.jsonl --n 200`` (see :func:`add_data_commands`).
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from baselines.workflow_agent import MISTAKES, WorkflowAgent
@@ -78,6 +85,9 @@ class DataConfig:
         judges: extra judges by name: batched components ``judge(records) -> list[float | None]``.
         min_judge_score: trajectories scoring below this with any judge are dropped.
         include_tool_docs: open each trajectory with a system message holding the tool documentation.
+        images: list on each tool message the pictures the environment showed with it (PNG files
+            in ``<out stem>_images/`` next to ``out``), for VLM SFT; the env then observes pixels
+            (``env["pixel_size"]`` sets their side).
         env: options of the environment (:class:`~visenv.envs.config.VisGenConfig` fields other
             than the task suite, e.g. ``{"rubric": "r1", "max_turns": 40}``).
     """
@@ -95,6 +105,7 @@ class DataConfig:
     judges: Mapping[str, Any] = field(default_factory=dict)
     min_judge_score: float = 0.5
     include_tool_docs: bool = False
+    images: bool = False
     env: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -185,31 +196,42 @@ class Funnel:
 
 @dataclass
 class _Trajectory:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     record: EpisodeRecord
     total: float | None
     mistake: str | None
     revised: bool = False
+    pictures: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def reflected(self) -> bool:
         return any(step.turn.reflection for step in self.record.turns)
 
 
-def _play(env: VisGenEnv, teacher: WorkflowAgent, task: Task, seed: int, system: str | None) -> _Trajectory:
-    """Play one task with the teacher: the chat messages, the record and the rubric's total."""
+def _play(env: VisGenEnv, teacher: WorkflowAgent, task: Task, seed: int, system: str | None,
+          images: str | None) -> _Trajectory:
+    """Play one task with the teacher: the chat messages, the record and the rubric's total (with
+    ``images``, the folder name of the pictures, the tool messages list the pictures shown)."""
     obs, _ = env.reset(seed=seed, options={"task": task})
     teacher.reset(obs, seed=seed)
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": obs["text"]})
+    pictures: dict[str, np.ndarray] = {}
     while True:
         action = teacher.act(obs)
         messages.append({"role": "assistant", "content": action})
         obs, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             total = info["reward_components"].get("total") if info["reward_valid"] else None
-            return _Trajectory(messages, env.record, total, teacher.mistake, bool(sum(teacher.revisions.values())))
+            return _Trajectory(messages, env.record, total, teacher.mistake, bool(sum(teacher.revisions.values())),
+                               pictures)
         messages.append({"role": "tool", "content": obs["text"]})
+        if images is not None:
+            shown = obs["pixels"][obs["pixels_mask"].astype(bool)]
+            names = [f"{images}/{hashlib.sha256(picture.tobytes()).hexdigest()[:20]}.png" for picture in shown]
+            pictures.update(zip(names, shown))
+            if names:
+                messages[-1]["images"] = names
 
 
 def _screen(trajectory: _Trajectory, min_reward: float) -> str | None:
@@ -255,7 +277,8 @@ def build_dataset(config: DataConfig, progress: bool = False) -> Funnel:
         The funnel. The JSONL file is written whole or not at all (temporary file, then rename).
     """
     tasks = config.suite()
-    env = VisGenEnv(dict(config.env), tasks=tasks)
+    env = VisGenEnv({**config.env, "observe_pixels": True} if config.images else dict(config.env), tasks=tasks)
+    images = f"{Path(config.out).stem}_images" if config.images else None
     teacher = WorkflowAgent(seed=config.seed, mistake_rate=config.mistake_rate, reflect=config.reflect,
                             mistakes=config.mistakes, inspect=config.inspect)
     system = env.system_prompt if config.include_tool_docs else None
@@ -263,7 +286,7 @@ def build_dataset(config: DataConfig, progress: bool = False) -> Funnel:
     dropped: Counter = Counter()
     survivors = []
     for i, task in enumerate(tqdm(tasks, desc="teacher", disable=not progress, leave=False)):
-        trajectory = _play(env, teacher, task, config.seed + i, system)
+        trajectory = _play(env, teacher, task, config.seed + i, system, images)
         funnel.generated += 1
         funnel.mistakes_generated += trajectory.mistake is not None
         funnel.reflections_generated += trajectory.reflected
@@ -284,8 +307,14 @@ def build_dataset(config: DataConfig, progress: bool = False) -> Funnel:
 
 
 def _write_jsonl(path: str, trajectories: list[_Trajectory]) -> None:
+    """The trajectories as JSONL (whole or not at all), after the pictures their messages name."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for t in trajectories:
+        for name, picture in t.pictures.items():
+            if not (target.parent / name).exists():
+                (target.parent / name).parent.mkdir(exist_ok=True)
+                Image.fromarray(picture).save(target.parent / name)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with open(temporary, "w", encoding="utf-8") as handle:
         for t in trajectories:
@@ -312,12 +341,14 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         env["content"] = args.content
     if args.tool_fidelity is not None:
         env["tool_fidelity"] = args.tool_fidelity
+    if args.pixel_size is not None:
+        env["pixel_size"] = args.pixel_size
     config = DataConfig(out=args.out, num_tasks=args.n, tasks=args.tasks or args.suite, task_seed=args.task_seed,
                         seed=args.seed, mistake_rate=args.mistake_rate,
                         mistakes=tuple(args.mistakes.split(",")) if args.mistakes else MISTAKES,
                         reflect=not args.no_reflect, inspect=args.inspect, min_reward=args.min_reward,
                         judges=dict(_load_judge(spec) for spec in args.judge), min_judge_score=args.min_judge_score,
-                        include_tool_docs=args.tool_docs, env=env)
+                        include_tool_docs=args.tool_docs, images=args.images, env=env)
     funnel = build_dataset(config, progress=not args.quiet)
     print(funnel.format())
     if args.funnel:
@@ -356,6 +387,10 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="an extra judge: factory() returns a batched component; repeatable")
     p.add_argument("--min-judge-score", type=float, default=0.5, help="drop trajectories a judge scores below this")
     p.add_argument("--tool-docs", action="store_true", help="open each trajectory with the tool documentation")
+    p.add_argument("--images", action="store_true",
+                   help="list on each tool message the pictures the env showed (PNG files in <out stem>_images/), "
+                        "for VLM SFT")
+    p.add_argument("--pixel-size", type=int, help="with --images: side of the pictures (default: the env's, 64)")
     p.add_argument("--funnel", help="also write the funnel as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_build)

@@ -27,6 +27,8 @@ import json
 import os
 import sys
 
+import torch
+
 from baselines.data import add_data_commands
 from rl import checkpoint
 from rl.config import EvalConfig, LearnerConfig, SFTConfig, TrainConfig, add_options, load, overrides_from, to_dict
@@ -39,9 +41,15 @@ from rl.train import Trainer, episode_metrics
 from visenv.imports import import_object
 
 
-def run_sft(config: SFTConfig, progress: bool = True, learner: LearnerConfig | None = None) -> str:
+def run_sft(config: SFTConfig, progress: bool = True, learner: LearnerConfig | None = None,
+            system_prompt: str | None = None) -> str:
     """Run the PST stages (on ``learner``, by default ``config.learner``); returns the folder of the
-    fine-tuned policy."""
+    fine-tuned policy.
+
+    ``system_prompt`` opens the trajectories that have no system message (``rl train`` passes its
+    policy's, so that SFT trains on the prompts RL samples from). With ``config.lora`` the adapters
+    are written to "adapter" and merged into "policy".
+    """
     import copy
     import functools
     import random
@@ -57,9 +65,14 @@ def run_sft(config: SFTConfig, progress: bool = True, learner: LearnerConfig | N
         tokenizer = train_tokenizer(texts, config.tiny.vocab_size)
         model = tiny_causal_lm(len(tokenizer), config.tiny.hidden_size, config.tiny.num_layers,
                                config.tiny.num_heads, config.tiny.intermediate_size, seed=config.seed)
-        policy = CausalLMPolicy(model, tokenizer, chat=config.chat)
+        policy = CausalLMPolicy(model.to(config.torch_device, getattr(torch, config.torch_dtype)), tokenizer,
+                                chat=config.chat, system_prompt=system_prompt)
+        if config.lora is not None:
+            config.lora.apply(policy)
     else:
-        policy = CausalLMPolicy.from_pretrained(config.model, chat=config.chat)
+        policy = config.policy_config(system_prompt).build()
+    if config.gradient_checkpointing:
+        policy.model.activation_checkpointing_enable()
     logger = MetricsLogger(config.output_dir, tensorboard=False, total=None)
     if learner.num_workers > 1:
         group = learner.start(policy, functools.partial(copy.deepcopy, policy))
@@ -71,6 +84,8 @@ def run_sft(config: SFTConfig, progress: bool = True, learner: LearnerConfig | N
         results = run_pst(policy, config.stages, config.seed, on_step=logger.log)
     logger.close()
     path = os.path.join(config.output_dir, "policy")
+    if config.lora is not None:
+        checkpoint.write_folder(os.path.join(config.output_dir, "adapter"), policy.model.save_pretrained)
     policy.save(path)
     if progress:
         for number, result in enumerate(results):
@@ -94,7 +109,8 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
     if config.sft is not None:
         sft_policy = os.path.join(config.sft.output_dir, "policy")
         if not (config.resume and checkpoint.incomplete(sft_policy) is None):  # a killed SFT save is redone
-            run_sft(config.sft, progress=config.progress, learner=config.learner)
+            run_sft(config.sft, progress=config.progress, learner=config.learner,
+                    system_prompt=config.policy.for_env(config.env).system_prompt)
         config.policy.model = sft_policy
     policy_config = config.policy.for_env(config.env)
     policy = policy_config.build()

@@ -92,16 +92,28 @@ class LoraConfig:
     Attributes:
         rank: adapter rank r.
         alpha: LoRA alpha (scale alpha / r).
-        target_modules: names of the linear layers that get adapters.
+        target_modules: names of the linear layers that get adapters (the language model's attention
+            projections by default; a Qwen-VL vision tower's are named "qkv" and "proj").
+        dropout: dropout on the adapters' input during SFT (which trains in train mode); RL samples
+            and scores in eval mode, without dropout.
     """
 
     rank: int = 16
     alpha: float = 32.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rank < 1 or not self.target_modules:
             raise ConfigError(f"lora.rank ({self.rank}) must be >= 1 and lora.target_modules non-empty.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout ({self.dropout}) must be in [0, 1), e.g. 0.05.")
+
+    def apply(self, policy):
+        """Wrap ``policy``'s model with these adapters (:func:`rl.hf.add_lora`); only they stay trainable."""
+        from rl.hf import add_lora
+
+        return add_lora(policy, self.rank, self.alpha, self.target_modules, self.dropout)
 
 
 @dataclass
@@ -112,11 +124,13 @@ class PolicyConfig:
         model: folder (or hub id) of the model and its tokenizer, e.g. the "policy" folder that
             ``rl sft`` writes.
         kind: "causal_lm" (text) or "vlm" (image-text-to-text; sees tool images). The VLM policy
-            follows the model's model_type: "llava" (fixed tokens per image), "qwen2_vl" or
-            "qwen2_5_vl" (dynamic resolution; needs chat "chatml").
+            follows the model's model_type: "llava" (fixed tokens per image), "qwen2_vl",
+            "qwen2_5_vl" or "qwen3_vl" (dynamic resolution; needs chat "chatml").
         chat: chat format: "plain" (tokenizers trained by rl) or "chatml" (Qwen and similar).
         system_prompt: text of the system segment that opens each episode, "tools" for the
             environment's documentation of its tools (what a policy needs to call them), or null.
+            A pretrained chat model (chat "chatml" or kind "vlm") learns of the tools only here:
+            ``rl train`` and ``rl record`` refuse null for it ("" runs it without one on purpose).
         max_new_tokens: most tokens in one policy turn.
         temperature: sampling temperature (0: greedy).
         dtype: "float32", "bfloat16" or "float16".
@@ -146,6 +160,34 @@ class PolicyConfig:
             raise ConfigError(f"policy.max_new_tokens ({self.max_new_tokens}) must be >= 1 and "
                              f"policy.temperature ({self.temperature}) >= 0.")
 
+    @classmethod
+    def for_folder(cls, model: str, **options: Any) -> "PolicyConfig":
+        """The config of a saved policy folder: kind from its model_type, chat from its tokenizer
+        (Qwen's ``<|im_start|>`` -> "chatml"), and, for a pretrained chat model (chatml or VLM),
+        ``system_prompt: tools``: the tool documentation reaches it as it reaches the presets' models."""
+        from transformers import PreTrainedTokenizerFast
+
+        from rl.hf import VISION_POLICIES, read_model_type
+
+        kind = "vlm" if read_model_type(model) in VISION_POLICIES else "causal_lm"
+        chatml = "<|im_start|>" in PreTrainedTokenizerFast.from_pretrained(model).get_vocab()
+        config = cls(model=model, kind=kind, chat="chatml" if chatml else "plain", **options)
+        return config if config.system_prompt is not None or not config.needs_tools else \
+            dataclasses.replace(config, system_prompt="tools")
+
+    @property
+    def needs_tools(self) -> bool:
+        """Whether the policy is a pretrained chat model (chat "chatml" or kind "vlm"), which learns of
+        the tools only from its system prompt (a tiny "plain" model learns them from the SFT data)."""
+        return self.chat == "chatml" or self.kind == "vlm"
+
+    def check_sees_tools(self) -> None:
+        """Refuse a pretrained chat model (:attr:`needs_tools`) without a system prompt."""
+        if self.needs_tools and self.system_prompt is None:
+            raise ConfigError(f"policy.system_prompt is null for a {self.kind!r} policy with chat {self.chat!r}: the "
+                              "model would never see the tools. Set it to 'tools' (the environment's tool "
+                              "documentation), to a text, or to \"\" to run without a system prompt on purpose.")
+
     def for_env(self, env: EnvConfig) -> "PolicyConfig":
         """This config, with ``system_prompt: tools`` replaced by ``env``'s tool documentation."""
         if self.system_prompt != "tools":
@@ -157,7 +199,7 @@ class PolicyConfig:
         import torch
         from safetensors import SafetensorError
 
-        from rl.hf import CausalLMPolicy, add_lora, vision_policy_class
+        from rl.hf import CausalLMPolicy, vision_policy_class
 
         if not self.model:
             raise ConfigError("policy.model is empty: give the folder of a model (e.g. the policy folder "
@@ -182,7 +224,7 @@ class PolicyConfig:
                 "with config.json, weights and tokenizer (the policy folder written by `rl sft`, a checkpoint's "
                 "policy/ folder) or a hub id in the local cache: fix the path, or re-save a damaged folder.") from None
         if self.lora is not None:
-            add_lora(policy, self.lora.rank, self.lora.alpha, self.lora.target_modules)
+            self.lora.apply(policy)
         device = "cuda" if self.device == "auto" and torch.cuda.is_available() else self.device
         policy.model.to("cpu" if device == "auto" else device)
         return policy
@@ -386,7 +428,18 @@ class SFTConfig:
     Attributes:
         model: "tiny" (train a tokenizer on the data and build a small Llama) or a model folder/hub id.
         tiny: the tiny model's size (used when model is "tiny").
-        chat: chat format ("plain" for tiny models).
+        kind: "causal_lm" (text), "vlm" (image-text-to-text: trains on the images of the data's user
+            and tool messages; the class follows the model's model_type, as policy.kind "vlm"), or
+            "auto" (from the model folder's config.json; "tiny" is a text model).
+        chat: chat format ("plain" for tiny models, "chatml" for Qwen).
+        images_per_turn: (vlm) most images shown per environment turn, the first ones of its messages
+            (set it as the RL policy's).
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32" or "bfloat16".
+        device: "auto" (cuda when available), "cpu" or "cuda".
+        gradient_checkpointing: recompute activations in the backward pass (transformers' gradient
+            checkpointing): less memory, about a third more compute.
+        lora: LoRA adapters to train instead of all weights, or null; the output folder then holds
+            "adapter" (peft) and "policy" (adapters merged: RL starts from it).
         stages: the PST stages, in order.
         seed: seeds data mixing, batching and the tiny model's initialisation.
         output_dir: where the fine-tuned policy folder ("policy") and metrics go.
@@ -395,15 +448,61 @@ class SFTConfig:
 
     model: str = "tiny"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    kind: str = "auto"
     chat: str = "plain"
+    images_per_turn: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
     stages: list[SFTStage] = field(default_factory=list)
     seed: int = 0
     output_dir: str = "runs/sft"
     learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def __post_init__(self) -> None:
+        choices = {"kind": ("auto", "causal_lm", "vlm"), "chat": ("plain", "chatml"),
+                   "dtype": ("auto", "float32", "bfloat16"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"sft.{name} ({getattr(self, name)!r}) must be one of {allowed}.")
         if not self.stages:
             raise ConfigError("sft.stages is empty: give at least one stage with a 'visual' JSONL path.")
+        if self.model == "tiny" and self.kind == "vlm":
+            raise ConfigError("sft.kind 'vlm' needs a VLM folder in sft.model; 'tiny' builds a text model. Give the "
+                              "folder of a Llava or Qwen-VL model, or kind 'auto'.")
+        if self.images_per_turn < 1:
+            raise ConfigError(f"sft.images_per_turn ({self.images_per_turn}) must be at least 1.")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("sft.device is 'cuda' but torch sees no CUDA device: use 'auto' or 'cpu'.")
+
+    @property
+    def torch_device(self) -> str:
+        """The device SFT runs on ("auto" resolved)."""
+        import torch
+
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+    @property
+    def torch_dtype(self) -> str:
+        """The dtype the model trains in ("auto" resolved: bfloat16 on CUDA, float32 on CPU)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.torch_device == "cuda" else "float32"
+
+    def policy_config(self, system_prompt: str | None = None) -> PolicyConfig:
+        """The policy to fine-tune (sft.model a folder or hub id), as :class:`PolicyConfig` loads it."""
+        from rl.hf import VISION_POLICIES, read_model_type
+
+        kind = self.kind
+        if kind == "auto":
+            kind = "vlm" if read_model_type(self.model) in VISION_POLICIES else "causal_lm"
+        return PolicyConfig(model=self.model, kind=kind, chat=self.chat, system_prompt=system_prompt,
+                            dtype=self.torch_dtype, device=self.torch_device, images_per_turn=self.images_per_turn,
+                            lora=self.lora)
 
 
 @dataclass
@@ -470,6 +569,10 @@ class TrainConfig:
         if self.sft is None and not self.policy.model:
             raise ConfigError("policy.model is empty and there is no sft section: give a model folder, or an "
                              "sft section to build one first.")
+        if self.sft is not None and "auto" != self.sft.kind != self.policy.kind:
+            raise ConfigError(f"sft.kind ({self.sft.kind!r}) differs from policy.kind ({self.policy.kind!r}): RL starts "
+                              "from the SFT policy folder, so set both to the same kind.")
+        self.policy.check_sees_tools()
 
     @property
     def groups(self) -> tuple[int, int]:
@@ -515,6 +618,8 @@ class EvalConfig:
                              "'baselines.random_agent:RandomAgent'.")
         if self.api_base_url and not self.api_model:
             raise ConfigError("api_base_url is set but api_model is empty: name the model the endpoint serves.")
+        if not (self.agent or self.api_base_url):
+            self.policy.check_sees_tools()
 
 
 # ---------------------------------------------------------------- dicts, YAML and command lines

@@ -1,7 +1,7 @@
 """Policies on transformers models: a causal LM and VLMs (image-text-to-text) that see tool images.
 
 :class:`CausalLMPolicy` (text), :class:`VisionLMPolicy` (Llava-style: fixed tokens per image) and
-:class:`QwenVLPolicy` (Qwen2-VL / Qwen2.5-VL: dynamic resolution, multimodal RoPE) implement
+:class:`QwenVLPolicy` (Qwen2-VL / Qwen2.5-VL / Qwen3-VL: dynamic resolution, multimodal RoPE) implement
 :class:`~rl.policy.TrainablePolicy`. Generation is a plain KV-cached decoding loop
 over a left-padded batch with inverse-CDF sampling: each row draws its uniforms for the whole turn
 from its own generator seeded by :meth:`~rl.policy.Conversation.turn_seed`, so a sample does not
@@ -110,11 +110,12 @@ def tiny_vlm(vocab_size: int, image_token_id: int, hidden_size: int = 64, num_la
 
 def tiny_qwen_vl(tokenizer, model_type: str = "qwen2_vl", hidden_size: int = 64, num_layers: int = 2,
                  patch_size: int = 4, max_pixels: int = 32 * 32, seed: int = 0):
-    """A randomly initialised Qwen2-VL or Qwen2.5-VL (1-block vision tower) and its image processor.
+    """A randomly initialised Qwen2-VL, Qwen2.5-VL or Qwen3-VL (1-block vision tower) and its image processor.
 
     Args:
         tokenizer: a tokenizer with the tokens of :data:`CHATML_SPECIAL_TOKENS` (the vision markers).
-        model_type: "qwen2_vl" or "qwen2_5_vl".
+        model_type: "qwen2_vl", "qwen2_5_vl" or "qwen3_vl" (its vision block also feeds a deepstack
+            merger into the first language layer; interleaved multimodal RoPE).
         hidden_size: width of the language model (4 heads, 2 key-value heads).
         num_layers: language model layers.
         patch_size: side of a vision patch; 2 x 2 patches merge into one image token.
@@ -125,7 +126,8 @@ def tiny_qwen_vl(tokenizer, model_type: str = "qwen2_vl", hidden_size: int = 64,
         ``(model, image_processor)``, built from code (no files).
     """
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
 
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -144,8 +146,14 @@ def tiny_qwen_vl(tokenizer, model_type: str = "qwen2_vl", hidden_size: int = 64,
         config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64,
                       window_size=4 * patch_size, fullatt_block_indexes=[0])
+    elif model_type == "qwen3_vl":
+        config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        text.update(head_dim=hidden_size // 4)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0])
     else:
-        raise ConfigError(f"model_type ({model_type!r}) must be 'qwen2_vl' or 'qwen2_5_vl'.")
+        raise ConfigError(f"model_type ({model_type!r}) must be 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl'.")
     config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     torch.manual_seed(seed)
     processor = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
@@ -191,15 +199,20 @@ def check_policy_folder(path: str) -> None:
                           "(rl sft; rl train resumes from its last complete checkpoint) or give a complete model folder.")
 
 
-def vision_policy_class(model: str) -> type:
-    """The VLM policy class for a model folder (or hub id), chosen by its config's ``model_type``.
-
-    ``llava`` -> :class:`VisionLMPolicy`; ``qwen2_vl`` and ``qwen2_5_vl`` -> :class:`QwenVLPolicy`.
-    """
+def read_model_type(model: str) -> str:
+    """The ``model_type`` of a model folder's config.json (or a hub id's); an incomplete folder is refused."""
     from transformers import AutoConfig
 
     check_policy_folder(model)
-    model_type = AutoConfig.from_pretrained(model).model_type
+    return AutoConfig.from_pretrained(model).model_type
+
+
+def vision_policy_class(model: str) -> type:
+    """The VLM policy class for a model folder (or hub id), chosen by its config's ``model_type``.
+
+    ``llava`` -> :class:`VisionLMPolicy`; ``qwen2_vl``, ``qwen2_5_vl`` and ``qwen3_vl`` -> :class:`QwenVLPolicy`.
+    """
+    model_type = read_model_type(model)
     if model_type not in VISION_POLICIES:
         raise ConfigError(f"The model at {model!r} has model_type {model_type!r}; policy.kind 'vlm' supports "
                          f"{sorted(VISION_POLICIES)}. Use kind 'causal_lm' for a text-only model.")
@@ -220,6 +233,9 @@ class CausalLMPolicy:
         temperature: sampling temperature; 0 samples greedily (log-probs then at temperature 1).
         system_prompt: text of the system segment that opens each episode, or None.
     """
+
+    images_per_turn: int | None = None
+    """Most images shown per environment turn; None for a text policy, which refuses images."""
 
     engine_served: ClassVar[bool] = True
     """Whether the async rollout loop serves this policy's turns with the in-process
@@ -288,13 +304,25 @@ class CausalLMPolicy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def encode(self, observation: dict[str, Any], first: bool) -> Segment:
-        return self._env_segment(observation, first)
+        return self.env_segment(observation["text"], first, self.system_prompt, self.shown(observation), observation)
 
-    def _env_segment(self, observation: dict[str, Any], first: bool, images: np.ndarray | None = None,
-                     placeholders: str = "") -> Segment:
-        """The environment segment of an observation: its text (after a VLM's image ``placeholders``)
-        in the chat format, encoded once, with the ``images`` the placeholders stand for."""
-        text = self.chat.render(placeholders + observation["text"], first, self.system_prompt)
+    def shown(self, observation: dict[str, Any]) -> np.ndarray | None:
+        """The images the policy shows for an observation (None: a text policy shows none)."""
+        return None
+
+    def image_placeholders(self, images: np.ndarray) -> str:
+        """The text that stands for ``images`` in a prompt; a text policy has none and refuses them."""
+        raise ConfigError(f"A text policy ({type(self.model).__name__}) cannot take {len(images)} image(s): use a "
+                          "VLM (policy.kind / sft.kind 'vlm') or data without images.")
+
+    def env_segment(self, text: str, first: bool, system: str | None, images: np.ndarray | None = None,
+                    observation: dict[str, Any] | None = None) -> Segment:
+        """An environment segment: ``text`` (after the placeholders of ``images``, uint8 ``(N, H, W, 3)``)
+        in the chat format (``system`` opens the first segment), encoded once, with the images the
+        placeholders stand for. Rollouts (:meth:`encode`) and SFT data (:func:`rl.sft.chat_segments`)
+        both write their environment turns here, so SFT trains on the tokens RL samples after."""
+        placeholders = "" if images is None else self.image_placeholders(images)
+        text = self.chat.render(placeholders + text, first, system)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return Segment(ENV, text, ids, images=images, observation=observation)
 
@@ -441,10 +469,11 @@ class VisionLMPolicy(CausalLMPolicy):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
         return cls(model, PreTrainedTokenizerFast.from_pretrained(path), **options)
 
-    def encode(self, observation: dict[str, Any], first: bool) -> Segment:
-        images = shown_images(observation, self.images_per_turn)
-        count = 0 if images is None else len(images)
-        return self._env_segment(observation, first, images, self.chat.image * (self.image_tokens * count))
+    def shown(self, observation: dict[str, Any]) -> np.ndarray | None:
+        return shown_images(observation, self.images_per_turn)
+
+    def image_placeholders(self, images: np.ndarray) -> str:
+        return self.chat.image * (self.image_tokens * len(images))
 
     def _model_inputs(self, batch: TokenBatch) -> dict[str, Any]:
         inputs = super()._model_inputs(batch)
@@ -457,7 +486,7 @@ class VisionLMPolicy(CausalLMPolicy):
 
 
 class QwenVLPolicy(CausalLMPolicy):
-    """A Qwen2-VL or Qwen2.5-VL model (dynamic resolution) that sees the tool outputs as images.
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL model (dynamic resolution) that sees the tool outputs as images.
 
     Each shown image (the newest ``images_per_turn`` real ones, see :func:`shown_images`) becomes
     ``<|vision_start|>``, one ``<|image_pad|>`` per merged patch (``t * h * w / merge_size**2`` of the
@@ -471,11 +500,18 @@ class QwenVLPolicy(CausalLMPolicy):
     The images of one batch must share a size (``TokenBatch.pixel_values`` is one array): VisGen's
     thumbnails all have ``pixel_size``.
 
+    With ``chat="chatml"`` a conversation is what the model's own chat template writes for the same
+    exchange: the UTPC ``<tool_call>`` JSON is Qwen's (Hermes) tool-call format, and the environment's
+    ``<tool_response>`` sits in a user turn, as Qwen's template puts a ``tool`` message
+    (tests/test_rl_policy.py checks it character for character).
+
     Args:
-        model: a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+        model: a ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+            ``Qwen3VLForConditionalGeneration`` (whose deepstack features enter with the images).
         tokenizer: its fast tokenizer, with the vision start/end tokens and the chat format's image
             token (``chat="chatml"``: ``<|image_pad|>``).
-        image_processor: a ``Qwen2VLImageProcessor`` whose patch, merge and temporal patch sizes are
+        image_processor: the model's image processor (``Qwen2VLImageProcessor`` for all three
+            families) whose patch, merge and temporal patch sizes are
             the vision tower's; its ``min_pixels``/``max_pixels`` bound the tokens per image.
         images_per_turn: most images shown per observation.
         **options: as :class:`CausalLMPolicy`.
@@ -503,12 +539,12 @@ class QwenVLPolicy(CausalLMPolicy):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", **options: Any) -> "QwenVLPolicy":
-        """Load the model, tokenizer and image processor of a folder (a Qwen2-VL release or :meth:`save`)."""
-        from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2VLImageProcessor
+        """Load the model, tokenizer and image processor of a folder (a Qwen-VL release or :meth:`save`)."""
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, PreTrainedTokenizerFast
 
         check_policy_folder(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
-        return cls(model, PreTrainedTokenizerFast.from_pretrained(path), Qwen2VLImageProcessor.from_pretrained(path),
+        return cls(model, PreTrainedTokenizerFast.from_pretrained(path), AutoImageProcessor.from_pretrained(path),
                    **options)
 
     def _save_files(self, folder: str) -> None:
@@ -516,13 +552,12 @@ class QwenVLPolicy(CausalLMPolicy):
         super()._save_files(folder)
         self.image_processor.save_pretrained(folder)
 
-    def encode(self, observation: dict[str, Any], first: bool) -> Segment:
-        images = shown_images(observation, self.images_per_turn)
-        if images is None:
-            return self._env_segment(observation, first)
+    def shown(self, observation: dict[str, Any]) -> np.ndarray | None:
+        return shown_images(observation, self.images_per_turn)
+
+    def image_placeholders(self, images: np.ndarray) -> str:
         counts = (self._process(images)["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
-        placeholders = "".join(self.vision_start + self.chat.image * n + self.vision_end for n in counts)
-        return self._env_segment(observation, first, images, placeholders)
+        return "".join(self.vision_start + self.chat.image * n + self.vision_end for n in counts)
 
     def _process(self, images: np.ndarray) -> dict[str, torch.Tensor]:
         """``pixel_values`` (flattened patches) and ``image_grid_thw`` of ``(N, H, W, 3)`` uint8 images."""
@@ -541,7 +576,8 @@ class QwenVLPolicy(CausalLMPolicy):
                 "image_grid_thw": grid.to(device)}
 
 
-VISION_POLICIES = {"llava": VisionLMPolicy, "qwen2_vl": QwenVLPolicy, "qwen2_5_vl": QwenVLPolicy}
+VISION_POLICIES = {"llava": VisionLMPolicy, "qwen2_vl": QwenVLPolicy, "qwen2_5_vl": QwenVLPolicy,
+                   "qwen3_vl": QwenVLPolicy}
 """The VLM policy class of each supported ``model_type``."""
 
 
@@ -566,12 +602,14 @@ def reference_policy(policy: CausalLMPolicy) -> CausalLMPolicy | AdapterOffRefer
     return reference
 
 
-def add_lora(policy: CausalLMPolicy, rank: int, alpha: float, target_modules: Sequence[str]) -> CausalLMPolicy:
-    """Wrap the policy's model with LoRA adapters (peft); only the adapters stay trainable."""
+def add_lora(policy: CausalLMPolicy, rank: int, alpha: float, target_modules: Sequence[str],
+             dropout: float = 0.0) -> CausalLMPolicy:
+    """Wrap the policy's model with LoRA adapters (peft); only the adapters stay trainable. ``dropout``
+    acts only in train mode (SFT); rollouts and RL updates run in eval mode."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise DependencyNotInstalled("peft", "rl", "LoRA (policy.lora)") from None
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
     policy.model = get_peft_model(policy.model, config).eval()  # no dropout, as for the base model
     return policy

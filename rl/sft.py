@@ -3,8 +3,14 @@
 Data: JSONL files, one trajectory per line, ``{"messages": [{"role": ..., "content": ...}, ...]}``
 with roles ``system`` (optional, first), ``user`` or ``tool`` (the environment's turns) and
 ``assistant`` (the policy's turns, the only tokens trained on). Each message is encoded as its own
-segment exactly as a rollout would encode it (:meth:`~rl.hf.CausalLMPolicy.encode` for environment
-turns; the assistant text plus the end token for policy turns), so SFT and RL see the same tokens.
+segment exactly as a rollout would encode it (:meth:`~rl.hf.CausalLMPolicy.env_segment` for
+environment turns; the assistant text plus the end token for policy turns), so SFT and RL see the same tokens.
+
+A ``user`` or ``tool`` message may carry ``"images": [path, ...]`` (newest first, as VisGen's
+``pixels``; relative paths are read from the JSONL file's folder): the tool outputs the teacher saw
+(``rl data build --images`` writes them). A VLM policy shows the first ``images_per_turn`` of an
+environment turn's images, as it would in a rollout; a text policy refuses them. The images of
+one dataset must share a size (RL's VisGen thumbnails all have ``pixel_size``).
 
 PST (PAPER.md section 4): stage after stage, each mixing ``general_count`` trajectories of a general
 tool-use dataset with ``visual_weight`` (lambda) times the visual-creation dataset; later stages use
@@ -15,11 +21,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from rl.errors import ChatDataError, ConfigError
@@ -44,8 +52,35 @@ def load_chat_jsonl(path: str) -> list[list[dict[str, str]]]:
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ChatDataError(f"{path}:{number}: expected a JSON object with a 'messages' list ({exc}).") from None
             check_messages(messages, f"{path}:{number}")
-            examples.append(messages)
+            examples.append(_with_image_paths(messages, os.path.dirname(os.path.abspath(path)), f"{path}:{number}"))
     return examples
+
+
+def _with_image_paths(messages: list[dict[str, Any]], folder: str, where: str) -> list[dict[str, Any]]:
+    """The messages with relative image paths made absolute (from ``folder``); every image must exist."""
+    for i, message in enumerate(messages):
+        if "images" in message:
+            message["images"] = [os.path.join(folder, image) for image in message["images"]]
+            missing = [image for image in message["images"] if not os.path.isfile(image)]
+            if missing:
+                raise ChatDataError(f"{where}: message {i} names {len(missing)} image file(s) that do not exist, "
+                                    f"e.g. {missing[0]!r}; keep the images folder next to the JSONL file.")
+    return messages
+
+
+def load_images(paths: Sequence[str]) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` RGB pixels of image files of one size (as VisGen's ``pixels``)."""
+    from PIL import Image
+
+    pictures = []
+    for path in paths:
+        with Image.open(path) as image:
+            pictures.append(np.asarray(image.convert("RGB")))
+    sizes = {picture.shape for picture in pictures}
+    if len(sizes) > 1:
+        raise ChatDataError(f"The images {list(paths)} have different sizes {sorted(sizes)}: the images of one dataset "
+                            "must share a size (rl data build --images writes the env's pixel_size); resize them.")
+    return np.stack(pictures)
 
 
 def check_messages(messages: Any, where: str) -> None:
@@ -59,23 +94,32 @@ def check_messages(messages: Any, where: str) -> None:
                              f"string content; got {message!r:.80}.")
         if role == "system" and i:
             raise ChatDataError(f"{where}: a system message may only come first (message {i}).")
+        images = message.get("images")
+        if images is not None and (role not in ENV_ROLES or not isinstance(images, list) or not images
+                                   or not all(isinstance(image, str) and image for image in images)):
+            raise ChatDataError(f"{where}: message {i} ({role}) has 'images' {images!r:.80}: only user and tool "
+                                "messages may carry images, as a non-empty list of image file paths.")
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatDataError(f"{where}: the trajectory has no assistant message to learn from.")
 
 
-def chat_segments(policy: CausalLMPolicy, messages: Sequence[dict[str, str]]) -> list[Segment]:
-    """A trajectory as segments: environment messages merged per turn; assistant text + end token."""
+def chat_segments(policy: CausalLMPolicy, messages: Sequence[dict[str, Any]]) -> list[Segment]:
+    """A trajectory as segments: environment messages merged per turn (their texts joined by newlines,
+    the first ``images_per_turn`` of their images shown); assistant text + end token."""
     system = messages[0]["content"] if messages[0]["role"] == "system" else policy.system_prompt
     segments: list[Segment] = []
     pending: list[str] = []
+    paths: list[str] = []
     for message in messages:
         if message["role"] in ENV_ROLES:
             pending.append(message["content"])
+            paths += message.get("images", [])
         elif message["role"] == "assistant":
             if pending:
-                text = policy.chat.render("\n".join(pending), not segments, system)
-                segments.append(Segment(ENV, text, policy.tokenizer.encode(text, add_special_tokens=False)))
-                pending = []
+                shown = paths[:policy.images_per_turn]
+                images = load_images(shown) if shown else None
+                segments.append(policy.env_segment("\n".join(pending), not segments, system, images))
+                pending, paths = [], []
             ids = policy.tokenizer.encode(message["content"], add_special_tokens=False) + [policy.stop_id]
             segments.append(Segment(POLICY, message["content"], ids))
     return segments
@@ -157,7 +201,8 @@ def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]
               max_seconds: float | None = None, shard: Shard | None = None) -> dict[str, float]:
     """Minimise the mean negative log-likelihood of the assistant tokens, in length-bucketed batches.
 
-    Training ends after ``epochs`` passes, or earlier when a budget is spent: ``max_steps`` optimizer
+    The model trains in train mode (its dropout, if any, and gradient checkpointing act) and is left in
+    eval mode, as rollouts need it. Training ends after ``epochs`` passes, or earlier when a budget is spent: ``max_steps`` optimizer
     steps, or ``max_seconds`` of wall time since the call (checked after each step, so the step running
     when it runs out finishes). A step budget does the same work on any machine; a time budget does not.
 
@@ -171,7 +216,12 @@ def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]
     """
     began = time.perf_counter()
     encoded = [chat_segments(policy, messages) for messages in examples]
+    sizes = {s.images.shape[1:] for segments in encoded for s in segments if s.images is not None}
+    if len(sizes) > 1:
+        raise ChatDataError(f"The SFT images have {len(sizes)} sizes {sorted(sizes)}: the images of one dataset must "
+                            "share a size (rl data build --images writes the env's pixel_size); resize them.")
     lengths = [sum(len(s.token_ids) for s in segments) for segments in encoded]
+    policy.model.train()  # the model's (and adapters') dropout and gradient checkpointing act; eval again at the end
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
     step, tokens, start, spent = 0, 0, time.perf_counter(), False
@@ -203,6 +253,7 @@ def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]
             spent = step == max_steps or sums["late"] > 0
             if spent:
                 break
+    policy.model.eval()
     return {"loss": sum(losses) / len(losses), "steps": float(step),
             "tokens_per_second": tokens / (time.perf_counter() - start), "seconds": time.perf_counter() - began}
 

@@ -63,6 +63,37 @@ def test_messages_are_what_the_environment_said(tmp_path):
         assert heard == said[:-1]  # the observation after the answer is left out
 
 
+def test_images_are_the_pictures_the_environment_showed(tmp_path):
+    """With images, each tool message lists, as PNG files, exactly the pixels the env showed with it."""
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "vis.jsonl"
+    build_dataset(DataConfig(out=str(out), num_tasks=3, tasks="image", seed=2, mistake_rate=0.0, images=True,
+                             env={"pixel_size": 16}))
+    tasks = make_suite(3, 0, modality="image")
+    env = VisGenEnv(tasks=tasks, observe_pixels=True, pixel_size=16)
+    shown = 0
+    for line, examples in zip(lines(out), load_chat_jsonl(str(out))):
+        index = next(k for k, t in enumerate(tasks) if t.task_id == line["task_id"])
+        env.reset(seed=2 + index, options={"task": tasks[index]})
+        for message, loaded in zip(line["messages"], examples):
+            if message["role"] == "assistant":
+                observation, *_ = env.step(message["content"])
+                pixels = observation["pixels"][observation["pixels_mask"].astype(bool)]
+            elif message["role"] == "tool":
+                names = message.get("images", [])
+                assert len(names) == len(pixels)
+                assert all(name.startswith("vis_images/") for name in names)  # relative to the JSONL's folder
+                assert all(np.array_equal(np.asarray(Image.open(out.parent / name)), picture)
+                           for name, picture in zip(names, pixels))
+                assert loaded.get("images", []) == [str(out.parent / name) for name in names]  # made absolute
+                shown += len(names)
+    assert shown >= 6
+    # each picture is written once, however many messages show it
+    assert len(list((tmp_path / "vis_images").iterdir())) < shown
+
+
 def test_threshold_drops_exactly_the_low_rewards(tmp_path):
     def build(name, min_reward):
         config = DataConfig(out=str(tmp_path / name), num_tasks=21, tasks="image", mistake_rate=1.0,

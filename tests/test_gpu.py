@@ -271,7 +271,7 @@ def test_lora_bf16_policy_from_config_trains_only_adapters_on_the_device(text_mo
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_vlm_policies_sample_and_score_visgen_images_on_the_device(name, dtype, tokenizer, chatml_tokenizer,
                                                                     tmp_path):
     if dtype == "bfloat16":

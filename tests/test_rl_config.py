@@ -1,5 +1,6 @@
 """Configs: validation messages name the value and the fix; YAML, overrides and --help; the GPU presets."""
 
+import argparse
 import glob
 import os
 
@@ -222,6 +223,75 @@ def test_gpu_qwen2vl_preset_builds_a_lora_qwen_vl_policy_that_sees_visgen_images
     scores = policy.score(batch)
     (-scores.logprobs.sum()).backward()
     assert all(p.grad is not None for p in policy.parameters())
+
+
+TOOL_DOCS_PRESETS = {"gpu_qwen2vl_grpo.yaml": "qwen2_vl", "gpu_vlm_grpo.yaml": "llava"}
+"""Presets of pretrained chat models (Qwen's chat format or a VLM), with the family of the tiny stand-in."""
+TINY_PRESETS = {"eval_visgen.yaml", "visgen_grpo_ray.yaml", "visgen_ppo.yaml", "visgen_pst_grpo.yaml",
+                "toolecho_grpo.yaml"}
+"""Presets of tiny models trained from scratch ("plain" chat, 2048 positions): they learn the tools from the
+SFT data; VisGen's tool documentation (about 20,000 characters) would not fit their context."""
+NO_POLICY_PRESETS = {"sft_visgen.yaml", "teacher_visgen.yaml"}
+
+
+def tiny_release(family: str, folder) -> str:
+    """A tiny random model of ``family`` with Qwen's chat tokens, saved as a release folder."""
+    from rl.hf import CHATML_SPECIAL_TOKENS, QwenVLPolicy, VisionLMPolicy, tiny_qwen_vl, tiny_vlm
+    from rl.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["Request: draw a cat", "<tool_call>{}</tool_call>"], 300, CHATML_SPECIAL_TOKENS)
+    if family == "llava":
+        model = tiny_vlm(len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        VisionLMPolicy(model, tokenizer, chat="chatml").save(str(folder))
+    else:
+        model, processor = tiny_qwen_vl(tokenizer, family)
+        QwenVLPolicy(model, tokenizer, processor, chat="chatml").save(str(folder))
+    return str(folder)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_every_preset_shows_a_pretrained_chat_model_its_36_tools(path, tmp_path):
+    name = os.path.basename(path)
+    assert name in {*TOOL_DOCS_PRESETS, *TINY_PRESETS, *NO_POLICY_PRESETS}, f"classify the new preset {name}"
+    if name in NO_POLICY_PRESETS:  # a scripted teacher, or SFT of a tiny model (its policy comes later)
+        config = load(SFTConfig if name.startswith("sft") else EvalConfig, path)
+        assert config.agent if name.startswith("teacher") else config.model == "tiny"
+        return
+    cls = EvalConfig if name.startswith("eval") else TrainConfig
+    if name in TINY_PRESETS:
+        config = load(cls, path)
+        assert not config.policy.needs_tools and config.policy.system_prompt is None
+        return
+    # the preset's policy as rl train builds it (and its Ray workers, through the same config), on a tiny
+    # stand-in for the release folder it names; its first prompt is what the model reads first
+    config = load(cls, path, {"policy.model": tiny_release(TOOL_DOCS_PRESETS[name], tmp_path), "policy.device": "cpu"})
+    policy = config.policy.for_env(config.env).build()
+    env = config.env.make()
+    observation, _ = env.reset(seed=0)
+    first = policy.encode(observation, first=True).text
+    tools = list(env.unwrapped.tools)
+    assert len(tools) == 36 and all(f'"name": "{tool}"' in first for tool in tools)
+    assert first.startswith("<|im_start|>system\n" + env.unwrapped.system_prompt + "<|im_end|>")
+
+
+def test_a_pretrained_chat_model_must_be_given_a_system_prompt(tmp_path):
+    from rl.jobs.cli import load_policy
+
+    with pytest.raises(ConfigError, match=r"policy.system_prompt is null for a 'vlm' policy with chat 'chatml'"):
+        TrainConfig(policy=PolicyConfig(model="m", kind="vlm", chat="chatml"))
+    with pytest.raises(ConfigError, match="never see the tools"):
+        EvalConfig(policy=PolicyConfig(model="m", chat="chatml"))
+    assert TrainConfig(policy=PolicyConfig(model="m", kind="vlm", chat="chatml", system_prompt=""))  # on purpose
+    assert EvalConfig(agent="baselines.random_agent:RandomAgent")  # no policy, nothing to tell
+    with pytest.raises(ConfigError, match=r"sft.kind \('vlm'\) differs from policy.kind \('causal_lm'\)"):
+        TrainConfig(sft=SFTConfig(model="some/vlm", kind="vlm", stages=[SFTStage("v.jsonl")]))
+    # rl eval --policy DIR: a VLM folder in Qwen's chat format gets the kind, chat and tool documentation
+    folder = tiny_release("qwen3_vl", tmp_path)
+    config = PolicyConfig.for_folder(folder, device="cpu")
+    assert (config.kind, config.chat, config.system_prompt) == ("vlm", "chatml", "tools")
+    args = argparse.Namespace(policy=folder, max_new_tokens=4, temperature=1.0, device="cpu")
+    policy = load_policy(args, {"max_turns": 3})
+    assert "tool_text2image_qwen" in policy.system_prompt and type(policy).__name__ == "QwenVLPolicy"
 
 
 def test_system_prompt_tools_is_the_environments_tool_documentation():

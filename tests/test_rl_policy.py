@@ -18,6 +18,7 @@ from rl.rollout import make_specs, run_episodes
 from rl.tokenizer import train_tokenizer
 from rl_helpers import ECHO, LetterEnv, echo_examples, echo_tokenizer, tiny_policy
 from visenv.envs.visgen import VisGenEnv
+from visenv.protocol import format_turn, parse_tool_response, parse_turn
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_token_continuity_with_images(tokenizer):
     assert not torch.allclose(other[mask], batch.sampled_logprobs[mask], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "qwen3_vl"])
 def test_vlm_policies_show_an_all_black_image_and_never_padding(name, tokenizer, chatml_tokenizer):
     policy = tiny_vision_policy(name, tokenizer, chatml_tokenizer, images_per_turn=3)
     image_ids = {policy.image_id, *policy.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])}
@@ -173,7 +174,7 @@ def test_vlm_policies_show_an_all_black_image_and_never_padding(name, tokenizer,
     assert shown(obs) == (None, 0)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_vl_token_continuity_with_dynamic_resolution(model_type, chatml_tokenizer):
     model, processor = tiny_qwen_vl(chatml_tokenizer, model_type)
     qwen = QwenVLPolicy(model, chatml_tokenizer, processor, chat="chatml", images_per_turn=2, max_new_tokens=10)
@@ -202,6 +203,60 @@ def test_qwen_vl_token_continuity_with_dynamic_resolution(model_type, chatml_tok
     assert not torch.allclose(logprobs_with(position_ids=batch.position_ids), batch.sampled_logprobs[mask], atol=1e-4)
     other = qwen._process(255 - batch.pixel_values)["pixel_values"]
     assert not torch.allclose(logprobs_with(pixel_values=other), batch.sampled_logprobs[mask], atol=1e-4)
+
+
+QWEN_TOOL_TEMPLATE = (
+    # The system, user, assistant (with tool_calls) and tool blocks of the chat template that Qwen2.5-VL
+    # and Qwen3-VL-Instruct releases ship (tokenizer_config.json), string contents only; written out
+    # here because no release is downloaded.
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' or message.role == 'user' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + message.content }}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if (loop.first and message.content) or (not loop.first) %}{{- '\\n' }}{%- endif %}"
+    "{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_qwen3_tool_calls_and_responses_are_the_utpc_protocol(chatml_tokenizer):
+    """A Qwen3-VL policy's conversation is, token for token, what the model's own chat template writes for
+    the same exchange: the call the model writes in its format is the UTPC call the env executes, and
+    the env's answer is Qwen's tool turn."""
+    model, processor = tiny_qwen_vl(chatml_tokenizer, "qwen3_vl")
+    policy = QwenVLPolicy(model, chatml_tokenizer, processor, chat="chatml", system_prompt="Tools: ...")
+    env = VisGenEnv(max_turns=3)
+    first, _ = env.reset(seed=0)
+    call = {"name": "tool_prompt_refine", "arguments": {"prompt": "a red fox, «neon»", "style": "ink"}}
+    turn_text = format_turn(think="I refine the prompt first.", tool_call=call)
+    response, *_ = env.step(turn_text)
+    payload = parse_tool_response(response["text"])
+    assert payload["status"] == "ok" and payload["tool"] == call["name"]
+    ours = (policy.encode(first, first=True).text + turn_text + policy.chat.stop
+            + policy.encode(response, first=False).text)
+    messages = [{"role": "system", "content": "Tools: ..."}, {"role": "user", "content": first["text"]},
+                {"role": "assistant", "content": "<think>\nI refine the prompt first.\n</think>",
+                 "tool_calls": [{"type": "function", "function": call}]},
+                {"role": "tool", "content": json.dumps(payload, ensure_ascii=False, sort_keys=True)}]
+    qwen = chatml_tokenizer.apply_chat_template(messages, chat_template=QWEN_TOOL_TEMPLATE, tokenize=False,
+                                                add_generation_prompt=True)
+    assert ours == qwen
+    # and the other way: the turn as Qwen's template writes it parses into the same call, with no problem
+    written = qwen.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    parsed = parse_turn(written)
+    assert not parsed.problems and parsed.action == "tool_call"
+    assert (parsed.tool_call.name, parsed.tool_call.arguments) == (call["name"], call["arguments"])
 
 
 def test_qwen_vl_checks_its_processor_and_chat_format(chatml_tokenizer):
@@ -317,7 +372,7 @@ def test_api_policy_against_a_loopback_endpoint():
     assert first["model"] == "fake" and first["messages"][0] == {"role": "system", "content": "Be exact."}
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_policy_config_picks_the_vlm_class_from_the_saved_model_type(name, tokenizer, chatml_tokenizer, tmp_path):
     from rl.config import PolicyConfig
 
@@ -334,5 +389,5 @@ def test_policy_config_refuses_a_text_model_as_vlm(tokenizer, tmp_path):
     from rl.config import PolicyConfig
 
     tiny_policy(tokenizer).save(str(tmp_path))
-    with pytest.raises(ValueError, match=r"model_type 'llama'; policy.kind 'vlm' supports \['llava', 'qwen2_5_vl'"):
+    with pytest.raises(ValueError, match=r"model_type 'llama'; policy.kind 'vlm' supports \['llava', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'\]"):
         PolicyConfig(model=str(tmp_path), kind="vlm", device="cpu").build()

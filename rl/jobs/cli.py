@@ -44,16 +44,19 @@ def agent_factory(name: str, seed: int):
 
 
 def load_policy(args: argparse.Namespace, env_config: dict | None = None):
-    """``--policy DIR`` or ``--api``: an rl policy (its turns batched over the episodes). An API model
-    gets the environment's tool documentation as its system prompt."""
+    """``--policy DIR`` or ``--api``: an rl policy (its turns batched over the episodes). An API model,
+    and a policy folder of a pretrained chat model (Qwen's chat format or a VLM,
+    :meth:`rl.config.PolicyConfig.for_folder`), get the environment's tool documentation as their
+    system prompt."""
     if args.policy:
-        from rl.config import PolicyConfig
+        from rl.config import EnvConfig, PolicyConfig
 
         if not (Path(args.policy) / "config.json").is_file():
             raise ConfigError(f"--policy {args.policy!r} is not a policy folder (no config.json): give a folder "
                               "written by rl (e.g. runs/main/rl/policy or a checkpoint's policy/).")
-        policy = PolicyConfig(model=args.policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              device=args.device).build()
+        config = PolicyConfig.for_folder(args.policy, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, device=args.device)
+        policy = config.for_env(EnvConfig(id="visenv/VisGen-v0", options=env_config or {})).build()
     else:
         from rl.api import ApiPolicy
         from visenv.envs.visgen import VisGenEnv
