@@ -315,6 +315,9 @@ class LearnerConfig:
         num_gpus: (num_workers > 1) GPUs each learner actor reserves: 0 on CPU, 1 with backend "nccl".
         backend: the torch.distributed backend: "gloo" (CPU) or "nccl" (one GPU per worker).
         torch_threads: (num_workers > 1) torch threads per learner actor.
+        strategy: (num_workers > 1) "ddp" (every actor holds a whole replica and optimizer) or "fsdp"
+            (FSDP2: every actor holds 1/num_workers of the weights, gradients and optimizer state, for
+            models that do not fit one device; the same update).
     """
 
     num_workers: int = 1
@@ -322,6 +325,7 @@ class LearnerConfig:
     num_gpus: float = 0.0
     backend: str = "gloo"
     torch_threads: int = 1
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.torch_threads < 1:
@@ -331,6 +335,9 @@ class LearnerConfig:
             raise ConfigError(f"learner.num_cpus ({self.num_cpus}) and learner.num_gpus ({self.num_gpus}) must be >= 0.")
         if self.backend not in ("gloo", "nccl"):
             raise ConfigError(f"learner.backend ({self.backend!r}) must be 'gloo' (CPU) or 'nccl' (GPUs).")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"learner.strategy ({self.strategy!r}) must be 'ddp' (a replica per worker) or 'fsdp' "
+                              "(the model sharded over the workers).")
         if self.backend == "nccl" and self.num_gpus != 1:
             raise ConfigError(f"learner.backend 'nccl' needs learner.num_gpus 1 (one GPU per worker), got "
                              f"{self.num_gpus}; use backend 'gloo' on CPU.")
@@ -352,7 +359,7 @@ class LearnerConfig:
                               "Lower num_workers or num_cpus (fractions allowed), or join a cluster.")
         start_ray(ray_address)
         return LearnerGroup(policy, make_policy, self.num_workers, self.num_cpus, self.num_gpus, self.backend,
-                            self.torch_threads)
+                            self.torch_threads, self.strategy)
 
 
 @dataclass
