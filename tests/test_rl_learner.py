@@ -18,7 +18,7 @@ from rl.learner import LearnerGroup, Shard
 from rl.rollout import SerialRollout, make_specs
 from rl.sft import SFTStage, run_pst
 from rl.train import Trainer
-from rl_helpers import LetterEnv, echo_examples, echo_tokenizer, tiny_policy
+from rl_helpers import LetterEnv, echo_examples, echo_tokenizer, tiny_lora_policy, tiny_policy
 
 # Parameters after the two-worker update and after the one-process update agree to within ATOL (5e-5;
 # measured on 2026-12-06 after four GRPO steps at lr 1e-3: 8.1e-6 with ddp and with fsdp; after six SFT
@@ -106,6 +106,41 @@ def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer, st
         assert want.keys() == have.keys()
         for key in ("loss", "kl", "entropy", "grad_norm", "clip_fraction", "episodes_trained"):
             assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_train_a_lora_policy_as_one_process(ray_session, tokenizer, strategy):
+    pytest.importorskip("peft")
+    torch.set_num_threads(1)
+    make = functools.partial(tiny_lora_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    start = policy.get_weights()
+    assert start and all("lora_" in name for name in start)  # the trainable weights are the adapters
+    base = {n: p.detach().clone() for n, p in policy.model.named_parameters() if not p.requires_grad}
+    rollout = SerialRollout(policy, lambda: LetterEnv(turns=1), 16)
+    batches = [rollout.sample(make_specs(2, it, 4, 4))[0] for it in range(2)]
+    # the reference is the base model (adapters off), on every rank
+    config = GRPOConfig(4, 4, learning_rate=1e-2, kl_coef=0.1, minibatch_size=8, micro_batch_tokens=48)
+    single = GRPO(policy, reference_policy(policy), config)
+    expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
+    mirror = make()
+    mirror.set_weights(start)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_grpo(config)
+    try:
+        got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
+        workers = group.worker_weights()
+    finally:
+        group.close()
+    assert mirror.get_weights().keys() == start.keys()  # only adapters come back from the group
+    check_workers(strategy, workers, mirror.get_weights())
+    assert close(policy.get_weights(), start) > 50 * ATOL
+    assert close(policy.get_weights(), mirror.get_weights()) < ATOL
+    assert all(torch.equal(p, base[n]) for n, p in mirror.model.named_parameters() if not p.requires_grad)
+    for want, have in zip(expected, got):
+        for key in ("loss", "kl", "grad_norm"):
+            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert got[-1]["kl"] > 0  # the adapters moved the policy away from the base model
 
 
 @pytest.mark.slow
