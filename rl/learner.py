@@ -1,6 +1,6 @@
-"""The learner on several processes: data-parallel GRPO and SFT on Ray actors that hold a torch.distributed group.
+"""The learner on several processes: data-parallel GRPO, PPO and SFT on Ray actors that hold a torch.distributed group.
 
-A learner of one process is :class:`~rl.grpo.GRPO` (or :func:`~rl.sft.train_sft`) in the driver. With
+A learner of one process is :class:`~rl.grpo.GRPO` (:class:`~rl.ppo.PPO`, or :func:`~rl.sft.train_sft`) in the driver. With
 ``learner.num_workers`` N > 1, :class:`LearnerGroup` starts N :class:`LearnerWorker` Ray actors; each
 joins a ``torch.distributed`` process group (rendezvous on a TCP address of rank 0; "gloo" on CPU,
 "nccl" on GPUs) and holds a replica of the policy, the reference and the optimizer.
@@ -11,7 +11,10 @@ forward/backward passes of its share of every minibatch (:meth:`Shard.part`), wi
 by the token (or sequence) count of the *whole* minibatch, which every rank knows. The sum over ranks of
 the gradients is then the one-process gradient, so :meth:`Shard.sum_gradients` all-reduces a sum (not a
 mean) and every rank clips and steps the same way: the update equals the one-process update on the same
-batch, up to float rounding (tests/test_rl_learner.py measures it). SFT does the same per batch.
+batch, up to float rounding (tests/test_rl_learner.py measures it). SFT does the same per batch. PPO
+too: every rank computes the old log-probs and values of all episodes (GAE and the whitening of the
+advantages need the whole batch), then trains its share of each minibatch; the value head's gradients
+are summed with the policy's, and rank 0's initial value head goes to every rank (ddp only).
 
 Why actors with a process group rather than Ray Train's ``TorchTrainer``: a TorchTrainer runs one
 training function to its end, while :class:`~rl.train.Trainer` needs a persistent learner that
@@ -218,21 +221,30 @@ class LearnerWorker:
 
         set_model_state_dict(self.policy.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
-    def start_grpo(self, config: Any, weights: dict[str, torch.Tensor]) -> None:
-        """Set the replica to ``weights`` (the reference is a copy of them) and build its GRPO update."""
+    def start(self, config: Any, weights: dict[str, torch.Tensor]) -> None:
+        """Set the replica to ``weights`` (the reference is a copy of them) and build its update: GRPO, or
+        PPO for a :class:`~rl.ppo.PPOConfig` (whose value head every rank takes from rank 0)."""
+        import torch.distributed as dist
+
         from rl.grpo import GRPO
         from rl.hf import AdapterOffReference, reference_policy
+        from rl.ppo import PPO, PPOConfig
 
         if self.sharded:
-            raise RuntimeError("start_grpo on a learner worker that has trained already: start a new LearnerGroup.")
+            raise RuntimeError("start on a learner worker that has trained already: start a new LearnerGroup.")
         self.load_weights(weights)
         reference = reference_policy(self.policy) if config.kl_coef > 0 else None
         self._shard(*[reference.model] if reference is not None and not isinstance(reference, AdapterOffReference)
                     else [])
-        self.algorithm = GRPO(self.policy, reference, config, self.shard)
+        if isinstance(config, PPOConfig):
+            self.algorithm = PPO(self.policy, reference, config, self.shard)
+            for tensor in self.algorithm.value_head.state_dict().values():
+                dist.broadcast(tensor, 0)
+        else:
+            self.algorithm = GRPO(self.policy, reference, config, self.shard)
 
     def update(self, episodes: Sequence[Any], iteration: int) -> tuple[dict[str, float], dict | None]:
-        """One GRPO update on this rank's shard; rank 0 also returns its new weights."""
+        """One update (GRPO or PPO) on this rank's shard; rank 0 also returns its new weights."""
         metrics = self.algorithm.update(episodes, iteration)
         return metrics, self._weights()
 
@@ -314,6 +326,7 @@ class LearnerGroup:
         check_cluster_fits(f"learner.num_workers ({num_workers})", num_workers, num_cpus, num_gpus)
         self._ray = ray
         self.policy = policy
+        self.strategy = strategy
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(LearnerWorker)
         self.workers = [actor.remote(rank, num_workers, make_policy, torch_threads, strategy)
                         for rank in range(num_workers)]
@@ -325,11 +338,19 @@ class LearnerGroup:
 
     def start_grpo(self, config: Any) -> "LearnerGroup":
         """Every rank gets the driver policy's weights and a GRPO update with ``config``; returns self."""
-        self._all("start_grpo", config, self._ray.put(self.policy.get_weights()))
+        self._all("start", config, self._ray.put(self.policy.get_weights()))
+        return self
+
+    def start_ppo(self, config: Any) -> "LearnerGroup":
+        """Every rank gets the driver policy's weights and a PPO update with ``config`` (ddp only); returns self."""
+        if self.strategy == "fsdp":
+            raise ConfigError("PPO runs on learner.strategy 'ddp' only (its value head is not sharded): set "
+                              "learner.strategy: ddp, or use algorithm grpo with fsdp.")
+        self._all("start", config, self._ray.put(self.policy.get_weights()))
         return self
 
     def update(self, episodes: Sequence[Any], iteration: int) -> dict[str, float]:
-        """One data-parallel GRPO update; the driver's policy gets rank 0's new weights."""
+        """One data-parallel update; the driver's policy gets rank 0's new weights."""
         (metrics, weights), *_ = self._all("update", self._ray.put(list(episodes)), iteration)
         self.policy.set_weights(weights)
         return metrics
