@@ -98,7 +98,7 @@ def run_sft(config: SFTConfig, progress: bool = True, learner: LearnerConfig | N
 def run_train(config: TrainConfig) -> list[dict[str, float]]:
     """PST (when configured) then GRPO or PPO; resumes from the newest checkpoint when asked.
 
-    With ``learner.num_workers`` > 1 the SFT warm start and GRPO run on a :class:`rl.learner.LearnerGroup`.
+    With ``learner.num_workers`` > 1 the SFT warm start and GRPO or PPO run on a :class:`rl.learner.LearnerGroup`.
     """
     from rl.grpo import GRPO
     from rl.hf import reference_policy
@@ -116,8 +116,8 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
     policy = policy_config.build()
     settings = config.grpo if config.algorithm == "grpo" else config.ppo
     if config.learner.num_workers > 1:
-        algorithm = config.learner.start(policy, policy_config.build, config.rollout.ray_address,
-                                         rollout_cpus).start_grpo(settings)
+        group = config.learner.start(policy, policy_config.build, config.rollout.ray_address, rollout_cpus)
+        algorithm = group.start_grpo(settings) if config.algorithm == "grpo" else group.start_ppo(settings)
     else:
         reference = reference_policy(policy) if settings.kl_coef > 0 else None
         algorithm = (GRPO if config.algorithm == "grpo" else PPO)(policy, reference, settings)

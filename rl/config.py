@@ -357,6 +357,9 @@ class LearnerConfig:
         num_gpus: (num_workers > 1) GPUs each learner actor reserves: 0 on CPU, 1 with backend "nccl".
         backend: the torch.distributed backend: "gloo" (CPU) or "nccl" (one GPU per worker).
         torch_threads: (num_workers > 1) torch threads per learner actor.
+        strategy: (num_workers > 1) "ddp" (every actor holds a whole replica and optimizer) or "fsdp"
+            (FSDP2: every actor holds 1/num_workers of the weights, gradients and optimizer state, for
+            models that do not fit one device; the same update).
     """
 
     num_workers: int = 1
@@ -364,6 +367,7 @@ class LearnerConfig:
     num_gpus: float = 0.0
     backend: str = "gloo"
     torch_threads: int = 1
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.torch_threads < 1:
@@ -373,6 +377,9 @@ class LearnerConfig:
             raise ConfigError(f"learner.num_cpus ({self.num_cpus}) and learner.num_gpus ({self.num_gpus}) must be >= 0.")
         if self.backend not in ("gloo", "nccl"):
             raise ConfigError(f"learner.backend ({self.backend!r}) must be 'gloo' (CPU) or 'nccl' (GPUs).")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"learner.strategy ({self.strategy!r}) must be 'ddp' (a replica per worker) or 'fsdp' "
+                              "(the model sharded over the workers).")
         if self.backend == "nccl" and self.num_gpus != 1:
             raise ConfigError(f"learner.backend 'nccl' needs learner.num_gpus 1 (one GPU per worker), got "
                              f"{self.num_gpus}; use backend 'gloo' on CPU.")
@@ -394,7 +401,7 @@ class LearnerConfig:
                               "Lower num_workers or num_cpus (fractions allowed), or join a cluster.")
         start_ray(ray_address)
         return LearnerGroup(policy, make_policy, self.num_workers, self.num_cpus, self.num_gpus, self.backend,
-                            self.torch_threads)
+                            self.torch_threads, self.strategy)
 
 
 @dataclass
@@ -514,7 +521,7 @@ class TrainConfig:
         env: the environment.
         policy: the policy to train (its model is replaced by the SFT result when sft is set).
         rollout: rollout backend and layout.
-        learner: the learner processes (of the SFT warm start too); more than one needs algorithm "grpo".
+        learner: the learner processes (of the SFT warm start too); PPO on several needs strategy "ddp".
         grpo: GRPO hyperparameters (algorithm "grpo").
         ppo: PPO hyperparameters (algorithm "ppo").
         sft: PST stages to run first, or null.
@@ -560,9 +567,9 @@ class TrainConfig:
             raise ConfigError(f"rollout.overlap: true with algorithm {self.algorithm!r} needs the off-policy "
                               "correction (the old log-probs from the sampler, one update behind the learner): "
                               "use algorithm 'grpo' with grpo.off_policy: true, or rollout.overlap: false.")
-        if self.algorithm == "ppo" and self.learner.num_workers > 1:
-            raise ConfigError(f"learner.num_workers ({self.learner.num_workers}) > 1 needs algorithm 'grpo': the "
-                             "distributed learner runs GRPO (and SFT); PPO trains in one process. Set it to 1.")
+        if self.algorithm == "ppo" and self.learner.num_workers > 1 and self.learner.strategy == "fsdp":
+            raise ConfigError("algorithm 'ppo' on several learner workers needs learner.strategy 'ddp' (PPO's value "
+                              "head is not sharded): set learner.strategy: ddp, or use algorithm grpo with fsdp.")
         if self.sft is not None and self.sft.learner not in (LearnerConfig(), self.learner):
             raise ConfigError("sft.learner is set inside rl train's sft section: the top-level learner section "
                              "applies to the warm start too. Move the settings to learner: and remove sft.learner.")

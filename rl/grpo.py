@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
 from rl import core
 from rl.errors import ConfigError
+from rl.learner import Shard
 from rl.policy import POLICY, ChunkedBatches, TrainablePolicy
 from rl.rollout import Episode
 
 CREDITS = ("episode", "turn")
 ANCHORS = ("history", "turn")
-
-if TYPE_CHECKING:
-    from rl.learner import Shard
 
 
 @dataclass
@@ -137,11 +135,12 @@ class GRPO:
             episodes and computes the same advantages and minibatches; it runs forward/backward on its
             share of each minibatch only, with the loss normalised over the whole minibatch, and the
             gradients (and diagnostics) are summed over the group before the step: the update is the
-            one-process update.
+            one-process update. With FSDP (``shard.sharded``) the ranks also run equally many
+            passes (:meth:`rl.learner.Shard.passes`).
     """
 
     def __init__(self, policy: TrainablePolicy, reference: TrainablePolicy | None, config: GRPOConfig,
-                 shard: "Shard | None" = None):
+                 shard: Shard | None = None):
         if config.kl_coef > 0 and reference is None:
             raise ConfigError(f"kl_coef ({config.kl_coef}) > 0 needs a reference policy; pass one or set kl_coef: 0.")
         self.policy = policy
@@ -152,11 +151,7 @@ class GRPO:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.group_size = config.group_size
-        self.shard = shard
-
-    def _mine(self, minibatch: list[int]) -> list[int]:
-        """The rows of a minibatch that this process runs (all of them without a shard)."""
-        return minibatch if self.shard is None else self.shard.part(minibatch)
+        self.shard = shard or Shard(0, 1)  # one process: the only rank of a group of one
 
     @property
     def off_policy(self) -> bool:
@@ -223,13 +218,13 @@ class GRPO:
         exact_detach = len(minibatches) == 1 and not cfg.off_policy
         old: dict[tuple[int, ...], torch.Tensor] = {}
         if not exact_detach:
+            def scored(shard: Shard) -> list[tuple[int, ...]]:  # a rank's chunks, each once
+                return list(dict.fromkeys(key for mb in minibatches for key in batches.chunks(shard.part(mb))))
+
             with torch.no_grad():
-                for minibatch in minibatches:
-                    for key in batches.chunks(self._mine(minibatch)):
-                        if key not in old:
-                            batch = batches[key]
-                            old[key] = (batch.sampled_logprobs if cfg.off_policy
-                                        else self.policy.score(batch).logprobs.detach())
+                for key, _ in self.shard.passes(scored):
+                    batch = batches[key]
+                    old[key] = batch.sampled_logprobs if cfg.off_policy else self.policy.score(batch).logprobs.detach()
         # 3. Clipped surrogate + KL, one AdamW step per minibatch; the forward/backward passes run chunk
         # by chunk (gradients accumulate; the loss is normalised over the whole minibatch, of every shard).
         sums: dict[str, float] = {}
@@ -241,7 +236,7 @@ class GRPO:
                                   "advantage_token_square", "advantage_positive"]
                                  + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
             self.optimizer.zero_grad(set_to_none=True)
-            for key in batches.chunks(self._mine(minibatch)):
+            for key, weight in self.shard.passes(lambda shard: batches.chunks(shard.part(minibatch))):
                 batch = batches[key]
                 mask = batch.loss_mask.to(self.policy.device)
                 scores = self.policy.score(batch)
@@ -251,7 +246,7 @@ class GRPO:
                 if cfg.credit == "turn":
                     adv = adv.gather(1, batch.turn_index.to(logprobs.device).clamp(0, adv.shape[1] - 1))
                 per_token, clipped = core.clipped_surrogate(logprobs, old_logprobs, adv, cfg.clip)
-                share = float(mask.sum()) / max(tokens, 1.0)  # token-weighted means of the diagnostics
+                share = weight * float(mask.sum()) / max(tokens, 1.0)  # token-weighted means of the diagnostics
                 token_adv = adv.expand_as(logprobs)
                 step["advantage_token_mean"] += share * core.masked_mean(token_adv, mask).item()
                 step["advantage_token_square"] += share * core.masked_mean(token_adv**2, mask).item()
@@ -266,11 +261,10 @@ class GRPO:
                     kl = core.kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
                     per_token = per_token + cfg.kl_coef * kl
                     step["kl"] += share * core.masked_mean(kl.detach(), mask).item()
-                loss = core.aggregate_sum(per_token, mask, cfg.loss_aggregation) / denominator
+                loss = weight * core.aggregate_sum(per_token, mask, cfg.loss_aggregation) / denominator
                 loss.backward()
                 step["loss"] += loss.item()
-            if self.shard is not None:
-                self.shard.sum_gradients(self.policy.parameters(), step)
+            self.shard.sum_gradients(self.policy.parameters(), step)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
             learning_rate = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()

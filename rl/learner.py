@@ -1,6 +1,6 @@
-"""The learner on several processes: data-parallel GRPO and SFT on Ray actors that hold a torch.distributed group.
+"""The learner on several processes: data-parallel GRPO, PPO and SFT on Ray actors that hold a torch.distributed group.
 
-A learner of one process is :class:`~rl.grpo.GRPO` (or :func:`~rl.sft.train_sft`) in the driver. With
+A learner of one process is :class:`~rl.grpo.GRPO` (:class:`~rl.ppo.PPO`, or :func:`~rl.sft.train_sft`) in the driver. With
 ``learner.num_workers`` N > 1, :class:`LearnerGroup` starts N :class:`LearnerWorker` Ray actors; each
 joins a ``torch.distributed`` process group (rendezvous on a TCP address of rank 0; "gloo" on CPU,
 "nccl" on GPUs) and holds a replica of the policy, the reference and the optimizer.
@@ -11,7 +11,10 @@ forward/backward passes of its share of every minibatch (:meth:`Shard.part`), wi
 by the token (or sequence) count of the *whole* minibatch, which every rank knows. The sum over ranks of
 the gradients is then the one-process gradient, so :meth:`Shard.sum_gradients` all-reduces a sum (not a
 mean) and every rank clips and steps the same way: the update equals the one-process update on the same
-batch, up to float rounding (tests/test_rl_learner.py measures it). SFT does the same per batch.
+batch, up to float rounding (tests/test_rl_learner.py measures it). SFT does the same per batch. PPO
+too: every rank computes the old log-probs and values of all episodes (GAE and the whitening of the
+advantages need the whole batch), then trains its share of each minibatch; the value head's gradients
+are summed with the policy's, and rank 0's initial value head goes to every rank (ddp only).
 
 Why actors with a process group rather than Ray Train's ``TorchTrainer``: a TorchTrainer runs one
 training function to its end, while :class:`~rl.train.Trainer` needs a persistent learner that
@@ -22,55 +25,95 @@ than wrapping the model in ``DistributedDataParallel``: the update accumulates g
 varying number of length-sorted chunks per rank (a rank may have none in a small minibatch), which
 DDP's per-backward hooks do not allow; one all-reduce of a flat gradient bucket per optimizer step is
 simple and its equivalence is plain. (It does not overlap communication with the backward pass as
-DDP's buckets do.) FSDP2 (sharded parameters for models that do not fit one device) is not
-implemented: every rank holds a whole replica.
+DDP's buckets do.)
 
-Weight sync and checkpoints: after each update rank 0 returns its weights, which go into the driver's
-policy, a mirror of rank 0; :class:`~rl.train.Trainer` sends that mirror to the rollout backend
-(``Rollout.set_weights``) and saves it with rank 0's optimizer state (:meth:`LearnerGroup.state_dict`),
-so a checkpoint is the one-process checkpoint and a resume (:meth:`LearnerGroup.load_state_dict`, which
-pushes the mirror's restored weights and the state to every rank) is exact. A learner actor that dies
-ends the run; resume it from its last checkpoint.
+FSDP2 (``learner.strategy: fsdp``, for models whose weights, gradients and AdamW states do not fit one
+device): each rank's model is sharded with ``torch.distributed.fsdp.fully_shard`` (:func:`shard_model`:
+every decoder layer or vision block, then the root), so a rank holds 1/N of every parameter, gradient
+and optimizer state. The data split and the loss normalisation are DDP's; the gradients are summed
+by FSDP's own reduce-scatter in each backward pass (divide factor 1: a sum, not a mean), accumulated
+in the sharded gradients over the chunks, and only the unsharded ones (none for a policy) are
+all-reduced. Every forward pass all-gathers parameters, so every rank must run as many passes as
+the others: a rank with fewer chunks in a minibatch adds passes of weight 0 (:meth:`Shard.passes`),
+which add zero gradients. The optimizer steps on the shards (AdamW is elementwise) and the grad norm
+is the global one. A policy's frozen reference (KL) is sharded the same way; a LoRA policy's
+reference is its base model, adapters off.
+
+Weight sync and checkpoints: after each update rank 0 returns its weights (with FSDP gathered whole
+to rank 0's CPU: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), which go into the
+driver's policy, a mirror of rank 0; :class:`~rl.train.Trainer` sends that mirror to the rollout
+backend (``Rollout.set_weights``) and saves it with rank 0's optimizer state (:meth:`LearnerGroup.state_dict`;
+with FSDP gathered whole by ``get_optimizer_state_dict`` and keyed by parameter index as
+``torch.optim`` keys it), so a checkpoint is the one-process checkpoint and a resume
+(:meth:`LearnerGroup.load_state_dict`, which pushes the mirror's restored weights and the state to every
+rank, each keeping its shard) is exact. A learner actor that dies ends the run; resume it from its
+last checkpoint. Only a LoRA policy's adapters are trained, summed, synced and checkpointed as
+weights (its trainable parameters), with either strategy.
 """
 
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
 
-from rl.errors import RolloutError
+from rl.errors import ConfigError, RolloutError
 from rl.policy import TrainablePolicy
 from rl.rollout import check_cluster_fits
+
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's place in a data-parallel learner group (torch.distributed must be initialised).
+    """This process's place in a data-parallel learner group (torch.distributed must be initialised
+    when ``world_size`` > 1; ``Shard(0, 1)`` is a learner of one process).
 
     Attributes:
         rank: this process's rank.
         world_size: processes in the group.
+        sharded: the model is sharded with FSDP2 (every forward/backward pass is a collective).
     """
 
     rank: int
     world_size: int
+    sharded: bool = False
 
     def part(self, rows: Sequence[int]) -> list[int]:
         """This rank's share of a minibatch's rows: every ``world_size``-th row from ``rank`` on."""
         return list(rows)[self.rank::self.world_size]
 
+    def passes(self, keys_of: Callable[["Shard"], list]) -> list[tuple[Any, float]]:
+        """This rank's forward(/backward) passes: ``(key, 1.0)`` for each of ``keys_of(self)``.
+
+        ``keys_of(shard)`` lists the passes (chunk keys) of any rank. With FSDP every pass all-gathers
+        the parameters (and its backward reduce-scatters the gradients), so every rank runs as many
+        passes as the rank with most: the missing ones are ``(key, 0.0)``, a pass over another rank's
+        first key whose loss and metrics the caller multiplies by 0.
+        """
+        mine = [(key, 1.0) for key in keys_of(self)]
+        if not self.sharded:
+            return mine
+        everyone = [keys_of(replace(self, rank=rank)) for rank in range(self.world_size)]
+        filler = next((keys[0] for keys in everyone if keys), None)
+        return mine + [(filler, 0.0)] * (max(map(len, everyone)) - len(mine))
+
     def sum_gradients(self, parameters: Sequence[torch.nn.Parameter], metrics: dict[str, float]) -> None:
         """Sum the gradients of ``parameters`` and the values of ``metrics`` over the group, in place.
 
         One all-reduce of one flat float32 bucket; a parameter without a gradient (this rank ran no
-        rows) counts as zeros, so every rank takes part in every step.
+        rows) counts as zeros, so every rank takes part in every step. Parameters FSDP shards
+        (DTensors) are skipped: their backward passes summed them already. A group of one does nothing.
         """
+        if self.world_size == 1:
+            return
         import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
 
         device = parameters[0].device
+        parameters = [p for p in parameters if not isinstance(p, DTensor)]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
         names = sorted(metrics)
         bucket = torch.cat([g.reshape(-1).float() for g in grads]
@@ -85,21 +128,51 @@ class Shard:
             metrics[name] = value
 
 
+def shard_model(model: torch.nn.Module, device_type: str) -> None:
+    """FSDP2 in place over the default process group: ``fully_shard`` every block the model says must not
+    be split (transformers' ``_no_split_modules``: its decoder layers, a VLM's vision blocks), then the
+    root. Gradients are summed over the ranks, not averaged (each rank's loss is normalised over the
+    whole minibatch)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    blocks = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def rekey(state: dict, keys: dict) -> dict:
+    """An optimizer state dict with its parameter keys mapped through ``keys`` (names <-> indices)."""
+    return {"state": {keys[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**group, "params": [keys[k] for k in group["params"]]} for group in state["param_groups"]]}
+
+
 class LearnerWorker:
-    """A Ray actor's body: one rank of the learner group, with its policy replica.
+    """A Ray actor's body: one rank of the learner group, with its policy replica (or, with FSDP, shards).
 
     Args:
         rank: this worker's rank.
         world_size: workers in the group.
         make_policy: picklable zero-argument callable that builds the policy (weights come later).
         torch_threads: torch threads of this worker.
+        strategy: "ddp" (a replica per rank) or "fsdp" (FSDP2 shards, once training starts).
     """
 
-    def __init__(self, rank: int, world_size: int, make_policy: Callable[[], TrainablePolicy], torch_threads: int):
+    def __init__(self, rank: int, world_size: int, make_policy: Callable[[], TrainablePolicy], torch_threads: int,
+                 strategy: str = "ddp"):
         torch.set_num_threads(torch_threads)
-        self.shard = Shard(rank, world_size)
+        self.shard = Shard(rank, world_size, sharded=strategy == "fsdp")
         self.policy = make_policy()
         self.algorithm: Any = None
+        self.device_type = "cpu"
+        self.sharded = False  # whether shard_model has run on the policy
 
     def rendezvous(self) -> str:
         """(rank 0) A free TCP address of this node for the group's rendezvous."""
@@ -117,42 +190,104 @@ class LearnerWorker:
         if backend == "nccl":  # Ray gives each GPU actor its own visible device; nccl reduces CUDA tensors
             torch.cuda.set_device(0)
             self.policy.model.to("cuda")
+            self.device_type = "cuda"
 
-    def start_grpo(self, config: Any, weights: dict[str, torch.Tensor]) -> None:
-        """Set the replica to ``weights`` (the reference is a copy of them) and build its GRPO update."""
+    def _shard(self, *models: torch.nn.Module) -> None:
+        """With FSDP, shard the policy's model (and ``models``, e.g. the reference's) once."""
+        if self.shard.sharded and not self.sharded:
+            for model in (self.policy.model, *models):
+                shard_model(model, self.device_type)
+            self.sharded = True
+
+    def _trainable(self) -> list[str]:
+        return [name for name, p in self.policy.model.named_parameters() if p.requires_grad]
+
+    def _weights(self) -> dict[str, torch.Tensor] | None:
+        """Rank 0's trainable weights, whole and on the CPU (None on other ranks); with FSDP a collective
+        (every rank calls it) that gathers them to rank 0."""
+        if not self.sharded:
+            return self.policy.get_weights() if self.shard.rank == 0 else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {name: full[name] for name in self._trainable()} if self.shard.rank == 0 else None
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set the trainable weights from whole tensors (with FSDP each rank keeps its shard)."""
+        if not self.sharded:
+            self.policy.set_weights(weights)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.policy.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def start(self, config: Any, weights: dict[str, torch.Tensor]) -> None:
+        """Set the replica to ``weights`` (the reference is a copy of them) and build its update: GRPO, or
+        PPO for a :class:`~rl.ppo.PPOConfig` (whose value head every rank takes from rank 0)."""
+        import torch.distributed as dist
+
         from rl.grpo import GRPO
-        from rl.hf import reference_policy
+        from rl.hf import AdapterOffReference, reference_policy
+        from rl.ppo import PPO, PPOConfig
 
-        self.policy.set_weights(weights)
+        if self.sharded:
+            raise RuntimeError("start on a learner worker that has trained already: start a new LearnerGroup.")
+        self.load_weights(weights)
         reference = reference_policy(self.policy) if config.kl_coef > 0 else None
-        self.algorithm = GRPO(self.policy, reference, config, self.shard)
+        self._shard(*[reference.model] if reference is not None and not isinstance(reference, AdapterOffReference)
+                    else [])
+        if isinstance(config, PPOConfig):
+            self.algorithm = PPO(self.policy, reference, config, self.shard)
+            for tensor in self.algorithm.value_head.state_dict().values():
+                dist.broadcast(tensor, 0)
+        else:
+            self.algorithm = GRPO(self.policy, reference, config, self.shard)
 
     def update(self, episodes: Sequence[Any], iteration: int) -> tuple[dict[str, float], dict | None]:
-        """One GRPO update on this rank's shard; rank 0 also returns its new weights."""
+        """One update (GRPO or PPO) on this rank's shard; rank 0 also returns its new weights."""
         metrics = self.algorithm.update(episodes, iteration)
-        return metrics, self.policy.get_weights() if self.shard.rank == 0 else None
+        return metrics, self._weights()
 
     def run_pst(self, stages: Sequence[Any], seed: int) -> tuple[list[dict[str, float]], list, dict | None]:
         """The PST stages on this rank's shard of every batch: (stage results, rank 0's per-step metrics,
         rank 0's final weights)."""
         from rl.sft import run_pst
 
+        self._shard()
         logged: list[tuple[int, dict[str, float]]] = []
         results = run_pst(self.policy, stages, seed, lambda step, m: logged.append((step, m)), self.shard)
-        rank0 = self.shard.rank == 0
-        return results, logged if rank0 else [], self.policy.get_weights() if rank0 else None
+        return results, logged if self.shard.rank == 0 else [], self._weights()
 
     def get_weights(self) -> dict[str, torch.Tensor]:
-        return self.policy.get_weights()
+        """This rank's trainable weights as it holds them: a whole replica, or with FSDP its shards."""
+        if not self.sharded:
+            return self.policy.get_weights()
+        return {name: p.to_local().detach().cpu().clone()
+                for name, p in self.policy.model.named_parameters() if p.requires_grad}
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.policy.set_weights(weights)
+    def state_dict(self) -> dict | None:
+        """Rank 0's optimizer and scheduler state in the one-process format (None on other ranks); with
+        FSDP a collective that gathers the optimizer state whole to rank 0."""
+        state = self.algorithm.state_dict()
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    def state_dict(self) -> dict:
-        return self.algorithm.state_dict()
+            whole = get_optimizer_state_dict(self.policy.model, self.algorithm.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.shard.rank > 0:  # (the whole state went to rank 0 only)
+                return None
+            state["optimizer"] = rekey(whole, {name: i for i, name in enumerate(self._trainable())})
+        return state if self.shard.rank == 0 else None
 
     def load_state_dict(self, state: dict, weights: dict[str, torch.Tensor]) -> None:
-        self.policy.set_weights(weights)
+        self.load_weights(weights)
+        if self.sharded:  # torch.distributed.checkpoint shards the whole optimizer state into the optimizer
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.policy.model, self.algorithm.optimizer,
+                                     rekey(state["optimizer"], dict(enumerate(self._trainable()))),
+                                     options=StateDictOptions(full_state_dict=True))
+            state = {**state, "optimizer": self.algorithm.optimizer.state_dict()}
         self.algorithm.load_state_dict(state)
 
     def close(self) -> None:
@@ -176,19 +311,25 @@ class LearnerGroup:
         num_gpus: GPUs each actor reserves.
         backend: "gloo" or "nccl".
         torch_threads: torch threads per actor.
+        strategy: "ddp" (every rank a replica) or "fsdp" (FSDP2: every rank holds 1/N of the model).
     """
 
     def __init__(self, policy: TrainablePolicy, make_policy: Callable[[], TrainablePolicy], num_workers: int,
-                 num_cpus: float = 1.0, num_gpus: float = 0.0, backend: str = "gloo", torch_threads: int = 1):
+                 num_cpus: float = 1.0, num_gpus: float = 0.0, backend: str = "gloo", torch_threads: int = 1,
+                 strategy: str = "ddp"):
         import ray
 
         if not ray.is_initialized():
             raise RolloutError("LearnerGroup needs Ray running: call ray.init() (or rl.config.start_ray) first.")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"learner.strategy ({strategy!r}) must be one of {STRATEGIES}.")
         check_cluster_fits(f"learner.num_workers ({num_workers})", num_workers, num_cpus, num_gpus)
         self._ray = ray
         self.policy = policy
+        self.strategy = strategy
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(LearnerWorker)
-        self.workers = [actor.remote(rank, num_workers, make_policy, torch_threads) for rank in range(num_workers)]
+        self.workers = [actor.remote(rank, num_workers, make_policy, torch_threads, strategy)
+                        for rank in range(num_workers)]
         address = ray.get(self.workers[0].rendezvous.remote())
         ray.get([worker.join.remote(address, backend) for worker in self.workers])
 
@@ -197,11 +338,19 @@ class LearnerGroup:
 
     def start_grpo(self, config: Any) -> "LearnerGroup":
         """Every rank gets the driver policy's weights and a GRPO update with ``config``; returns self."""
-        self._all("start_grpo", config, self._ray.put(self.policy.get_weights()))
+        self._all("start", config, self._ray.put(self.policy.get_weights()))
+        return self
+
+    def start_ppo(self, config: Any) -> "LearnerGroup":
+        """Every rank gets the driver policy's weights and a PPO update with ``config`` (ddp only); returns self."""
+        if self.strategy == "fsdp":
+            raise ConfigError("PPO runs on learner.strategy 'ddp' only (its value head is not sharded): set "
+                              "learner.strategy: ddp, or use algorithm grpo with fsdp.")
+        self._all("start", config, self._ray.put(self.policy.get_weights()))
         return self
 
     def update(self, episodes: Sequence[Any], iteration: int) -> dict[str, float]:
-        """One data-parallel GRPO update; the driver's policy gets rank 0's new weights."""
+        """One data-parallel update; the driver's policy gets rank 0's new weights."""
         (metrics, weights), *_ = self._all("update", self._ray.put(list(episodes)), iteration)
         self.policy.set_weights(weights)
         return metrics
@@ -219,15 +368,15 @@ class LearnerGroup:
         return results
 
     def state_dict(self) -> dict:
-        """Rank 0's optimizer and scheduler state (every rank's is the same)."""
-        return self._ray.get(self.workers[0].state_dict.remote())
+        """Rank 0's optimizer and scheduler state (every rank's is the same; FSDP gathers it whole)."""
+        return self._all("state_dict")[0]
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: every rank takes ``state`` and the driver policy's (just restored) weights."""
         self._all("load_state_dict", self._ray.put(state), self._ray.put(self.policy.get_weights()))
 
     def worker_weights(self) -> list[dict[str, torch.Tensor]]:
-        """Every rank's weights (they are equal; tests check it)."""
+        """Every rank's weights as it holds them: equal replicas, or with FSDP each rank's shards (tests check both)."""
         return self._all("get_weights")
 
     def close(self) -> None:

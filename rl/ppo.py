@@ -23,6 +23,7 @@ import torch
 
 from rl import core
 from rl.errors import ConfigError
+from rl.learner import Shard
 from rl.policy import ChunkedBatches, Scores, TokenBatch, TrainablePolicy
 from rl.rollout import Episode
 
@@ -131,12 +132,18 @@ class PPO:
         policy: the policy to train.
         reference: the frozen reference policy for the KL penalty (None when ``kl_coef`` is 0).
         config: hyperparameters.
+        shard: this process's place in a data-parallel learner group (:class:`rl.learner.Shard`), or None
+            for a learner of one process. With a shard, every process computes the old log-probs, values
+            and advantages of all episodes, runs forward/backward on its share of each minibatch only, with
+            the losses normalised over the whole minibatch, and the gradients (value head included) and
+            diagnostics are summed over the group before the step: the one-process update.
     """
 
     off_policy = False
     """The old log-probs and values are the learner's before the update: PPO needs on-policy samples."""
 
-    def __init__(self, policy: TrainablePolicy, reference: TrainablePolicy | None, config: PPOConfig):
+    def __init__(self, policy: TrainablePolicy, reference: TrainablePolicy | None, config: PPOConfig,
+                 shard: Shard | None = None):
         if config.kl_coef > 0 and reference is None:
             raise ConfigError(f"kl_coef ({config.kl_coef}) > 0 needs a reference policy; pass one or set kl_coef: 0.")
         self.policy = policy
@@ -145,6 +152,7 @@ class PPO:
         self.value_head = ValueHead(policy.hidden_size).to(policy.device)
         self.optimizer = torch.optim.AdamW([*policy.parameters(), *self.value_head.parameters()],
                                            lr=config.learning_rate, weight_decay=0.0)
+        self.shard = shard or Shard(0, 1)  # one process: the only rank of a group of one
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict()}
@@ -236,7 +244,8 @@ class PPO:
         for _ in range(cfg.epochs):
             order = torch.randperm(rows, generator=shuffle).tolist()
             for start in range(0, rows, size):
-                keys = batches.chunks(order[start:start + size])
+                minibatch = order[start:start + size]
+                keys = batches.chunks(minibatch)
                 denominator = max(1.0, sum(core.aggregate_count(batches[k].loss_mask, cfg.loss_aggregation)
                                            for k in keys))
                 turns = max(1.0, sum(float(turn_mask[list(k)].sum()) for k in keys))
@@ -245,7 +254,7 @@ class PPO:
                 step = dict.fromkeys(["clip_fraction", "entropy", "loss", "value_loss"]
                                      + (["kl"] if cfg.kl_coef > 0 else []), 0.0)
                 self.optimizer.zero_grad(set_to_none=True)
-                for key in keys:
+                for key, weight in self.shard.passes(lambda shard: batches.chunks(shard.part(minibatch))):
                     batch, index = batches[key], list(key)
                     mask = batch.loss_mask.to(device)
                     scores = self.policy.score(batch, with_hidden=True)
@@ -256,7 +265,7 @@ class PPO:
                     policy_loss, clipped = core.clipped_surrogate(scores.logprobs, aligned(old_logprobs, key),
                                                                   advantage, cfg.clip)
                     per_token = policy_loss - cfg.entropy_coef * scores.entropy
-                    share = float(mask.sum()) / max(tokens, 1.0)  # token-weighted means of the diagnostics
+                    share = weight * float(mask.sum()) / max(tokens, 1.0)  # token-weighted means of the diagnostics
                     step["clip_fraction"] += share * core.masked_mean(clipped.float(), mask).item()
                     step["entropy"] += share * core.masked_mean(scores.entropy.detach(), mask).item()
                     if cfg.kl_coef > 0:
@@ -272,11 +281,12 @@ class PPO:
                         values = self._values(scores, positions.to(device))
                         value_loss = (core.clipped_value_loss(values, old_values[index], returns[index],
                                                               cfg.value_clip) * turn_mask[index]).sum() / value_entries
-                    loss = (core.aggregate_sum(per_token, mask, cfg.loss_aggregation) / denominator
-                            + cfg.value_coef * value_loss)
+                    loss = weight * (core.aggregate_sum(per_token, mask, cfg.loss_aggregation) / denominator
+                                     + cfg.value_coef * value_loss)
                     loss.backward()
                     step["loss"] += loss.item()
-                    step["value_loss"] += value_loss.item()
+                    step["value_loss"] += weight * value_loss.item()
+                self.shard.sum_gradients(parameters, step)
                 grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
                 self.optimizer.step()
                 step["grad_norm"] = float(grad_norm)

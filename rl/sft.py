@@ -230,16 +230,17 @@ def train_sft(policy: CausalLMPolicy, examples: Sequence[Sequence[dict[str, str]
             break
         losses = []
         for index in length_batches(lengths, batch_size, rng):
-            mine = index if shard is None else shard.part(index)
+            # this rank's rows in one pass (none: no pass; with FSDP a pass of weight 0, see Shard.passes)
+            passes = [(index, 1.0)] if shard is None else shard.passes(lambda s: [s.part(index)] if s.part(index) else [])
             count = sum(len(s.token_ids) for i in index for s in encoded[i] if s.role == POLICY)
             optimizer.zero_grad(set_to_none=True)
             sums = {"sft_loss": 0.0, "tokens": 0.0}
-            if mine:
+            for mine, weight in passes:
                 batch = TokenBatch.from_segments([encoded[i] for i in mine], policy.pad_id)
                 mask = batch.loss_mask.to(policy.device)
-                loss = -(policy.score(batch).logprobs * mask).sum() / max(count, 1)
+                loss = -weight * (policy.score(batch).logprobs * mask).sum() / max(count, 1)
                 loss.backward()
-                sums = {"sft_loss": loss.item(), "tokens": float(batch.attention_mask.sum())}
+                sums = {"sft_loss": loss.item(), "tokens": weight * float(batch.attention_mask.sum())}
             late = max_seconds is not None and time.perf_counter() - began >= max_seconds
             sums["late"] = float(late and (shard is None or shard.rank == 0))
             if shard is not None:

@@ -55,6 +55,14 @@ def tiny_policy(tokenizer, hidden_size: int = 64, max_new_tokens: int = 16, seed
                                          seed=seed), tokenizer, max_new_tokens=max_new_tokens)
 
 
+def tiny_lora_policy(tokenizer, max_new_tokens: int = 16) -> CausalLMPolicy:
+    """:func:`tiny_policy` with LoRA adapters (rank 4) on the attention's q and v projections."""
+    from rl.hf import add_lora
+
+    return add_lora(tiny_policy(tokenizer, max_new_tokens=max_new_tokens), rank=4, alpha=8,
+                    target_modules=["q_proj", "v_proj"])
+
+
 class LetterEnv(gym.Env):
     """A three-turn toy: each turn asks for a word; the reward is the share of its letters the turn
     contains (so random policies already get varied rewards). With ``pixels=True`` each observation

@@ -32,8 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (lambda: LearnerConfig(backend="mpi"), r"learner.backend \('mpi'\) must be 'gloo' \(CPU\) or 'nccl'"),
     (lambda: LearnerConfig(backend="nccl"), r"backend 'nccl' needs learner.num_gpus 1 .* got 0.0; use backend 'gloo'"),
     (lambda: LearnerConfig(num_cpus=-1), r"learner.num_cpus \(-1\) .* must be >= 0"),
-    (lambda: TrainConfig(algorithm="ppo", policy=PolicyConfig(model="m"), learner=LearnerConfig(num_workers=2)),
-     r"learner.num_workers \(2\) > 1 needs algorithm 'grpo'"),
+    (lambda: LearnerConfig(strategy="zero3"), r"learner.strategy \('zero3'\) must be 'ddp' .* or 'fsdp'"),
+    (lambda: TrainConfig(algorithm="ppo", policy=PolicyConfig(model="m"),
+                         learner=LearnerConfig(num_workers=2, strategy="fsdp")),
+     r"algorithm 'ppo' on several learner workers needs learner.strategy 'ddp'"),
     (lambda: TrainConfig(sft=SFTConfig(stages=[SFTStage("v.jsonl")], learner=LearnerConfig(num_workers=2))),
      r"sft.learner is set inside rl train's sft section: the top-level learner section applies"),
 ])

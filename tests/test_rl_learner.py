@@ -1,5 +1,5 @@
-"""The distributed learner: two gloo workers (Ray actors) take the one-process update on the same batch,
-checkpoint rank 0 and resume exactly."""
+"""The distributed learner: two gloo workers (Ray actors), replicas (ddp) or FSDP2 shards (fsdp), take the
+one-process update on the same batch, checkpoint rank 0 and resume exactly."""
 
 import functools
 import json
@@ -14,13 +14,15 @@ from rl.errors import ConfigError
 from rl.grpo import GRPO, GRPOConfig
 from rl.hf import CausalLMPolicy, reference_policy
 from rl.learner import LearnerGroup, Shard
+from rl.ppo import PPO, PPOConfig
 from rl.rollout import SerialRollout, make_specs
 from rl.sft import SFTStage, run_pst
 from rl.train import Trainer
-from rl_helpers import LetterEnv, echo_examples, echo_tokenizer, tiny_policy
+from rl_helpers import LetterEnv, echo_examples, echo_tokenizer, tiny_lora_policy, tiny_policy
 
-# Parameters after the two-worker update and after the one-process update agree to within ATOL (5e-5,
-# measured 1.6e-5 after four GRPO steps at lr 1e-3 on 2026-12-06): the gradients differ only by float rounding
+# Parameters after the two-worker update and after the one-process update agree to within ATOL (5e-5;
+# measured on 2026-12-06 after four GRPO steps at lr 1e-3: 8.1e-6 with ddp and with fsdp; after six SFT
+# steps: 1.3e-8 with either): the gradients differ only by float rounding
 # (other chunks, another summation order), but AdamW's first steps move a weight by about the learning
 # rate (1e-3) whatever its gradient's size, so rounding on a near-zero gradient can show as a small
 # share of a step. AdamW is blind to the gradient's scale, so the metrics (the loss and the grad norm
@@ -37,6 +39,17 @@ def close(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def check_workers(strategy, workers, mirror):
+    """ddp: both ranks hold the mirror's weights; fsdp: each holds a part of every weight (dim 0), and the
+    parts together are the mirror's weights."""
+    rank0, rank1 = workers
+    if strategy == "ddp":
+        assert all(torch.equal(rank0[k], mirror[k]) and torch.equal(rank1[k], mirror[k]) for k in mirror)
+    else:
+        assert all(rank0[k].shape[0] + rank1[k].shape[0] == mirror[k].shape[0] and rank1[k].shape[0] > 0
+                   and torch.equal(torch.cat([rank0[k], rank1[k]]), mirror[k]) for k in mirror)
+
+
 def test_shard_parts_cover_a_minibatch_once():
     rows = [7, 3, 9, 1, 4]
     parts = [Shard(rank, 2).part(rows) for rank in range(2)]
@@ -49,10 +62,21 @@ def test_a_learner_group_that_cannot_fit_the_cluster_is_refused_before_any_actor
     with pytest.raises(ConfigError, match=r"learner.num_workers \(5\) x \(num_cpus 0.5, num_gpus 0.0\) exceed the "
                                           r"cluster's CPU 2.0"):
         LearnerGroup(make(), make, num_workers=5, num_cpus=0.5)
+    with pytest.raises(ConfigError, match=r"learner.strategy \('zero3'\) must be one of \('ddp', 'fsdp'\)"):
+        LearnerGroup(make(), make, num_workers=2, num_cpus=0.5, strategy="zero3")
+
+
+def test_fsdp_ranks_pad_to_the_same_number_of_passes():
+    chunks = {0: ["a", "b", "c"], 1: ["d"]}
+    assert Shard(1, 2).passes(lambda shard: chunks[shard.rank]) == [("d", 1.0)]  # ddp: only its own
+    assert Shard(1, 2, sharded=True).passes(lambda shard: chunks[shard.rank]) == [("d", 1.0), ("a", 0.0), ("a", 0.0)]
+    assert Shard(0, 2, sharded=True).passes(lambda shard: chunks[shard.rank]) == [("a", 1.0), ("b", 1.0), ("c", 1.0)]
+    assert Shard(0, 2, sharded=True).passes(lambda shard: []) == []
 
 
 @pytest.mark.slow
-def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer, strategy):
     torch.set_num_threads(1)
     make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
     policy = make()
@@ -67,16 +91,15 @@ def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer):
 
     mirror = make()
     mirror.set_weights(start)
-    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5).start_grpo(config)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_grpo(config)
     try:
         got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
-        rank0, rank1 = group.worker_weights()
+        workers = group.worker_weights()
     finally:
         group.close()
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the replicas stay identical
-    assert all(torch.equal(rank0[k], mirror.get_weights()[k]) for k in rank0)  # the driver mirrors rank 0
+    check_workers(strategy, workers, mirror.get_weights())  # the driver mirrors the group's weights
     assert close(one_process, start) > 50 * ATOL  # the update moved the weights
-    assert close(one_process, rank0) < ATOL
+    assert close(one_process, mirror.get_weights()) < ATOL
     for want, have in zip(expected, got):
         assert want.keys() == have.keys()
         for key in ("loss", "kl", "entropy", "grad_norm", "clip_fraction", "episodes_trained"):
@@ -84,51 +107,128 @@ def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer):
 
 
 @pytest.mark.slow
-def test_two_workers_take_the_one_process_sft_steps(ray_session, tokenizer, tmp_path):
+def test_two_workers_take_the_one_process_ppo_update(ray_session, tokenizer):
+    torch.set_num_threads(1)
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    start = policy.get_weights()
+    rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
+    batches = [rollout.sample(make_specs(6, it, 12, 1))[0] for it in range(2)]
+    # two epochs of two minibatches of 6 episodes, chunked; bi-level credit (a value per token) and KL
+    config = PPOConfig(12, learning_rate=1e-3, kl_coef=0.05, minibatch_size=6, micro_batch_tokens=64,
+                       credit="bilevel", token_lam=0.9)
+    mirror = make()
+    mirror.set_weights(start)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5).start_ppo(config)
+    try:
+        head = group.state_dict()["value_head"]  # rank 0's value head, which every rank took
+        single = PPO(policy, reference_policy(policy), config)
+        single.value_head.load_state_dict(head)
+        expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
+        got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
+        workers = group.worker_weights()
+        heads = group.state_dict()["value_head"]
+    finally:
+        group.close()
+    check_workers("ddp", workers, mirror.get_weights())
+    assert close(policy.get_weights(), start) > 50 * ATOL
+    assert close(policy.get_weights(), mirror.get_weights()) < ATOL
+    assert close(single.value_head.state_dict(), heads) < ATOL and close(heads, head) > 50 * ATOL
+    for want, have in zip(expected, got):
+        assert want.keys() == have.keys()
+        for key in ("loss", "value_loss", "kl", "entropy", "grad_norm", "clip_fraction", "value_mean"):
+            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    sharded = LearnerGroup(make(), make, num_workers=2, num_cpus=0.5, strategy="fsdp")
+    try:
+        with pytest.raises(ConfigError, match=r"PPO runs on learner.strategy 'ddp' only"):
+            sharded.start_ppo(config)
+    finally:
+        sharded.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_train_a_lora_policy_as_one_process(ray_session, tokenizer, strategy):
+    pytest.importorskip("peft")
+    torch.set_num_threads(1)
+    make = functools.partial(tiny_lora_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    start = policy.get_weights()
+    assert start and all("lora_" in name for name in start)  # the trainable weights are the adapters
+    base = {n: p.detach().clone() for n, p in policy.model.named_parameters() if not p.requires_grad}
+    rollout = SerialRollout(policy, lambda: LetterEnv(turns=1), 16)
+    batches = [rollout.sample(make_specs(2, it, 4, 4))[0] for it in range(2)]
+    # the reference is the base model (adapters off), on every rank
+    config = GRPOConfig(4, 4, learning_rate=1e-2, kl_coef=0.1, minibatch_size=8, micro_batch_tokens=48)
+    single = GRPO(policy, reference_policy(policy), config)
+    expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
+    mirror = make()
+    mirror.set_weights(start)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_grpo(config)
+    try:
+        got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
+        workers = group.worker_weights()
+    finally:
+        group.close()
+    assert mirror.get_weights().keys() == start.keys()  # only adapters come back from the group
+    check_workers(strategy, workers, mirror.get_weights())
+    assert close(policy.get_weights(), start) > 50 * ATOL
+    assert close(policy.get_weights(), mirror.get_weights()) < ATOL
+    assert all(torch.equal(p, base[n]) for n, p in mirror.model.named_parameters() if not p.requires_grad)
+    for want, have in zip(expected, got):
+        for key in ("loss", "kl", "grad_norm"):
+            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert got[-1]["kl"] > 0  # the adapters moved the policy away from the base model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_take_the_one_process_sft_steps(ray_session, tokenizer, tmp_path, strategy):
     torch.set_num_threads(1)
     data = tmp_path / "echo.jsonl"
-    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in echo_examples(40, 0.5)))
-    # batches of 7: the two shards of a batch are uneven (4 + 3), and the last batch (5) too
-    stages = [SFTStage(str(data), batch_size=7, learning_rate=1e-3, max_steps=4)]
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in echo_examples(36, 0.5)))
+    # batches of 7: the two shards of a batch are uneven (4 + 3); the last batch has one row, none for rank 1
+    stages = [SFTStage(str(data), batch_size=7, learning_rate=1e-3)]
     make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
     policy = make()
     start = policy.get_weights()
     expected = run_pst(policy, stages, seed=3)
     mirror = make()
     mirror.set_weights(start)
-    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy)
     steps = []
     try:
         got = group.run_pst(stages, seed=3, on_step=lambda step, metrics: steps.append(step))
-        rank0, rank1 = group.worker_weights()
+        workers = group.worker_weights()
     finally:
         group.close()
-    assert steps == [1, 2, 3, 4]
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert steps == [1, 2, 3, 4, 5, 6]
+    check_workers(strategy, workers, mirror.get_weights())
     assert close(policy.get_weights(), start) > 50 * ATOL
     assert close(policy.get_weights(), mirror.get_weights()) < ATOL
     assert got[0]["loss"] == pytest.approx(expected[0]["loss"], rel=1e-5)
-    assert got[0]["steps"] == expected[0]["steps"] == 4
+    assert got[0]["steps"] == expected[0]["steps"] == 6
 
 
 def deterministic(history):
     return [{k: v for k, v in m.items() if not k.startswith("time/") and "per_second" not in k} for m in history]
 
 
-def group_trainer(tokenizer, directory):
+def group_trainer(tokenizer, directory, strategy):
     """A 4-iteration GRPO run on two learner workers that checkpoints every 2 iterations, and its group."""
     make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
     policy = make()
     config = GRPOConfig(4, 4, kl_coef=0.05, minibatch_size=8, warmup_steps=5)
-    group = LearnerGroup(policy, make, num_workers=2, num_cpus=0.5).start_grpo(config)
+    group = LearnerGroup(policy, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_grpo(config)
     rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
     return Trainer(policy, group, rollout, iterations=4, num_groups=4, group_size=4, seed=5,
                    checkpoint_dir=str(directory), checkpoint_every=2), group
 
 
 @pytest.mark.slow
-def test_a_learner_group_run_checkpoints_rank_0_and_resumes_exactly(ray_session, tokenizer, tmp_path):
-    full, group = group_trainer(tokenizer, tmp_path / "a")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_learner_group_run_checkpoints_rank_0_and_resumes_exactly(ray_session, tokenizer, tmp_path, strategy):
+    full, group = group_trainer(tokenizer, tmp_path / "a", strategy)
     try:
         history = full.run()
     finally:
@@ -139,27 +239,32 @@ def test_a_learner_group_run_checkpoints_rank_0_and_resumes_exactly(ray_session,
     path = checkpoint.latest(str(tmp_path / "a"))
     saved = CausalLMPolicy.from_pretrained(os.path.join(path, "policy"), max_new_tokens=8).get_weights()
     assert all(torch.equal(final[k], saved[k]) for k in final)  # the checkpoint holds rank 0's weights
-    resumed, group = group_trainer(tokenizer, tmp_path / "b")
+    # the optimizer state is the one-process format: AdamW's moments of every parameter, by index
+    optimizer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)["algorithm"]["optimizer"]
+    assert [optimizer["state"][i]["exp_avg"].shape for i in range(len(final))] == [w.shape for w in final.values()]
+    resumed, group = group_trainer(tokenizer, tmp_path / "b", strategy)
     try:
         resumed.resume(path.replace("000004", "000002"))  # weights and optimizer go to every rank
         rest = resumed.run()
-        rank0, rank1 = group.worker_weights()
+        workers = group.worker_weights()
     finally:
         group.close()
     assert deterministic(rest) == deterministic(history[2:])
     again = resumed.policy.get_weights()
-    assert all(torch.equal(final[k], again[k]) and torch.equal(rank0[k], rank1[k]) for k in final)
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    check_workers(strategy, workers, again)
 
 
 @pytest.mark.slow
-def test_rl_sft_on_two_learner_workers_saves_the_one_process_policy(ray_session, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_rl_sft_on_two_learner_workers_saves_the_one_process_policy(ray_session, tmp_path, strategy):
     data = tmp_path / "echo.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in echo_examples(60, 0.5)))
     common = ["sft", "--set", f"stages=[{{visual: {data}, batch_size: 9, max_steps: 3}}]",
               "--set", "tiny={vocab_size: 400, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}"]
     assert main([*common, "--output_dir", str(tmp_path / "one")]) == 0
     assert main([*common, "--output_dir", str(tmp_path / "two"), "--learner.num_workers", "2",
-                 "--learner.num_cpus", "0.5"]) == 0
+                 "--learner.num_cpus", "0.5", "--learner.strategy", strategy]) == 0
     one, two = (CausalLMPolicy.from_pretrained(str(tmp_path / name / "policy")).get_weights() for name in ("one", "two"))
     assert close(one, two) < ATOL
     logged = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "two")}
