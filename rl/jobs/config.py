@@ -27,8 +27,11 @@ SHORT_SCENARIOS = ["official_account_cover", "social_media_cover", "realistic_ph
 #: clip 0.2, k3, token loss): a warm-up over the first 10 updates and KL 0.05 to the SFT-only policy.
 #: Without them the first 10-30 updates pushed some PST policies off their optimum (entropy, length,
 #: truncation and KL rose, the training reward fell) and GRPO did not recover within the job's budget
-#: (docs/main-job.md, experiments E5-E12).
-MAIN_JOB_GRPO = {"warmup_steps": 10, "kl_coef": 0.05}
+#: (docs/main-job.md, experiments E5-E12). And advantages are not divided by the group's std (Dr. GRPO):
+#: most groups' rewards differ only by VisGen's 0.05 turn-error penalty (a mistyped artifact id in the
+#: answer), which the std scaled up to full-size advantages (docs/main-job.md, "Why the training reward
+#: was flat").
+MAIN_JOB_GRPO = {"warmup_steps": 10, "kl_coef": 0.05, "scale_rewards": False}
 
 
 #: PST's budgets in optimizer steps (stage 1, stage 2): what 162 s + 108 s gave on a quiet 2-core machine
