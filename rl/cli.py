@@ -23,6 +23,7 @@ The applications (:mod:`rl.jobs.cli`, :mod:`baselines.data`)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -113,7 +114,10 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
                     system_prompt=config.policy.for_env(config.env).system_prompt)
         config.policy.model = sft_policy
     policy_config = config.policy.for_env(config.env)
-    policy = policy_config.build()
+    # with learner actors and Ray rollout workers the driver's policy is only a mirror of rank 0: on the CPU,
+    # off the GPUs that Ray hands to the actors
+    mirror_only = config.learner.num_workers > 1 and ray_rollout
+    policy = (dataclasses.replace(policy_config, device="cpu") if mirror_only else policy_config).build()
     settings = config.grpo if config.algorithm == "grpo" else config.ppo
     if config.learner.num_workers > 1:
         group = config.learner.start(policy, policy_config.build, config.rollout.ray_address, rollout_cpus)

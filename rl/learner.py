@@ -29,8 +29,8 @@ DDP's buckets do.)
 
 FSDP2 (``learner.strategy: fsdp``, for models whose weights, gradients and AdamW states do not fit one
 device): each rank's model is sharded with ``torch.distributed.fsdp.fully_shard`` (:func:`shard_model`:
-every decoder layer or vision block, then the root), so a rank holds 1/N of every parameter, gradient
-and optimizer state. The data split and the loss normalisation are DDP's; the gradients are summed
+every decoder layer, then the root), so a rank holds 1/N of every parameter, gradient and optimizer
+state. The data split and the loss normalisation are DDP's; the gradients are summed
 by FSDP's own reduce-scatter in each backward pass (divide factor 1: a sum, not a mean), accumulated
 in the sharded gradients over the chunks, and only the unsharded ones (none for a policy) are
 all-reduced. Every forward pass all-gathers parameters, so every rank must run as many passes as
@@ -129,19 +129,21 @@ class Shard:
 
 
 def shard_model(model: torch.nn.Module, device_type: str) -> None:
-    """FSDP2 in place over the default process group: ``fully_shard`` every block the model says must not
-    be split (transformers' ``_no_split_modules``: its decoder layers, a VLM's vision blocks), then the
-    root. Gradients are summed over the ranks, not averaged (each rank's loss is normalised over the
-    whole minibatch)."""
+    """FSDP2 in place over the default process group: ``fully_shard`` every decoder layer of the language
+    model (``model.get_decoder().layers``), then the root, which holds the rest (embeddings, LM head, a
+    VLM's vision tower: all-gathered for every pass, so a rank whose chunk has no image runs the same
+    collectives as one whose chunk has). Gradients are summed over the ranks, not averaged (each rank's
+    loss is normalised over the whole minibatch); a parameter a rank's pass did not use (the vision
+    tower on a text-only chunk) takes part in the reduce-scatter with zeros."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    blocks = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
-    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
-        fully_shard(module, mesh=mesh)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    model.set_reduce_scatter_unused_params(True)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -141,6 +141,18 @@ def test_example_configs_load(path):
     load(cls, path)
 
 
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "recipes", "*.yaml"))))
+def test_recipes_load_and_fill_their_nodes_gpus(path, tmp_path):
+    config = load(TrainConfig, path, {"policy.model": str(tmp_path)})
+    assert config.policy.model == str(tmp_path) and config.policy.kind == "vlm"
+    nodes = 2 if path.endswith("_2nodes.yaml") else 1
+    learner, rollout = config.learner, config.rollout
+    assert learner.num_workers * learner.num_gpus + rollout.num_workers * rollout.worker_num_gpus == 8 * nodes
+    assert rollout.num_workers * rollout.num_envs == config.grpo.episodes_per_iteration  # one chunk per worker
+    assert learner.backend == "nccl" and learner.strategy == ("ddp" if config.policy.lora else "fsdp")
+    assert config.grpo.episodes_per_iteration % config.grpo.minibatch_size == 0
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])

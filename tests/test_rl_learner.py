@@ -5,6 +5,7 @@ import functools
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,11 +13,12 @@ from rl import checkpoint
 from rl.cli import main
 from rl.errors import ConfigError
 from rl.grpo import GRPO, GRPOConfig
-from rl.hf import CausalLMPolicy, reference_policy
+from rl.hf import CHATML_SPECIAL_TOKENS, CausalLMPolicy, QwenVLPolicy, reference_policy, tiny_qwen_vl
 from rl.learner import LearnerGroup, Shard
 from rl.ppo import PPO, PPOConfig
 from rl.rollout import SerialRollout, make_specs
 from rl.sft import SFTStage, run_pst
+from rl.tokenizer import train_tokenizer
 from rl.train import Trainer
 from rl_helpers import LetterEnv, echo_examples, echo_tokenizer, tiny_lora_policy, tiny_policy
 
@@ -179,6 +181,58 @@ def test_two_workers_train_a_lora_policy_as_one_process(ray_session, tokenizer, 
         for key in ("loss", "kl", "grad_norm"):
             assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     assert got[-1]["kl"] > 0  # the adapters moved the policy away from the base model
+
+
+class SomePixelsEnv(LetterEnv):
+    """LetterEnv whose episodes from a seed divisible by 3 show an image every turn, the others none."""
+
+    def __init__(self):
+        super().__init__(turns=2, pixels=True)
+
+    def reset(self, *, seed=None, options=None):
+        self.show = seed % 3 == 0
+        return super().reset(seed=seed, options=options)
+
+    def _observation(self):
+        return super()._observation() | {"pixels_mask": np.array([self.show, False], dtype=np.int8)}
+
+
+def tiny_qwen_vl_policy(tokenizer):
+    model, processor = tiny_qwen_vl(tokenizer, "qwen2_5_vl")
+    return QwenVLPolicy(model, tokenizer, processor, chat="chatml", max_new_tokens=6)
+
+
+@pytest.mark.slow
+def test_two_fsdp_workers_train_a_qwen_vl_policy_on_chunks_with_and_without_images(ray_session):
+    strategy = "fsdp"  # (ddp passed too on 2026-12-06; it has no collective inside a pass to mismatch)
+    torch.set_num_threads(1)
+    texts = [LetterEnv.prompt(w, t) for w in LetterEnv.WORDS for t in range(3)]
+    make = functools.partial(tiny_qwen_vl_policy, train_tokenizer(texts, 400, CHATML_SPECIAL_TOKENS))
+    policy = make()
+    start = policy.get_weights()
+    batches = [SerialRollout(policy, SomePixelsEnv, 16).sample(make_specs(3, it, 4, 4))[0] for it in range(2)]
+    with_images = [any(s.images is not None for s in e.segments) for e in batches[0]]
+    assert any(with_images) and not all(with_images)
+    # small chunks: a rank's chunk may hold images while the other rank's has none (FSDP: same collectives)
+    config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=48)
+    single = GRPO(policy, reference_policy(policy), config)
+    expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
+    mirror = make()
+    mirror.set_weights(start)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_grpo(config)
+    try:
+        got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
+        workers = group.worker_weights()
+    finally:
+        group.close()
+    check_workers(strategy, workers, mirror.get_weights())
+    assert close(policy.get_weights(), start) > 50 * ATOL
+    assert close(policy.get_weights(), mirror.get_weights()) < ATOL
+    visual = [k for k in start if k.startswith("model.visual.")]
+    assert visual and close({k: start[k] for k in visual}, {k: mirror.get_weights()[k] for k in visual}) > 0
+    for want, have in zip(expected, got):
+        for key in ("loss", "kl", "grad_norm"):
+            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow
