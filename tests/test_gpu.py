@@ -308,6 +308,25 @@ def test_vlm_policies_sample_and_score_visgen_images_on_the_device(name, dtype, 
         assert on_the_device(grads)
 
 
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_vlm_sft_with_lora_bf16_and_checkpointing_on_the_device(name, tmp_path):
+    """rl sft's VLM path as the GPU recipes would use it: images, LoRA, bf16, gradient checkpointing."""
+    require("peft")
+    from rl.cli import run_sft
+    from rl.logging import read_metrics
+    from test_rl_vlm_sft import sft_config, tiny_vlm_folder, write_data
+
+    folder, chat = tiny_vlm_folder(name, tmp_path / "base")
+    config = sft_config(folder, chat, write_data(tmp_path), tmp_path / "out", device=DEVICE, dtype="bfloat16",
+                        gradient_checkpointing=True, lora=LoraConfig(rank=8, alpha=16))
+    path = run_sft(config, progress=False)
+    losses = [record["sft_loss"] for record in read_metrics(str(tmp_path / "out" / "metrics.jsonl"))]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses) and losses[-1] < 0.8 * losses[0]
+    policy = PolicyConfig(model=path, kind="vlm", chat=chat, dtype="bfloat16", device=DEVICE, images_per_turn=2).build()
+    assert isinstance(policy, QwenVLPolicy) and on_the_device(policy.model.parameters())
+    assert policy.model.dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------- 5. device "auto"
 
 
