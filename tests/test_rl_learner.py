@@ -87,25 +87,8 @@ def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer, st
     batches = [rollout.sample(make_specs(5, it, 4, 4))[0] for it in range(2)]
     # two minibatches of 8 episodes (two steps per update), per-token loss with a KL term
     config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=64)
-    single = GRPO(policy, reference_policy(policy), config)
-    expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
-    one_process = policy.get_weights()
-
-    mirror = make()
-    mirror.set_weights(start)
-    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_grpo(config)
-    try:
-        got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
-        workers = group.worker_weights()
-    finally:
-        group.close()
-    check_workers(strategy, workers, mirror.get_weights())  # the driver mirrors the group's weights
-    assert close(one_process, start) > 50 * ATOL  # the update moved the weights
-    assert close(one_process, mirror.get_weights()) < ATOL
-    for want, have in zip(expected, got):
-        assert want.keys() == have.keys()
-        for key in ("loss", "kl", "entropy", "grad_norm", "clip_fraction", "episodes_trained"):
-            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    group_matches_one_process(policy, make, start, batches, config, strategy, same_keys=True,
+                              keys=("loss", "kl", "entropy", "grad_norm", "clip_fraction", "episodes_trained"))
 
 
 @pytest.mark.slow
@@ -162,6 +145,19 @@ def test_two_workers_train_a_lora_policy_as_one_process(ray_session, tokenizer, 
     batches = [rollout.sample(make_specs(2, it, 4, 4))[0] for it in range(2)]
     # the reference is the base model (adapters off), on every rank
     config = GRPOConfig(4, 4, learning_rate=1e-2, kl_coef=0.1, minibatch_size=8, micro_batch_tokens=48)
+    mirror, got = group_matches_one_process(policy, make, start, batches, config, strategy)
+    assert mirror.get_weights().keys() == start.keys()  # only adapters come back from the group
+    assert all(torch.equal(p, base[n]) for n, p in mirror.model.named_parameters() if not p.requires_grad)
+    assert got[-1]["kl"] > 0  # the adapters moved the policy away from the base model
+
+
+def group_matches_one_process(policy, make, start, batches, config, strategy, same_keys=False,
+                              keys=("loss", "kl", "grad_norm")):
+    """The GRPO updates of ``batches`` in one process (on ``policy``, at weights ``start``) and on a group
+    of two ``strategy`` workers (on a fresh ``make()`` mirror at ``start``) agree: the weights moved, the
+    driver's mirror equals the one-process weights and every worker's replica or shard, and each update's
+    metrics ``keys`` match (with ``same_keys``, the metric names too). Returns the mirror and the group's
+    metrics."""
     single = GRPO(policy, reference_policy(policy), config)
     expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
     mirror = make()
@@ -172,15 +168,14 @@ def test_two_workers_train_a_lora_policy_as_one_process(ray_session, tokenizer, 
         workers = group.worker_weights()
     finally:
         group.close()
-    assert mirror.get_weights().keys() == start.keys()  # only adapters come back from the group
-    check_workers(strategy, workers, mirror.get_weights())
-    assert close(policy.get_weights(), start) > 50 * ATOL
+    check_workers(strategy, workers, mirror.get_weights())  # the driver mirrors the group's weights
+    assert close(policy.get_weights(), start) > 50 * ATOL  # the update moved the weights
     assert close(policy.get_weights(), mirror.get_weights()) < ATOL
-    assert all(torch.equal(p, base[n]) for n, p in mirror.model.named_parameters() if not p.requires_grad)
     for want, have in zip(expected, got):
-        for key in ("loss", "kl", "grad_norm"):
+        assert not same_keys or want.keys() == have.keys()
+        for key in keys:
             assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-    assert got[-1]["kl"] > 0  # the adapters moved the policy away from the base model
+    return mirror, got
 
 
 class SomePixelsEnv(LetterEnv):
@@ -215,24 +210,9 @@ def test_two_fsdp_workers_train_a_qwen_vl_policy_on_chunks_with_and_without_imag
     assert any(with_images) and not all(with_images)
     # small chunks: a rank's chunk may hold images while the other rank's has none (FSDP: same collectives)
     config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=48)
-    single = GRPO(policy, reference_policy(policy), config)
-    expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
-    mirror = make()
-    mirror.set_weights(start)
-    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_grpo(config)
-    try:
-        got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
-        workers = group.worker_weights()
-    finally:
-        group.close()
-    check_workers(strategy, workers, mirror.get_weights())
-    assert close(policy.get_weights(), start) > 50 * ATOL
-    assert close(policy.get_weights(), mirror.get_weights()) < ATOL
+    mirror, _ = group_matches_one_process(policy, make, start, batches, config, strategy)
     visual = [k for k in start if k.startswith("model.visual.")]
     assert visual and close({k: start[k] for k in visual}, {k: mirror.get_weights()[k] for k in visual}) > 0
-    for want, have in zip(expected, got):
-        for key in ("loss", "kl", "grad_norm"):
-            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow
