@@ -102,7 +102,7 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
     With ``learner.num_workers`` > 1 the SFT warm start and GRPO or PPO run on a :class:`rl.learner.LearnerGroup`.
     """
     from rl.grpo import GRPO
-    from rl.hf import reference_policy
+    from rl.hf import checkpoint_activations, reference_policy
     from rl.ppo import PPO
 
     ray_rollout = config.rollout.backend == "ray"
@@ -125,6 +125,8 @@ def run_train(config: TrainConfig) -> list[dict[str, float]]:
     else:
         reference = reference_policy(policy) if settings.kl_coef > 0 else None
         algorithm = (GRPO if config.algorithm == "grpo" else PPO)(policy, reference, settings)
+        if config.learner.gradient_checkpointing:  # sampling runs without gradients: unaffected
+            checkpoint_activations(policy.model)
     rollout = config.rollout.build(policy, policy_config.build, config.env.make)
     checkpoints = os.path.join(config.output_dir, "checkpoints")
     num_groups, group_size = config.groups

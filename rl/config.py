@@ -360,6 +360,10 @@ class LearnerConfig:
         strategy: (num_workers > 1) "ddp" (every actor holds a whole replica and optimizer) or "fsdp"
             (FSDP2: every actor holds 1/num_workers of the weights, gradients and optimizer state, for
             models that do not fit one device; the same update).
+        gradient_checkpointing: recompute activations in the backward passes of the RL updates (GRPO,
+            PPO; transformers' gradient checkpointing of every decoder layer, dropout still off): the
+            same update with activation memory of about one layer instead of all, for about a third
+            more update compute. Sampling is unaffected; SFT has its own (sft.gradient_checkpointing).
     """
 
     num_workers: int = 1
@@ -368,6 +372,7 @@ class LearnerConfig:
     backend: str = "gloo"
     torch_threads: int = 1
     strategy: str = "ddp"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.torch_threads < 1:
@@ -401,7 +406,7 @@ class LearnerConfig:
                               "Lower num_workers or num_cpus (fractions allowed), or join a cluster.")
         start_ray(ray_address)
         return LearnerGroup(policy, make_policy, self.num_workers, self.num_cpus, self.num_gpus, self.backend,
-                            self.torch_threads, self.strategy)
+                            self.torch_threads, self.strategy, self.gradient_checkpointing)
 
 
 @dataclass
@@ -478,6 +483,9 @@ class SFTConfig:
         if self.model == "tiny" and self.kind == "vlm":
             raise ConfigError("sft.kind 'vlm' needs a VLM folder in sft.model; 'tiny' builds a text model. Give the "
                               "folder of a Llava or Qwen-VL model, or kind 'auto'.")
+        if self.learner.gradient_checkpointing:
+            raise ConfigError("sft.learner.gradient_checkpointing is for the RL updates; SFT has its own: set "
+                              "sft.gradient_checkpointing: true (rl sft: gradient_checkpointing: true).")
         if self.images_per_turn < 1:
             raise ConfigError(f"sft.images_per_turn ({self.images_per_turn}) must be at least 1.")
         if self.device == "cuda":

@@ -165,12 +165,15 @@ class LearnerWorker:
         make_policy: picklable zero-argument callable that builds the policy (weights come later).
         torch_threads: torch threads of this worker.
         strategy: "ddp" (a replica per rank) or "fsdp" (FSDP2 shards, once training starts).
+        gradient_checkpointing: recompute activations in the backward passes of GRPO and PPO updates
+            (:func:`rl.hf.checkpoint_activations`).
     """
 
     def __init__(self, rank: int, world_size: int, make_policy: Callable[[], TrainablePolicy], torch_threads: int,
-                 strategy: str = "ddp"):
+                 strategy: str = "ddp", gradient_checkpointing: bool = False):
         torch.set_num_threads(torch_threads)
         self.shard = Shard(rank, world_size, sharded=strategy == "fsdp")
+        self.gradient_checkpointing = gradient_checkpointing
         self.policy = make_policy()
         self.algorithm: Any = None
         self.device_type = "cpu"
@@ -229,7 +232,7 @@ class LearnerWorker:
         import torch.distributed as dist
 
         from rl.grpo import GRPO
-        from rl.hf import AdapterOffReference, reference_policy
+        from rl.hf import AdapterOffReference, checkpoint_activations, reference_policy
         from rl.ppo import PPO, PPOConfig
 
         if self.sharded:
@@ -238,6 +241,8 @@ class LearnerWorker:
         reference = reference_policy(self.policy) if config.kl_coef > 0 else None
         self._shard(*[reference.model] if reference is not None and not isinstance(reference, AdapterOffReference)
                     else [])
+        if self.gradient_checkpointing:
+            checkpoint_activations(self.policy.model)
         if isinstance(config, PPOConfig):
             self.algorithm = PPO(self.policy, reference, config, self.shard)
             for tensor in self.algorithm.value_head.state_dict().values():
@@ -314,11 +319,13 @@ class LearnerGroup:
         backend: "gloo" or "nccl".
         torch_threads: torch threads per actor.
         strategy: "ddp" (every rank a replica) or "fsdp" (FSDP2: every rank holds 1/N of the model).
+        gradient_checkpointing: recompute activations in the backward passes of GRPO and PPO updates
+            (:func:`rl.hf.checkpoint_activations`; SFT follows its policy's model).
     """
 
     def __init__(self, policy: TrainablePolicy, make_policy: Callable[[], TrainablePolicy], num_workers: int,
                  num_cpus: float = 1.0, num_gpus: float = 0.0, backend: str = "gloo", torch_threads: int = 1,
-                 strategy: str = "ddp"):
+                 strategy: str = "ddp", gradient_checkpointing: bool = False):
         import ray
 
         if not ray.is_initialized():
@@ -330,7 +337,7 @@ class LearnerGroup:
         self.policy = policy
         self.strategy = strategy
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(LearnerWorker)
-        self.workers = [actor.remote(rank, num_workers, make_policy, torch_threads, strategy)
+        self.workers = [actor.remote(rank, num_workers, make_policy, torch_threads, strategy, gradient_checkpointing)
                         for rank in range(num_workers)]
         address = ray.get(self.workers[0].rendezvous.remote())
         ray.get([worker.join.remote(address, backend) for worker in self.workers])

@@ -38,6 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
      r"algorithm 'ppo' on several learner workers needs learner.strategy 'ddp'"),
     (lambda: TrainConfig(sft=SFTConfig(stages=[SFTStage("v.jsonl")], learner=LearnerConfig(num_workers=2))),
      r"sft.learner is set inside rl train's sft section: the top-level learner section applies"),
+    (lambda: SFTConfig(stages=[SFTStage("v.jsonl")], learner=LearnerConfig(gradient_checkpointing=True)),
+     r"sft.learner.gradient_checkpointing is for the RL updates; SFT has its own: set sft.gradient_checkpointing"),
 ])
 def test_validation_messages(make, message):
     with pytest.raises(ValueError, match=message):

@@ -4,6 +4,7 @@ one-process update on the same batch, checkpoint rank 0 and resume exactly."""
 import functools
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from rl import checkpoint
 from rl.cli import main
 from rl.errors import ConfigError
 from rl.grpo import GRPO, GRPOConfig
-from rl.hf import CHATML_SPECIAL_TOKENS, CausalLMPolicy, QwenVLPolicy, reference_policy, tiny_qwen_vl
+from rl.hf import (CHATML_SPECIAL_TOKENS, CausalLMPolicy, QwenVLPolicy, checkpoint_activations, reference_policy,
+                   tiny_qwen_vl)
 from rl.learner import LearnerGroup, Shard
 from rl.ppo import PPO, PPOConfig
 from rl.rollout import SerialRollout, make_specs
@@ -152,17 +154,17 @@ def test_two_workers_train_a_lora_policy_as_one_process(ray_session, tokenizer, 
 
 
 def group_matches_one_process(policy, make, start, batches, config, strategy, same_keys=False,
-                              keys=("loss", "kl", "grad_norm")):
+                              keys=("loss", "kl", "grad_norm"), **options):
     """The GRPO updates of ``batches`` in one process (on ``policy``, at weights ``start``) and on a group
-    of two ``strategy`` workers (on a fresh ``make()`` mirror at ``start``) agree: the weights moved, the
-    driver's mirror equals the one-process weights and every worker's replica or shard, and each update's
-    metrics ``keys`` match (with ``same_keys``, the metric names too). Returns the mirror and the group's
-    metrics."""
+    of two ``strategy`` workers (on a fresh ``make()`` mirror at ``start``; more LearnerGroup ``options``)
+    agree: the weights moved, the driver's mirror equals the one-process weights and every worker's
+    replica or shard, and each update's metrics ``keys`` match (with ``same_keys``, the metric names
+    too). Returns the mirror and the group's metrics."""
     single = GRPO(policy, reference_policy(policy), config)
     expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
     mirror = make()
     mirror.set_weights(start)
-    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_grpo(config)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy, **options).start_grpo(config)
     try:
         got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
         workers = group.worker_weights()
@@ -176,6 +178,59 @@ def group_matches_one_process(policy, make, start, batches, config, strategy, sa
         for key in keys:
             assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     return mirror, got
+
+
+def layer_calls(policy):
+    """Whether gradients were on, for every call of the first decoder layer's MLP (a checkpointed layer
+    calls it again when the backward pass recomputes the layer; module hooks do not see that call)."""
+    calls = []
+
+    def counted(mlp, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return type(mlp).forward(mlp, *args, **kwargs)
+
+    mlp = policy.model.get_decoder().layers[0].mlp
+    mlp.forward = types.MethodType(counted, mlp)  # (a deep copy, e.g. the KL reference, binds its own MLP)
+    return calls
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_grpo_update(tokenizer):
+    torch.set_num_threads(1)
+    policies = {"kept": tiny_policy(tokenizer, max_new_tokens=8), "recomputed": tiny_policy(tokenizer, max_new_tokens=8)}
+    checkpoint_activations(policies["recomputed"].model)
+    calls = {name: layer_calls(policy) for name, policy in policies.items()}
+    start = policies["kept"].get_weights()
+    episodes = {name: SerialRollout(policy, lambda: LetterEnv(turns=2), 16).sample(make_specs(5, 0, 4, 4))[0]
+                for name, policy in policies.items()}
+    # sampling is unaffected: the same tokens and log-probs, each layer run once per decoding step
+    assert [[s.token_ids for s in e.segments] for e in episodes["kept"]] == \
+        [[s.token_ids for s in e.segments] for e in episodes["recomputed"]]
+    assert [e.segments[1].logprobs for e in episodes["kept"]] == [e.segments[1].logprobs for e in episodes["recomputed"]]
+    assert calls["kept"] == calls["recomputed"] and not any(calls["kept"])
+    # two minibatches (old log-probs scored first, without gradients) and a KL term
+    config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=64)
+    metrics = {name: GRPO(policy, reference_policy(policy), config).update(episodes["kept"], 0)
+               for name, policy in policies.items()}
+    kept, recomputed = (policies[name].get_weights() for name in ("kept", "recomputed"))
+    assert close(kept, start) > 1e-3  # two AdamW steps of 1e-3
+    assert close(kept, recomputed) < 1e-7
+    for key in ("loss", "kl", "grad_norm"):
+        assert metrics["recomputed"][key] == pytest.approx(metrics["kept"][key], rel=1e-6), key
+    with_gradients = {name: sum(made) for name, made in calls.items()}
+    assert with_gradients["recomputed"] == 2 * with_gradients["kept"] > 0  # forward, then again in the backward
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_with_gradient_checkpointing_take_the_one_process_update(ray_session, tokenizer, strategy):
+    torch.set_num_threads(1)
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    start = policy.get_weights()
+    batches = [SerialRollout(policy, lambda: LetterEnv(turns=2), 16).sample(make_specs(5, it, 4, 4))[0]
+               for it in range(2)]
+    config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=64)
+    group_matches_one_process(policy, make, start, batches, config, strategy, gradient_checkpointing=True)
 
 
 class SomePixelsEnv(LetterEnv):
