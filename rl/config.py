@@ -364,6 +364,12 @@ class LearnerConfig:
             PPO; transformers' gradient checkpointing of every decoder layer, dropout still off): the
             same update with activation memory of about one layer instead of all, for about a third
             more update compute. Sampling is unaffected; SFT has its own (sft.gradient_checkpointing).
+        mixed_precision: (strategy "fsdp") "bfloat16": the learner actors keep float32 master weights,
+            gradients and AdamW state (their shards) and run every forward/backward pass in bfloat16
+            (FSDP2's MixedPrecisionPolicy; gradients reduce-scattered in float32), for full fine-tuning
+            with a small learning rate; the driver's copy, the rollout workers and the saved policy
+            folders keep policy.dtype (e.g. bfloat16) and checkpoints also hold the float32 masters (an
+            exact resume). null: the learner trains in policy.dtype.
     """
 
     num_workers: int = 1
@@ -373,6 +379,7 @@ class LearnerConfig:
     torch_threads: int = 1
     strategy: str = "ddp"
     gradient_checkpointing: bool = False
+    mixed_precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.torch_threads < 1:
@@ -385,6 +392,13 @@ class LearnerConfig:
         if self.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"learner.strategy ({self.strategy!r}) must be 'ddp' (a replica per worker) or 'fsdp' "
                               "(the model sharded over the workers).")
+        if self.mixed_precision not in (None, "bfloat16"):
+            raise ConfigError(f"learner.mixed_precision ({self.mixed_precision!r}) must be null or 'bfloat16'.")
+        if self.mixed_precision and (self.strategy != "fsdp" or self.num_workers < 2):
+            raise ConfigError(f"learner.mixed_precision 'bfloat16' (float32 master weights, bfloat16 passes) is "
+                              f"FSDP2's: it needs learner.strategy 'fsdp' and num_workers >= 2, got strategy "
+                              f"{self.strategy!r} with num_workers {self.num_workers}. Use strategy fsdp, or "
+                              "mixed_precision null and policy.dtype bfloat16 to train in bfloat16.")
         if self.backend == "nccl" and self.num_gpus != 1:
             raise ConfigError(f"learner.backend 'nccl' needs learner.num_gpus 1 (one GPU per worker), got "
                              f"{self.num_gpus}; use backend 'gloo' on CPU.")
@@ -406,7 +420,7 @@ class LearnerConfig:
                               "Lower num_workers or num_cpus (fractions allowed), or join a cluster.")
         start_ray(ray_address)
         return LearnerGroup(policy, make_policy, self.num_workers, self.num_cpus, self.num_gpus, self.backend,
-                            self.torch_threads, self.strategy, self.gradient_checkpointing)
+                            self.torch_threads, self.strategy, self.gradient_checkpointing, self.mixed_precision)
 
 
 @dataclass

@@ -39,6 +39,15 @@ which add zero gradients. The optimizer steps on the shards (AdamW is elementwis
 is the global one. A policy's frozen reference (KL) is sharded the same way; a LoRA policy's
 reference is its base model, adapters off.
 
+Mixed precision (``learner.mixed_precision: bfloat16``, fsdp only): each rank casts the trainable weights
+to float32 before sharding (the master weights; AdamW's state follows them) and shards with FSDP2's
+``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: every pass all-gathers the
+parameters in bfloat16 and computes in it, and the gradients are reduce-scattered in float32 into the
+float32 shards. The frozen reference keeps the policy's dtype and computes in bfloat16 too. What rank 0
+returns is float32; the driver's policy casts it to its own dtype (``policy.dtype``, which the rollout
+workers and saved policy folders keep), so :meth:`LearnerWorker.state_dict` also returns the float32
+masters ("master_weights"), which a resume loads instead of the driver's copy.
+
 Weight sync and checkpoints: after each update rank 0 returns its weights (with FSDP gathered whole
 to rank 0's CPU: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), which go into the
 driver's policy, a mirror of rank 0; :class:`~rl.train.Trainer` sends that mirror to the rollout
@@ -64,6 +73,7 @@ from rl.policy import TrainablePolicy
 from rl.rollout import check_cluster_fits
 
 STRATEGIES = ("ddp", "fsdp")
+MIXED_PRECISION = (None, "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -128,21 +138,26 @@ class Shard:
             metrics[name] = value
 
 
-def shard_model(model: torch.nn.Module, device_type: str) -> None:
+def shard_model(model: torch.nn.Module, device_type: str, mixed_precision: str | None = None) -> None:
     """FSDP2 in place over the default process group: ``fully_shard`` every decoder layer of the language
     model (``model.get_decoder().layers``), then the root, which holds the rest (embeddings, LM head, a
     VLM's vision tower: all-gathered for every pass, so a rank whose chunk has no image runs the same
     collectives as one whose chunk has). Gradients are summed over the ranks, not averaged (each rank's
     loss is normalised over the whole minibatch); a parameter a rank's pass did not use (the vision
-    tower on a text-only chunk) takes part in the reduce-scatter with zeros."""
+    tower on a text-only chunk) takes part in the reduce-scatter with zeros. With ``mixed_precision``
+    "bfloat16" (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``) every pass
+    all-gathers the parameters in bfloat16 and computes in it, and the gradients are reduce-scattered in
+    float32 into the shards, which keep the parameters' own dtype."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision), reduce_dtype=torch.float32) \
+        if mixed_precision else MixedPrecisionPolicy()
     for layer in model.get_decoder().layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     model.set_reduce_scatter_unused_params(True)
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -167,13 +182,16 @@ class LearnerWorker:
         strategy: "ddp" (a replica per rank) or "fsdp" (FSDP2 shards, once training starts).
         gradient_checkpointing: recompute activations in the backward passes of GRPO and PPO updates
             (:func:`rl.hf.checkpoint_activations`).
+        mixed_precision: (fsdp) "bfloat16": float32 master weights (the trainable ones are cast to float32
+            before sharding), passes in bfloat16 (:func:`shard_model`); None: the policy's own dtype.
     """
 
     def __init__(self, rank: int, world_size: int, make_policy: Callable[[], TrainablePolicy], torch_threads: int,
-                 strategy: str = "ddp", gradient_checkpointing: bool = False):
+                 strategy: str = "ddp", gradient_checkpointing: bool = False, mixed_precision: str | None = None):
         torch.set_num_threads(torch_threads)
         self.shard = Shard(rank, world_size, sharded=strategy == "fsdp")
         self.gradient_checkpointing = gradient_checkpointing
+        self.mixed_precision = mixed_precision
         self.policy = make_policy()
         self.algorithm: Any = None
         self.device_type = "cpu"
@@ -198,10 +216,13 @@ class LearnerWorker:
             self.device_type = "cuda"
 
     def _shard(self, *models: torch.nn.Module) -> None:
-        """With FSDP, shard the policy's model (and ``models``, e.g. the reference's) once."""
+        """With FSDP, shard the policy's model (and ``models``, e.g. the reference's, frozen: kept in its
+        dtype) once; with mixed precision the trainable weights become float32 first (the masters)."""
         if self.shard.sharded and not self.sharded:
+            for parameter in self.policy.parameters() if self.mixed_precision else ():
+                parameter.data = parameter.data.float()
             for model in (self.policy.model, *models):
-                shard_model(model, self.device_type)
+                shard_model(model, self.device_type, self.mixed_precision)
             self.sharded = True
 
     def _trainable(self) -> list[str]:
@@ -274,8 +295,11 @@ class LearnerWorker:
 
     def state_dict(self) -> dict | None:
         """Rank 0's optimizer and scheduler state in the one-process format (None on other ranks); with
-        FSDP a collective that gathers the optimizer state whole to rank 0."""
+        FSDP a collective that gathers the optimizer state whole to rank 0; with mixed precision also the
+        float32 master weights ("master_weights"), which the driver's copy may hold rounded to its dtype."""
         state = self.algorithm.state_dict()
+        if self.mixed_precision:
+            state["master_weights"] = self._weights()
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -287,7 +311,8 @@ class LearnerWorker:
         return state if self.shard.rank == 0 else None
 
     def load_state_dict(self, state: dict, weights: dict[str, torch.Tensor]) -> None:
-        self.load_weights(weights)
+        """Resume: ``weights`` (the driver's), or the state's float32 master weights when it has them."""
+        self.load_weights(state.get("master_weights") or weights)
         if self.sharded:  # torch.distributed.checkpoint shards the whole optimizer state into the optimizer
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -321,24 +346,30 @@ class LearnerGroup:
         strategy: "ddp" (every rank a replica) or "fsdp" (FSDP2: every rank holds 1/N of the model).
         gradient_checkpointing: recompute activations in the backward passes of GRPO and PPO updates
             (:func:`rl.hf.checkpoint_activations`; SFT follows its policy's model).
+        mixed_precision: (fsdp) "bfloat16": every rank keeps float32 master weights, gradients and AdamW
+            state (its shards) and computes in bfloat16; the driver's policy keeps its dtype (what it
+            receives is cast to it) and checkpoints hold the masters too. None: the policy's dtype throughout.
     """
 
     def __init__(self, policy: TrainablePolicy, make_policy: Callable[[], TrainablePolicy], num_workers: int,
                  num_cpus: float = 1.0, num_gpus: float = 0.0, backend: str = "gloo", torch_threads: int = 1,
-                 strategy: str = "ddp", gradient_checkpointing: bool = False):
+                 strategy: str = "ddp", gradient_checkpointing: bool = False, mixed_precision: str | None = None):
         import ray
 
         if not ray.is_initialized():
             raise RolloutError("LearnerGroup needs Ray running: call ray.init() (or rl.config.start_ray) first.")
         if strategy not in STRATEGIES:
             raise ConfigError(f"learner.strategy ({strategy!r}) must be one of {STRATEGIES}.")
+        if mixed_precision not in MIXED_PRECISION or (mixed_precision and strategy != "fsdp"):
+            raise ConfigError(f"learner.mixed_precision ({mixed_precision!r}) must be one of {MIXED_PRECISION}, and "
+                              f"'bfloat16' needs learner.strategy 'fsdp' (got {strategy!r}).")
         check_cluster_fits(f"learner.num_workers ({num_workers})", num_workers, num_cpus, num_gpus)
         self._ray = ray
         self.policy = policy
         self.strategy = strategy
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(LearnerWorker)
-        self.workers = [actor.remote(rank, num_workers, make_policy, torch_threads, strategy, gradient_checkpointing)
-                        for rank in range(num_workers)]
+        self.workers = [actor.remote(rank, num_workers, make_policy, torch_threads, strategy, gradient_checkpointing,
+                                     mixed_precision) for rank in range(num_workers)]
         address = ray.get(self.workers[0].rendezvous.remote())
         ray.get([worker.join.remote(address, backend) for worker in self.workers])
 

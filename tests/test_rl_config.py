@@ -33,6 +33,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (lambda: LearnerConfig(backend="nccl"), r"backend 'nccl' needs learner.num_gpus 1 .* got 0.0; use backend 'gloo'"),
     (lambda: LearnerConfig(num_cpus=-1), r"learner.num_cpus \(-1\) .* must be >= 0"),
     (lambda: LearnerConfig(strategy="zero3"), r"learner.strategy \('zero3'\) must be 'ddp' .* or 'fsdp'"),
+    (lambda: LearnerConfig(num_workers=2, strategy="fsdp", mixed_precision="fp16"),
+     r"learner.mixed_precision \('fp16'\) must be null or 'bfloat16'"),
+    (lambda: LearnerConfig(num_workers=2, mixed_precision="bfloat16"),
+     r"learner.mixed_precision 'bfloat16' .* needs learner.strategy 'fsdp' and num_workers >= 2, got strategy 'ddp'"),
+    (lambda: LearnerConfig(strategy="fsdp", mixed_precision="bfloat16"),
+     r"got strategy 'fsdp' with num_workers 1\. Use strategy fsdp, or mixed_precision null and policy.dtype bfloat16"),
     (lambda: TrainConfig(algorithm="ppo", policy=PolicyConfig(model="m"),
                          learner=LearnerConfig(num_workers=2, strategy="fsdp")),
      r"algorithm 'ppo' on several learner workers needs learner.strategy 'ddp'"),
@@ -152,6 +158,9 @@ def test_recipes_load_and_fill_their_nodes_gpus(path, tmp_path):
     assert learner.num_workers * learner.num_gpus + rollout.num_workers * rollout.worker_num_gpus == 8 * nodes
     assert rollout.num_workers * rollout.num_envs == config.grpo.episodes_per_iteration  # one chunk per worker
     assert learner.backend == "nccl" and learner.strategy == ("ddp" if config.policy.lora else "fsdp")
+    # full fine-tuning: float32 masters (16 bytes a parameter) leave room for the activations only when recomputed
+    full = config.policy.lora is None
+    assert (learner.mixed_precision, learner.gradient_checkpointing) == (("bfloat16", True) if full else (None, False))
     assert config.grpo.episodes_per_iteration % config.grpo.minibatch_size == 0
 
 

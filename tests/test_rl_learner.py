@@ -68,6 +68,9 @@ def test_a_learner_group_that_cannot_fit_the_cluster_is_refused_before_any_actor
         LearnerGroup(make(), make, num_workers=5, num_cpus=0.5)
     with pytest.raises(ConfigError, match=r"learner.strategy \('zero3'\) must be one of \('ddp', 'fsdp'\)"):
         LearnerGroup(make(), make, num_workers=2, num_cpus=0.5, strategy="zero3")
+    with pytest.raises(ConfigError, match=r"learner.mixed_precision \('bfloat16'\) .* needs learner.strategy 'fsdp' "
+                                          r"\(got 'ddp'\)"):
+        LearnerGroup(make(), make, num_workers=2, num_cpus=0.5, mixed_precision="bfloat16")
 
 
 def test_fsdp_ranks_pad_to_the_same_number_of_passes():
@@ -233,6 +236,46 @@ def test_two_workers_with_gradient_checkpointing_take_the_one_process_update(ray
     group_matches_one_process(policy, make, start, batches, config, strategy, gradient_checkpointing=True)
 
 
+def direction_cosine(moved, reference, start):
+    """The cosine between two updates (``moved - start`` and ``reference - start``, all weights flattened)."""
+    a, b = (torch.cat([(w[k] - start[k]).flatten() for k in start]) for w in (moved, reference))
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.slow
+def test_fsdp_with_bfloat16_passes_keeps_float32_master_weights_and_takes_about_the_float32_update(ray_session,
+                                                                                                   tokenizer):
+    torch.set_num_threads(1)
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    start = policy.get_weights()
+    batches = [SerialRollout(policy, lambda: LetterEnv(turns=2), 16).sample(make_specs(5, it, 4, 4))[0]
+               for it in range(2)]
+    config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=64)
+    single = GRPO(policy, reference_policy(policy), config)
+    expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
+    mirror = make()
+    mirror.set_weights(start)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy="fsdp",
+                         mixed_precision="bfloat16").start_grpo(config)
+    try:
+        got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
+        workers = group.worker_weights()
+    finally:
+        group.close()
+    assert all(w.dtype == torch.float32 for shards in workers for w in shards.values())  # the masters
+    check_workers("fsdp", workers, mirror.get_weights())
+    # bfloat16 passes (8 bits of mantissa) are not the float32 update to float rounding (a weight whose
+    # gradient is near 0 can take an AdamW step of the other sign: measured on 2026-12-06 the largest gap
+    # was 4.0e-3, the size of the update), but the same update to bfloat16's rounding: the same direction
+    # (cosine 0.9991 measured) and the same loss, KL and grad norm to within 1% (0.1%, 5e-6, 6e-5 measured)
+    assert close(policy.get_weights(), mirror.get_weights()) > ATOL
+    assert direction_cosine(mirror.get_weights(), policy.get_weights(), start) > 0.99
+    for want, have in zip(expected, got):
+        for key in ("loss", "kl", "grad_norm"):
+            assert have[key] == pytest.approx(want[key], rel=1e-2, abs=1e-4), key
+
+
 class SomePixelsEnv(LetterEnv):
     """LetterEnv whose episodes from a seed divisible by 3 show an image every turn, the others none."""
 
@@ -303,12 +346,13 @@ def deterministic(history):
     return [{k: v for k, v in m.items() if not k.startswith("time/") and "per_second" not in k} for m in history]
 
 
-def group_trainer(tokenizer, directory, strategy):
-    """A 4-iteration GRPO run on two learner workers that checkpoints every 2 iterations, and its group."""
-    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+def group_trainer(tokenizer, directory, strategy, make=None, **options):
+    """A 4-iteration GRPO run on two learner workers (more LearnerGroup ``options``) that checkpoints every 2
+    iterations, and its group; the policies come from ``make`` (by default the tiny float32 policy)."""
+    make = make or functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
     policy = make()
     config = GRPOConfig(4, 4, kl_coef=0.05, minibatch_size=8, warmup_steps=5)
-    group = LearnerGroup(policy, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_grpo(config)
+    group = LearnerGroup(policy, make, num_workers=2, num_cpus=0.5, strategy=strategy, **options).start_grpo(config)
     rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
     return Trainer(policy, group, rollout, iterations=4, num_groups=4, group_size=4, seed=5,
                    checkpoint_dir=str(directory), checkpoint_every=2), group
@@ -342,6 +386,39 @@ def test_a_learner_group_run_checkpoints_rank_0_and_resumes_exactly(ray_session,
     again = resumed.policy.get_weights()
     assert all(torch.equal(final[k], again[k]) for k in final)
     check_workers(strategy, workers, again)
+
+
+def bfloat16_policy(tokenizer):
+    policy = tiny_policy(tokenizer, max_new_tokens=8)
+    policy.model.to(torch.bfloat16)
+    return policy
+
+
+@pytest.mark.slow
+def test_fsdp_mixed_precision_checkpoints_the_float32_masters_and_resumes_exactly(ray_session, tokenizer, tmp_path):
+    make = functools.partial(bfloat16_policy, tokenizer)  # the driver's copy and the rollouts in bfloat16
+    full, group = group_trainer(tokenizer, tmp_path / "a", "fsdp", make, mixed_precision="bfloat16")
+    try:
+        history = full.run()
+    finally:
+        group.close()
+    path = checkpoint.latest(str(tmp_path / "a"))
+    masters = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)["algorithm"]["master_weights"]
+    final = full.policy.get_weights()
+    assert masters.keys() == final.keys()
+    assert all(masters[k].dtype == torch.float32 and final[k].dtype == torch.bfloat16 for k in final)
+    assert all(torch.equal(masters[k].to(torch.bfloat16), final[k]) for k in final)  # the driver's: rounded masters
+    assert any(not torch.equal(masters[k], final[k].float()) for k in final)  # ... which lose the masters' low bits
+    resumed, group = group_trainer(tokenizer, tmp_path / "b", "fsdp", make, mixed_precision="bfloat16")
+    try:
+        resumed.resume(path.replace("000004", "000002"))  # the masters and optimizer go to every rank
+        rest = resumed.run()
+        workers = group.worker_weights()
+    finally:
+        group.close()
+    assert deterministic(rest) == deterministic(history[2:])
+    assert all(torch.equal(final[k], resumed.policy.get_weights()[k]) for k in final)
+    check_workers("fsdp", workers, masters)  # the ranks' shards are the uninterrupted run's masters
 
 
 @pytest.mark.slow
