@@ -249,3 +249,26 @@ def test_rl_train_warm_starts_with_the_rl_policys_system_prompt(monkeypatch):
     with pytest.raises(Stop) as stopped:
         rl.cli.run_train(config)
     assert stopped.value.args[0] == VisGenEnv().system_prompt
+
+
+@pytest.mark.slow
+def test_rl_eval_plays_a_vlm_policy_folder_on_pixel_observations(tmp_path, monkeypatch):
+    folder, _ = tiny_vlm_folder("qwen2_5_vl", tmp_path / "vlm")
+    seen = []
+    encode = QwenVLPolicy.encode
+
+    def spy(self, observation, first):
+        seen.append((self.images_per_turn, np.asarray(observation.get("pixels")).shape))
+        return encode(self, observation, first)
+
+    monkeypatch.setattr(QwenVLPolicy, "encode", spy)
+    out = tmp_path / "results.json"
+    assert main(["eval", "--policy", folder, "--n", "2", "--max-turns", "2", "--max-new-tokens", "4",
+                 "--images-per-turn", "2", "--pixel-size", "16", "--num-envs", "2", "--no-report",
+                 "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["suite"]["env_config"] == {"max_turns": 2, "observe_pixels": True, "max_pixel_images": 4,
+                                            "pixel_size": 16}
+    # every observation the policy encoded carried the environment's pixels (4 thumbnails of 16 x 16)
+    assert seen and all(entry == (2, (4, 16, 16, 3)) for entry in seen)
+    assert main(["eval", "--policy", folder, "--images-per-turn", "0", "--out", str(out)]) == 2

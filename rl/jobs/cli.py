@@ -43,20 +43,26 @@ def agent_factory(name: str, seed: int):
     return (lambda: cls(seed=seed)) if takes_seed else cls
 
 
+def policy_config(args: argparse.Namespace):
+    """``--policy DIR``'s :class:`rl.config.PolicyConfig` (kind and chat format from the folder)."""
+    from rl.config import PolicyConfig
+
+    if not (Path(args.policy) / "config.json").is_file():
+        raise ConfigError(f"--policy {args.policy!r} is not a policy folder (no config.json): give a folder "
+                          "written by rl (e.g. runs/main/rl/policy or a checkpoint's policy/).")
+    return PolicyConfig.for_folder(args.policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   device=args.device, images_per_turn=args.images_per_turn)
+
+
 def load_policy(args: argparse.Namespace, env_config: dict | None = None):
     """``--policy DIR`` or ``--api``: an rl policy (its turns batched over the episodes). An API model,
     and a policy folder of a pretrained chat model (Qwen's chat format or a VLM,
     :meth:`rl.config.PolicyConfig.for_folder`), get the environment's tool documentation as their
     system prompt."""
     if args.policy:
-        from rl.config import EnvConfig, PolicyConfig
+        from rl.config import EnvConfig
 
-        if not (Path(args.policy) / "config.json").is_file():
-            raise ConfigError(f"--policy {args.policy!r} is not a policy folder (no config.json): give a folder "
-                              "written by rl (e.g. runs/main/rl/policy or a checkpoint's policy/).")
-        config = PolicyConfig.for_folder(args.policy, max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, device=args.device)
-        policy = config.for_env(EnvConfig(id="visenv/VisGen-v0", options=env_config or {})).build()
+        policy = policy_config(args).for_env(EnvConfig(id="visenv/VisGen-v0", options=env_config or {})).build()
     else:
         from rl.api import ApiPolicy
         from visenv.envs.visgen import VisGenEnv
@@ -87,9 +93,14 @@ def load_grader(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate an agent or a policy on a suite; print the tables, write results.json (and report.html)."""
     tasks = suite_from_args(args)
+    if args.images_per_turn < 1 or (args.pixel_size is not None and args.pixel_size < 1):
+        raise ConfigError(f"--images-per-turn ({args.images_per_turn}) and --pixel-size ({args.pixel_size}) must be "
+                          "at least 1.")
     env_config = {"max_turns": args.max_turns} if args.max_turns else {}
-    if args.api_vision:
-        env_config["observe_pixels"] = True
+    if args.api_vision or (args.policy and policy_config(args).kind == "vlm"):  # it sees the tool outputs' pixels
+        env_config |= {"observe_pixels": True, "max_pixel_images": max(4, args.images_per_turn)}
+        if args.pixel_size:
+            env_config["pixel_size"] = args.pixel_size
     env_config = env_config or None
     grader = load_grader(args)
     if args.policy or args.api_base_url:
@@ -203,6 +214,11 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens in one policy turn (default 512)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="torch device of a --policy (default cpu)")
+    p.add_argument("--images-per-turn", type=int, default=1,
+                   help="most images a VLM --policy sees per turn; set it as in training (default 1)")
+    p.add_argument("--pixel-size", type=int, default=None,
+                   help="side of the images a VLM --policy or --api-vision model sees (the environment's "
+                        "pixel_size; default its own, 64); set it as in training (the recipes: 224)")
     p.add_argument("--num-envs", type=int, default=16,
                    help="episodes a policy plays at once, one batched generate per step (default 16)")
     p.add_argument("--max-turns", type=int, default=None, help="the environment's turn budget (default: its own)")
