@@ -543,7 +543,7 @@ class TrainConfig:
         env: the environment.
         policy: the policy to train (its model is replaced by the SFT result when sft is set).
         rollout: rollout backend and layout.
-        learner: the learner processes (of the SFT warm start too); PPO on several needs strategy "ddp".
+        learner: the learner processes (of the SFT warm start too).
         grpo: GRPO hyperparameters (algorithm "grpo").
         ppo: PPO hyperparameters (algorithm "ppo").
         sft: PST stages to run first, or null.
@@ -589,9 +589,6 @@ class TrainConfig:
             raise ConfigError(f"rollout.overlap: true with algorithm {self.algorithm!r} needs the off-policy "
                               "correction (the old log-probs from the sampler, one update behind the learner): "
                               "use algorithm 'grpo' with grpo.off_policy: true, or rollout.overlap: false.")
-        if self.algorithm == "ppo" and self.learner.num_workers > 1 and self.learner.strategy == "fsdp":
-            raise ConfigError("algorithm 'ppo' on several learner workers needs learner.strategy 'ddp' (PPO's value "
-                              "head is not sharded): set learner.strategy: ddp, or use algorithm grpo with fsdp.")
         if self.sft is not None and self.sft.learner not in (LearnerConfig(), self.learner):
             raise ConfigError("sft.learner is set inside rl train's sft section: the top-level learner section "
                              "applies to the warm start too. Move the settings to learner: and remove sft.learner.")

@@ -14,7 +14,8 @@ mean) and every rank clips and steps the same way: the update equals the one-pro
 batch, up to float rounding (tests/test_rl_learner.py measures it). SFT does the same per batch. PPO
 too: every rank computes the old log-probs and values of all episodes (GAE and the whitening of the
 advantages need the whole batch), then trains its share of each minibatch; the value head's gradients
-are summed with the policy's, and rank 0's initial value head goes to every rank (ddp only).
+are summed with the policy's, and rank 0's initial value head goes to every rank, which holds it whole
+(with FSDP too: its gradients are all-reduced, the policy's reduce-scattered).
 
 Why actors with a process group rather than Ray Train's ``TorchTrainer``: a TorchTrainer runs one
 training function to its end, while :class:`~rl.train.Trainer` needs a persistent learner that
@@ -137,6 +138,24 @@ class Shard:
         for name, value in zip(names, bucket[offset:].tolist()):
             metrics[name] = value
 
+    def clip_gradients(self, parameters: Sequence[torch.nn.Parameter], max_norm: float) -> float:
+        """``torch.nn.utils.clip_grad_norm_`` over ``parameters`` (after :meth:`sum_gradients`); returns the
+        norm before clipping. With FSDP some may be shards (DTensors: their norm is summed over the ranks)
+        and some whole on every rank (PPO's value head: counted once); the norm is the global one."""
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in parameters if p.grad is not None]
+        sharded = [g for g in grads if isinstance(g, DTensor)]
+        if not sharded or len(sharded) == len(grads):
+            return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        norms = [torch.nn.utils.get_total_norm(sharded).full_tensor(),
+                 torch.nn.utils.get_total_norm([g for g in grads if not isinstance(g, DTensor)])]
+        total = torch.linalg.vector_norm(torch.stack([norm.to(norms[0].device) for norm in norms]))
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0).item()
+        for grad in grads:
+            grad.mul_(scale)
+        return float(total)
+
 
 def shard_model(model: torch.nn.Module, device_type: str, mixed_precision: str | None = None) -> None:
     """FSDP2 in place over the default process group: ``fully_shard`` every decoder layer of the language
@@ -225,8 +244,14 @@ class LearnerWorker:
                 shard_model(model, self.device_type, self.mixed_precision)
             self.sharded = True
 
-    def _trainable(self) -> list[str]:
-        return [name for name, p in self.policy.model.named_parameters() if p.requires_grad]
+    def _trainable(self, module: torch.nn.Module | None = None) -> list[str]:
+        return [name for name, p in (module or self.policy.model).named_parameters() if p.requires_grad]
+
+    def _stepped(self) -> torch.nn.Module:
+        """What the optimizer steps, as one module: the policy's model, with PPO's value head (whole on
+        every rank) beside it; its trainable parameters are in the optimizer's order."""
+        head = getattr(self.algorithm, "value_head", None)
+        return self.policy.model if head is None else torch.nn.ModuleDict({"policy": self.policy.model, "value_head": head})
 
     def _weights(self) -> dict[str, torch.Tensor] | None:
         """Rank 0's trainable weights, whole and on the CPU (None on other ranks); with FSDP a collective
@@ -300,14 +325,17 @@ class LearnerWorker:
         state = self.algorithm.state_dict()
         if self.mixed_precision:
             state["master_weights"] = self._weights()
-        if self.sharded:
+        # (an optimizer that has not stepped has no state to gather, and torch.distributed.checkpoint would
+        # step it once with zero gradients to make some, which shifts AdamW's bias correction)
+        if self.sharded and self.algorithm.optimizer.state:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            whole = get_optimizer_state_dict(self.policy.model, self.algorithm.optimizer,
+            stepped = self._stepped()
+            whole = get_optimizer_state_dict(stepped, self.algorithm.optimizer,
                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self.shard.rank > 0:  # (the whole state went to rank 0 only)
                 return None
-            state["optimizer"] = rekey(whole, {name: i for i, name in enumerate(self._trainable())})
+            state["optimizer"] = rekey(whole, {name: i for i, name in enumerate(self._trainable(stepped))})
         return state if self.shard.rank == 0 else None
 
     def load_state_dict(self, state: dict, weights: dict[str, torch.Tensor]) -> None:
@@ -316,8 +344,9 @@ class LearnerWorker:
         if self.sharded:  # torch.distributed.checkpoint shards the whole optimizer state into the optimizer
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.policy.model, self.algorithm.optimizer,
-                                     rekey(state["optimizer"], dict(enumerate(self._trainable()))),
+            stepped = self._stepped()
+            set_optimizer_state_dict(stepped, self.algorithm.optimizer,
+                                     rekey(state["optimizer"], dict(enumerate(self._trainable(stepped)))),
                                      options=StateDictOptions(full_state_dict=True))
             state = {**state, "optimizer": self.algorithm.optimizer.state_dict()}
         self.algorithm.load_state_dict(state)
@@ -382,10 +411,8 @@ class LearnerGroup:
         return self
 
     def start_ppo(self, config: Any) -> "LearnerGroup":
-        """Every rank gets the driver policy's weights and a PPO update with ``config`` (ddp only); returns self."""
-        if self.strategy == "fsdp":
-            raise ConfigError("PPO runs on learner.strategy 'ddp' only (its value head is not sharded): set "
-                              "learner.strategy: ddp, or use algorithm grpo with fsdp.")
+        """Every rank gets the driver policy's weights and a PPO update with ``config`` (and rank 0's value
+        head, which every rank holds whole); returns self."""
         self._all("start", config, self._ray.put(self.policy.get_weights()))
         return self
 

@@ -238,7 +238,6 @@ class PPO:
         # chunk (gradients accumulate; both losses are normalised over the whole minibatch).
         size = cfg.minibatch_size or rows
         shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + iteration)
-        parameters = [*self.policy.parameters(), *self.value_head.parameters()]
         sums: dict[str, float] = {}
         steps = 0
         for _ in range(cfg.epochs):
@@ -286,8 +285,11 @@ class PPO:
                     loss.backward()
                     step["loss"] += loss.item()
                     step["value_loss"] += weight * value_loss.item()
+                # (listed after the passes: with FSDP, from a pass without gradients to the next backward pass
+                # the root module holds unsharded parameter objects in place of its shards)
+                parameters = [*self.policy.parameters(), *self.value_head.parameters()]
                 self.shard.sum_gradients(parameters, step)
-                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
+                grad_norm = self.shard.clip_gradients(parameters, cfg.max_grad_norm)
                 self.optimizer.step()
                 step["grad_norm"] = float(grad_norm)
                 for key, value in step.items():

@@ -97,7 +97,8 @@ def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer, st
 
 
 @pytest.mark.slow
-def test_two_workers_take_the_one_process_ppo_update(ray_session, tokenizer):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_take_the_one_process_ppo_update(ray_session, tokenizer, strategy):
     torch.set_num_threads(1)
     make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
     policy = make()
@@ -109,18 +110,35 @@ def test_two_workers_take_the_one_process_ppo_update(ray_session, tokenizer):
                        credit="bilevel", token_lam=0.9)
     mirror = make()
     mirror.set_weights(start)
-    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5).start_ppo(config)
+    # fsdp: the policy sharded, the value head whole on every rank (its gradients all-reduced)
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_ppo(config)
     try:
         head = group.state_dict()["value_head"]  # rank 0's value head, which every rank took
         single = PPO(policy, reference_policy(policy), config)
         single.value_head.load_state_dict(head)
         expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
-        got = [group.update(episodes, it) for it, episodes in enumerate(batches)]
-        workers = group.worker_weights()
-        heads = group.state_dict()["value_head"]
+        got = [group.update(batches[0], 0)]
+        state = group.state_dict()  # a checkpoint after the first update
     finally:
         group.close()
-    check_workers("ddp", workers, mirror.get_weights())
+    checkpointed, mirror = mirror.get_weights(), make()  # a resume, as Trainer.resume does it: the run starts
+    mirror.set_weights(start)  # from the initial weights (the KL reference), then the checkpoint's weights
+    resumed = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy=strategy).start_ppo(config)
+    try:
+        mirror.set_weights(checkpointed)
+        resumed.load_state_dict(state)  # the mirror's weights, the optimizer and the value head to every rank
+        got.append(resumed.update(batches[1], 1))
+        workers = resumed.worker_weights()
+        state = resumed.state_dict()
+    finally:
+        resumed.close()
+    heads = state["value_head"]
+    # the optimizer state is the one-process format: AdamW's moments of the policy's, then the head's parameters
+    moments = [single.optimizer.state_dict()["state"][i]["exp_avg"] for i in range(len(state["optimizer"]["state"]))]
+    assert [state["optimizer"]["state"][i]["exp_avg"].shape for i in range(len(moments))] == [m.shape for m in moments]
+    assert len(moments) == len(start) + 2 and close(dict(enumerate(moments)), {
+        i: state["optimizer"]["state"][i]["exp_avg"] for i in range(len(moments))}) < ATOL
+    check_workers(strategy, workers, mirror.get_weights())
     assert close(policy.get_weights(), start) > 50 * ATOL
     assert close(policy.get_weights(), mirror.get_weights()) < ATOL
     assert close(single.value_head.state_dict(), heads) < ATOL and close(heads, head) > 50 * ATOL
@@ -128,12 +146,6 @@ def test_two_workers_take_the_one_process_ppo_update(ray_session, tokenizer):
         assert want.keys() == have.keys()
         for key in ("loss", "value_loss", "kl", "entropy", "grad_norm", "clip_fraction", "value_mean"):
             assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-    sharded = LearnerGroup(make(), make, num_workers=2, num_cpus=0.5, strategy="fsdp")
-    try:
-        with pytest.raises(ConfigError, match=r"PPO runs on learner.strategy 'ddp' only"):
-            sharded.start_ppo(config)
-    finally:
-        sharded.close()
 
 
 @pytest.mark.slow
