@@ -235,6 +235,27 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_grpo_up
     assert with_gradients["recomputed"] == 2 * with_gradients["kept"] > 0  # forward, then again in the backward
 
 
+def test_rl_train_checkpoints_the_layers_of_its_one_process_learner(tokenizer, tmp_path, monkeypatch):
+    import rl.cli
+    from rl.config import LearnerConfig, PolicyConfig, TrainConfig
+
+    tiny_policy(tokenizer).save(str(tmp_path / "policy"))
+    seen = {}
+
+    def run(trainer):
+        layers = trainer.policy.model.get_decoder().layers
+        seen["layers"] = [(layer.gradient_checkpointing, layer.training, layer.mlp.training) for layer in layers]
+        return []
+
+    monkeypatch.setattr(rl.cli.Trainer, "run", run)
+    for on in (False, True):
+        rl.cli.run_train(TrainConfig(policy=PolicyConfig(model=str(tmp_path / "policy"), device="cpu"), iterations=1,
+                                     learner=LearnerConfig(gradient_checkpointing=on), output_dir=str(tmp_path / "run"),
+                                     tensorboard=False, progress=False))
+        # on: each decoder layer recomputes in backward passes; its submodules stay in eval mode (no dropout)
+        assert seen["layers"] == [(on, on, False)] * 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_workers_with_gradient_checkpointing_take_the_one_process_update(ray_session, tokenizer, strategy):
