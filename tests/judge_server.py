@@ -72,6 +72,17 @@ class JudgeServer:
                     server.arrivals.append(time.perf_counter())
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                counted = True
+
+                def release() -> None:
+                    """Stop counting this request as in flight (once), before its answer goes out: the client
+                    may send its next request the moment it has read the answer, before this thread returns."""
+                    nonlocal counted
+                    if counted:
+                        counted = False
+                        with server._lock:
+                            server.in_flight -= 1
+
                 try:
                     reply = server.reply(payload, number)
                     if reply.stall:
@@ -84,6 +95,7 @@ class JudgeServer:
                         return
                     time.sleep(reply.delay_s)
                     body = reply.body if reply.body is not None else completion(reply.content or "")
+                    release()
                     self.send_response(reply.status)
                     for name, value in {"Content-Type": "application/json", **reply.headers}.items():
                         self.send_header(name, value)
@@ -96,8 +108,7 @@ class JudgeServer:
                 except OSError:  # the client went away (broken pipe, reset)
                     pass
                 finally:
-                    with server._lock:
-                        server.in_flight -= 1
+                    release()
 
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -73,7 +73,15 @@ class ImageServer:
             def log_message(self, *args) -> None:
                 pass
 
+            def _release(self) -> None:
+                """The request stops counting as in flight (once), before its answer goes out: the client may
+                send its next request the moment it has read this answer, before this thread returns."""
+                if self._counted:
+                    self._counted = False
+                    server._done()
+
             def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+                self._release()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -85,12 +93,13 @@ class ImageServer:
             def do_POST(self) -> None:
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 step = server._next_step(payload)
+                self._counted = True
                 try:
                     self._play(step, payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout): expected for stalls
                 finally:
-                    server._done()
+                    self._release()
 
             def _play(self, step: str, payload: dict) -> None:
                 if self.path != "/v1/images/generations":
