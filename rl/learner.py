@@ -251,7 +251,9 @@ class LearnerWorker:
         """What the optimizer steps, as one module: the policy's model, with PPO's value head (whole on
         every rank) beside it; its trainable parameters are in the optimizer's order."""
         head = getattr(self.algorithm, "value_head", None)
-        return self.policy.model if head is None else torch.nn.ModuleDict({"policy": self.policy.model, "value_head": head})
+        if head is None:
+            return self.policy.model
+        return torch.nn.ModuleDict({"policy": self.policy.model, "value_head": head})
 
     def _weights(self) -> dict[str, torch.Tensor] | None:
         """Rank 0's trainable weights, whole and on the CPU (None on other ranks); with FSDP a collective

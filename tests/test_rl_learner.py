@@ -211,7 +211,7 @@ def layer_calls(policy):
 
 def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_grpo_update(tokenizer):
     torch.set_num_threads(1)
-    policies = {"kept": tiny_policy(tokenizer, max_new_tokens=8), "recomputed": tiny_policy(tokenizer, max_new_tokens=8)}
+    policies = {name: tiny_policy(tokenizer, max_new_tokens=8) for name in ("kept", "recomputed")}
     checkpoint_activations(policies["recomputed"].model)
     calls = {name: layer_calls(policy) for name, policy in policies.items()}
     start = policies["kept"].get_weights()
@@ -220,7 +220,8 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_grpo_up
     # sampling is unaffected: the same tokens and log-probs, each layer run once per decoding step
     assert [[s.token_ids for s in e.segments] for e in episodes["kept"]] == \
         [[s.token_ids for s in e.segments] for e in episodes["recomputed"]]
-    assert [e.segments[1].logprobs for e in episodes["kept"]] == [e.segments[1].logprobs for e in episodes["recomputed"]]
+    assert [e.segments[1].logprobs for e in episodes["kept"]] == \
+        [e.segments[1].logprobs for e in episodes["recomputed"]]
     assert calls["kept"] == calls["recomputed"] and not any(calls["kept"])
     # two minibatches (old log-probs scored first, without gradients) and a KL term
     config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=64)
