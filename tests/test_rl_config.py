@@ -311,7 +311,7 @@ def test_a_pretrained_chat_model_must_be_given_a_system_prompt(tmp_path):
     folder = tiny_release("qwen3_vl", tmp_path)
     config = PolicyConfig.for_folder(folder, device="cpu")
     assert (config.kind, config.chat, config.system_prompt) == ("vlm", "chatml", "tools")
-    args = argparse.Namespace(policy=folder, max_new_tokens=4, temperature=1.0, device="cpu")
+    args = argparse.Namespace(policy=folder, max_new_tokens=4, temperature=1.0, device="cpu", images_per_turn=1)
     policy = load_policy(args, {"max_turns": 3})
     assert "tool_text2image_qwen" in policy.system_prompt and type(policy).__name__ == "QwenVLPolicy"
 
