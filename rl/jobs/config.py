@@ -35,7 +35,8 @@ MAIN_JOB_GRPO = {"warmup_steps": 10, "kl_coef": 0.05, "scale_rewards": False}
 
 
 #: PST's budgets in optimizer steps (stage 1, stage 2): what 162 s + 108 s gave on a quiet 2-core machine
-#: (run 17 of docs/main-job.md), so that a seed trains the same SFT-only policy on any machine.
+#: (run 17 of docs/main-job.md), so that a seed does the same PST work on any machine (the same SFT-only policy, bit
+#: for bit, on one machine; other CPUs round differently).
 PST_STEPS = (291, 197)
 
 #: GRPO's budget in iterations: about what 450 s gave on a quiet 2-core machine (55-72 in runs 10-17).
@@ -83,7 +84,7 @@ class MainJobConfig:
         stages: PST's stages, in order; each trains on the job's teacher data (leave ``visual`` empty)
             until its ``max_steps`` or ``max_seconds`` budget is spent (at least one of them set). By
             default the budgets are steps (:data:`PST_STEPS`): the same work on any machine, so two runs
-            of a seed with the same ``torch_threads`` train the same SFT-only policy, bit for bit
+            of a seed with the same ``torch_threads`` on one machine train the same SFT-only policy, bit for bit
             (``--set stages.0.max_seconds=162 --set stages.0.max_steps=null`` budgets a stage in seconds).
         policy: how the policy samples (``max_new_tokens``, ``device``; its ``model`` is set by the job).
         grpo: GRPO's hyperparameters: GRPOConfig's defaults with :data:`MAIN_JOB_GRPO` on top.
