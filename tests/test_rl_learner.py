@@ -81,17 +81,24 @@ def test_fsdp_ranks_pad_to_the_same_number_of_passes():
     assert Shard(0, 2, sharded=True).passes(lambda shard: []) == []
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer, strategy):
+def grpo_case(tokenizer):
+    """The GRPO equivalence tests' case: a tiny policy factory, a policy and its start weights, two batches of
+    4 x 4 two-turn LetterEnv episodes, and GRPO with two minibatches of 8 (two steps an update), per-token
+    loss and a KL term."""
     torch.set_num_threads(1)
     make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
     policy = make()
     start = policy.get_weights()
     rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
     batches = [rollout.sample(make_specs(5, it, 4, 4))[0] for it in range(2)]
-    # two minibatches of 8 episodes (two steps per update), per-token loss with a KL term
     config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=64)
+    return make, policy, start, batches, config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer, strategy):
+    make, policy, start, batches, config = grpo_case(tokenizer)
     group_matches_one_process(policy, make, start, batches, config, strategy, same_keys=True,
                               keys=("loss", "kl", "entropy", "grad_norm", "clip_fraction", "episodes_trained"))
 
@@ -260,13 +267,7 @@ def test_rl_train_checkpoints_the_layers_of_its_one_process_learner(tokenizer, t
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_workers_with_gradient_checkpointing_take_the_one_process_update(ray_session, tokenizer, strategy):
-    torch.set_num_threads(1)
-    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
-    policy = make()
-    start = policy.get_weights()
-    batches = [SerialRollout(policy, lambda: LetterEnv(turns=2), 16).sample(make_specs(5, it, 4, 4))[0]
-               for it in range(2)]
-    config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=64)
+    make, policy, start, batches, config = grpo_case(tokenizer)
     group_matches_one_process(policy, make, start, batches, config, strategy, gradient_checkpointing=True)
 
 
@@ -279,13 +280,7 @@ def direction_cosine(moved, reference, start):
 @pytest.mark.slow
 def test_fsdp_with_bfloat16_passes_keeps_float32_master_weights_and_takes_about_the_float32_update(ray_session,
                                                                                                    tokenizer):
-    torch.set_num_threads(1)
-    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
-    policy = make()
-    start = policy.get_weights()
-    batches = [SerialRollout(policy, lambda: LetterEnv(turns=2), 16).sample(make_specs(5, it, 4, 4))[0]
-               for it in range(2)]
-    config = GRPOConfig(4, 4, learning_rate=1e-3, kl_coef=0.05, minibatch_size=8, micro_batch_tokens=64)
+    make, policy, start, batches, config = grpo_case(tokenizer)
     single = GRPO(policy, reference_policy(policy), config)
     expected = [single.update(episodes, it) for it, episodes in enumerate(batches)]
     mirror = make()
