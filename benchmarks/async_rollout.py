@@ -14,7 +14,9 @@ the sampled tokens. So each mode samples the way it samples any text policy: the
 batched ``policy.generate`` per step over the whole conversations, the async loop through the
 in-process :class:`~rl.engine.hf.HFEngine` (continuous batching, KV caches kept between turns), and
 the finished episodes' judges on the async loop's judge pool (``--max-concurrent-judges``). The two
-modes must return the same episodes; the script checks it. ``--max-concurrent-judges 0`` plays the
+modes must return the same episodes; the script checks it. Each mode also reports its drain (the
+time after the generator's last turn: the batch's final tool calls and judges, with nothing left to
+generate) and the generator's idle share before it. ``--max-concurrent-judges 0`` plays the
 async loop with each judge inside its env's last step instead. Then the judge pool's own share, where
 judges dominate: the random agent itself (no LM) on 8 episodes and 2 environments in async mode, each
 judge inside its env against the pool (``judge_pool_share`` in the JSON).
@@ -79,6 +81,8 @@ def play(policy, make_env, num_envs: int, specs, mode: str, judges: int) -> dict
             "episodes_per_second": round(len(episodes) / wall, 3),
             "env_steps": stats.env_steps, "generate_seconds": round(stats.generate_seconds, 3),
             "generator_idle_fraction": round(stats.generator_idle_fraction, 4),
+            "drain_seconds": round(stats.drain_seconds, 3),
+            "generator_idle_fraction_before_drain": round(stats.generator_idle_fraction_before_drain, 4),
             "max_in_flight": stats.max_in_flight,
             "tool_wait_seconds": {tier: round(s, 3) for tier, s in sorted(stats.tool_seconds.items())},
             "judge_wait_seconds": round(stats.judge_seconds, 3),
@@ -145,6 +149,8 @@ def main() -> None:
         "speedup": round(fast["episodes_per_second"] / sync["episodes_per_second"], 2),
         "generator_idle_fraction_sync": sync["generator_idle_fraction"],
         "generator_idle_fraction_async": fast["generator_idle_fraction"],
+        "drain_seconds_async": fast["drain_seconds"],
+        "generator_idle_fraction_async_before_drain": fast["generator_idle_fraction_before_drain"],
         "same_episodes": same and pool["same_episodes"],
         "async_generator": "HFEngine (continuous batching)" if policy.engine_served else "policy.generate batches",
         "judge_queue_seconds_async": fast["judge_queue_seconds"],
@@ -164,6 +170,9 @@ def main() -> None:
               f"{sum(run['tool_wait_seconds'].values()):>11.2f} {run['judge_wait_seconds']:>12.2f} "
               f"{run['judge_queue_seconds']:>13.2f} {run['max_judges_in_flight']:>14}")
     print(f"speedup {result['speedup']}x; same episodes in both modes: {same}")
+    print(f"async: {fast['drain_seconds']:.2f} s of the {fast['wall_seconds']:.2f} s are the drain (after the last "
+          f"sampled turn: final tool calls and judges); generator idle before it "
+          f"{fast['generator_idle_fraction_before_drain']:.1%}")
     print(f"judge pool alone (random agent, no LM, {pool['episodes']} episodes on {pool['envs']} envs, async): "
           f"{pool['judges_in_env']['wall_seconds']:.2f} s with each judge in its env, "
           f"{pool['judge_pool']['wall_seconds']:.2f} s on the pool ({pool['speedup']}x); same episodes: "

@@ -152,6 +152,9 @@ class RolloutStats:
     Attributes:
         generate_seconds: time the generator was busy (at least one turn being sampled).
         runner_seconds: wall time of the episode runners (what ``generate_seconds`` is a part of).
+        drain_seconds: the runners' time after their generator's last turn: the batch's final tool
+            calls and end-of-episode scores, when nothing is left to generate (a fixed batch always
+            ends so; overlapping the next batch is what fills it). Part of ``runner_seconds``.
         env_seconds: time in env resets and steps and in encoding observations.
         tool_seconds: env steps with a tool call that did not end the episode, by answering tier
             (``"refused"``: calls that no tier answered, e.g. invalid arguments).
@@ -167,6 +170,7 @@ class RolloutStats:
     wall_seconds: float = 0.0
     generate_seconds: float = 0.0
     runner_seconds: float = 0.0
+    drain_seconds: float = 0.0
     env_seconds: float = 0.0
     tool_seconds: dict[str, float] = field(default_factory=dict)
     judge_seconds: float = 0.0
@@ -182,9 +186,16 @@ class RolloutStats:
         """The share of the runners' time in which the generator sampled nothing."""
         return 1.0 - self.generate_seconds / self.runner_seconds if self.runner_seconds else 0.0
 
+    @property
+    def generator_idle_fraction_before_drain(self) -> float:
+        """The same share up to the generator's last turn (the drain left out: ``drain_seconds``)."""
+        active = self.runner_seconds - self.drain_seconds
+        return max(0.0, 1.0 - self.generate_seconds / active) if active > 0 else 0.0
+
     def add(self, other: "RolloutStats") -> None:
         self.generate_seconds += other.generate_seconds
         self.runner_seconds += other.runner_seconds
+        self.drain_seconds += other.drain_seconds
         self.env_seconds += other.env_seconds
         for tier, seconds in other.tool_seconds.items():
             self.tool_seconds[tier] = self.tool_seconds.get(tier, 0.0) + seconds
@@ -520,7 +531,9 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
                    max_concurrent_judges)
     stats.generate_seconds = _busy_seconds(busy)
     stats.max_judges_in_flight = _most_at_once(judged)
-    stats.runner_seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    stats.runner_seconds = end - start
+    stats.drain_seconds = end - max((stop for _, stop in busy), default=end)
     return [done[spec.episode_id] for spec in specs], stats
 
 

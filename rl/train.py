@@ -191,6 +191,7 @@ def episode_metrics(episodes: Sequence[Episode], stats: RolloutStats) -> dict[st
         "episodes_failed": float(stats.episodes_failed),
         "rollout/max_in_flight": float(stats.max_in_flight),
         "time/generator_idle_fraction": stats.generator_idle_fraction,
+        "time/generator_drain": stats.drain_seconds,
         "time/judge_wait": stats.judge_seconds,
         "time/judge_queue": stats.judge_queue_seconds,
         "rollout/max_judges_in_flight": float(stats.max_judges_in_flight),

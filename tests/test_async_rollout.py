@@ -179,6 +179,10 @@ def test_agents_play_visgen_with_latency_the_same_in_both_modes_and_the_waits_ar
     assert metrics["rollout/max_judges_in_flight"] == stats.max_judges_in_flight >= 1
     assert 0.0 <= metrics["time/generator_idle_fraction"] <= 1.0
     assert all(metrics[f"time/tool_wait/{tier}"] > 0 for tier in stats.tool_seconds)
+    for _, run_stats in runs.values():  # the last turn's episode is scored (0.02 s) after the generator's last turn
+        assert 0.02 <= run_stats.drain_seconds < run_stats.runner_seconds
+        assert run_stats.generator_idle_fraction_before_drain < run_stats.generator_idle_fraction
+    assert metrics["time/generator_drain"] == stats.drain_seconds
     inline = runs["async", 0][1]  # the scoring inside the env's last step: one episode per env at most
     assert inline.max_in_flight == 3 and inline.judge_queue_seconds == 0.0
     assert runs["async", 1][1].max_judges_in_flight == 1 == runs["sync", 16][1].max_judges_in_flight
