@@ -305,6 +305,41 @@ def test_fsdp_with_bfloat16_passes_keeps_float32_master_weights_and_takes_about_
             assert have[key] == pytest.approx(want[key], rel=1e-2, abs=1e-4), key
 
 
+@pytest.mark.slow
+def test_ppo_on_fsdp_with_bfloat16_passes_takes_about_the_float32_update(ray_session, tokenizer):
+    torch.set_num_threads(1)
+    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
+    policy = make()
+    start = policy.get_weights()
+    rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
+    episodes = rollout.sample(make_specs(6, 0, 12, 1))[0]
+    config = PPOConfig(12, learning_rate=1e-3, kl_coef=0.05, minibatch_size=6, micro_batch_tokens=64,
+                       credit="bilevel", token_lam=0.9)
+    mirror = make()
+    mirror.set_weights(start)
+    # the policy's passes in bfloat16 (float32 masters), the value head whole and float32 on every rank
+    group = LearnerGroup(mirror, make, num_workers=2, num_cpus=0.5, strategy="fsdp",
+                         mixed_precision="bfloat16").start_ppo(config)
+    try:
+        head = group.state_dict()["value_head"]
+        got = group.update(episodes, 0)
+        workers = group.worker_weights()
+        heads = group.state_dict()["value_head"]
+    finally:
+        group.close()
+    single = PPO(policy, reference_policy(policy), config)
+    single.value_head.load_state_dict(head)
+    want = single.update(episodes, 0)
+    assert all(w.dtype == torch.float32 for shards in workers for w in shards.values())
+    assert all(v.dtype == torch.float32 for v in heads.values())
+    check_workers("fsdp", workers, mirror.get_weights())
+    assert close(policy.get_weights(), mirror.get_weights()) > ATOL  # bfloat16's rounding, not float32's
+    assert direction_cosine(mirror.get_weights(), policy.get_weights(), start) > 0.99
+    assert direction_cosine(heads, single.value_head.state_dict(), head) > 0.99
+    for key in ("loss", "value_loss", "kl", "grad_norm", "value_mean"):
+        assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-4), key
+
+
 class SomePixelsEnv(LetterEnv):
     """LetterEnv whose episodes from a seed divisible by 3 show an image every turn, the others none."""
 
