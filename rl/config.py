@@ -36,6 +36,7 @@ from visenv.yamlio import load_yaml
 from rl.errors import ModelLoadError
 from rl.grpo import GRPOConfig
 from rl.ppo import PPOConfig
+from rl.rollout import check_chunk_timeout
 from rl.sft import SFTStage
 
 
@@ -243,6 +244,11 @@ class RolloutConfig:
         worker_num_gpus: (ray) GPUs each worker reserves (fractions allowed; 0 without GPUs).
         torch_threads: (ray) torch threads per worker.
         max_restarts: (ray) worker deaths tolerated per iteration before the run stops.
+        chunk_timeout_s: (ray) seconds a worker may take over one chunk of ``num_envs`` episodes
+            before it counts as hung (an env step, tool or judge that never returns): it is killed and
+            replaced and the chunk re-run, as for a dead worker (a death toward ``max_restarts``). Null
+            waits forever. Size it well above a slow chunk: a chunk cut short is played again from its
+            start.
         max_staleness: (ray) iterations the workers' weights may lag the learner's (0: on-policy;
             more saves weight transfers and makes GRPO use the sampler's log-probs).
         ray_address: (ray) null starts a local Ray; "auto" or "host:port" joins a cluster.
@@ -264,6 +270,7 @@ class RolloutConfig:
     worker_num_gpus: float = 0.0
     torch_threads: int = 1
     max_restarts: int = 3
+    chunk_timeout_s: float | None = None
     max_staleness: int = 0
     ray_address: str | None = None
     mode: str = "sync"
@@ -284,6 +291,10 @@ class RolloutConfig:
                 or self.max_concurrent_judges < 0:
             raise ConfigError(f"rollout.max_concurrent_judges ({self.max_concurrent_judges!r}) must be an int >= 0 "
                               "(0 scores each episode inside its env's last step).")
+        check_chunk_timeout(self.chunk_timeout_s, "rollout.chunk_timeout_s")
+        if self.chunk_timeout_s is not None and self.backend != "ray":
+            raise ConfigError(f"rollout.chunk_timeout_s ({self.chunk_timeout_s!r}) needs backend 'ray' (a hung worker "
+                              "process is killed and replaced; the serial backend has none). Set it to null.")
         if self.max_staleness < 0:
             raise ConfigError(f"rollout.max_staleness ({self.max_staleness}) must be >= 0.")
         if self.max_staleness and self.backend == "serial":
@@ -319,7 +330,7 @@ class RolloutConfig:
         start_ray(self.ray_address)
         return RayRollout(make_policy, make_env, self.num_workers, self.num_envs, self.placement,
                           self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts, finish,
-                          self.mode, self.max_concurrent_judges)
+                          self.mode, self.max_concurrent_judges, self.chunk_timeout_s)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:

@@ -39,6 +39,7 @@ Every backend implements :class:`Rollout` (``set_weights``, ``sample``, ``close`
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter, deque
@@ -699,6 +700,13 @@ class RolloutWorker:
         return os.getpid()
 
 
+def check_chunk_timeout(seconds: float | None, name: str = "chunk_timeout_s") -> None:
+    """Raise ConfigError unless ``seconds`` is None or a finite number > 0 (``name`` in the message)."""
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not math.isfinite(seconds) or seconds <= 0):
+        raise ConfigError(f"{name} ({seconds!r}) must be null (wait forever) or a number of seconds > 0.")
+
+
 def check_cluster_fits(actors: str, count: int, num_cpus: float, num_gpus: float) -> None:
     """Raise ConfigError unless ``count`` Ray actors of ``num_cpus`` / ``num_gpus`` each fit the running
     cluster (else they would wait forever); ``actors`` names them in the message."""
@@ -721,7 +729,9 @@ class RayRollout:
     A worker that dies at any moment (while sampling, idle between iterations, or while receiving
     weights) is replaced by a fresh one that first receives the current weights, and its unfinished
     chunk is re-run there; results are keyed by ``episode_id`` and each is accepted once, so no
-    episode is lost or counted twice. Deaths are counted in ``RolloutStats.worker_restarts`` of the
+    episode is lost or counted twice. With ``chunk_timeout_s`` a worker that has not returned its
+    chunk that long after it got it (an env step, tool or judge that never returns) is killed and
+    handled the same way. Deaths are counted in ``RolloutStats.worker_restarts`` of the
     next ``sample`` (those during ``set_weights`` included).
 
     Args:
@@ -734,20 +744,26 @@ class RayRollout:
         num_cpus: CPUs each worker reserves (fractions allowed).
         num_gpus: GPUs each worker reserves (fractions allowed; 0 on CPU-only machines).
         torch_threads: torch threads inside each worker.
-        max_restarts: worker deaths tolerated in one ``set_weights`` or ``sample`` call before it gives up.
+        max_restarts: worker deaths (hung workers included) tolerated in one ``set_weights`` or
+            ``sample`` call before it gives up.
         finish: the runner's end-of-episode hook, run inside the workers (picklable).
         mode: the runner's mode inside each worker, ``"sync"`` or ``"async"`` (see :func:`run_episodes`).
         max_concurrent_judges: (async) each worker's judge pool (see :func:`run_episodes`).
+        chunk_timeout_s: seconds a worker may take over one chunk, counted from when it was handed
+            the chunk; past it the worker counts as hung: killed, replaced and the chunk re-run. None
+            waits forever.
     """
 
     def __init__(self, make_policy: Callable[[], Policy], make_env: Callable[[], Any], num_workers: int,
                  envs_per_worker: int, placement: str = "colocate", num_cpus: float = 1.0,
                  num_gpus: float = 0.0, torch_threads: int = 1, max_restarts: int = 3,
-                 finish: Finish | None = None, mode: str = "sync", max_concurrent_judges: int = MAX_CONCURRENT_JUDGES):
+                 finish: Finish | None = None, mode: str = "sync", max_concurrent_judges: int = MAX_CONCURRENT_JUDGES,
+                 chunk_timeout_s: float | None = None):
         import ray
 
         if num_workers < 1 or envs_per_worker < 1:
             raise ConfigError(f"num_workers ({num_workers}) and envs_per_worker ({envs_per_worker}) must be >= 1.")
+        check_chunk_timeout(chunk_timeout_s)
         if placement not in ("colocate", "spread"):
             raise ConfigError(f"placement ({placement!r}) must be 'colocate' or 'spread'.")
         _check_mode(mode)
@@ -762,6 +778,7 @@ class RayRollout:
         self.envs_per_worker = envs_per_worker
         self.placement = placement
         self.max_restarts = max_restarts
+        self.chunk_timeout_s = chunk_timeout_s
         self.workers = [self._actor.remote(*self._args) for _ in range(num_workers)]
         self._weights: tuple[Any, int] | None = None
         self._restarts = 0  # deaths since the last sample's stats
@@ -789,13 +806,13 @@ class RayRollout:
                 pending[self.workers[index].set_weights.remote(*self._weights)] = index
         return deaths
 
-    def _died(self, index: int, deaths: int) -> int:
-        """Replace the dead worker at ``index`` (not yet synced); the deaths counted so far."""
+    def _died(self, index: int, deaths: int, why: str = "died") -> int:
+        """Replace the dead (or hung) worker at ``index`` (not yet synced); the deaths counted so far."""
         deaths += 1
         self._restarts += 1
         if deaths > self.max_restarts:
-            raise RolloutError(f"Rollout workers died {deaths} times in one call (max_restarts="
-                               f"{self.max_restarts}); see the Ray logs.")
+            raise RolloutError(f"Rollout workers failed {deaths} times in one call (max_restarts="
+                               f"{self.max_restarts}); the last one {why}. See the Ray logs.")
         self._ray.kill(self.workers[index])
         self.workers[index] = self._actor.remote(*self._args)
         return deaths
@@ -817,14 +834,32 @@ class RayRollout:
         running: dict[Any, tuple[int, list[EpisodeSpec]]] = {}
         results: dict[int, Episode] = {}
 
+        deadlines: dict[Any, float] = {}
+
         def submit(index: int) -> None:
             chunk = pending.popleft()
-            running[self.workers[index].sample.remote(chunk)] = (index, chunk)
+            ref = self.workers[index].sample.remote(chunk)
+            running[ref] = (index, chunk)
+            if self.chunk_timeout_s is not None:
+                deadlines[ref] = time.monotonic() + self.chunk_timeout_s
 
         for index in range(min(len(self.workers), len(pending))):
             submit(index)
         while running:
-            [ref], _ = self._ray.wait(list(running), num_returns=1)
+            timeout = None if not deadlines else max(0.0, min(deadlines.values()) - time.monotonic())
+            ready, _ = self._ray.wait(list(running), num_returns=1, timeout=timeout)
+            if not ready:  # a chunk ran past chunk_timeout_s: its worker is hung
+                ref = min(deadlines, key=deadlines.get)
+                del deadlines[ref]
+                index, chunk = running.pop(ref)
+                deaths = self._sync([index], self._died(
+                    index, deaths, f"hung: a chunk of {len(chunk)} episodes ran past chunk_timeout_s "
+                                   f"({self.chunk_timeout_s:g} s), e.g. an env step, tool or judge that never returned"))
+                pending.appendleft(chunk)
+                submit(index)
+                continue
+            [ref] = ready
+            deadlines.pop(ref, None)
             index, chunk = running.pop(ref)
             try:
                 episodes, chunk_stats = self._ray.get(ref)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -120,6 +121,25 @@ class CrashOnceEnv(gym.Wrapper):
         if seed == self.crash_seed and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os._exit(1)
+        return self.env.reset(seed=seed, options=options)
+
+
+class StallEnv(gym.Wrapper):
+    """ToolEcho whose reset with ``stall_seed`` never returns (it sleeps an hour): a hung tool or judge.
+
+    With a ``marker`` path only the first such reset stalls (it creates the file), so a re-run goes through.
+    """
+
+    def __init__(self, stall_seed: int, marker: str | None = None):
+        super().__init__(ECHO.make())
+        self.stall_seed = stall_seed
+        self.marker = marker
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed == self.stall_seed and not (self.marker and os.path.exists(self.marker)):
+            if self.marker:
+                open(self.marker, "w").close()
+            time.sleep(3600)
         return self.env.reset(seed=seed, options=options)
 
 

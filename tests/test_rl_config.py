@@ -19,6 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("make, message", [
     (lambda: RolloutConfig(backend="mpi"), r"rollout.backend \('mpi'\) must be 'serial' or 'ray'"),
     (lambda: RolloutConfig(max_staleness=2), r"max_staleness \(2\) needs backend 'ray'"),
+    (lambda: RolloutConfig(backend="ray", chunk_timeout_s=float("inf")),
+     r"rollout.chunk_timeout_s \(inf\) must be null \(wait forever\) or a number of seconds > 0"),
+    (lambda: RolloutConfig(chunk_timeout_s=60), r"rollout.chunk_timeout_s \(60\) needs backend 'ray'"),
     (lambda: PolicyConfig(dtype="int8"), r"policy.dtype \('int8'\) must be one of"),
     (lambda: TrainConfig(algorithm="dqn", policy=PolicyConfig(model="m")), r"algorithm \('dqn'\)"),
     (lambda: TrainConfig(), r"policy.model is empty and there is no sft section"),

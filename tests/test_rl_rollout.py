@@ -14,7 +14,8 @@ import pytest
 
 from rl.hf import CausalLMPolicy
 from rl.rollout import EpisodeSpec, RayRollout, Rollout, SerialRollout, make_specs
-from rl_helpers import ECHO, CrashOnceEnv, RaisingEnv, SlowSyncPolicy, echo_tokenizer, tiny_policy
+from rl.errors import RolloutError
+from rl_helpers import ECHO, CrashOnceEnv, RaisingEnv, SlowSyncPolicy, StallEnv, echo_tokenizer, tiny_policy
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,47 @@ def test_a_worker_killed_mid_iteration_loses_no_episode(ray_session, saved_polic
     assert stats.worker_restarts == 1 and len(pids & new_pids) == 1
     assert [e.spec.episode_id for e in episodes] == list(range(12))
     assert as_data(episodes) == as_data(serial)  # the replacement worker got the weights
+
+
+def test_a_worker_that_hangs_past_the_chunk_timeout_is_replaced_and_loses_no_episode(ray_session, saved_policy,
+                                                                                     tmp_path):
+    policy, make_policy = saved_policy
+    specs = make_specs(4, 0, 4, 2)
+    stall = specs[5]  # the second chunk's task: its worker hangs (an hour) in the middle of the chunk
+    marker = str(tmp_path / "stalled")
+    serial, _ = SerialRollout(policy, ECHO.make, 8).sample(specs)
+    rollout = RayRollout(make_policy, functools.partial(StallEnv, stall.task_seed, marker), num_workers=2,
+                         envs_per_worker=4, num_cpus=0.25, chunk_timeout_s=8.0)
+    try:
+        rollout.set_weights(policy, version=1)
+        pids = set(rollout.worker_pids())
+        begun = time.monotonic()
+        episodes, stats = rollout.sample(specs)
+        took = time.monotonic() - begun
+        new_pids = set(rollout.worker_pids())
+    finally:
+        rollout.close()
+    assert os.path.exists(marker), "no worker hung: the test proved nothing"
+    assert stats.worker_restarts == 1 and len(pids & new_pids) == 1  # the hung one was killed and replaced
+    assert 8.0 <= took < 600
+    assert [e.spec.episode_id for e in episodes] == list(range(8))
+    assert as_data(episodes) == as_data(serial)
+
+
+def test_a_worker_that_always_hangs_stops_the_sample_with_a_clear_error(ray_session, saved_policy):
+    policy, make_policy = saved_policy
+    specs = make_specs(4, 0, 2, 2)
+    rollout = RayRollout(make_policy, functools.partial(StallEnv, specs[0].task_seed), num_workers=1,
+                         envs_per_worker=4, num_cpus=0.25, max_restarts=1, chunk_timeout_s=3.0)
+    try:
+        rollout.set_weights(policy, version=1)
+        with pytest.raises(RolloutError, match=r"failed 2 times in one call \(max_restarts=1\); the last one hung: a "
+                                               r"chunk of 4 episodes ran past chunk_timeout_s \(3 s\)"):
+            rollout.sample(specs)
+    finally:
+        rollout.close()
+    with pytest.raises(ValueError, match=r"chunk_timeout_s \(0\) must be null \(wait forever\) or a number"):
+        RayRollout(make_policy, ECHO.make, num_workers=1, envs_per_worker=2, num_cpus=0.25, chunk_timeout_s=0)
 
 
 def test_ray_rollout_checks_its_arguments_before_starting_actors(ray_session, saved_policy):
