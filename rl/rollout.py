@@ -833,8 +833,7 @@ class RayRollout:
         pending = deque(self._chunks(specs))
         running: dict[Any, tuple[int, list[EpisodeSpec]]] = {}
         results: dict[int, Episode] = {}
-
-        deadlines: dict[Any, float] = {}
+        deadlines: dict[Any, float] = {}  # with chunk_timeout_s: when each running chunk counts as hung
 
         def submit(index: int) -> None:
             chunk = pending.popleft()
@@ -846,25 +845,21 @@ class RayRollout:
         for index in range(min(len(self.workers), len(pending))):
             submit(index)
         while running:
-            timeout = None if not deadlines else max(0.0, min(deadlines.values()) - time.monotonic())
+            timeout = max(0.0, min(deadlines.values()) - time.monotonic()) if deadlines else None
             ready, _ = self._ray.wait(list(running), num_returns=1, timeout=timeout)
-            if not ready:  # a chunk ran past chunk_timeout_s: its worker is hung
-                ref = min(deadlines, key=deadlines.get)
-                del deadlines[ref]
-                index, chunk = running.pop(ref)
-                deaths = self._sync([index], self._died(
-                    index, deaths, f"hung: a chunk of {len(chunk)} episodes ran past chunk_timeout_s "
-                                   f"({self.chunk_timeout_s:g} s), e.g. an env step, tool or judge that never returned"))
-                pending.appendleft(chunk)
-                submit(index)
-                continue
-            [ref] = ready
+            ref = ready[0] if ready else min(deadlines, key=deadlines.get)  # none ready: the first deadline passed
             deadlines.pop(ref, None)
             index, chunk = running.pop(ref)
-            try:
-                episodes, chunk_stats = self._ray.get(ref)
-            except RayActorError:  # died while sampling, or idle since the last call
-                deaths = self._sync([index], self._died(index, deaths))
+            failed = None if ready else (f"hung: a chunk of {len(chunk)} episodes ran past chunk_timeout_s "
+                                         f"({self.chunk_timeout_s:g} s), e.g. an env step, tool or judge that never "
+                                         "returned")
+            if ready:
+                try:
+                    episodes, chunk_stats = self._ray.get(ref)
+                except RayActorError:  # died while sampling, or idle since the last call
+                    failed = "died"
+            if failed:
+                deaths = self._sync([index], self._died(index, deaths, failed))
                 pending.appendleft(chunk)
             else:
                 stats.add(chunk_stats)

@@ -103,18 +103,24 @@ def test_two_workers_take_the_one_process_grpo_update(ray_session, tokenizer, st
                               keys=("loss", "kl", "entropy", "grad_norm", "clip_fraction", "episodes_trained"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_workers_take_the_one_process_ppo_update(ray_session, tokenizer, strategy):
+def ppo_case(tokenizer):
+    """The PPO learner tests' case: as :func:`grpo_case`, with two batches of 12 two-turn LetterEnv episodes
+    and PPO with two epochs of two minibatches of 6 episodes, chunked, bi-level credit (a value per token) and KL."""
     torch.set_num_threads(1)
     make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
     policy = make()
     start = policy.get_weights()
     rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
     batches = [rollout.sample(make_specs(6, it, 12, 1))[0] for it in range(2)]
-    # two epochs of two minibatches of 6 episodes, chunked; bi-level credit (a value per token) and KL
     config = PPOConfig(12, learning_rate=1e-3, kl_coef=0.05, minibatch_size=6, micro_batch_tokens=64,
                        credit="bilevel", token_lam=0.9)
+    return make, policy, start, batches, config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_workers_take_the_one_process_ppo_update(ray_session, tokenizer, strategy):
+    make, policy, start, batches, config = ppo_case(tokenizer)
     mirror = make()
     mirror.set_weights(start)
     # fsdp: the policy sharded, the value head whole on every rank (its gradients all-reduced)
@@ -307,14 +313,7 @@ def test_fsdp_with_bfloat16_passes_keeps_float32_master_weights_and_takes_about_
 
 @pytest.mark.slow
 def test_ppo_on_fsdp_with_bfloat16_passes_takes_about_the_float32_update(ray_session, tokenizer):
-    torch.set_num_threads(1)
-    make = functools.partial(tiny_policy, tokenizer, max_new_tokens=8)
-    policy = make()
-    start = policy.get_weights()
-    rollout = SerialRollout(policy, lambda: LetterEnv(turns=2), 16)
-    episodes = rollout.sample(make_specs(6, 0, 12, 1))[0]
-    config = PPOConfig(12, learning_rate=1e-3, kl_coef=0.05, minibatch_size=6, micro_batch_tokens=64,
-                       credit="bilevel", token_lam=0.9)
+    make, policy, start, (episodes, _), config = ppo_case(tokenizer)
     mirror = make()
     mirror.set_weights(start)
     # the policy's passes in bfloat16 (float32 masters), the value head whole and float32 on every rank
