@@ -17,11 +17,16 @@ the finished episodes' judges on the async loop's judge pool (``--max-concurrent
 modes must return the same episodes; the script checks it. Each mode also reports its drain (the
 time after the generator's last turn: the batch's final tool calls and judges, with nothing left to
 generate) and the generator's idle share before it. ``--max-concurrent-judges 0`` plays the
-async loop with each judge inside its env's last step instead. Then the judge pool's own share, where
+async loop with each judge inside its env's last step instead. Then ``--stream-batches`` consecutive
+batches (iterations) in async mode, first one call per batch (each batch ends in its drain), then
+through an :class:`~rl.rollout.EpisodeStream` fed one batch ahead as a training loop with ``overlap``
+feeds it, with the same weights throughout and with weights handed over each batch (a weight switch, as
+in training): the generator's idle share over all batches each way (``generator_idle_fraction_per_batch``,
+``..._stream_same_weights``, ``..._stream_new_weights`` in the JSON). Then the judge pool's own share, where
 judges dominate: the random agent itself (no LM) on 8 episodes and 2 environments in async mode, each
 judge inside its env against the pool (``judge_pool_share`` in the JSON).
 
-    python benchmarks/async_rollout.py [--quick] [--episodes 64] [--envs 32] [--out benchmarks/results/async_rollout.json]
+    python benchmarks/async_rollout.py [--quick] [--episodes 64] [--envs 32] [--stream-batches 3] [--out benchmarks/results/async_rollout.json]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import torch
 from baselines.random_agent import RandomAgent
 from rl.hf import CausalLMPolicy, tiny_causal_lm
 from rl.policy import POLICY, AgentPolicy, Conversation, Segment
-from rl.rollout import MAX_CONCURRENT_JUDGES, make_specs, run_episodes
+from rl.rollout import MAX_CONCURRENT_JUDGES, EpisodeStream, make_specs, run_episodes
 from rl.tokenizer import train_tokenizer
 from visenv.envs.visgen import VisGenEnv
 from visenv.rewards.rubric import DelayedRubric
@@ -95,6 +100,58 @@ def as_data(episodes) -> list:
              e.components) for e in episodes]
 
 
+def streamed(policy, make_env, num_envs: int, episodes: int, batches: int, judges: int) -> dict[str, Any]:
+    """Consecutive batches (iterations 0, 1, ... of ``episodes`` specs each) in async mode, three ways: one
+    :func:`run_episodes` call per batch back to back (each batch ends in its drain: a trainer with or
+    without ``overlap`` but no stream starts the next batch only when the whole batch returned); and an
+    :class:`~rl.rollout.EpisodeStream` fed as a streaming trainer feeds it (batches 0 and 1 at once, batch
+    ``k + 2`` once batch ``k`` returned), first with the same weights throughout (each next batch generates
+    at once), then with weights handed over with every batch (a weight switch each batch, as in training:
+    the next batch waits until no episode of the one before needs a turn, then generates during its
+    drain). The weights are the same values every time, so all three play the same episodes."""
+    specs = [make_specs(0, it, episodes, 1) for it in range(batches)]
+
+    def fresh_envs():
+        return [make_env() for _ in range(num_envs)]
+
+    envs = fresh_envs()
+    start = time.perf_counter()
+    apart = [run_episodes(policy, envs, batch, mode="async", max_concurrent_judges=judges) for batch in specs]
+    wall = time.perf_counter() - start
+    for env in envs:
+        env.close()
+    busy = sum(stats.generate_seconds for _, stats in apart)
+    result = {"batches": batches, "episodes_per_batch": episodes, "envs": num_envs,
+              "per_batch": summary(wall, busy, batches * episodes, apart)}
+    same = True
+    for name, weights in (("streamed_same_weights", None), ("streamed_new_weights", policy.get_weights())):
+        envs = fresh_envs()
+        stream = EpisodeStream(policy, envs, max_concurrent_judges=judges)
+        try:
+            start = time.perf_counter()
+            futures = [stream.submit(batch, it, weights) for it, batch in enumerate(specs[:2])]
+            together = []
+            for it in range(batches):
+                together.append(futures[it].result())
+                if it + 2 < batches:
+                    futures.append(stream.submit(specs[it + 2], it + 2, weights))
+            wall = time.perf_counter() - start
+            busy = stream.generator_busy_seconds()
+        finally:
+            stream.close()
+            for env in envs:
+                env.close()
+        same = same and all(as_data(a) == as_data(b) for (a, _), (b, _) in zip(apart, together))
+        result[name] = summary(wall, busy, batches * episodes, together)
+    return result | {"same_episodes": same}
+
+
+def summary(wall: float, busy: float, episodes: int, runs: list) -> dict[str, Any]:
+    return {"wall_seconds": round(wall, 3), "episodes_per_second": round(episodes / wall, 3),
+            "generate_seconds": round(busy, 3), "generator_idle_fraction": round(1 - busy / wall, 4),
+            "drain_seconds": [round(stats.drain_seconds, 3) for _, stats in runs]}
+
+
 def judge_pool_share(make_env, episodes: int, envs: int) -> dict[str, Any]:
     """The judge pool alone: the random agent (no LM, so no generation cost) in async mode on few
     environments, each judge inside its env's last step (``max_concurrent_judges=0``) against the pool."""
@@ -119,6 +176,8 @@ def main() -> None:
     parser.add_argument("--max-concurrent-judges", type=int, default=MAX_CONCURRENT_JUDGES,
                         help="the async loop's judge pool")
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--stream-batches", type=int, default=3,
+                        help="consecutive batches of --episodes played per batch and streamed (0: skip)")
     parser.add_argument("--out", default="benchmarks/results/async_rollout.json")
     if "--quick" in sys.argv:
         parser.set_defaults(episodes=32, envs=16, max_turns=4)
@@ -141,6 +200,8 @@ def main() -> None:
     runs = {mode: play(policy, make_env, args.envs, specs, mode, args.max_concurrent_judges)
             for mode in ("sync", "async")}
     same = as_data(runs["sync"].pop("episodes")) == as_data(runs["async"].pop("episodes"))
+    stream = (streamed(policy, make_env, args.envs, args.episodes, args.stream_batches, args.max_concurrent_judges)
+              if args.stream_batches else None)
     pool = judge_pool_share(make_env, 8, 2)
     sync, fast = runs["sync"], runs["async"]
     result = {
@@ -151,11 +212,17 @@ def main() -> None:
         "generator_idle_fraction_async": fast["generator_idle_fraction"],
         "drain_seconds_async": fast["drain_seconds"],
         "generator_idle_fraction_async_before_drain": fast["generator_idle_fraction_before_drain"],
-        "same_episodes": same and pool["same_episodes"],
+        "generator_idle_fraction_per_batch": stream["per_batch"]["generator_idle_fraction"] if stream else None,
+        "generator_idle_fraction_stream_same_weights":
+            stream["streamed_same_weights"]["generator_idle_fraction"] if stream else None,
+        "generator_idle_fraction_stream_new_weights":
+            stream["streamed_new_weights"]["generator_idle_fraction"] if stream else None,
+        "same_episodes": same and pool["same_episodes"] and (stream is None or stream["same_episodes"]),
         "async_generator": "HFEngine (continuous batching)" if policy.engine_served else "policy.generate batches",
         "judge_queue_seconds_async": fast["judge_queue_seconds"],
         "max_judges_in_flight_async": fast["max_judges_in_flight"],
         "modes": runs,
+        "stream": stream,
         "judge_pool_share": pool,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -173,6 +240,14 @@ def main() -> None:
     print(f"async: {fast['drain_seconds']:.2f} s of the {fast['wall_seconds']:.2f} s are the drain (after the last "
           f"sampled turn: final tool calls and judges); generator idle before it "
           f"{fast['generator_idle_fraction_before_drain']:.1%}")
+    if stream:
+        print(f"{stream['batches']} consecutive batches of {stream['episodes_per_batch']} episodes (async), "
+              f"same episodes all three ways: {stream['same_episodes']}")
+        for name, what in (("per_batch", "one call per batch"), ("streamed_same_weights", "streamed, same weights"),
+                           ("streamed_new_weights", "streamed, new weights each batch")):
+            run = stream[name]
+            print(f"  {what:<34} {run['wall_seconds']:>6.2f} s  generator idle {run['generator_idle_fraction']:>6.1%}"
+                  f"  drains {', '.join(f'{d:.2f}' for d in run['drain_seconds'])} s")
     print(f"judge pool alone (random agent, no LM, {pool['episodes']} episodes on {pool['envs']} envs, async): "
           f"{pool['judges_in_env']['wall_seconds']:.2f} s with each judge in its env, "
           f"{pool['judge_pool']['wall_seconds']:.2f} s on the pool ({pool['speedup']}x); same episodes: "

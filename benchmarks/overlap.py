@@ -15,6 +15,11 @@ learner trains on the sampled token ids (a real GRPO update over the whole episo
 included in the forward pass); the rewards come from the agent's calls, so they are the same in both runs
 whatever the weights (the script checks it), and the comparison is one of time only.
 
+The serial backend streams (``SerialRollout.submit``: iteration ``it + 1`` starts generating while the last
+episodes of iteration ``it`` are scored); a third serial run, ``overlap_threaded``, hides the stream behind the
+bare rollout protocol, so that the trainer samples iteration ``it + 1`` on a thread only once iteration ``it``
+returned (the overlap without the stream), for the side-by-side gain of streaming.
+
 On one machine the gain comes from what the rollout waits on (tool and judge latencies) while the update
 computes. In the serial backend the rollout's Python (a tiny model's generation is Python-bound) and the
 update's share one interpreter lock; a Ray worker is a process of its own.
@@ -68,12 +73,32 @@ class Rewards(Callback):
         self.rewards.append([str(e.reward) for e in episodes])
 
 
-def train(args, folder: str, make_env, backend: str, overlap: bool) -> dict[str, Any]:
+class Threaded:
+    """A serial rollout behind the bare :class:`~rl.rollout.Rollout` protocol (no ``submit``): the trainer
+    then overlaps on a thread, sampling iteration ``it + 1`` only once iteration ``it`` has returned, as
+    every overlapping run did before the serial backend streamed."""
+
+    def __init__(self, rollout: SerialRollout):
+        self.rollout = rollout
+
+    def set_weights(self, policy, version: int) -> None:
+        self.rollout.set_weights(policy, version)
+
+    def sample(self, specs):
+        return self.rollout.sample(specs)
+
+    def close(self) -> None:
+        self.rollout.close()
+
+
+def train(args, folder: str, make_env, backend: str, overlap: bool, stream: bool = True) -> dict[str, Any]:
     learner = CausalLMPolicy.from_pretrained(folder, max_new_tokens=args.max_new_tokens)
     if backend == "serial":
         sampler = PacedAgentPolicy(copy.deepcopy(learner.model), learner.tokenizer, AgentPolicy(RandomAgent),
                                    max_new_tokens=args.max_new_tokens)
         rollout = SerialRollout(sampler, make_env, args.envs, mode="async")
+        if not stream:
+            rollout = Threaded(rollout)
     else:
         rollout = RayRollout(functools.partial(paced_policy, folder, args.max_new_tokens), make_env, num_workers=1,
                              envs_per_worker=args.envs, num_cpus=1, mode="async")
@@ -142,11 +167,17 @@ def main() -> None:
     runs, same, speedups = {}, True, {}
     try:
         for backend in backends:
-            for name, overlap in (("alternate", False), ("overlap", True)):
-                runs[f"{backend}/{name}"] = train(args, folder, make_env, backend, overlap)
-            same &= runs[f"{backend}/alternate"].pop("rewards") == runs[f"{backend}/overlap"].pop("rewards")
-            speedups[backend] = round(runs[f"{backend}/overlap"]["iterations_per_second"]
-                                      / runs[f"{backend}/alternate"]["iterations_per_second"], 2)
+            variants = [("alternate", False, True), ("overlap", True, True)]
+            if backend == "serial":  # the serial backend streams; the same overlap without the stream beside it
+                variants.append(("overlap_threaded", True, False))
+            for name, overlap, stream in variants:
+                runs[f"{backend}/{name}"] = train(args, folder, make_env, backend, overlap, stream)
+            rewards = [runs[f"{backend}/{name}"].pop("rewards") for name, _, _ in variants]
+            same &= all(r == rewards[0] for r in rewards)
+            for name, _, _ in variants[1:]:
+                speedups[backend + name[len("overlap"):]] = round(
+                    runs[f"{backend}/{name}"]["iterations_per_second"]
+                    / runs[f"{backend}/alternate"]["iterations_per_second"], 2)
     finally:
         if started:
             import ray
@@ -154,7 +185,8 @@ def main() -> None:
             ray.shutdown()
     result = {
         "speedup": speedups,
-        "hidden_update_share": {b: runs[f"{b}/overlap"]["hidden_update_share"] for b in backends},
+        "hidden_update_share": {name.replace("/overlap", ""): run["hidden_update_share"]
+                                for name, run in runs.items() if "/overlap" in name},
         "same_episode_rewards": same,
         "runs": runs,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -162,13 +194,14 @@ def main() -> None:
                     "load_average_1min": round(os.getloadavg()[0], 2)},
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
     }
-    print(f"{'run':<17} {'iterations/s':>12} {'rollout s':>9} {'update s':>8} {'learner waits s':>15} "
-          f"{'update hidden':>13} {'staleness':>9}")
+    print(f"{'run':<24} {'iterations/s':>12} {'rollout s':>9} {'update s':>8} {'learner waits s':>15} "
+          f"{'update hidden':>13} {'staleness':>9} {'generator idle':>14}")
     for name, run in runs.items():
-        print(f"{name:<17} {run['iterations_per_second']:>12.3f} {run['rollout_seconds']:>9.2f} "
+        print(f"{name:<24} {run['iterations_per_second']:>12.3f} {run['rollout_seconds']:>9.2f} "
               f"{run['update_seconds']:>8.2f} {run['rollout_wait_seconds']:>15.2f} "
-              f"{run['hidden_update_share']:>13.1%} {run['staleness_mean']:>9.2f}")
-    print(f"speedup (overlap / alternate iterations per second): {speedups}; same episode rewards in both runs of "
+              f"{run['hidden_update_share']:>13.1%} {run['staleness_mean']:>9.2f} "
+              f"{run['generator_idle_fraction']:>14.1%}")
+    print(f"speedup (overlap / alternate iterations per second): {speedups}; same episode rewards in all runs of "
           f"each backend: {same}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:

@@ -35,12 +35,19 @@ Every backend implements :class:`Rollout` (``set_weights``, ``sample``, ``close`
   :class:`~visenv.envs.visgen.VisGenEnv`) hands the finished episode's score (the rubric and its
   LLM/VLM judges) to a pool of ``max_concurrent_judges`` threads and takes the next spec at once;
   the rewards, their None policy and the judges' caches are the rubric's, as in ``env.step``.
+
+Streaming: in async mode the serial backend keeps one loop running on its own thread
+(:class:`EpisodeStream`) and takes batches one ahead (:meth:`SerialRollout.submit`, with the weights
+that sample them): the next batch's episodes reset as environments free up and generate as soon as no
+episode of the batch before can ask for another turn, i.e. while its last episodes are being scored.
+A :class:`~rl.train.Trainer` with ``overlap`` feeds it so; the episodes are those of one call per batch.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -239,6 +246,8 @@ class _Live:
     """When the episode's end was scored (its ending env step, or its deferred score)."""
     released: bool = False
     """The environment went back to the pool before the episode was booked (its score was deferred)."""
+    batch: Any = None
+    """The runner's batch the episode belongs to."""
 
     def reset(self) -> dict[str, Any] | Episode:
         """Reset the environment: the first observation, or the failed episode if the env raises."""
@@ -442,6 +451,99 @@ def _generator(policy: Policy, rows: int) -> _BatchGenerator | _EngineGenerator:
     return _EngineGenerator(policy, rows) if served else _BatchGenerator(policy)
 
 
+class _BusyClock:
+    """The generator's busy time: how long at least one generation call was open (calls begin on the
+    loop's thread and end on the generator's)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = 0
+        self._since = 0.0
+        self._total = 0.0
+        self._idle_since: float | None = None
+
+    def begin(self) -> None:
+        with self._lock:
+            if not self._open:
+                self._since = time.perf_counter()
+            self._open += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._open -= 1
+            if not self._open:
+                self._idle_since = time.perf_counter()
+                self._total += self._idle_since - self._since
+
+    def read(self, now: float) -> tuple[float, float | None]:
+        """The busy seconds up to ``now``, and when the generator was last busy (``now`` while it is)."""
+        with self._lock:
+            if self._open:
+                return self._total + now - self._since, now
+            return self._total, self._idle_since
+
+
+class _Batch:
+    """One call's episodes in a runner: the specs still to begin, the finished episodes, the stats.
+
+    The async loop plays several batches in order (:class:`EpisodeStream`); a batch with ``weights``
+    begins generating only when no episode of an earlier batch can ask for another turn, the weights
+    set on the policy at that moment, so each episode is sampled by exactly one weight version.
+    """
+
+    def __init__(self, specs: Sequence[EpisodeSpec], weight_version: int,
+                 weights: dict[str, torch.Tensor] | None = None, start: float | None = None):
+        self.specs = list(specs)
+        self.queue = deque(self.specs)
+        self.weight_version = weight_version
+        self.weights = weights
+        self.future: Future = Future()
+        self.stats = RolloutStats()
+        self.done: dict[int, Episode] = {}
+        self.judged: list[tuple[float, float]] = []
+        self.live = 0
+        """Episodes begun and not yet booked (those awaiting a deferred score included)."""
+        self.may_generate = 0
+        """Episodes begun that may still ask for a turn (neither finished nor handed to the judge pool)."""
+        self.generating = False
+        """Its episodes may generate (the batches before it have nothing left to generate)."""
+        self.start = start
+        self.busy_at_start = 0.0
+        """The runner's generator busy time (:class:`_BusyClock`) when the batch began."""
+
+    @property
+    def finished(self) -> bool:
+        return not self.queue and not self.live
+
+    def begin(self, env: Any) -> _Live:
+        spec = self.queue.popleft()
+        if self.start is None:
+            self.start = time.perf_counter()
+        self.live += 1
+        self.may_generate += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.live)
+        return _Live(env, spec, Conversation(seed=spec.sample_seed), self.weight_version, batch=self)
+
+    def book(self, live: _Live, episode: Episode) -> None:
+        self.done[episode.spec.episode_id] = episode
+        self.stats.add(live.stats)
+        if live.judge_span is not None:
+            self.judged.append(live.judge_span)
+        self.live -= 1
+
+    def close(self, end: float, generate_seconds: float, last_busy: float | None) -> tuple[list[Episode], RolloutStats]:
+        """The episodes in spec order and the stats, with the generator's busy time (for any batch) in
+        this batch's time and when it was last busy: a batch's drain is filled when the next one generates."""
+        start = end if self.start is None else self.start
+        stats = self.stats
+        stats.generate_seconds = generate_seconds
+        stats.max_judges_in_flight = _most_at_once(self.judged)
+        stats.runner_seconds = end - start
+        stats.drain_seconds = end - last_busy if last_busy is not None and last_busy > start else 0.0
+        stats.wall_seconds = stats.runner_seconds  # a caller timing the whole call sets its own
+        return [self.done[spec.episode_id] for spec in self.specs], stats
+
+
 def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpec], weight_version: int = 0,
                  finish: Finish | None = None, mode: str = "sync",
                  max_concurrent_judges: int = MAX_CONCURRENT_JUDGES) -> tuple[list[Episode], RolloutStats]:
@@ -476,127 +578,271 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
     """
     _check_mode(mode)
     _check_judges(max_concurrent_judges)
-    start = time.perf_counter()
-    stats = RolloutStats()
-    queue = deque(specs)
-    free = list(envs)
-    done: dict[int, Episode] = {}
+    batch = _Batch(specs, weight_version, start=time.perf_counter())
+    if mode == "sync":
+        return _run_sync(policy, list(envs), finish, batch)
+    loop = _AsyncLoop(policy, envs, finish, max_concurrent_judges)
+    try:
+        loop.add(batch)
+        loop.run(until=batch.future.done)
+    finally:
+        loop.close()
+    return batch.future.result()
+
+
+def _run_sync(policy: Policy, free: list[Any], finish: Finish | None,
+              batch: _Batch) -> tuple[list[Episode], RolloutStats]:
+    """The sync loop of :func:`run_episodes`: one batched ``generate`` for every live episode, then
+    their env steps in turn."""
     busy: list[tuple[float, float]] = []
-    judged: list[tuple[float, float]] = []
-    live_count = 0
+    active: list[_Live] = []
 
-    def begin() -> _Live:
-        nonlocal live_count
-        spec = queue.popleft()
-        live_count += 1
-        stats.max_in_flight = max(stats.max_in_flight, live_count)
-        return _Live(free.pop(), spec, Conversation(seed=spec.sample_seed), weight_version)
-
-    def release(live: _Live) -> None:
-        """Give the episode's environment back to the pool (the next spec may take it)."""
-        live.released = True
-        free.append(live.env)
-
-    def settle(live: _Live, outcome: dict[str, Any] | Episode) -> bool:
-        """Encode an observation (True: the turn is ready), or book a finished episode and free its env."""
-        nonlocal live_count
+    def settle(live: _Live, outcome: Any) -> bool:
+        """Encode an observation (True: the turn is ready), or book the finished episode and free its env."""
         if not isinstance(outcome, Episode):
             live.observe(policy, outcome)
             return True
-        done[outcome.spec.episode_id] = outcome
-        stats.add(live.stats)
-        if live.judge_span is not None:
-            judged.append(live.judge_span)
-        if not live.released:
-            release(live)
-        live_count -= 1
+        batch.book(live, outcome)
+        free.append(live.env)
         return False
 
-    if mode == "sync":
-        active: list[_Live] = []
-        while queue or active:
-            while queue and free:
-                live = begin()
-                if settle(live, live.reset()):
-                    active.append(live)
-            if not active:
-                continue
-            begun = time.perf_counter()
-            turns = policy.generate([live.conversation for live in active])
-            busy.append((begun, time.perf_counter()))
-            for live, turn in zip(active, turns, strict=True):
-                live.conversation.segments.append(turn)
-            active = [live for live, turn in zip(active, turns) if settle(live, live.step(turn, finish))]
-    else:
-        _run_async(policy, envs, finish, begin, settle, release, lambda: bool(queue and free), busy,
-                   max_concurrent_judges)
-    stats.generate_seconds = _busy_seconds(busy)
-    stats.max_judges_in_flight = _most_at_once(judged)
-    end = time.perf_counter()
-    stats.runner_seconds = end - start
-    stats.drain_seconds = end - max((stop for _, stop in busy), default=end)
-    return [done[spec.episode_id] for spec in specs], stats
-
-
-def _run_async(policy: Policy, envs: Sequence[Any], finish: Finish | None, begin: Callable[[], _Live],
-               settle: Callable[[_Live, Any], bool], release: Callable[[_Live], None],
-               can_begin: Callable[[], bool], busy: list[tuple[float, float]], judges: int) -> None:
-    """The async loop of :func:`run_episodes`: env work on one thread per environment, deferred
-    end-of-episode scores on ``judges`` threads, turns generated as episodes become ready; every
-    outcome is settled on this thread."""
-    envs_pool = ThreadPoolExecutor(len(envs), thread_name_prefix="env")
-    judge_pool = ThreadPoolExecutor(max(judges, 1), thread_name_prefix="judge")
-    generator = _generator(policy, len(envs))
-    deferring = [env.unwrapped for env in envs if judges and _defers_scoring(env)]
-    for base in deferring:  # switched back in the finally below
-        base.defer_scoring = True
-    stepping: dict[Future, _Live] = {}
-    generating: dict[Future, list[_Live]] = {}
-    judging: dict[Future, _Live] = {}
-    ready: list[_Live] = []
-
-    def timed(future: Future) -> None:
+    while batch.queue or active:
+        while batch.queue and free:
+            live = batch.begin(free.pop())
+            if settle(live, live.reset()):
+                active.append(live)
+        if not active:
+            continue
         begun = time.perf_counter()
-        future.add_done_callback(lambda _: busy.append((begun, time.perf_counter())))
+        turns = policy.generate([live.conversation for live in active])
+        busy.append((begun, time.perf_counter()))
+        for live, turn in zip(active, turns, strict=True):
+            live.conversation.segments.append(turn)
+        active = [live for live, turn in zip(active, turns) if settle(live, live.step(turn, finish))]
+    return batch.close(time.perf_counter(), _busy_seconds(busy), max((stop for _, stop in busy), default=None))
 
-    try:
-        while can_begin() or stepping or generating or ready or judging:
-            while can_begin():
-                live = begin()
-                stepping[envs_pool.submit(live.reset)] = live
-            if ready and (generator.continuous or not generating):
-                for future, lives in generator.submit(ready):
-                    timed(future)
-                    generating[future] = lives
-                ready = []
-            finished, _ = wait([*stepping, *generating, *judging], return_when=FIRST_COMPLETED)
+
+class _AsyncLoop:
+    """The async loop of :func:`run_episodes` and :class:`EpisodeStream`: env work on one thread per
+    environment, deferred end-of-episode scores on ``judges`` threads, turns generated as episodes
+    become ready; every outcome is settled on the thread that calls :meth:`run`.
+
+    Batches (:class:`_Batch`) are played in the order they were added. An environment freed by one
+    batch takes the next spec, of the same batch or of the next one (its reset runs at once). A batch
+    without weights generates at once, with the weights of the one before. A batch with weights waits,
+    its episodes reset and encoded, until no episode of the batches before it can ask for a turn (all
+    finished or awaiting their deferred score), then its weights are set on the policy and it generates.
+    So the next batch fills the generator's idle time while the last episodes of the one before are
+    scored (and, without a weight switch, while its last turns wait on tools), and no episode sees two
+    weight versions.
+    """
+
+    def __init__(self, policy: Policy, envs: Sequence[Any], finish: Finish | None, judges: int):
+        self.policy = policy
+        self.finish = finish
+        self.free = list(envs)
+        self.envs_pool = ThreadPoolExecutor(len(envs), thread_name_prefix="env")
+        self.judge_pool = ThreadPoolExecutor(max(judges, 1), thread_name_prefix="judge")
+        self.generator = _generator(policy, len(envs))
+        self.deferring = [env.unwrapped for env in envs if judges and _defers_scoring(env)]
+        for base in self.deferring:  # switched back in close()
+            base.defer_scoring = True
+        self.batches: deque[_Batch] = deque()
+        self.stepping: dict[Future, _Live] = {}
+        self.generating: dict[Future, list[_Live]] = {}
+        self.judging: dict[Future, _Live] = {}
+        self.ready: list[_Live] = []
+        self.held: list[_Live] = []
+        """Episodes of a batch that may not generate yet, their first observation encoded."""
+        self.clock = _BusyClock()
+        self.lock = threading.Lock()
+        self.inbox: deque[_Batch] = deque()
+        self.doorbell: Future = Future()
+
+    def add(self, batch: _Batch) -> None:
+        """Queue ``batch`` (from any thread); :meth:`run` plays it after those added before."""
+        with self.lock:
+            self.inbox.append(batch)
+            if not self.doorbell.done():
+                self.doorbell.set_result(None)
+
+    def run(self, until: Callable[[], bool]) -> None:
+        """Play the added batches (and those added meanwhile) until ``until()`` holds; each finished
+        batch's future gets ``(episodes, stats)``."""
+        while True:
+            self._advance()
+            if until():
+                return
+            if self.ready and (self.generator.continuous or not self.generating):
+                for future, lives in self.generator.submit(self.ready):
+                    self._time(future)
+                    self.generating[future] = lives
+                self.ready = []
+            finished, _ = wait([*self.stepping, *self.generating, *self.judging, self.doorbell],
+                               return_when=FIRST_COMPLETED)
             for future in finished:
-                if future in judging:
-                    settle(judging.pop(future), future.result())
+                if future in self.judging:
+                    live = self.judging.pop(future)
+                    self._book(live, future.result())
+                elif future in self.stepping:
+                    self._stepped(self.stepping.pop(future), future.result())
+                elif future in self.generating:
+                    lives = self.generating.pop(future)
+                    for live, turn in zip(lives, self.generator.turns(future.result(), lives), strict=True):
+                        live.conversation.segments.append(turn)
+                        self.stepping[self.envs_pool.submit(live.step, turn, self.finish)] = live
+
+    def _advance(self) -> None:
+        """Take new batches, close finished ones, let the next batch generate when its turn has come,
+        and begin episodes in the free environments."""
+        with self.lock:
+            self.batches.extend(self.inbox)
+            self.inbox.clear()
+            if self.doorbell.done():
+                self.doorbell = Future()
+        now = time.perf_counter()
+        for batch in [b for b in self.batches if b.finished or (b.start is None and b.future.cancelled())]:
+            self.batches.remove(batch)
+            if batch.start is None and not batch.future.set_running_or_notify_cancel():
+                continue  # cancelled before any of its episodes began
+            busy, last = self.clock.read(now)
+            batch.future.set_result(batch.close(now, busy - batch.busy_at_start, last))
+        before_done = before_generating = True  # of the batches before: none can ask for a turn / all may generate
+        for batch in self.batches:
+            if not batch.generating:
+                if batch.weights is not None and before_done:  # a weight switch: nothing else generating
+                    assert not self.generating and not self.ready, "a batch generated past its weight switch"
+                    self.policy.set_weights(batch.weights)
+                    batch.weights = None
+                elif batch.weights is not None or not before_generating:
+                    break
+                batch.generating = True
+                self.ready += [live for live in self.held if live.batch is batch]
+                self.held = [live for live in self.held if live.batch is not batch]
+            before_done = before_done and not batch.queue and not batch.may_generate
+            before_generating = batch.generating
+        while self.free:
+            batch = next((b for b in self.batches if b.queue), None)
+            if batch is None:
+                break
+            if batch.start is None:
+                if not batch.future.set_running_or_notify_cancel():
+                    self.batches.remove(batch)  # cancelled before any of its episodes began
                     continue
-                if future in stepping:
-                    live = stepping.pop(future)
-                    outcome = future.result()
-                    if live.ending is not None:  # the env deferred its score: on to the judge pool
-                        generator.end(live)
-                        if finish is None:  # else finish needs the env at its last step
-                            release(live)
-                        judging[judge_pool.submit(live.judge, outcome, finish, time.perf_counter())] = live
-                    elif settle(live, outcome):
-                        ready.append(live)
-                    else:
-                        generator.end(live)
-                    continue
-                lives = generating.pop(future)
-                for live, turn in zip(lives, generator.turns(future.result(), lives), strict=True):
-                    live.conversation.segments.append(turn)
-                    stepping[envs_pool.submit(live.step, turn, finish)] = live
-    finally:
-        envs_pool.shutdown(wait=True, cancel_futures=True)
-        judge_pool.shutdown(wait=True, cancel_futures=True)
-        for base in deferring:
+                batch.busy_at_start = self.clock.read(time.perf_counter())[0]
+            live = batch.begin(self.free.pop())
+            self.stepping[self.envs_pool.submit(live.reset)] = live
+
+    def _stepped(self, live: _Live, outcome: Any) -> None:
+        """An env reset or step came back: on to the judge pool, booked, or ready to generate."""
+        if live.ending is not None:  # the env deferred its score
+            self._ended(live)
+            if self.finish is None:  # else finish needs the env at its last step
+                self._release(live)
+            queued = time.perf_counter()
+            self.judging[self.judge_pool.submit(live.judge, outcome, self.finish, queued)] = live
+        elif isinstance(outcome, Episode):
+            self._ended(live)
+            self._book(live, outcome)
+        else:
+            live.observe(self.policy, outcome)
+            (self.ready if live.batch.generating else self.held).append(live)
+
+    def _ended(self, live: _Live) -> None:
+        """The episode asks for no more turns."""
+        live.batch.may_generate -= 1
+        self.generator.end(live)
+
+    def _book(self, live: _Live, episode: Episode) -> None:
+        live.batch.book(live, episode)
+        if not live.released:
+            self._release(live)
+
+    def _release(self, live: _Live) -> None:
+        """Give the episode's environment back to the pool (the next spec may take it)."""
+        live.released = True
+        self.free.append(live.env)
+
+    def _time(self, future: Future) -> None:
+        self.clock.begin()
+        future.add_done_callback(lambda _: self.clock.end())
+
+    def close(self) -> None:
+        self.envs_pool.shutdown(wait=True, cancel_futures=True)
+        self.judge_pool.shutdown(wait=True, cancel_futures=True)
+        for base in self.deferring:
             base.defer_scoring = False
-        generator.close()
+        self.generator.close()
+
+
+class EpisodeStream:
+    """Batches of episodes played back to back by one async loop on its own thread, each next batch
+    starting while the one before is being scored (see :class:`_AsyncLoop`).
+
+    What :class:`SerialRollout` runs in async mode, and what lets a :class:`~rl.train.Trainer` with
+    ``overlap`` hand over the next iteration's specs and weights before the current rollout returns:
+    the generator then works through the end of each batch (its final tool calls and judges) instead
+    of waiting for it.
+
+    Args:
+        policy: the policy (:meth:`submit`'s weights are set on it, so give the stream its own copy when
+            another thread trains the learner's).
+        envs: the pool of environments (the stream's alone while it runs).
+        finish, max_concurrent_judges: as :func:`run_episodes`.
+    """
+
+    def __init__(self, policy: Policy, envs: Sequence[Any], finish: Finish | None = None,
+                 max_concurrent_judges: int = MAX_CONCURRENT_JUDGES):
+        _check_judges(max_concurrent_judges)
+        self._loop = _AsyncLoop(policy, envs, finish, max_concurrent_judges)
+        self._closing = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name="episode-stream", daemon=True)
+        self._thread.start()
+
+    def submit(self, specs: Sequence[EpisodeSpec], version: int,
+               weights: dict[str, torch.Tensor] | None = None) -> Future:
+        """Queue a batch: a future of ``(episodes in spec order, stats)``. With ``weights`` its episodes
+        begin generating once the batches before it have nothing left to generate, with ``weights`` set on
+        the policy first; without, at once, with the weights of the batch before (or the policy's own).
+        ``version`` is recorded on each episode. A future cancelled before any of its episodes began is
+        dropped."""
+        if self._error is not None:
+            raise RolloutError(f"The episode stream stopped on an error, so it takes no more batches: "
+                               f"{type(self._error).__name__}: {self._error}") from self._error
+        if self._closing:
+            raise RolloutError("The episode stream is closed; make a new one.")
+        batch = _Batch(specs, version, weights)
+        self._loop.add(batch)
+        return batch.future
+
+    def generator_busy_seconds(self) -> float:
+        """How long the generator has been busy (at least one turn being sampled) since the stream began."""
+        return self._loop.clock.read(time.perf_counter())[0]
+
+    def _serve(self) -> None:
+        try:
+            self._loop.run(until=lambda: self._closing and not self._loop.batches and not self._loop.inbox)
+        except BaseException as error:  # a policy bug: every batch waiting on this loop gets it
+            self._error = error
+            with self._loop.lock:
+                waiting = [*self._loop.batches, *self._loop.inbox]
+            for batch in waiting:
+                if not batch.future.done():  # pending or running (a cancelled one is done)
+                    batch.future.set_exception(error)
+
+    def close(self) -> None:
+        """Finish the batches whose episodes began (those not begun are cancelled), then release the
+        threads; the environments stay open."""
+        with self._loop.lock:
+            waiting = [*self._loop.batches, *self._loop.inbox]
+        for batch in waiting:
+            if batch.start is None:
+                batch.future.cancel()
+        self._closing = True
+        self._loop.add(_Batch([], 0))  # rings the loop awake (an empty batch finishes at once)
+        self._thread.join()
+        self._loop.close()
 
 
 @runtime_checkable
@@ -623,6 +869,11 @@ class Rollout(Protocol):
 class SerialRollout:
     """Runs episodes in this process with the learner's own policy (always the latest weights).
 
+    In async mode the episodes run on an :class:`EpisodeStream` (one async loop on its own thread, its
+    pools and engine kept between calls), and :meth:`submit` queues a batch with its own weights: what a
+    :class:`~rl.train.Trainer` with ``overlap`` uses to start the next iteration while the current one
+    is being scored (``streams`` is True).
+
     Args:
         policy: the policy (the learner's object itself; nothing is copied).
         make_env: a zero-argument callable returning a gymnasium environment.
@@ -644,6 +895,12 @@ class SerialRollout:
         self.mode = mode
         self.max_concurrent_judges = max_concurrent_judges
         self.weight_version = 0
+        self._stream: EpisodeStream | None = None
+
+    @property
+    def streams(self) -> bool:
+        """Whether :meth:`submit` can queue batches (async mode)."""
+        return self.mode == "async"
 
     def set_weights(self, policy: TrainablePolicy, version: int) -> None:
         """Record the version; copy ``policy``'s weights only when it is not this rollout's own policy."""
@@ -652,13 +909,30 @@ class SerialRollout:
         self.weight_version = version
 
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
+        if self.streams:
+            return self.submit(specs, self.weight_version).result()
         start = time.perf_counter()
         episodes, stats = run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish, self.mode,
                                        self.max_concurrent_judges)
         stats.wall_seconds = time.perf_counter() - start
         return episodes, stats
 
+    def submit(self, specs: Sequence[EpisodeSpec], version: int,
+               weights: dict[str, torch.Tensor] | None = None) -> Future:
+        """(async mode) Queue a batch on the stream: a future of ``(episodes, stats)``, played after the
+        batches queued before it (see :meth:`EpisodeStream.submit`); ``weights`` are set on this rollout's
+        policy when its episodes begin generating, so with weights give the rollout its own copy of the
+        policy."""
+        if not self.streams:
+            raise ConfigError("SerialRollout.submit needs mode 'async' (the sync loop plays one batch per call).")
+        if self._stream is None:
+            self._stream = EpisodeStream(self.policy, self.envs, self.finish, self.max_concurrent_judges)
+        return self._stream.submit(specs, version, weights)
+
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         for env in self.envs:
             env.close()
 

@@ -19,6 +19,7 @@ import math
 import os
 import time
 from collections import Counter, deque
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
 
@@ -242,7 +243,12 @@ class Trainer:
             (``algorithm.off_policy``), ``max_staleness`` must be 0, and the rollout must sample with its
             own weights (a :class:`~rl.rollout.SerialRollout` given a copy of the policy, or Ray workers).
             Checkpoints then also hold the sampler's weights, so a resumed run samples what the
-            uninterrupted one did.
+            uninterrupted one did. A rollout that streams (``rollout.streams``: a
+            :class:`~rl.rollout.SerialRollout` in async mode) is handed each iteration's specs and weights
+            one iteration ahead (:meth:`~rl.rollout.SerialRollout.submit`), so iteration ``it + 1`` starts
+            generating as soon as no episode of iteration ``it`` needs a turn (while its last tool calls and
+            judges run), with the same weights and so the same episodes; other rollouts sample iteration
+            ``it + 1`` on a thread once iteration ``it`` has returned.
         logger: a :class:`~rl.logging.MetricsLogger`, or None.
         checkpoint_dir: where checkpoints go, or None for none.
         checkpoint_every: save every this many iterations (and at the end); 0 only at the end.
@@ -272,6 +278,10 @@ class Trainer:
         self.synced_version: int | None = None
         self.sampler: tuple[dict[str, torch.Tensor], int] | None = None
         """With overlap: the weights the rollout samples the next iteration with, and their version."""
+        self.queued: dict[int, tuple[Future, dict[str, torch.Tensor], int]] = {}
+        """(streaming overlap) Rollouts queued on the rollout, by iteration: future, weights, version."""
+        self.finished: dict[Future, float] = {}
+        """(streaming overlap) When each queued rollout finished."""
 
     def save(self) -> str:
         """Write a checkpoint of the current iteration; returns its folder."""
@@ -310,18 +320,35 @@ class Trainer:
             self.rollout.set_weights(WeightsSnapshot(weights), version)
             self.synced_version = version
 
+    def _streamed(self, iteration: int, weights: dict[str, torch.Tensor], version: int) -> None:
+        """(streaming overlap) Queue ``iteration``'s rollout with the weights of ``version``."""
+        if iteration < self.iterations:
+            future = self.rollout.submit(self._specs(iteration), version, weights)
+            future.add_done_callback(lambda f: self.finished.setdefault(f, time.perf_counter()))
+            self.queued[iteration] = (future, weights, version)
+
     def run(self) -> list[dict[str, float]]:
         """Train to ``iterations``; returns the metrics of every iteration run."""
         history: list[dict[str, float]] = []
         for callback in self.callbacks:
             callback.on_start(self)
-        background = ThreadPoolExecutor(1, thread_name_prefix="rollout") if self.overlap else None
+        stream = self.overlap and getattr(self.rollout, "streams", False)
+        background = ThreadPoolExecutor(1, thread_name_prefix="rollout") if self.overlap and not stream else None
         pending: Future | None = None  # the next iteration's rollout, running while this update runs
+        self.queued, self.finished = {}, {}
+        if stream and self.iteration < self.iterations:  # the first two iterations go at once (see _streamed)
+            if self.sampler is None:  # the first iteration of a run: the learner's weights
+                self.sampler = (self.policy.get_weights(), self.iteration)
+            self._streamed(self.iteration, *self.sampler)
+            self._streamed(self.iteration + 1, self.policy.get_weights(), self.iteration)
         try:
             while self.iteration < self.iterations:
                 it = self.iteration
                 begun = time.perf_counter()
-                if pending is None:
+                if stream:
+                    episodes, stats = self.queued.pop(it)[0].result()
+                    pending = self.queued[it + 1][0] if it + 1 in self.queued else None
+                elif pending is None:
                     self._sync(it)
                     episodes, stats, _ = self._sample(it)
                 else:
@@ -330,7 +357,10 @@ class Trainer:
                 waited = time.perf_counter() - begun
                 for callback in self.callbacks:
                     callback.on_rollout_end(it, episodes, stats)
-                if self.overlap:
+                if stream:
+                    if it + 1 in self.queued:
+                        self.sampler = self.queued[it + 1][1:]  # version it samples iteration it + 1
+                elif self.overlap:
                     if self.sampler is None or self.sampler[1] != it:
                         self.sampler = (self.policy.get_weights(), it)  # version it samples iteration it + 1
                     if it + 1 < self.iterations:
@@ -341,8 +371,13 @@ class Trainer:
                 end = time.perf_counter()
                 hidden = 0.0
                 if pending is not None:  # the share of the update during which the next rollout ran
-                    finished = pending.result()[2] if pending.done() else end
+                    if stream:
+                        finished = self.finished.get(pending, end) if pending.done() else end
+                    else:
+                        finished = pending.result()[2] if pending.done() else end
                     hidden = min(1.0, max(0.0, (finished - start) / max(end - start, 1e-9)))
+                if stream:  # the weights after update it sample iteration it + 2
+                    self._streamed(it + 2, self.policy.get_weights(), it + 1)
                 metrics |= {"time/update": end - start, "time/update_hidden": hidden, "time/rollout_wait": waited,
                             "time/iteration": end - begun}
                 metrics |= episode_metrics(episodes, stats)
@@ -361,6 +396,10 @@ class Trainer:
         finally:
             if background is not None:  # a rollout left running (training stopped or failed) ends, unused
                 background.shutdown(wait=True)
+            for future, _, _ in self.queued.values():  # streamed: those not begun are dropped, the rest end
+                if not future.cancel():
+                    futures.wait([future])
+            self.queued, self.finished = {}, {}
         for callback in self.callbacks:
             callback.on_end(history)
         return history

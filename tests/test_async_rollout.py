@@ -12,6 +12,7 @@ import time
 
 import gymnasium as gym
 import pytest
+import torch
 
 from baselines.random_agent import RandomAgent
 from baselines.workflow_agent import WorkflowAgent
@@ -20,6 +21,7 @@ from rl import evaluate
 from rl.config import RolloutConfig
 from rl.hf import CausalLMPolicy, QwenVLPolicy, VisionLMPolicy
 from rl.policy import POLICY, AgentPolicy
+from rl.errors import RolloutError
 from rl.rollout import RayRollout, SerialRollout, make_specs, run_episodes
 from rl.train import episode_metrics
 from rl_helpers import ECHO, CrashOnceEnv, LetterEnv, RaisingEnv
@@ -221,6 +223,79 @@ def test_a_finished_episodes_judge_does_not_block_the_next_episode_in_its_env():
     run_episodes(AgentPolicy(RandomAgent), [VisGenEnv(max_turns=3, rubric=inline)], make_specs(4, 0, 6, 1),
                  mode="async", max_concurrent_judges=0)
     assert inline.calls == 6 and inline.most == 1
+
+
+class TaggedAgentPolicy(AgentPolicy):
+    """The random agent with a tag for weights: each ``generate`` logs the tag it ran with and whose
+    conversations it served (by sampling seed)."""
+
+    def __init__(self):
+        super().__init__(RandomAgent)
+        self.tag, self.log = None, []
+
+    def set_weights(self, weights):
+        self.tag = int(weights["tag"])
+
+    def get_weights(self):
+        return {"tag": torch.tensor(self.tag)}
+
+    def generate(self, conversations):
+        self.log.append((self.tag, {c.seed for c in conversations}, time.perf_counter()))
+        return super().generate(conversations)
+
+
+def test_a_stream_starts_the_next_batch_while_the_last_episodes_of_one_are_judged():
+    policy = TaggedAgentPolicy()
+    rollout = SerialRollout(policy, lambda: visgen(0.0, 0.4), 4, mode="async")
+    first, second = make_specs(2, 0, 6, 1), make_specs(2, 1, 6, 1)
+    resolved = {}
+    try:
+        futures = [rollout.submit(specs, version, {"tag": torch.tensor(version)})
+                   for version, specs in ((0, first), (1, second))]
+        futures[0].add_done_callback(lambda _: resolved.setdefault("first", time.perf_counter()))
+        (got_first, stats_first), (got_second, _) = [future.result(timeout=120) for future in futures]
+    finally:
+        rollout.close()
+    for got, specs in ((got_first, first), (got_second, second)):  # each batch as if played alone
+        assert_same_episodes(got, run_episodes(AgentPolicy(RandomAgent), [visgen(0.0, 0.0)], specs)[0])
+    assert [e.weight_version for e in got_first + got_second] == [0] * 6 + [1] * 6
+    # each generate call served one batch with that batch's weights, all of the first batch's calls first
+    seeds = {0: {s.sample_seed for s in first}, 1: {s.sample_seed for s in second}}
+    assert all(served <= seeds[tag] for tag, served, _ in policy.log)
+    tags = [tag for tag, _, _ in policy.log]
+    assert tags == sorted(tags) and set(tags) == {0, 1}
+    # ... and the second batch generated while the first one's last judges (0.4 s each) ran
+    assert min(at for tag, _, at in policy.log if tag == 1) < resolved["first"] - 0.1
+    assert stats_first.drain_seconds < 0.4 <= stats_first.judge_seconds / 6
+
+
+def test_a_stream_drops_a_cancelled_batch_and_passes_a_policy_error_to_every_waiting_batch():
+    rollout = SerialRollout(AgentPolicy(RandomAgent), lambda: visgen(0.0, 0.05), 2, mode="async")
+    try:
+        kept, dropped = rollout.submit(make_specs(3, 0, 4, 1), 0), rollout.submit(make_specs(3, 1, 4, 1), 1)
+        assert dropped.cancel()  # its episodes had not begun: they never will
+        episodes, _ = kept.result(timeout=60)
+        assert [e.spec.episode_id for e in episodes] == [0, 1, 2, 3] and all(e.error is None for e in episodes)
+        assert rollout.sample(make_specs(3, 2, 2, 1))[0][0].weight_version == 0  # sample goes through the stream
+    finally:
+        rollout.close()
+
+    class Broken(AgentPolicy):
+        def generate(self, conversations):
+            raise ValueError("a bug in the policy")
+
+    rollout = SerialRollout(Broken(RandomAgent), lambda: visgen(0.0, 0.0), 2, mode="async")
+    try:
+        futures = [rollout.submit(make_specs(3, it, 2, 1), it) for it in range(2)]
+        for future in futures:
+            with pytest.raises(ValueError, match="a bug in the policy"):
+                future.result(timeout=60)
+        with pytest.raises(RolloutError, match="stream stopped on an error.*ValueError: a bug in the policy"):
+            rollout.submit(make_specs(3, 2, 2, 1), 2)
+    finally:
+        rollout.close()
+    with pytest.raises(ConfigError, match="submit needs mode 'async'"):
+        SerialRollout(AgentPolicy(RandomAgent), lambda: visgen(0.0, 0.0), 1).submit(make_specs(3, 0, 1, 1), 0)
 
 
 def test_the_judge_pool_bounds_the_judges_running_at_once():

@@ -83,6 +83,59 @@ def test_iteration_it_is_sampled_by_the_weights_after_update_it_minus_2(tokenize
     assert all(0.0 < m["time/update_hidden"] <= 1.0 for m in history[:3]) and history[3]["time/update_hidden"] == 0.0
 
 
+class Spy(Callback):
+    """Logs when the trainer hands a rollout to the stream and when each iteration's rollout came back."""
+
+    def __init__(self, rollout):
+        self.log = []
+        submit = rollout.submit
+
+        def logged(specs, version, weights=None):
+            iteration = next((it for it in range(10) if make_specs(5, it, 4, 4) == list(specs)), None)
+            self.log.append(("submit", iteration, version))
+            return submit(specs, version, weights)
+
+        rollout.submit = logged
+
+    def on_rollout_end(self, iteration, episodes, stats):
+        self.log.append(("end", iteration))
+
+
+def test_a_streaming_rollout_gets_each_iteration_one_ahead_and_samples_what_the_threaded_overlap_does(tokenizer):
+    histories = {}
+    for mode in ("sync", "async"):  # sync: iteration it + 1 sampled on a thread once it returned; async: streamed
+        trainer = overlapped(tokenizer, mode)
+        record = Record(trainer.policy)
+        trainer.callbacks = [record]
+        if mode == "async":
+            assert trainer.rollout.streams
+            spy = Spy(trainer.rollout)
+            trainer.callbacks.append(spy)
+        histories[mode] = (deterministic(trainer.run()), {it: tokens(e) for it, e in record.episodes.items()})
+        trainer.rollout.close()
+    (sync, sampled), (streamed, got) = histories["sync"], histories["async"]
+    assert got == sampled  # the same tokens and rewards every iteration; the metrics equal up to the log-probs'
+    assert streamed == [pytest.approx(m, rel=1e-4, abs=1e-6) for m in sync]  # float rounding (engine vs generate)
+    # the next iteration is always queued before this one's rollout is waited for, with the version that samples it
+    assert spy.log == [("submit", 0, 0), ("submit", 1, 0), ("end", 0), ("submit", 2, 1), ("end", 1),
+                       ("submit", 3, 2), ("end", 2), ("end", 3)]
+
+
+def test_a_streamed_run_that_stops_early_drops_the_iteration_it_queued(tokenizer):
+    class StopAt(Callback):
+        def on_step(self, iteration, metrics):
+            return iteration == 1
+
+    trainer = overlapped(tokenizer, "async", iterations=6, callbacks=[StopAt()])
+    spy = Spy(trainer.rollout)
+    trainer.callbacks.append(spy)
+    assert len(trainer.run()) == 2 and trainer.queued == {}
+    assert spy.log[-1] == ("submit", 3, 2)  # queued during update 1, then dropped or played unused
+    episodes, _ = trainer.rollout.sample(make_specs(5, 9, 2, 2))  # the stream is free again
+    assert len(episodes) == 4
+    trainer.rollout.close()
+
+
 def test_without_overlap_nothing_is_stale_or_hidden(tokenizer):
     learner = tiny_policy(tokenizer, max_new_tokens=8)
     trainer = Trainer(learner, GRPO(learner, None, GRPOConfig(4, 4, kl_coef=0.0)), SerialRollout(learner, letters, 16),
@@ -91,34 +144,41 @@ def test_without_overlap_nothing_is_stale_or_hidden(tokenizer):
     assert [(m["rollout/staleness_max"], m["time/update_hidden"]) for m in history] == [(0.0, 0.0)] * 2
 
 
-def test_an_overlapped_run_resumes_to_the_same_episodes_and_metrics(tokenizer, tmp_path):
-    full = overlapped(tokenizer, directory=str(tmp_path / "a"))
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_overlapped_run_resumes_to_the_same_episodes_and_metrics(tokenizer, tmp_path, mode):
+    full = overlapped(tokenizer, mode, directory=str(tmp_path / "a"))
     history = full.run()
     middle = str(tmp_path / "a" / "iter_000002")
     sampler, version = checkpoint.load_sampler(middle)
     assert version == 1  # iteration 2 is sampled with the weights after update 0
-    resumed = overlapped(tokenizer, directory=str(tmp_path / "b"))
+    resumed = overlapped(tokenizer, mode, directory=str(tmp_path / "b"))
     resumed.resume(middle)
     assert resumed.iteration == 2
     assert any(not torch.equal(sampler[k], v) for k, v in resumed.policy.get_weights().items())
     rest = resumed.run()
-    assert deterministic(rest) == deterministic(history[2:])
     final, again = full.policy.get_weights(), resumed.policy.get_weights()
-    assert all(torch.equal(final[k], again[k]) for k in final)
+    if mode == "sync":
+        assert deterministic(rest) == deterministic(history[2:])
+        assert all(torch.equal(final[k], again[k]) for k in final)
+    else:  # the engine's log-probs depend on which rows share a decode step, at float rounding
+        assert deterministic(rest) == [pytest.approx(m, rel=1e-4, abs=1e-6) for m in deterministic(history[2:])]
+        assert [m["reward"] for m in rest] == [m["reward"] for m in history[2:]]  # the same samples
+        assert all(torch.allclose(final[k], again[k], rtol=0, atol=1e-6) for k in final)
     # the sampler's weights are what makes it exact: without them (the checkpoint of a run without overlap) the
     # first iteration samples with the learner's
     bare, weights = str(tmp_path / "bare"), tiny_policy(tokenizer, max_new_tokens=8)
     checkpoint.save(bare, weights, *checkpoint.load(middle, weights))
     assert checkpoint.load_sampler(bare) is None
-    other = overlapped(tokenizer)
+    other = overlapped(tokenizer, mode)
     other.resume(bare)
     diverged = other.run()
     assert [m["rollout/staleness_max"] for m in diverged] == [0.0, 1.0]
     assert deterministic(diverged) != deterministic(history[2:])
 
 
-def test_keep_best_keeps_the_weights_that_sampled_the_best_window(tokenizer):
-    trainer = overlapped(tokenizer, iterations=5)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_keep_best_keeps_the_weights_that_sampled_the_best_window(tokenizer, mode):
+    trainer = overlapped(tokenizer, mode, iterations=5)
     record = Record(trainer.policy)
     keeper = KeepBest(trainer.policy, window=1)
     trainer.callbacks = [record, keeper]
