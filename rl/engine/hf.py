@@ -369,11 +369,16 @@ class HFEngine(InferenceEngine):
         device = self.device
         mask = mask.to(device)
         logits, cache = self._forward(ids.to(device), mask, positions.to(device), cache)
-        if any(row.done for row in self._rows):
-            self._compact([i for i, row in enumerate(self._rows) if not row.done])
-        parts, masks, logits_parts = [_kv(cache)], [mask], [logits]
-        if self._rows:
-            parts, masks, logits_parts = [_kv(self._cache)] + parts, [self._mask] + masks, [self._logits, logits]
+        parts, masks, logits_parts = [], [], []
+        keep = [i for i, row in enumerate(self._rows) if not row.done]
+        if keep:  # the running rows (finished ones dropped) and the admitted ones, copied once into one slab
+            kept, start = self._kept(keep)
+            parts, masks, logits_parts = kept, [self._mask[:, start:]], [self._logits]
+        else:
+            self._rows = []
+        parts.append(_kv(cache))
+        masks.append(mask)
+        logits_parts.append(logits)
         self._rows += rows
         length = max(m.shape[1] for m in masks)
         self._cache = _slab(parts, length, length + self._reserve())
@@ -432,16 +437,29 @@ class HFEngine(InferenceEngine):
     def _compact(self, keep: list[int]) -> torch.Tensor:
         """Keep only the rows ``keep`` (and drop the columns that are padding in all of them); their index."""
         self._sync_rows()
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self._rows = [self._rows[i] for i in keep]
-        self._mask, self._logits = self._mask[index], self._logits[index]
-        start = int(self._mask.any(0).nonzero()[0])
+        parts, start = self._kept(keep)
+        length = self._mask.shape[1] - start
         self._mask = self._mask[:, start:]
-        length = self._mask.shape[1]
-        self._cache = _slab([[(k[index, :, start:], v[index, :, start:]) for k, v in _kv(self._cache)]], length,
-                            length + self._reserve())
+        self._cache = _slab(parts, length, length + self._reserve())
         self._row_tensors()
-        return index
+        return torch.tensor(keep, dtype=torch.long, device=self.device)
+
+    def _kept(self, keep: list[int]) -> tuple[list[KV], int]:
+        """Keep the rows ``keep`` (sorted) of the running batch: rows, mask and logits selected; the KV cache
+        returned as views of its runs of consecutive kept rows, from the first column that is not padding
+        in all of them (that column returned too), for :func:`_slab` to copy once."""
+        if len(keep) < len(self._rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self._rows = [self._rows[i] for i in keep]
+            self._mask, self._logits = self._mask[index], self._logits[index]
+        start = int(self._mask.any(0).nonzero()[0])
+        runs, first = [], 0
+        for n in range(1, len(keep) + 1):  # runs of consecutive rows: views, no copy before the slab's
+            if n == len(keep) or keep[n] != keep[n - 1] + 1:
+                runs.append((keep[first], keep[n - 1] + 1))
+                first = n
+        kv = _kv(self._cache)
+        return [[(k[a:b, :, start:], v[a:b, :, start:]) for k, v in kv] for a, b in runs], start
 
     def _reserve(self) -> int:
         """The most cache columns a running row may still write (each sampled token but its last is fed)."""
