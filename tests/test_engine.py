@@ -272,3 +272,30 @@ def test_rows_joining_and_leaving_a_running_batch_sample_what_they_sample_alone(
         assert mine.token_ids == theirs.token_ids
         assert mine.logprobs == pytest.approx(theirs.logprobs, abs=LOGPROB_ATOL)
     assert [len(r.token_ids) for r in together] == [r.max_new_tokens for r in first + second]
+
+
+def test_rows_that_finish_between_running_rows_leave_and_the_rest_sample_what_they_sample_alone(model):
+    """Every other row finishes early, so the batch is compacted to rows that are not neighbours (its KV
+    cache copied as several runs of rows), and a second wave joins the gapped batch: each request samples
+    what it samples alone."""
+    first = [request(seed, length=4 + seed % 3, max_new_tokens=3 if seed % 2 else 30) for seed in range(8)]
+    second = [request(seed, length=9 - seed % 4, max_new_tokens=6) for seed in range(8, 12)]
+    with HFEngine(model, HFEngineConfig(max_batch_size=16)) as engine:
+        alone = [engine.generate_many([r])[0] for r in first + second]
+        compacted = threading.Event()
+        original = engine._kept
+
+        def kept(keep):
+            if len(keep) > 1 and any(b != a + 1 for a, b in zip(keep, keep[1:])):
+                compacted.set()  # rows kept with gaps between them
+            return original(keep)
+
+        engine._kept = kept
+        futures = [engine.submit(r) for r in first]
+        assert compacted.wait(30), "the batch was never compacted around finished rows: the test proved nothing"
+        futures += [engine.submit(r) for r in second]
+        together = [f.result(60) for f in futures]
+    for mine, theirs in zip(together, alone):
+        assert mine.token_ids == theirs.token_ids
+        assert mine.logprobs == pytest.approx(theirs.logprobs, abs=LOGPROB_ATOL)
+    assert [len(r.token_ids) for r in together] == [r.max_new_tokens for r in first + second]
