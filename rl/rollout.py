@@ -375,16 +375,6 @@ def _most_at_once(intervals: list[tuple[float, float]]) -> int:
     return most
 
 
-def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
-    """The length of the union of ``(start, end)`` intervals."""
-    total, reach = 0.0, float("-inf")
-    for begin, end in sorted(intervals):
-        if end > reach:
-            total += end - max(begin, reach)
-            reach = end
-    return total
-
-
 class _BatchGenerator:
     """``policy.generate`` on its own thread, one batch at a time: the episodes that become ready while
     a batch runs wait for the next one (any policy)."""
@@ -594,7 +584,7 @@ def _run_sync(policy: Policy, free: list[Any], finish: Finish | None,
               batch: _Batch) -> tuple[list[Episode], RolloutStats]:
     """The sync loop of :func:`run_episodes`: one batched ``generate`` for every live episode, then
     their env steps in turn."""
-    busy: list[tuple[float, float]] = []
+    clock = _BusyClock()
     active: list[_Live] = []
 
     def settle(live: _Live, outcome: Any) -> bool:
@@ -613,13 +603,14 @@ def _run_sync(policy: Policy, free: list[Any], finish: Finish | None,
                 active.append(live)
         if not active:
             continue
-        begun = time.perf_counter()
+        clock.begin()
         turns = policy.generate([live.conversation for live in active])
-        busy.append((begun, time.perf_counter()))
+        clock.end()
         for live, turn in zip(active, turns, strict=True):
             live.conversation.segments.append(turn)
         active = [live for live, turn in zip(active, turns) if settle(live, live.step(turn, finish))]
-    return batch.close(time.perf_counter(), _busy_seconds(busy), max((stop for _, stop in busy), default=None))
+    end = time.perf_counter()
+    return batch.close(end, *clock.read(end))
 
 
 class _AsyncLoop:
