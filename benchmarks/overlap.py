@@ -15,10 +15,11 @@ learner trains on the sampled token ids (a real GRPO update over the whole episo
 included in the forward pass); the rewards come from the agent's calls, so they are the same in both runs
 whatever the weights (the script checks it), and the comparison is one of time only.
 
-The serial backend streams (``SerialRollout.submit``: iteration ``it + 1`` starts generating while the last
-episodes of iteration ``it`` are scored); a third serial run, ``overlap_threaded``, hides the stream behind the
-bare rollout protocol, so that the trainer samples iteration ``it + 1`` on a thread only once iteration ``it``
-returned (the overlap without the stream), for the side-by-side gain of streaming.
+Both backends stream in async mode (``SerialRollout.submit``, ``RayRollout.submit``: iteration ``it + 1``
+starts generating while the last episodes of iteration ``it`` are scored, on the Ray worker too); a third run
+of each backend, ``overlap_threaded``, hides the stream behind the bare rollout protocol, so that the trainer
+samples iteration ``it + 1`` on a thread only once iteration ``it`` returned (the overlap without the stream),
+for the side-by-side gain of streaming.
 
 On one machine the gain comes from what the rollout waits on (tool and judge latencies) while the update
 computes. In the serial backend the rollout's Python (a tiny model's generation is Python-bound) and the
@@ -74,11 +75,11 @@ class Rewards(Callback):
 
 
 class Threaded:
-    """A serial rollout behind the bare :class:`~rl.rollout.Rollout` protocol (no ``submit``): the trainer
+    """A rollout behind the bare :class:`~rl.rollout.Rollout` protocol (no ``submit``): the trainer
     then overlaps on a thread, sampling iteration ``it + 1`` only once iteration ``it`` has returned, as
     every overlapping run did before the serial backend streamed."""
 
-    def __init__(self, rollout: SerialRollout):
+    def __init__(self, rollout: SerialRollout | RayRollout):
         self.rollout = rollout
 
     def set_weights(self, policy, version: int) -> None:
@@ -97,11 +98,11 @@ def train(args, folder: str, make_env, backend: str, overlap: bool, stream: bool
         sampler = PacedAgentPolicy(copy.deepcopy(learner.model), learner.tokenizer, AgentPolicy(RandomAgent),
                                    max_new_tokens=args.max_new_tokens)
         rollout = SerialRollout(sampler, make_env, args.envs, mode="async")
-        if not stream:
-            rollout = Threaded(rollout)
     else:
         rollout = RayRollout(functools.partial(paced_policy, folder, args.max_new_tokens), make_env, num_workers=1,
                              envs_per_worker=args.envs, num_cpus=1, mode="async")
+    if not stream:
+        rollout = Threaded(rollout)
     rollout.set_weights(learner, 0)
     rollout.sample(make_specs(args.seed + 1, 0, 1, 2))  # warm-up (a Ray worker starts, first forwards), untimed
     config = GRPOConfig(args.tasks, args.group_size, kl_coef=0.0, off_policy=True, learning_rate=1e-4)
@@ -167,9 +168,8 @@ def main() -> None:
     runs, same, speedups = {}, True, {}
     try:
         for backend in backends:
-            variants = [("alternate", False, True), ("overlap", True, True)]
-            if backend == "serial":  # the serial backend streams; the same overlap without the stream beside it
-                variants.append(("overlap_threaded", True, False))
+            # streamed overlap, and the same overlap without the stream beside it
+            variants = [("alternate", False, True), ("overlap", True, True), ("overlap_threaded", True, False)]
             for name, overlap, stream in variants:
                 runs[f"{backend}/{name}"] = train(args, folder, make_env, backend, overlap, stream)
             rewards = [runs[f"{backend}/{name}"].pop("rewards") for name, _, _ in variants]

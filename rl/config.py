@@ -259,9 +259,10 @@ class RolloutConfig:
             env's last step.
         overlap: roll out the next iteration while the update runs: iteration it samples with the weights
             after update it-2 (staleness exactly 1 after the first iteration); needs grpo.off_policy: true
-            and max_staleness 0; the serial backend then samples with its own copy of the policy, and in
-            async mode streams: the next iteration starts generating while the last episodes of the
-            current one are scored (rl.rollout.EpisodeStream), with the same episodes.
+            and max_staleness 0; the serial backend then samples with its own copy of the policy. In
+            async mode both backends stream: the next iteration starts generating while the last
+            episodes of the current one are scored (rl.rollout.EpisodeStream, on each Ray worker),
+            with the same episodes.
     """
 
     backend: str = "serial"

@@ -244,7 +244,7 @@ class Trainer:
             own weights (a :class:`~rl.rollout.SerialRollout` given a copy of the policy, or Ray workers).
             Checkpoints then also hold the sampler's weights, so a resumed run samples what the
             uninterrupted one did. A rollout that streams (``rollout.streams``: a
-            :class:`~rl.rollout.SerialRollout` in async mode) is handed each iteration's specs and weights
+            :class:`~rl.rollout.SerialRollout` or :class:`~rl.rollout.RayRollout` in async mode) is handed each iteration's specs and weights
             one iteration ahead (:meth:`~rl.rollout.SerialRollout.submit`), so iteration ``it + 1`` starts
             generating as soon as no episode of iteration ``it`` needs a turn (while its last tool calls and
             judges run), with the same weights and so the same episodes; other rollouts sample iteration

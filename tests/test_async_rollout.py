@@ -3,6 +3,7 @@ episodes finish in another order, failed episodes still recorded, judges off the
 bounded pool, the env free for the next episode), and the simulated latencies of tools and judges
 that make the difference measurable."""
 
+import copy
 import dataclasses
 import functools
 import math
@@ -65,12 +66,12 @@ def as_data(episodes):
              e.terminated, e.truncated, e.backends, e.error) for e in episodes]
 
 
-def assert_same_episodes(got, expected):
+def assert_same_episodes(got, expected, tolerance=1e-5):
     """The same tokens, texts, rewards and components; the log-probs equal up to float rounding (the
     async loop batches other rows with each turn, and the engine reuses the KV cache of earlier turns)."""
     assert as_data(got) == as_data(expected)
     logprobs = [[lp for s in e.segments if s.logprobs for lp in s.logprobs] for e in (*got, *expected)]
-    assert logprobs[:len(got)] == [pytest.approx(lps, abs=1e-5) for lps in logprobs[len(got):]]
+    assert logprobs[:len(got)] == [pytest.approx(lps, abs=tolerance) for lps in logprobs[len(got):]]
 
 
 def laggy_specs():
@@ -269,6 +270,28 @@ def test_a_stream_starts_the_next_batch_while_the_last_episodes_of_one_are_judge
     assert stats_first.drain_seconds < 0.4 <= stats_first.judge_seconds / 6
 
 
+class BrokenAgentPolicy(AgentPolicy):
+    def __init__(self):
+        super().__init__(RandomAgent)
+
+    def generate(self, conversations):
+        raise ValueError("a bug in the policy")
+
+
+def assert_every_batch_fails(rollout, error, stopped):
+    """Two batches queued on a rollout whose policy raises: both get the error, and a later submit is
+    refused with a RolloutError matching ``stopped``."""
+    try:
+        futures = [rollout.submit(make_specs(3, it, 2, 1), it) for it in range(2)]
+        for future in futures:
+            with pytest.raises(error, match="a bug in the policy"):
+                future.result(timeout=120)
+        with pytest.raises(RolloutError, match=stopped):
+            rollout.submit(make_specs(3, 2, 2, 1), 2)
+    finally:
+        rollout.close()
+
+
 def test_a_stream_drops_a_cancelled_batch_and_passes_a_policy_error_to_every_waiting_batch():
     rollout = SerialRollout(AgentPolicy(RandomAgent), lambda: visgen(0.0, 0.05), 2, mode="async")
     try:
@@ -279,21 +302,8 @@ def test_a_stream_drops_a_cancelled_batch_and_passes_a_policy_error_to_every_wai
         assert rollout.sample(make_specs(3, 2, 2, 1))[0][0].weight_version == 0  # sample goes through the stream
     finally:
         rollout.close()
-
-    class Broken(AgentPolicy):
-        def generate(self, conversations):
-            raise ValueError("a bug in the policy")
-
-    rollout = SerialRollout(Broken(RandomAgent), lambda: visgen(0.0, 0.0), 2, mode="async")
-    try:
-        futures = [rollout.submit(make_specs(3, it, 2, 1), it) for it in range(2)]
-        for future in futures:
-            with pytest.raises(ValueError, match="a bug in the policy"):
-                future.result(timeout=60)
-        with pytest.raises(RolloutError, match="stream stopped on an error.*ValueError: a bug in the policy"):
-            rollout.submit(make_specs(3, 2, 2, 1), 2)
-    finally:
-        rollout.close()
+    assert_every_batch_fails(SerialRollout(BrokenAgentPolicy(), lambda: visgen(0.0, 0.0), 2, mode="async"),
+                             ValueError, "stream stopped on an error.*ValueError: a bug in the policy")
     with pytest.raises(ConfigError, match="submit needs mode 'async'"):
         SerialRollout(AgentPolicy(RandomAgent), lambda: visgen(0.0, 0.0), 1).submit(make_specs(3, 0, 1, 1), 0)
 
@@ -408,19 +418,93 @@ def test_ray_workers_in_async_mode_give_the_serial_sync_episodes(ray_session, sa
 @pytest.mark.slow
 def test_an_async_worker_killed_mid_iteration_loses_no_episode(ray_session, saved_policy, tmp_path):
     policy, make_policy = saved_policy
-    specs = make_specs(2, 0, 4, 2)
+    specs = make_specs(2, 0, 8, 2)  # 8 chunks of 2 for 2 workers: each holds two at once (STREAM_DEPTH)
     marker = str(tmp_path / "crashed")
     make_env = functools.partial(CrashOnceEnv, marker, specs[6].task_seed)  # dies on an env thread
     expected, _ = run_episodes(policy, [ECHO.make() for _ in range(4)], specs)
-    rollout = RayRollout(make_policy, make_env, num_workers=2, envs_per_worker=4, num_cpus=0.25, mode="async")
+    rollout = RayRollout(make_policy, make_env, num_workers=2, envs_per_worker=2, num_cpus=0.25, mode="async")
     try:
         rollout.set_weights(policy, version=1)
         got, stats = rollout.sample(specs)
     finally:
         rollout.close()
     assert os.path.exists(marker), "the crash did not happen: the test proved nothing"
-    assert stats.worker_restarts == 1
+    assert stats.worker_restarts == 1  # the dead worker's chunks (the one playing and the next) ran again
     assert_same_episodes(got, expected)
+
+
+class StampedLetterEnv(LaggyLetterEnv):
+    """LaggyLetterEnv that remembers when its episode began (wall clock: compared across processes)."""
+
+    def reset(self, *, seed=None, options=None):
+        self.began = time.time()
+        return super().reset(seed=seed, options=options)
+
+
+def stamped(env, episode, steps):
+    """A finish hook: which worker played the episode, when it began and when it ended."""
+    return os.getpid(), env.began, time.time()
+
+
+def perturbed(weights, scale):
+    generator = torch.Generator().manual_seed(0)
+    return {k: v + scale * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in weights.items()}
+
+
+@pytest.mark.slow
+def test_ray_workers_stream_chunks_back_to_back_each_batch_with_its_own_weights(ray_session, saved_policy):
+    policy, make_policy = saved_policy
+    specs, _ = laggy_specs()
+    lags = {spec.task_seed: 0.02 * (3 - spec.group) for spec in specs} | {
+        spec.task_seed: 0.03 * spec.group for spec in make_specs(3, 1, 4, 2)}
+    make_env = functools.partial(StampedLetterEnv, lags)
+    batches = [(specs, 1, policy.get_weights()), (make_specs(3, 1, 4, 2), 2, perturbed(policy.get_weights(), 0.5))]
+    expected = []
+    for batch_specs, _, weights in batches:  # each batch alone, in this process, sync mode
+        alone = copy.deepcopy(policy)
+        alone.set_weights(weights)
+        expected.append(run_episodes(alone, [make_env() for _ in range(4)], batch_specs)[0])
+    # the second batch's weights matter: with the first batch's it samples other tokens
+    assert tokens_of(expected[1]) != tokens_of(run_episodes(policy, [make_env() for _ in range(4)], batches[1][0])[0])
+    rollout = RayRollout(make_policy, make_env, num_workers=2, envs_per_worker=2, num_cpus=0.5, mode="async",
+                         finish=stamped, placement="spread")  # a chunk: a slow and a fast episode
+    try:
+        assert rollout.streams
+        futures = [rollout.submit(*batch) for batch in batches]
+        got = [future.result(timeout=300) for future in futures]
+        again, _ = rollout.sample(batches[1][0])  # sample goes through the stream, with the last weights
+    finally:
+        rollout.close()
+    for (episodes, stats), want, (_, version, _) in zip(got, expected, batches):
+        assert_same_episodes(episodes, want, tolerance=2e-4)  # perturbed weights: larger logits, larger rounding
+        assert {e.weight_version for e in episodes} == {version} and stats.worker_restarts == 0
+        assert stats.env_steps == 24
+    assert_same_episodes(again, expected[1], tolerance=2e-4)
+    # 8 chunks of 2 on 2 workers: a worker began a chunk's episode before its chunk ahead had ended
+    chunks = [[episodes[j].extra, episodes[j + 4].extra] for episodes, _ in got for j in range(4)]  # "spread"
+    overlapped = [(a, b) for a in chunks for b in chunks if a is not b and a[0][0] == b[0][0]
+                  and min(began for _, began, _ in b) > min(began for _, began, _ in a)
+                  and min(began for _, began, _ in b) < max(end for _, _, end in a)]
+    assert overlapped, "no worker played two chunks at once: nothing streamed"
+
+
+@pytest.mark.slow
+def test_a_policy_error_in_a_streaming_ray_worker_reaches_every_waiting_batch(ray_session):
+    rollout = RayRollout(BrokenAgentPolicy, functools.partial(visgen, 0.0, 0.0), num_workers=1, envs_per_worker=2,
+                         num_cpus=0.5, mode="async")
+    assert_every_batch_fails(rollout, Exception, "(?s)dispatcher stopped on an error.*a bug in the policy")
+    sync = RayRollout(BrokenAgentPolicy, functools.partial(visgen, 0.0, 0.0), num_workers=1, envs_per_worker=1,
+                      num_cpus=0.5)
+    try:
+        with pytest.raises(ConfigError, match="RayRollout.submit needs mode 'async'"):
+            sync.submit(make_specs(3, 0, 1, 1), 0)
+    finally:
+        sync.close()
+
+
+def tokens_of(episodes):
+    return [[s.token_ids for s in e.segments] for e in episodes]
 
 
 def test_latency_and_mode_settings_validate_themselves(saved_policy):

@@ -86,12 +86,12 @@ def test_iteration_it_is_sampled_by_the_weights_after_update_it_minus_2(tokenize
 class Spy(Callback):
     """Logs when the trainer hands a rollout to the stream and when each iteration's rollout came back."""
 
-    def __init__(self, rollout):
+    def __init__(self, rollout, seed=5, groups=4, group_size=4):
         self.log = []
         submit = rollout.submit
 
         def logged(specs, version, weights=None):
-            iteration = next((it for it in range(10) if make_specs(5, it, 4, 4) == list(specs)), None)
+            iteration = next((it for it in range(10) if make_specs(seed, it, groups, group_size) == list(specs)), None)
             self.log.append(("submit", iteration, version))
             return submit(specs, version, weights)
 
@@ -231,29 +231,41 @@ def test_overlap_config_round_trips_and_the_serial_backend_samples_with_a_copy(t
 
 
 @pytest.mark.slow
-def test_a_ray_worker_killed_during_an_overlapped_rollout_loses_no_episode(ray_session, saved_policy, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])  # async: Ray streams too (RayRollout.submit)
+def test_a_ray_worker_killed_during_an_overlapped_rollout_loses_no_episode(ray_session, saved_policy, tmp_path, mode):
     _, make_policy = saved_policy
     crash = make_specs(7, 1, 4, 2)[5]  # iteration 1, sampled while update 0 runs
     make_env = functools.partial(CrashOnceEnv, str(tmp_path / "crashed"), crash.task_seed)
-    runs = {}
+    runs, spy = {}, None
     for backend in ("serial", "ray"):
         learner = make_policy()
         if backend == "serial":
-            rollout = SerialRollout(make_policy(), ECHO.make, 8)
-        else:
-            rollout = RayRollout(make_policy, make_env, num_workers=2, envs_per_worker=4, num_cpus=0.25)
+            rollout = SerialRollout(make_policy(), ECHO.make, 8, mode=mode)
+        else:  # async: four chunks an iteration on two workers, each holding two at once
+            rollout = RayRollout(make_policy, make_env, num_workers=2, envs_per_worker=4 if mode == "sync" else 2,
+                                 num_cpus=0.25, mode=mode)
+            assert rollout.streams == (mode == "async")
         record = Record(learner)
         config = GRPOConfig(4, 2, kl_coef=0.0, learning_rate=1e-2, off_policy=True)
         trainer = Trainer(learner, GRPO(learner, None, config), rollout, iterations=3, num_groups=4, group_size=2,
                           seed=7, overlap=True, callbacks=[record])
+        if backend == "ray" and mode == "async":
+            spy = Spy(rollout, seed=7, groups=4, group_size=2)
+            trainer.callbacks.append(spy)
         try:
             runs[backend] = (trainer.run(), record.episodes)
         finally:
             rollout.close()
     assert os.path.exists(tmp_path / "crashed"), "the crash did not happen: the test proved nothing"
     (serial, expected), (remote, got) = runs["serial"], runs["ray"]
-    assert [m["worker_restarts"] for m in remote] == [0.0, 1.0, 0.0]
+    restarts = [m["worker_restarts"] for m in remote]
+    if mode == "sync":
+        assert restarts == [0.0, 1.0, 0.0]
+    else:  # the death is charged to the oldest batch the dead worker held: iteration 0's or 1's
+        assert sum(restarts) == 1.0 and restarts[2] == 0.0
+        assert spy.log == [("submit", 0, 0), ("submit", 1, 0), ("end", 0), ("submit", 2, 1), ("end", 1), ("end", 2)]
     assert [m["rollout/staleness_max"] for m in remote] == [0.0, 1.0, 1.0]
     for it in range(3):
         assert [e.spec.episode_id for e in got[it]] == list(range(8))
         assert tokens(got[it]) == tokens(expected[it])
+    assert [{e.weight_version for e in got[it]} for it in range(3)] == [{0}, {0}, {1}]

@@ -106,15 +106,16 @@ def test_a_worker_killed_mid_iteration_loses_no_episode(ray_session, saved_polic
     assert as_data(episodes) == as_data(serial)  # the replacement worker got the weights
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])  # async: the dispatcher that streams chunks to the workers
 def test_a_worker_that_hangs_past_the_chunk_timeout_is_replaced_and_loses_no_episode(ray_session, saved_policy,
-                                                                                     tmp_path):
+                                                                                     tmp_path, mode):
     policy, make_policy = saved_policy
     specs = make_specs(4, 0, 4, 2)
     stall = specs[5]  # the second chunk's task: its worker hangs (an hour) in the middle of the chunk
     marker = str(tmp_path / "stalled")
     serial, _ = SerialRollout(policy, ECHO.make, 8).sample(specs)
     rollout = RayRollout(make_policy, functools.partial(StallEnv, stall.task_seed, marker), num_workers=2,
-                         envs_per_worker=4, num_cpus=0.25, chunk_timeout_s=8.0)
+                         envs_per_worker=4, num_cpus=0.25, chunk_timeout_s=8.0, mode=mode)
     try:
         rollout.set_weights(policy, version=1)
         pids = set(rollout.worker_pids())
@@ -131,11 +132,12 @@ def test_a_worker_that_hangs_past_the_chunk_timeout_is_replaced_and_loses_no_epi
     assert as_data(episodes) == as_data(serial)
 
 
-def test_a_worker_that_always_hangs_stops_the_sample_with_a_clear_error(ray_session, saved_policy):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_worker_that_always_hangs_stops_the_sample_with_a_clear_error(ray_session, saved_policy, mode):
     policy, make_policy = saved_policy
     specs = make_specs(4, 0, 2, 2)
     rollout = RayRollout(make_policy, functools.partial(StallEnv, specs[0].task_seed), num_workers=1,
-                         envs_per_worker=4, num_cpus=0.25, max_restarts=1, chunk_timeout_s=3.0)
+                         envs_per_worker=4, num_cpus=0.25, max_restarts=1, chunk_timeout_s=3.0, mode=mode)
     try:
         rollout.set_weights(policy, version=1)
         with pytest.raises(RolloutError, match=r"failed 2 times in one call \(max_restarts=1\); the last one hung: a "
