@@ -299,3 +299,35 @@ def test_rows_that_finish_between_running_rows_leave_and_the_rest_sample_what_th
         assert mine.token_ids == theirs.token_ids
         assert mine.logprobs == pytest.approx(theirs.logprobs, abs=LOGPROB_ATOL)
     assert [len(r.token_ids) for r in together] == [r.max_new_tokens for r in first + second]
+
+
+def test_requests_join_free_slots_of_the_running_batch_and_sample_what_they_sample_alone(model):
+    """A row that finished leaves a free slot in the batch's KV slab, and the slab keeps spare rows: a
+    request whose prompt fits within the batch's columns joins there, only its own keys and values
+    copied (no slab rebuilt), and samples what it samples alone."""
+    first = [request(seed, length=12, max_new_tokens=200) for seed in range(4)] + [request(4, 12, max_new_tokens=3)]
+    hole = [request(5, length=5, max_new_tokens=8)]
+    spare = [request(seed, length=6, max_new_tokens=8) for seed in range(6, 9)]
+    with HFEngine(model, HFEngineConfig(max_batch_size=16)) as engine:
+        alone = [engine.generate_many([r])[0] for r in first + hole + spare]
+        placed, original = [], engine._place
+
+        def place(rows, *args):
+            before = len(engine._rows)
+            joined = original(rows, *args)
+            placed.append((len(rows), joined, before, len(engine._rows)))
+            return joined
+
+        engine._place = place
+        futures = [engine.submit(r) for r in first]
+        futures[4].result(60)  # the short row finished: one of five, its slot free (no compaction below a quarter)
+        futures += [engine.submit(r) for r in hole]
+        futures[5].result(60)
+        futures += [engine.submit(r) for r in spare]
+        together = [f.result(60) for f in futures]
+    assert (1, True, 5, 5) in placed, f"the request did not take the finished row's slot: {placed}"
+    # three more: one into the slot the request above left when it finished, two into spare rows
+    assert (3, True, 5, 7) in placed, f"the requests did not join the free slot and the spare rows: {placed}"
+    for mine, theirs in zip(together, alone):
+        assert mine.token_ids == theirs.token_ids
+        assert mine.logprobs == pytest.approx(theirs.logprobs, abs=LOGPROB_ATOL)

@@ -16,7 +16,10 @@ Weight updates wait for the running rows to finish, then load the weights and dr
 
 The running batch's KV cache is preallocated (:class:`SlabLayer`): each decoding step writes its keys
 and values in place, with room reserved for the longest remaining turn when rows join, instead of
-``DynamicCache``'s concatenation (a copy of the whole cache per step and layer). The rows' sampling
+``DynamicCache``'s concatenation (a copy of the whole cache per step and layer). Rows that join a
+running batch take free row slots of the slab (rows that finished, then spare rows the slab keeps)
+when their prompt fits within the batch's columns: only their own keys and values are copied; else the
+slab is rebuilt with the running rows and the new ones (:meth:`HFEngine._place`). The rows' sampling
 state (uniforms, counts, positions, temperatures) is kept as tensors, rebuilt only when rows join or
 leave; the host reads the sampled ids and log-probs once per step.
 
@@ -101,41 +104,52 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperatures: torch.Ten
 
 
 class SlabLayer(DynamicLayer):
-    """A full-attention cache layer over a preallocated buffer ``(B, heads, capacity, head_dim)``.
+    """A full-attention cache layer over a preallocated buffer ``(rows, heads, capacity, head_dim)``.
 
-    :meth:`update` writes the new keys and values in place after the filled columns and returns views
-    of the filled part (``keys``/``values``, as ``DynamicLayer`` exposes them); the buffer is
-    reallocated (doubled) only when a write would pass its capacity. Padding columns hold zeros.
+    The batch is the buffer's first ``batch`` rows (the rest are spare, for rows that join later:
+    :meth:`place`). :meth:`update` writes the new keys and values in place after the filled columns and
+    returns views of the filled part (``keys``/``values``, as ``DynamicLayer`` exposes them); the buffer is
+    reallocated (doubled) only when a write would pass its capacity. Padding columns hold zeros (or the
+    keys and values of a row that left, in a row slot taken over by :meth:`place`: masked all the same).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, rows: int = 0):
         super().__init__()
         batch, heads, length, dim = keys.shape
-        self._keys = keys.new_zeros(batch, heads, max(capacity, length), dim)
-        self._values = values.new_zeros(batch, heads, max(capacity, length), values.shape[3])
-        self._keys[:, :, :length] = keys
-        self._values[:, :, :length] = values
+        self._keys = keys.new_zeros(max(rows, batch), heads, max(capacity, length), dim)
+        self._values = values.new_zeros(max(rows, batch), heads, max(capacity, length), values.shape[3])
+        self._keys[:batch, :, :length] = keys
+        self._values[:batch, :, :length] = values
+        self.batch = batch
         self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
         self._show(length)
 
     @classmethod
-    def right_aligned(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], length: int, capacity: int) -> "SlabLayer":
-        """The rows of every part (keys, values) stacked, each part right-aligned at column ``length``."""
+    def right_aligned(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], length: int, capacity: int,
+                      rows: int = 0) -> "SlabLayer":
+        """The rows of every part (keys, values) stacked, each part right-aligned at column ``length``, in
+        a buffer of at least ``rows`` rows."""
         keys, values = parts[0]
         layer = cls(keys[:0, :, :0], values[:0, :, :0], 0)
         batch = sum(k.shape[0] for k, _ in parts)
-        layer._keys = keys.new_zeros(batch, keys.shape[1], max(capacity, length), keys.shape[3])
-        layer._values = values.new_zeros(batch, values.shape[1], max(capacity, length), values.shape[3])
+        layer._keys = keys.new_zeros(max(rows, batch), keys.shape[1], max(capacity, length), keys.shape[3])
+        layer._values = values.new_zeros(max(rows, batch), values.shape[1], max(capacity, length), values.shape[3])
         row = 0
         for k, v in parts:
             layer._keys[row:row + k.shape[0], :, length - k.shape[2]:length] = k
             layer._values[row:row + v.shape[0], :, length - v.shape[2]:length] = v
             row += k.shape[0]
+        layer.batch = batch
         layer._show(length)
         return layer
 
+    @property
+    def rows(self) -> int:
+        """Rows the buffer holds (the batch and the spare ones)."""
+        return self._keys.shape[0]
+
     def _show(self, length: int) -> None:
-        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+        self.keys, self.values = self._keys[:self.batch, :, :length], self._values[:self.batch, :, :length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
@@ -143,19 +157,29 @@ class SlabLayer(DynamicLayer):
             grow = max(end, 2 * self._keys.shape[2]) - self._keys.shape[2]
             self._keys = F.pad(self._keys, (0, 0, 0, grow))
             self._values = F.pad(self._values, (0, 0, 0, grow))
-        self._keys[:, :, start:end] = key_states
-        self._values[:, :, start:end] = value_states
+        self._keys[:self.batch, :, start:end] = key_states
+        self._values[:self.batch, :, start:end] = value_states
         self._show(end)
         return self.keys, self.values
+
+    def place(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write rows joining the batch into row ``slots`` (rows of the batch that left, or the spare rows
+        right after it), right-aligned at the filled length; the batch grows to cover them."""
+        length = self.keys.shape[2]
+        self.batch = max(self.batch, int(slots.max()) + 1)
+        self._keys[slots, :, length - keys.shape[2]:length] = keys
+        self._values[slots, :, length - values.shape[2]:length] = values
+        self._show(length)
 
 
 def _kv(cache: Cache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _slab(parts: list[KV], length: int, capacity: int) -> Cache:
-    """One preallocated cache holding the rows of every part, right-aligned at column ``length``."""
-    return Cache(layers=[SlabLayer.right_aligned(list(layer), length, capacity) for layer in zip(*parts)])
+def _slab(parts: list[KV], length: int, capacity: int, rows: int = 0) -> Cache:
+    """One preallocated cache holding the rows of every part, right-aligned at column ``length``, with
+    room for ``rows`` rows in all (spare rows for requests that join later)."""
+    return Cache(layers=[SlabLayer.right_aligned(list(layer), length, capacity, rows) for layer in zip(*parts)])
 
 
 def _pad_left(kv: KV, length: int) -> KV:
@@ -369,6 +393,8 @@ class HFEngine(InferenceEngine):
         device = self.device
         mask = mask.to(device)
         logits, cache = self._forward(ids.to(device), mask, positions.to(device), cache)
+        if self._place(rows, logits, cache, mask):
+            return
         parts, masks, logits_parts = [], [], []
         keep = [i for i, row in enumerate(self._rows) if not row.done]
         if keep:  # the running rows (finished ones dropped) and the admitted ones, copied once into one slab
@@ -381,10 +407,46 @@ class HFEngine(InferenceEngine):
         logits_parts.append(logits)
         self._rows += rows
         length = max(m.shape[1] for m in masks)
-        self._cache = _slab(parts, length, length + self._reserve())
+        self._cache = _slab(parts, length, length + self._reserve(), self._room(len(self._rows)))
         self._mask = torch.cat([F.pad(m, (length - m.shape[1], 0)) for m in masks])
         self._logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits
         self._row_tensors()
+
+    def _place(self, rows: list[_Row], logits: torch.Tensor, cache: Cache, mask: torch.Tensor) -> bool:
+        """Admit prefilled ``rows`` (their next-token ``logits``, KV ``cache`` and ``mask``) into free row
+        slots of the running batch's slab, copying only their own keys and values: the slots of rows that
+        finished, then the slab's spare rows. Done only when rows are running, the new rows' columns fit
+        within the batch's filled ones (right-aligned, as a rebuilt slab would hold them) and there are
+        enough free slots; else False, nothing changed (the caller rebuilds the slab)."""
+        if not any(not row.done for row in self._rows) or mask.shape[1] > self._mask.shape[1]:
+            return False
+        layers = self._cache.layers
+        holes = [i for i, row in enumerate(self._rows) if row.done][:len(rows)]
+        appended = len(rows) - len(holes)
+        if appended > layers[0].rows - len(self._rows):
+            return False
+        slots = holes + list(range(len(self._rows), len(self._rows) + appended))
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        for layer, (keys, values) in zip(layers, _kv(cache)):
+            layer.place(index, keys, values)
+        if appended:
+            self._mask = F.pad(self._mask, (0, 0, 0, appended))
+            self._logits = F.pad(self._logits, (0, 0, 0, appended))
+        self._mask[index] = 0
+        self._mask[index, self._mask.shape[1] - mask.shape[1]:] = mask
+        self._logits[index] = logits
+        for slot, row in zip(slots, rows):
+            if slot < len(self._rows):
+                self._rows[slot] = row
+            else:
+                self._rows.append(row)
+        self._row_tensors()
+        return True
+
+    def _room(self, rows: int) -> int:
+        """Rows of a new slab for a batch of ``rows``: spare ones for requests that join later
+        (:meth:`_place`), within ``max_batch_size``."""
+        return max(rows, min(self.config.max_batch_size, rows + max(8, rows // 2)))
 
     def _row_tensors(self) -> None:
         """The running rows' sampling state as tensors (rebuilt when rows join or leave): each row's
@@ -440,7 +502,7 @@ class HFEngine(InferenceEngine):
         parts, start = self._kept(keep)
         length = self._mask.shape[1] - start
         self._mask = self._mask[:, start:]
-        self._cache = _slab(parts, length, length + self._reserve())
+        self._cache = _slab(parts, length, length + self._reserve(), self._room(len(self._rows)))
         self._row_tensors()
         return torch.tensor(keep, dtype=torch.long, device=self.device)
 
