@@ -14,7 +14,8 @@ the sampled tokens. So each mode samples the way it samples any text policy: the
 batched ``policy.generate`` per step over the whole conversations, the async loop through the
 in-process :class:`~rl.engine.hf.HFEngine` (continuous batching, KV caches kept between turns), and
 the finished episodes' judges on the async loop's judge pool (``--max-concurrent-judges``). The two
-modes must return the same episodes; the script checks it. Each mode also reports its drain (the
+modes must return the same episodes (texts, rewards, components); the script checks it, and that the
+sampled tokens differ in at most 1% of the policy turns (float rounding, see :func:`other_tokens`). Each mode also reports its drain (the
 time after the generator's last turn: the batch's final tool calls and judges, with nothing left to
 generate) and the generator's idle share before it. ``--max-concurrent-judges 0`` plays the
 async loop with each judge inside its env's last step instead. Then ``--stream-batches`` consecutive
@@ -96,8 +97,23 @@ def play(policy, make_env, num_envs: int, specs, mode: str, judges: int) -> dict
 
 
 def as_data(episodes) -> list:
-    return [(e.spec.episode_id, [(s.text, s.token_ids) for s in e.segments], [str(r) for r in e.rewards],
-             e.components) for e in episodes]
+    """What the environments saw of each episode: texts, rewards, reward components."""
+    return [(e.spec.episode_id, [s.text for s in e.segments], [str(r) for r in e.rewards], e.components)
+            for e in episodes]
+
+
+def other_tokens(a, b) -> tuple[int, int]:
+    """Policy turns whose sampled tokens differ between two plays of the same episodes, and all policy turns.
+
+    Batched differently, a float32 forward rounds differently in the last bits, and a uniform that falls
+    that close to a boundary of the sampler's CDF picks the neighbouring token: rare, and none at all with
+    the model in float64 (checked once by hand, 2026-12-07). The script fails past MAX_OTHER_TOKENS."""
+    pairs = [(x, y) for e, f in zip(a, b) for x, y in zip(e.segments, f.segments) if x.role == POLICY]
+    return sum(x.token_ids != y.token_ids for x, y in pairs), len(pairs)
+
+
+MAX_OTHER_TOKENS = 0.01
+"""The share of policy turns whose tokens may differ between plays (float rounding, see :func:`other_tokens`)."""
 
 
 def streamed(policy, make_env, num_envs: int, episodes: int, batches: int, judges: int) -> dict[str, Any]:
@@ -143,6 +159,8 @@ def streamed(policy, make_env, num_envs: int, episodes: int, batches: int, judge
                 env.close()
         same = same and all(as_data(a) == as_data(b) for (a, _), (b, _) in zip(apart, together))
         result[name] = summary(wall, busy, batches * episodes, together)
+        counts = [other_tokens(a, b) for (a, _), (b, _) in zip(apart, together)]
+        result[name]["turns_with_other_tokens"] = [sum(c[0] for c in counts), sum(c[1] for c in counts)]
     return result | {"same_episodes": same}
 
 
@@ -199,11 +217,16 @@ def main() -> None:
     specs = make_specs(0, 0, args.episodes, 1)
     runs = {mode: play(policy, make_env, args.envs, specs, mode, args.max_concurrent_judges)
             for mode in ("sync", "async")}
-    same = as_data(runs["sync"].pop("episodes")) == as_data(runs["async"].pop("episodes"))
+    sync_episodes, async_episodes = runs["sync"].pop("episodes"), runs["async"].pop("episodes")
+    same = as_data(sync_episodes) == as_data(async_episodes)
+    flips = {"sync_vs_async": list(other_tokens(sync_episodes, async_episodes))}
     stream = (streamed(policy, make_env, args.envs, args.episodes, args.stream_batches, args.max_concurrent_judges)
               if args.stream_batches else None)
     pool = judge_pool_share(make_env, 8, 2)
     sync, fast = runs["sync"], runs["async"]
+    if stream:
+        flips |= {name: stream[name]["turns_with_other_tokens"] for name in ("streamed_same_weights",
+                                                                               "streamed_new_weights")}
     result = {
         "sync_episodes_per_second": sync["episodes_per_second"],
         "async_episodes_per_second": fast["episodes_per_second"],
@@ -218,6 +241,7 @@ def main() -> None:
         "generator_idle_fraction_stream_new_weights":
             stream["streamed_new_weights"]["generator_idle_fraction"] if stream else None,
         "same_episodes": same and pool["same_episodes"] and (stream is None or stream["same_episodes"]),
+        "turns_with_other_tokens": flips,
         "async_generator": "HFEngine (continuous batching)" if policy.engine_served else "policy.generate batches",
         "judge_queue_seconds_async": fast["judge_queue_seconds"],
         "max_judges_in_flight_async": fast["max_judges_in_flight"],
@@ -237,6 +261,8 @@ def main() -> None:
               f"{sum(run['tool_wait_seconds'].values()):>11.2f} {run['judge_wait_seconds']:>12.2f} "
               f"{run['judge_queue_seconds']:>13.2f} {run['max_judges_in_flight']:>14}")
     print(f"speedup {result['speedup']}x; same episodes in both modes: {same}")
+    print("policy turns with other sampled tokens (float rounding at a sampling boundary), of all: "
+          + ", ".join(f"{name} {n}/{total}" for name, (n, total) in flips.items()))
     print(f"async: {fast['drain_seconds']:.2f} s of the {fast['wall_seconds']:.2f} s are the drain (after the last "
           f"sampled turn: final tool calls and judges); generator idle before it "
           f"{fast['generator_idle_fraction_before_drain']:.1%}")
@@ -257,6 +283,9 @@ def main() -> None:
         json.dump(result, handle, indent=2)
     if not result["same_episodes"]:
         raise SystemExit("The runs returned other episodes than each other: a bug in rl.rollout.")
+    if any(n > MAX_OTHER_TOKENS * total for n, total in flips.values()):
+        raise SystemExit(f"More than {MAX_OTHER_TOKENS:.0%} of the policy turns sampled other tokens in another run "
+                         "of the same episodes: more than float rounding, a bug in rl.rollout or the engine.")
 
 
 if __name__ == "__main__":

@@ -416,9 +416,16 @@ class HFEngine(InferenceEngine):
         """Admit prefilled ``rows`` (their next-token ``logits``, KV ``cache`` and ``mask``) into free row
         slots of the running batch's slab, copying only their own keys and values: the slots of rows that
         finished, then the slab's spare rows. Done only when rows are running, the new rows' columns fit
-        within the batch's filled ones (right-aligned, as a rebuilt slab would hold them) and there are
-        enough free slots; else False, nothing changed (the caller rebuilds the slab)."""
-        if not any(not row.done for row in self._rows) or mask.shape[1] > self._mask.shape[1]:
+        within the batch's filled ones (right-aligned, as a rebuilt slab would hold them), at most a
+        quarter of the columns would be padding in every row (a rebuild drops those, so the attention
+        does not span them) and there are enough free slots; else False, nothing changed (the caller
+        rebuilds the slab)."""
+        live = [i for i, row in enumerate(self._rows) if not row.done]
+        if not live or mask.shape[1] > self._mask.shape[1]:
+            return False
+        length = self._mask.shape[1]
+        first = min(int(self._mask[live].any(0).nonzero()[0]), length - mask.shape[1] + int(mask.any(0).nonzero()[0]))
+        if 4 * first > length:  # over a quarter of the columns would be padding in every row: rebuild (trims them)
             return False
         layers = self._cache.layers
         holes = [i for i, row in enumerate(self._rows) if row.done][:len(rows)]
@@ -433,7 +440,7 @@ class HFEngine(InferenceEngine):
             self._mask = F.pad(self._mask, (0, 0, 0, appended))
             self._logits = F.pad(self._logits, (0, 0, 0, appended))
         self._mask[index] = 0
-        self._mask[index, self._mask.shape[1] - mask.shape[1]:] = mask
+        self._mask[index, length - mask.shape[1]:] = mask
         self._logits[index] = logits
         for slot, row in zip(slots, rows):
             if slot < len(self._rows):
