@@ -313,15 +313,15 @@ class RayRollout:
         """
         if not self.streams:
             raise ConfigError("RayRollout.submit needs mode 'async' (sync workers play one chunk per call).")
-        if self._error is not None:
-            raise RolloutError(f"The rollout's dispatcher stopped on an error, so it takes no more batches: "
-                               f"{type(self._error).__name__}: {self._error}") from self._error
-        if self._closing or not self.workers:
-            raise RolloutError("The rollout is closed; make a new one.")
         if weights is not None:
             self._box = (next(self._keys), [self._ray.put(weights)])
         batch = _RayBatch(specs, version, self._box, self._chunks(specs))
-        with self._wake:
+        with self._wake:  # checked under the lock: a batch queued here is always played or failed
+            if self._error is not None:
+                raise RolloutError(f"The rollout's dispatcher stopped on an error, so it takes no more batches: "
+                                   f"{type(self._error).__name__}: {self._error}") from self._error
+            if self._closing or not self.workers:
+                raise RolloutError("The rollout is closed; make a new one.")
             self._inbox.append(batch)
             self._wake.notify()
             if self._dispatcher is None:
@@ -334,8 +334,8 @@ class RayRollout:
         try:
             self._dispatch(batches)
         except BaseException as error:  # workers failing past max_restarts, a policy bug: every batch gets it
-            self._error = error
             with self._wake:
+                self._error = error
                 batches += self._inbox
                 self._inbox.clear()
             for batch in batches:

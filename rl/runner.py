@@ -480,9 +480,13 @@ class _AsyncLoop:
     def add(self, batch: _Batch) -> None:
         """Queue ``batch`` (from any thread); :meth:`run` plays it after those added before."""
         with self.lock:
-            self.inbox.append(batch)
-            if not self.doorbell.done():
-                self.doorbell.set_result(None)
+            self.ring(batch)
+
+    def ring(self, batch: _Batch) -> None:
+        """:meth:`add` with ``lock`` held."""
+        self.inbox.append(batch)
+        if not self.doorbell.done():
+            self.doorbell.set_result(None)
 
     def run(self, until: Callable[[], bool]) -> None:
         """Play the added batches (and those added meanwhile) until ``until()`` holds; each finished
@@ -625,13 +629,14 @@ class EpisodeStream:
         the policy first; without, at once, with the weights of the batch before (or the policy's own).
         ``version`` is recorded on each episode. A future cancelled before any of its episodes began is
         dropped."""
-        if self._error is not None:
-            raise RolloutError(f"The episode stream stopped on an error, so it takes no more batches: "
-                               f"{type(self._error).__name__}: {self._error}") from self._error
-        if self._closing:
-            raise RolloutError("The episode stream is closed; make a new one.")
         batch = _Batch(specs, version, weights)
-        self._loop.add(batch)
+        with self._loop.lock:  # checked under the lock: a batch queued here is always played or failed
+            if self._error is not None:
+                raise RolloutError(f"The episode stream stopped on an error, so it takes no more batches: "
+                                   f"{type(self._error).__name__}: {self._error}") from self._error
+            if self._closing:
+                raise RolloutError("The episode stream is closed; make a new one.")
+            self._loop.ring(batch)
         return batch.future
 
     def generator_busy_seconds(self) -> float:
@@ -642,8 +647,8 @@ class EpisodeStream:
         try:
             self._loop.run(until=lambda: self._closing and not self._loop.batches and not self._loop.inbox)
         except BaseException as error:  # a policy bug: every batch waiting on this loop gets it
-            self._error = error
             with self._loop.lock:
+                self._error = error
                 waiting = [*self._loop.batches, *self._loop.inbox]
             for batch in waiting:
                 if not batch.future.done():  # pending or running (a cancelled one is done)
