@@ -249,6 +249,12 @@ class RolloutConfig:
             replaced and the chunk re-run, as for a dead worker (a death toward ``max_restarts``). Null
             waits forever. Size it well above a slow chunk: a chunk cut short is played again from its
             start.
+        step_timeout_s: (async, either backend) seconds one env reset or step, or one deferred
+            end-of-episode score, may run; past it the episode fails (its error starts with
+            ``StepTimeout``; the trainers leave failed episodes out), the call is left to its thread and its
+            environment is replaced by a fresh one. The serial backend's answer to a hung tool or judge
+            (the Ray backend also has chunk_timeout_s). Null waits forever; size it well above the slowest
+            real tool call or judge.
         max_staleness: (ray) iterations the workers' weights may lag the learner's (0: on-policy;
             more saves weight transfers and makes GRPO use the sampler's log-probs).
         ray_address: (ray) null starts a local Ray; "auto" or "host:port" joins a cluster.
@@ -274,6 +280,7 @@ class RolloutConfig:
     torch_threads: int = 1
     max_restarts: int = 3
     chunk_timeout_s: float | None = None
+    step_timeout_s: float | None = None
     max_staleness: int = 0
     ray_address: str | None = None
     mode: str = "sync"
@@ -298,6 +305,11 @@ class RolloutConfig:
         if self.chunk_timeout_s is not None and self.backend != "ray":
             raise ConfigError(f"rollout.chunk_timeout_s ({self.chunk_timeout_s!r}) needs backend 'ray' (a hung worker "
                               "process is killed and replaced; the serial backend has none). Set it to null.")
+        check_chunk_timeout(self.step_timeout_s, "rollout.step_timeout_s")
+        if self.step_timeout_s is not None and self.mode != "async":
+            raise ConfigError(f"rollout.step_timeout_s ({self.step_timeout_s!r}) needs rollout.mode 'async' (env calls "
+                              "on threads, which a call past its time can be left to). Set mode: async or the "
+                              "timeout to null.")
         if self.max_staleness < 0:
             raise ConfigError(f"rollout.max_staleness ({self.max_staleness}) must be >= 0.")
         if self.max_staleness and self.backend == "serial":
@@ -328,12 +340,12 @@ class RolloutConfig:
 
         if self.backend == "serial":
             return SerialRollout(copy.deepcopy(policy) if self.overlap else policy, make_env, self.num_envs, finish,
-                                 self.mode, self.max_concurrent_judges)
+                                 self.mode, self.max_concurrent_judges, self.step_timeout_s)
         self.check_local_cpus()
         start_ray(self.ray_address)
         return RayRollout(make_policy, make_env, self.num_workers, self.num_envs, self.placement,
                           self.worker_num_cpus, self.worker_num_gpus, self.torch_threads, self.max_restarts, finish,
-                          self.mode, self.max_concurrent_judges, self.chunk_timeout_s)
+                          self.mode, self.max_concurrent_judges, self.chunk_timeout_s, self.step_timeout_s)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:

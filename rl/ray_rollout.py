@@ -10,7 +10,6 @@ lost or counted twice. In async mode the workers stream: a dispatcher thread han
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
 import time
@@ -23,7 +22,7 @@ import torch
 from rl.episodes import MAX_CONCURRENT_JUDGES, Episode, EpisodeSpec, Finish, RolloutStats
 from rl.errors import ConfigError, RolloutError
 from rl.policy import Policy, TrainablePolicy
-from rl.runner import EpisodeStream, _check_judges, _check_mode, run_episodes
+from rl.runner import EpisodeStream, _check_judges, _check_mode, _check_step_timeout, check_timeout, run_episodes
 
 
 class RolloutWorker:
@@ -41,10 +40,12 @@ class RolloutWorker:
 
     def __init__(self, make_policy: Callable[[], Policy], make_env: Callable[[], Any], num_envs: int,
                  torch_threads: int, finish: Finish | None = None, mode: str = "sync",
-                 max_concurrent_judges: int = MAX_CONCURRENT_JUDGES):
+                 max_concurrent_judges: int = MAX_CONCURRENT_JUDGES, step_timeout_s: float | None = None):
         torch.set_num_threads(torch_threads)
         self.policy = make_policy()
+        self.make_env = make_env
         self.envs = [make_env() for _ in range(num_envs)]
+        self.step_timeout_s = step_timeout_s
         self.finish = finish
         self.mode = mode
         self.max_concurrent_judges = max_concurrent_judges
@@ -60,7 +61,7 @@ class RolloutWorker:
 
     def sample(self, specs: Sequence[EpisodeSpec]) -> tuple[list[Episode], RolloutStats]:
         return run_episodes(self.policy, self.envs, specs, self.weight_version, self.finish, self.mode,
-                            self.max_concurrent_judges)
+                            self.max_concurrent_judges, self.step_timeout_s)
 
     def play(self, specs: Sequence[EpisodeSpec], version: int, weights: tuple[int, Any] | None
              ) -> tuple[list[Episode], RolloutStats]:
@@ -72,7 +73,8 @@ class RolloutWorker:
         recorded on the episodes."""
         with self._lock:  # chunks reach the stream in the order their calls got here
             if self._stream is None:
-                self._stream = EpisodeStream(self.policy, self.envs, self.finish, self.max_concurrent_judges)
+                self._stream = EpisodeStream(self.policy, self.envs, self.finish, self.max_concurrent_judges,
+                                             self.step_timeout_s, self.make_env)
             tensors = None
             if weights is not None and weights[0] != self._stream_weights:
                 import ray
@@ -96,9 +98,7 @@ STREAM_POLL_S = 0.05
 
 def check_chunk_timeout(seconds: float | None, name: str = "chunk_timeout_s") -> None:
     """Raise ConfigError unless ``seconds`` is None or a finite number > 0 (``name`` in the message)."""
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                                or not math.isfinite(seconds) or seconds <= 0):
-        raise ConfigError(f"{name} ({seconds!r}) must be null (wait forever) or a number of seconds > 0.")
+    check_timeout(seconds, name)
 
 
 def check_cluster_fits(actors: str, count: int, num_cpus: float, num_gpus: float) -> None:
@@ -151,18 +151,22 @@ class RayRollout:
         chunk_timeout_s: seconds a worker may take over one chunk, counted from when it was handed
             the chunk; past it the worker counts as hung: killed, replaced and the chunk re-run. None
             waits forever.
+        step_timeout_s: (async) each worker's runner limit on one env call or deferred score (see
+            :func:`~rl.runner.run_episodes`): past it the episode fails and the worker makes a fresh
+            environment, without losing the chunk's other episodes. None waits forever.
     """
 
     def __init__(self, make_policy: Callable[[], Policy], make_env: Callable[[], Any], num_workers: int,
                  envs_per_worker: int, placement: str = "colocate", num_cpus: float = 1.0,
                  num_gpus: float = 0.0, torch_threads: int = 1, max_restarts: int = 3,
                  finish: Finish | None = None, mode: str = "sync", max_concurrent_judges: int = MAX_CONCURRENT_JUDGES,
-                 chunk_timeout_s: float | None = None):
+                 chunk_timeout_s: float | None = None, step_timeout_s: float | None = None):
         import ray
 
         if num_workers < 1 or envs_per_worker < 1:
             raise ConfigError(f"num_workers ({num_workers}) and envs_per_worker ({envs_per_worker}) must be >= 1.")
         check_chunk_timeout(chunk_timeout_s)
+        _check_step_timeout(step_timeout_s, mode)
         if placement not in ("colocate", "spread"):
             raise ConfigError(f"placement ({placement!r}) must be 'colocate' or 'spread'.")
         _check_mode(mode)
@@ -175,7 +179,8 @@ class RayRollout:
         concurrency = STREAM_DEPTH + 1 if mode == "async" else 1  # + 1: pid() while chunks play
         self._actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
                                  max_concurrency=concurrency)(RolloutWorker)
-        self._args = (make_policy, make_env, envs_per_worker, torch_threads, finish, mode, max_concurrent_judges)
+        self._args = (make_policy, make_env, envs_per_worker, torch_threads, finish, mode, max_concurrent_judges,
+                      step_timeout_s)
         self.envs_per_worker = envs_per_worker
         self.placement = placement
         self.max_restarts = max_restarts

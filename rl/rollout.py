@@ -39,7 +39,7 @@ from rl.episodes import MAX_CONCURRENT_JUDGES, MODES, Episode, EpisodeSpec, Fini
 from rl.errors import ConfigError
 from rl.policy import Policy, TrainablePolicy
 from rl.ray_rollout import STREAM_DEPTH, RayRollout, RolloutWorker, check_chunk_timeout, check_cluster_fits
-from rl.runner import EpisodeStream, _check_judges, _check_mode, run_episodes
+from rl.runner import EpisodeStream, _check_judges, _check_mode, _check_step_timeout, run_episodes
 
 __all__ = ["MAX_CONCURRENT_JUDGES", "MODES", "STREAM_DEPTH", "Episode", "EpisodeSpec", "EpisodeStream", "Finish",
            "RayRollout", "Rollout", "RolloutStats", "RolloutWorker", "SerialRollout", "check_chunk_timeout",
@@ -82,19 +82,25 @@ class SerialRollout:
         finish: the runner's end-of-episode hook (see :func:`run_episodes`), or None.
         mode: the runner's mode, ``"sync"`` or ``"async"`` (see :func:`run_episodes`).
         max_concurrent_judges: (async) the runner's judge pool (see :func:`run_episodes`).
+        step_timeout_s: (async) the runner's limit on one env call or deferred score (see
+            :func:`run_episodes`); an environment it retires is replaced by a fresh one.
     """
 
     def __init__(self, policy: Policy, make_env: Callable[[], Any], num_envs: int, finish: Finish | None = None,
-                 mode: str = "sync", max_concurrent_judges: int = MAX_CONCURRENT_JUDGES):
+                 mode: str = "sync", max_concurrent_judges: int = MAX_CONCURRENT_JUDGES,
+                 step_timeout_s: float | None = None):
         if num_envs < 1:
             raise ConfigError(f"num_envs ({num_envs}) must be at least 1.")
         _check_mode(mode)
         _check_judges(max_concurrent_judges)
+        _check_step_timeout(step_timeout_s, mode)
         self.policy = policy
+        self.make_env = make_env
         self.envs = [make_env() for _ in range(num_envs)]
         self.finish = finish
         self.mode = mode
         self.max_concurrent_judges = max_concurrent_judges
+        self.step_timeout_s = step_timeout_s
         self.weight_version = 0
         self._stream: EpisodeStream | None = None
 
@@ -127,8 +133,15 @@ class SerialRollout:
         if not self.streams:
             raise ConfigError("SerialRollout.submit needs mode 'async' (the sync loop plays one batch per call).")
         if self._stream is None:
-            self._stream = EpisodeStream(self.policy, self.envs, self.finish, self.max_concurrent_judges)
+            self._stream = EpisodeStream(self.policy, self.envs, self.finish, self.max_concurrent_judges,
+                                         self.step_timeout_s, self._fresh_env)
         return self._stream.submit(specs, version, weights)
+
+    def _fresh_env(self) -> Any:
+        """An environment in place of one retired by ``step_timeout_s`` (closed with the rest)."""
+        env = self.make_env()
+        self.envs.append(env)
+        return env
 
     def close(self) -> None:
         if self._stream is not None:

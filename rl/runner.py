@@ -32,6 +32,8 @@ episodes are being scored. The episodes are those of one call per batch.
 
 from __future__ import annotations
 
+import math
+import queue
 import threading
 import time
 from collections import Counter, deque
@@ -155,6 +157,14 @@ class _Live:
         self.conversation.segments.append(policy.encode(observation, first=not self.conversation.segments))
         self.stats.env_seconds += time.perf_counter() - start
 
+    def timed_out(self, error: str) -> Episode:
+        """The episode failed because its env call or score ran past the runner's ``step_timeout_s``; that
+        call's thread may still write into this episode, so the result holds copies and the episode's
+        stats start over."""
+        self.stats = RolloutStats(episodes_failed=1)
+        return Episode(self.spec, list(self.conversation.segments), list(self.rewards) + [float("nan")], {}, False,
+                       False, dict(self.backends), weight_version=self.weight_version, error=error)
+
     def _failed(self, error: str, start: float) -> Episode:
         self.stats.env_seconds += time.perf_counter() - start
         self.stats.episodes_failed += 1
@@ -167,6 +177,20 @@ def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"mode ({mode!r}) must be one of {MODES}: 'sync' (the default) or 'async' (env steps "
                           "on threads, generation never waiting for them).")
+
+
+def check_timeout(seconds: float | None, name: str) -> None:
+    """Raise ConfigError unless ``seconds`` is None or a finite number > 0 (``name`` in the message)."""
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not math.isfinite(seconds) or seconds <= 0):
+        raise ConfigError(f"{name} ({seconds!r}) must be null (wait forever) or a number of seconds > 0.")
+
+
+def _check_step_timeout(step_timeout_s: float | None, mode: str) -> None:
+    check_timeout(step_timeout_s, "step_timeout_s")
+    if step_timeout_s is not None and mode != "async":
+        raise ConfigError(f"step_timeout_s ({step_timeout_s!r}) needs mode 'async' (env calls on threads, which a "
+                          "call past its time can be left to); the sync loop steps the envs itself. Set it to null.")
 
 
 def _check_judges(max_concurrent_judges: int) -> None:
@@ -363,7 +387,8 @@ class _Batch:
 
 def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpec], weight_version: int = 0,
                  finish: Finish | None = None, mode: str = "sync",
-                 max_concurrent_judges: int = MAX_CONCURRENT_JUDGES) -> tuple[list[Episode], RolloutStats]:
+                 max_concurrent_judges: int = MAX_CONCURRENT_JUDGES,
+                 step_timeout_s: float | None = None) -> tuple[list[Episode], RolloutStats]:
     """Play ``specs`` to the end with a pool of environments.
 
     Every policy and agent is played by this loop: training rollouts, evaluation and the report
@@ -392,13 +417,22 @@ def run_episodes(policy: Policy, envs: Sequence[Any], specs: Sequence[EpisodeSpe
             rubric and its judges) runs on a pool of this many threads, and the env takes the next
             spec at once; finished episodes wait for a free slot (``stats.judge_queue_seconds``). 0
             keeps the scoring inside the env's last step (the env waits for it). Sync mode always does.
+        step_timeout_s: (async) seconds an env reset or step, or a deferred score, may run: past it the
+            episode fails (``Episode.error`` starts with ``StepTimeout``, NaN reward, counted in
+            ``stats.episodes_failed``), the call is left to its thread (its result dropped; a daemon
+            thread, so a call that never returns does not keep the process alive) and its environment is
+            retired: this function cannot make a new one, so its pool shrinks (a ``RolloutError`` when no
+            environment is left for the specs still to play; :class:`~rl.rollout.SerialRollout` and the Ray
+            workers make a fresh one). None (the default) waits forever. Size it well above the slowest
+            real tool call or judge.
     """
     _check_mode(mode)
     _check_judges(max_concurrent_judges)
+    _check_step_timeout(step_timeout_s, mode)
     batch = _Batch(specs, weight_version, start=time.perf_counter())
     if mode == "sync":
         return _run_sync(policy, list(envs), finish, batch)
-    loop = _AsyncLoop(policy, envs, finish, max_concurrent_judges)
+    loop = _AsyncLoop(policy, envs, finish, max_concurrent_judges, step_timeout_s)
     try:
         loop.add(batch)
         loop.run(until=batch.future.done)
@@ -440,6 +474,90 @@ def _run_sync(policy: Policy, free: list[Any], finish: Finish | None,
     return batch.close(end, *clock.read(end))
 
 
+class _Threads:
+    """Daemon threads that run submitted calls (``size`` at a time, in order), where a call that runs too
+    long can be written off (:meth:`abandon`): its thread is left to finish it, the result dropped, and a
+    fresh thread takes its place. Daemon threads, so a call that never returns (a hung tool or judge)
+    does not keep the process from exiting."""
+
+    def __init__(self, size: int, name: str):
+        self._name = name
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._started: dict[Future, tuple[float, threading.Thread]] = {}  # running: when they began, where
+        self._threads: set[threading.Thread] = set()
+        self._spawned = 0
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self._spawned += 1
+        thread = threading.Thread(target=self._work, name=f"{self._name}-{self._spawned}", daemon=True)
+        self._threads.add(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            future, call, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            with self._lock:
+                self._started[future] = (time.monotonic(), threading.current_thread())
+            error = result = None
+            try:
+                result = call(*args)
+            except BaseException as raised:  # handed to the future, as ThreadPoolExecutor does
+                error = raised
+            with self._lock:
+                if self._started.pop(future, None) is None:  # written off meanwhile: a fresh thread took over
+                    return
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def submit(self, call: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, call, args))
+        return future
+
+    def started(self, future: Future) -> float | None:
+        """When the call of ``future`` began (``time.monotonic()``), or None if it is not running."""
+        with self._lock:
+            begun = self._started.get(future)
+        return None if begun is None else begun[0]
+
+    def abandon(self, future: Future) -> bool:
+        """Write off the running call of ``future`` (it never resolves; its thread is left to it and a
+        fresh one takes its place): True, or False if it is not running (it just returned)."""
+        with self._lock:
+            begun = self._started.pop(future, None)
+            if begun is None:
+                return False
+            self._threads.discard(begun[1])
+        self._spawn()
+        return True
+
+    def shutdown(self) -> None:
+        """Cancel the calls not begun, then wait for the threads to finish the calls they run (not for
+        the calls written off)."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        threads = list(self._threads)
+        for _ in threads:
+            self._tasks.put(None)
+        for thread in threads:
+            thread.join()
+
+
 class _AsyncLoop:
     """The async loop of :func:`run_episodes` and :class:`EpisodeStream`: env work on one thread per
     environment, deferred end-of-episode scores on ``judges`` threads, turns generated as episodes
@@ -455,16 +573,20 @@ class _AsyncLoop:
     weight versions.
     """
 
-    def __init__(self, policy: Policy, envs: Sequence[Any], finish: Finish | None, judges: int):
+    def __init__(self, policy: Policy, envs: Sequence[Any], finish: Finish | None, judges: int,
+                 step_timeout_s: float | None = None, make_env: Callable[[], Any] | None = None):
         self.policy = policy
         self.finish = finish
-        self.free = list(envs)
-        self.envs_pool = ThreadPoolExecutor(len(envs), thread_name_prefix="env")
-        self.judge_pool = ThreadPoolExecutor(max(judges, 1), thread_name_prefix="judge")
+        self.judges = judges
+        self.step_timeout_s = step_timeout_s
+        self.make_env = make_env
+        self.free: list[Any] = []
+        self.deferring: list[Any] = []
+        for env in envs:
+            self._pool(env)
+        self.envs_pool = _Threads(len(envs), "env")
+        self.judge_pool = _Threads(max(judges, 1), "judge")
         self.generator = _generator(policy, len(envs))
-        self.deferring = [env.unwrapped for env in envs if judges and _defers_scoring(env)]
-        for base in self.deferring:  # switched back in close()
-            base.defer_scoring = True
         self.batches: deque[_Batch] = deque()
         self.stepping: dict[Future, _Live] = {}
         self.generating: dict[Future, list[_Live]] = {}
@@ -501,7 +623,8 @@ class _AsyncLoop:
                     self.generating[future] = lives
                 self.ready = []
             finished, _ = wait([*self.stepping, *self.generating, *self.judging, self.doorbell],
-                               return_when=FIRST_COMPLETED)
+                               timeout=self._next_deadline(), return_when=FIRST_COMPLETED)
+            self._expire()  # also when others finished: a hung call is cut however busy the loop is
             for future in finished:
                 if future in self.judging:
                     live = self.judging.pop(future)
@@ -555,6 +678,55 @@ class _AsyncLoop:
             live = batch.begin(self.free.pop())
             self.stepping[self.envs_pool.submit(live.reset)] = live
 
+    def _next_deadline(self) -> float | None:
+        """Seconds until the first running env call or score passes ``step_timeout_s`` (None: no limit)."""
+        if self.step_timeout_s is None:
+            return None
+        begun = [b for b in (*(self.envs_pool.started(f) for f in self.stepping),
+                             *(self.judge_pool.started(f) for f in self.judging)) if b is not None]
+        if not begun:  # nothing running yet: look again soon (a queued call may begin meanwhile)
+            return self.step_timeout_s
+        return max(0.0, min(begun) + self.step_timeout_s - time.monotonic())
+
+    def _expire(self) -> None:
+        """Fail the episodes whose env call or score ran past ``step_timeout_s``: the call is written off
+        (its thread left to it), its environment retired (replaced when the runner can make one)."""
+        if self.step_timeout_s is None:
+            return
+        now = time.monotonic()
+        for running, pool, what in ((self.stepping, self.envs_pool, "env reset or step"),
+                                    (self.judging, self.judge_pool, "end-of-episode score")):
+            for future in list(running):
+                begun = pool.started(future)
+                if begun is None or now - begun < self.step_timeout_s or not pool.abandon(future):
+                    continue
+                live = running.pop(future)
+                if running is self.stepping:
+                    self._ended(live)
+                if not live.released:  # its env is (or may be) in the call written off: never reused
+                    live.released = True
+                    self._retire(live.env)
+                live.batch.book(live, live.timed_out(
+                    f"StepTimeout: the {what} ran past step_timeout_s ({self.step_timeout_s:g} s); its environment "
+                    "was retired"))
+        alive = self.free or self.stepping or self.judging or self.generating or self.ready or self.held
+        if not alive and any(b.queue for b in self.batches):
+            raise RolloutError(f"Every environment hung past step_timeout_s ({self.step_timeout_s:g} s) and none can "
+                               "be made anew (run_episodes has no env factory): no episode can run. See the failed "
+                               "episodes' errors.")
+
+    def _pool(self, env: Any) -> None:
+        """Add ``env`` to the free environments (switched to deferred scoring when the judge pool is on)."""
+        if self.judges and _defers_scoring(env):
+            env.unwrapped.defer_scoring = True  # switched back in close()
+            self.deferring.append(env.unwrapped)
+        self.free.append(env)
+
+    def _retire(self, env: Any) -> None:
+        """Drop an environment stuck in a call written off, and add a fresh one when there is a factory."""
+        if self.make_env is not None:
+            self._pool(self.make_env())
+
     def _stepped(self, live: _Live, outcome: Any) -> None:
         """An env reset or step came back: on to the judge pool, booked, or ready to generate."""
         if live.ending is not None:  # the env deferred its score
@@ -590,8 +762,8 @@ class _AsyncLoop:
         future.add_done_callback(lambda _: self.clock.end())
 
     def close(self) -> None:
-        self.envs_pool.shutdown(wait=True, cancel_futures=True)
-        self.judge_pool.shutdown(wait=True, cancel_futures=True)
+        self.envs_pool.shutdown()
+        self.judge_pool.shutdown()
         for base in self.deferring:
             base.defer_scoring = False
         self.generator.close()
@@ -610,13 +782,16 @@ class EpisodeStream:
         policy: the policy (:meth:`submit`'s weights are set on it, so give the stream its own copy when
             another thread trains the learner's).
         envs: the pool of environments (the stream's alone while it runs).
-        finish, max_concurrent_judges: as :func:`run_episodes`.
+        finish, max_concurrent_judges, step_timeout_s: as :func:`run_episodes`.
+        make_env: makes an environment in place of one retired by ``step_timeout_s`` (None: the pool shrinks).
     """
 
     def __init__(self, policy: Policy, envs: Sequence[Any], finish: Finish | None = None,
-                 max_concurrent_judges: int = MAX_CONCURRENT_JUDGES):
+                 max_concurrent_judges: int = MAX_CONCURRENT_JUDGES, step_timeout_s: float | None = None,
+                 make_env: Callable[[], Any] | None = None):
         _check_judges(max_concurrent_judges)
-        self._loop = _AsyncLoop(policy, envs, finish, max_concurrent_judges)
+        _check_step_timeout(step_timeout_s, "async")
+        self._loop = _AsyncLoop(policy, envs, finish, max_concurrent_judges, step_timeout_s, make_env)
         self._closing = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._serve, name="episode-stream", daemon=True)

@@ -125,21 +125,22 @@ class CrashOnceEnv(gym.Wrapper):
 
 
 class StallEnv(gym.Wrapper):
-    """ToolEcho whose reset with ``stall_seed`` never returns (it sleeps an hour): a hung tool or judge.
+    """ToolEcho whose reset with ``stall_seed`` never returns (it sleeps an hour, or ``seconds``): a hung tool or judge.
 
     With a ``marker`` path only the first such reset stalls (it creates the file), so a re-run goes through.
     """
 
-    def __init__(self, stall_seed: int, marker: str | None = None):
+    def __init__(self, stall_seed: int, marker: str | None = None, seconds: float = 3600.0):
         super().__init__(ECHO.make())
         self.stall_seed = stall_seed
         self.marker = marker
+        self.seconds = seconds
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed == self.stall_seed and not (self.marker and os.path.exists(self.marker)):
             if self.marker:
                 open(self.marker, "w").close()
-            time.sleep(3600)
+            time.sleep(self.seconds)
         return self.env.reset(seed=seed, options=options)
 
 

@@ -25,7 +25,7 @@ from rl.policy import POLICY, AgentPolicy
 from rl.errors import RolloutError
 from rl.rollout import RayRollout, SerialRollout, make_specs, run_episodes
 from rl.train import episode_metrics
-from rl_helpers import ECHO, CrashOnceEnv, LetterEnv, RaisingEnv
+from rl_helpers import ECHO, CrashOnceEnv, LetterEnv, RaisingEnv, StallEnv
 from test_rl_rollout import saved_policy  # noqa: F401  (the fixture: a tiny policy and its loader)
 
 PLAN_ANSWER = '{"fulfilment": 1, "coherence": 8, "executability": 6, "atomicity": 10, "optimality": 4}'
@@ -524,3 +524,89 @@ def test_latency_and_mode_settings_validate_themselves(saved_policy):
             RolloutConfig(max_concurrent_judges=bad)
         with pytest.raises(ConfigError, match=r"max_concurrent_judges \(.*\) must be an int >= 0"):
             run_episodes(saved_policy[0], [LetterEnv()], make_specs(0, 0, 1, 1), max_concurrent_judges=bad)
+
+
+class StallOnceRubric:
+    """The LTR rubric, except that its first call does not return for a minute: a judge that hung (a minute, so
+    that a runner that failed to leave it would fail the test rather than hang it)."""
+
+    def __init__(self):
+        self.rubric, self.calls, self.lock = LtrReward(), 0, threading.Lock()
+
+    def __call__(self, records):
+        with self.lock:
+            self.calls += 1
+            first = self.calls == 1
+        if first:
+            time.sleep(60)
+        return self.rubric(records)
+
+
+def test_an_env_call_past_step_timeout_fails_its_episode_and_the_rest_play_on():
+    specs = make_specs(6, 0, 6, 1)
+    stall = specs[2].task_seed  # this episode's reset never returns
+    envs = [StallEnv(stall, seconds=60) for _ in range(2)]
+    begun = time.monotonic()
+    episodes, stats = run_episodes(AgentPolicy(RandomAgent), envs, specs, mode="async", step_timeout_s=1.0)
+    took = time.monotonic() - begun
+    assert 1.0 <= took < 50
+    assert [e.error is not None for e in episodes] == [False, False, True, False, False, False]
+    assert episodes[2].error.startswith("StepTimeout: the env reset or step ran past step_timeout_s (1 s)")
+    assert math.isnan(episodes[2].reward) and stats.episodes_failed == 1
+    expected, _ = run_episodes(AgentPolicy(RandomAgent), [ECHO.make()], [s for i, s in enumerate(specs) if i != 2])
+    assert as_data([e for i, e in enumerate(episodes) if i != 2]) == as_data(expected)  # played on one env
+    # with no env left for the specs still to play: a clear error, not a hang
+    with pytest.raises(RolloutError, match=r"Every environment hung past step_timeout_s \(0.5 s\)"):
+        run_episodes(AgentPolicy(RandomAgent), [StallEnv(stall, seconds=60)], specs[2:4], mode="async",
+                     step_timeout_s=0.5)
+
+
+def test_a_judge_past_step_timeout_fails_its_episode_and_a_serial_rollout_keeps_its_envs():
+    first, second = make_specs(7, 0, 5, 1), make_specs(7, 1, 3, 1)
+    # the same episodes without a hung judge (in sync mode; also builds the media database and the tools'
+    # indexes of this test session's fresh home, seconds that would otherwise count against the limit)
+    expected = [run_episodes(AgentPolicy(RandomAgent), [VisGenEnv(max_turns=3)], specs)[0] for specs in (first, second)]
+    rubric = StallOnceRubric()
+    rollout = SerialRollout(AgentPolicy(RandomAgent), lambda: VisGenEnv(max_turns=3, rubric=rubric), 2, mode="async",
+                            step_timeout_s=2.0)
+    try:
+        episodes, stats = rollout.sample(first)
+        again, _ = rollout.sample(second)  # the rollout goes on
+    finally:
+        rollout.close()
+    failed = [i for i, e in enumerate(episodes) if e.error is not None]
+    assert len(failed) == 1 and stats.episodes_failed == 1 and rubric.calls == 5 + 3
+    assert episodes[failed[0]].error.startswith("StepTimeout: the end-of-episode score ran past step_timeout_s (2 s)")
+    assert math.isnan(episodes[failed[0]].reward)
+    assert as_data([e for i, e in enumerate(episodes) if i not in failed]) == \
+        as_data([e for i, e in enumerate(expected[0]) if i not in failed])
+    assert as_data(again) == as_data(expected[1])
+    for bad in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(ConfigError, match="step_timeout_s"):
+            RolloutConfig(mode="async", step_timeout_s=bad)
+    with pytest.raises(ConfigError, match=r"rollout.step_timeout_s \(5\) needs rollout.mode 'async'"):
+        RolloutConfig(step_timeout_s=5)
+    with pytest.raises(ConfigError, match=r"step_timeout_s \(5\) needs mode 'async'"):
+        run_episodes(AgentPolicy(RandomAgent), [ECHO.make()], make_specs(7, 0, 1, 1), step_timeout_s=5)
+    assert RolloutConfig(mode="async", step_timeout_s=30).step_timeout_s == 30
+
+
+@pytest.mark.slow
+def test_a_hung_env_call_in_a_ray_worker_fails_its_episode_and_the_worker_plays_on(ray_session, saved_policy):
+    policy, make_policy = saved_policy
+    specs = make_specs(8, 0, 4, 2)
+    stall = specs[3].task_seed  # a group of two: both its resets hang (a minute)
+    rollout = RayRollout(make_policy, functools.partial(StallEnv, stall, seconds=60), num_workers=1, envs_per_worker=4,
+                         num_cpus=0.5, mode="async", step_timeout_s=3.0)
+    try:
+        rollout.set_weights(policy, version=1)
+        episodes, stats = rollout.sample(specs)
+    finally:
+        rollout.close()
+    assert [e.error is not None for e in episodes] == [False, False, True, True, False, False, False, False]
+    assert all(e.error.startswith("StepTimeout: the env reset or step ran past step_timeout_s (3 s)")
+               for e in episodes[2:4])
+    assert stats.worker_restarts == 0 and stats.episodes_failed == 2  # the worker made fresh envs, kept its chunk
+    expected, _ = run_episodes(policy, [ECHO.make() for _ in range(4)], specs)
+    assert_same_episodes([e for i, e in enumerate(episodes) if i not in (2, 3)],
+                         [e for i, e in enumerate(expected) if i not in (2, 3)])
