@@ -411,6 +411,8 @@ class RayRollout:
             for index in range(len(self.workers)):
                 while len(slots[index]) < STREAM_DEPTH and hand(index):
                     pass
+            if not flight:  # what was pending had been cancelled
+                continue
             free = any(len(slot) < STREAM_DEPTH for slot in slots)
             deadline = (min(since[i] for i, slot in enumerate(slots) if slot) + self.chunk_timeout_s
                         if self.chunk_timeout_s is not None else None)

@@ -610,3 +610,21 @@ def test_a_hung_env_call_in_a_ray_worker_fails_its_episode_and_the_worker_plays_
     expected, _ = run_episodes(policy, [ECHO.make() for _ in range(4)], specs)
     assert_same_episodes([e for i, e in enumerate(episodes) if i not in (2, 3)],
                          [e for i, e in enumerate(expected) if i not in (2, 3)])
+
+
+@pytest.mark.slow
+def test_a_streaming_ray_rollout_drops_a_batch_cancelled_before_its_chunks_went_out(ray_session):
+    rollout = RayRollout(functools.partial(AgentPolicy, RandomAgent), functools.partial(visgen, 0.0, 0.2),
+                         num_workers=1, envs_per_worker=2, num_cpus=0.5, mode="async", chunk_timeout_s=120)
+    try:
+        kept = rollout.submit(make_specs(3, 0, 4, 1), 0)  # two chunks: the worker's two slots
+        dropped = rollout.submit(make_specs(3, 1, 4, 1), 1)
+        assert dropped.cancel(), "the second batch went out at once: the test proved nothing"
+        episodes, _ = kept.result(timeout=120)
+        assert [e.spec.episode_id for e in episodes] == [0, 1, 2, 3] and all(e.error is None for e in episodes)
+        time.sleep(0.5)  # the dispatcher idles (nothing in flight), then a batch comes and is cancelled at once
+        rollout.submit(make_specs(3, 3, 2, 1), 3).cancel()
+        again, _ = rollout.sample(make_specs(3, 2, 2, 1))  # the dispatcher goes on
+        assert [e.error for e in again] == [None, None]
+    finally:
+        rollout.close()
