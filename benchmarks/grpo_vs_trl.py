@@ -13,7 +13,7 @@ load drift on a shared machine hits both. rl samples through the rollout loop's 
 ``sync`` one batched ``policy.generate`` per turn. Needs TRL (benchmark-only): ``pip install -e ".[bench]"``.
 
     python benchmarks/grpo_vs_trl.py [--iterations 10] [--blocks 2] [--threads 2] [--max-new-tokens 16]
-        [--init warm|random] [--mode async|sync] [--out benchmarks/results/grpo_vs_trl.json]
+        [--init warm|random] [--mode async|sync] [--overlap] [--out benchmarks/results/grpo_vs_trl.json]
 
 The issue-14 workload: ``--init random --env letter --max-new-tokens 64``.
 """
@@ -21,6 +21,7 @@ The issue-14 workload: ``--init random --env letter --max-new-tokens 64``.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import os
@@ -60,7 +61,7 @@ def start_policy(max_new_tokens: int, init: str) -> CausalLMPolicy:
 
 class Timer(Callback):
     def __init__(self):
-        self.times, self.tokens, self.shares = [], [], []
+        self.times, self.tokens, self.shares, self.waits = [], [], [], []
         self._last = time.perf_counter()
 
     def on_step(self, iteration, metrics):
@@ -69,17 +70,21 @@ class Timer(Callback):
         self._last = now
         self.tokens.append(metrics["policy_tokens"])
         self.shares.append((metrics["time/generate"], metrics["time/env"], metrics["time/update"]))
+        self.waits.append(metrics.get("time/rollout_wait", 0.0))
         return False
 
 
 def run_ours(policy, weights, args, iterations, seed):
     policy.set_weights(weights)
     config = GRPOConfig(tasks_per_iteration=args.prompts, group_size=args.group, learning_rate=args.lr,
-                        kl_coef=args.beta, kl_estimator="k3", loss_aggregation="token")
+                        kl_coef=args.beta, kl_estimator="k3", loss_aggregation="token", off_policy=args.overlap)
     timer = Timer()
+    # with --overlap the rollout samples with its own copy, one update behind (Trainer's overlap)
+    sampler = copy.deepcopy(policy) if args.overlap else policy
     trainer = Trainer(policy, GRPO(policy, reference_policy(policy), config),
-                      SerialRollout(policy, ENVS[args.env], args.prompts * args.group, mode=args.mode), iterations=iterations,
-                      num_groups=args.prompts, group_size=args.group, seed=seed, callbacks=[timer])
+                      SerialRollout(sampler, ENVS[args.env], args.prompts * args.group, mode=args.mode),
+                      iterations=iterations, num_groups=args.prompts, group_size=args.group, seed=seed,
+                      overlap=args.overlap, callbacks=[timer])
     trainer.run()
     return timer
 
@@ -153,6 +158,9 @@ def main() -> None:
                         help="warm: a short SFT warm start; random: the random initialisation")
     parser.add_argument("--mode", choices=("async", "sync"), default="async",
                         help="rl's rollout mode: async runs the in-process engine")
+    parser.add_argument("--overlap", action="store_true",
+                        help="rl samples iteration it + 1 while update it runs (Trainer(overlap=True): one update "
+                             "behind, GRPO off_policy); TRL has no such mode, so this is no longer the same algorithm")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=0.02)
     parser.add_argument("--threads", type=int, default=2)
@@ -167,12 +175,13 @@ def main() -> None:
     policy = start_policy(args.max_new_tokens, args.init)
     weights = policy.get_weights()
     samples = args.prompts * args.group
-    ours, theirs, our_tokens, their_tokens, shares = [], [], [], [], []
+    ours, theirs, our_tokens, their_tokens, shares, waits = [], [], [], [], [], []
     for block in range(args.blocks):
         timer = run_ours(policy, weights, args, args.warmup + args.iterations, seed=block)
         ours += timer.times[args.warmup:]
         our_tokens += timer.tokens[args.warmup:]
         shares += timer.shares[args.warmup:]
+        waits += timer.waits[args.warmup:]
         trl_timer, lengths = run_trl(policy, weights, args, args.warmup + args.iterations, seed=block)
         theirs += trl_timer.times[args.warmup:]
         their_tokens += lengths[args.warmup:]
@@ -186,7 +195,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "setup": {"prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens,
-                  "env": args.env, "init": args.init, "mode": args.mode,
+                  "env": args.env, "init": args.init, "mode": args.mode, "overlap": args.overlap,
                   "model": "Llama hidden 128 x 2 layers, tied, vocab %d" % len(policy.tokenizer)},
         "ours_samples_per_s": round(ours_rate, 1), "trl_samples_per_s": round(trl_rate, 1),
         "speedup": round(ours_rate / trl_rate, 2),
@@ -198,6 +207,11 @@ def main() -> None:
                              "update": round(update / total, 3),
                              "other": round(1 - (generate + env + update) / total, 3)},
     }
+    if args.overlap:  # generation runs beside the update: its share is of the rollout thread's time, and
+        # what the learner waits for a rollout after its update is the part of generation not hidden
+        result["ours_time_shares"] = {"update": round(update / total, 3),
+                                      "learner_waits_for_rollout": round(sum(waits) / total, 3),
+                                      "rollout_thread_busy": round((generate + env) / total, 3)}
     print(f"{'':24}{'rl GRPO':>12}{'TRL GRPOTrainer':>18}")
     print(f"{'samples/s':24}{ours_rate:12.1f}{trl_rate:18.1f}")
     print(f"{'s/iteration (median)':24}{statistics.median(ours):12.3f}{statistics.median(theirs):18.3f}")
