@@ -203,15 +203,15 @@ def main() -> None:
         "trl_seconds_per_iteration": round(statistics.median(theirs), 3),
         "ours_mean_completion_tokens": round(statistics.mean(our_tokens), 2),
         "trl_mean_completion_tokens": round(statistics.mean(their_tokens), 2),
-        "ours_time_shares": {"generate": round(generate / total, 3), "env": round(env / total, 3),
+        # with --overlap generation runs beside the update on the rollout thread: what is left of it on
+        # the learner's clock is its wait for the next rollout after each update
+        "ours_time_shares": {"update": round(update / total, 3),
+                             "learner_waits_for_rollout": round(sum(waits) / total, 3),
+                             "rollout_thread_busy": round((generate + env) / total, 3)} if args.overlap else
+                            {"generate": round(generate / total, 3), "env": round(env / total, 3),
                              "update": round(update / total, 3),
                              "other": round(1 - (generate + env + update) / total, 3)},
     }
-    if args.overlap:  # generation runs beside the update: its share is of the rollout thread's time, and
-        # what the learner waits for a rollout after its update is the part of generation not hidden
-        result["ours_time_shares"] = {"update": round(update / total, 3),
-                                      "learner_waits_for_rollout": round(sum(waits) / total, 3),
-                                      "rollout_thread_busy": round((generate + env) / total, 3)}
     print(f"{'':24}{'rl GRPO':>12}{'TRL GRPOTrainer':>18}")
     print(f"{'samples/s':24}{ours_rate:12.1f}{trl_rate:18.1f}")
     print(f"{'s/iteration (median)':24}{statistics.median(ours):12.3f}{statistics.median(theirs):18.3f}")
