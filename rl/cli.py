@@ -63,7 +63,7 @@ def run_sft(config: SFTConfig, progress: bool = True, learner: LearnerConfig | N
     if config.model == "tiny":
         texts = [m["content"] for stage in config.stages for example in stage.examples(random.Random(config.seed))
                  for m in example]
-        tokenizer = train_tokenizer(texts, config.tiny.vocab_size)
+        tokenizer = train_tokenizer(texts, config.tiny.vocab_size, id_pairs=config.tiny.id_pairs)
         model = tiny_causal_lm(len(tokenizer), config.tiny.hidden_size, config.tiny.num_layers,
                                config.tiny.num_heads, config.tiny.intermediate_size, seed=config.seed)
         policy = CausalLMPolicy(model.to(config.torch_device, getattr(torch, config.torch_dtype)), tokenizer,

@@ -459,6 +459,8 @@ class TinyModelConfig:
         num_layers: transformer layers.
         num_heads: attention heads.
         intermediate_size: MLP width.
+        id_pairs: the tokenizer splits an artifact id's 12 hex digits into six two-digit tokens, every
+            pair in the vocabulary (:func:`rl.tokenizer.train_tokenizer`; up to 256 tokens more).
     """
 
     vocab_size: int = 1000
@@ -466,11 +468,14 @@ class TinyModelConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 352
+    id_pairs: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"tiny.hidden_size ({self.hidden_size}) must be divisible by tiny.num_heads "
                              f"({self.num_heads}).")
+        if not isinstance(self.id_pairs, bool):
+            raise ConfigError(f"tiny.id_pairs ({self.id_pairs!r}) must be true or false.")
 
 
 @dataclass

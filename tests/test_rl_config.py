@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (lambda: TrainConfig(policy=PolicyConfig(model="m"), rollout=RolloutConfig(backend="ray", max_staleness=1)),
      r"needs grpo.off_policy: true"),
     (lambda: TinyModelConfig(hidden_size=100, num_heads=3), r"tiny.hidden_size \(100\) must be divisible"),
+    (lambda: TinyModelConfig(id_pairs="yes"), r"tiny.id_pairs \('yes'\) must be true or false"),
     (lambda: SFTConfig(), r"sft.stages is empty"),
     (lambda: EvalConfig(agent="baselines.random_agent"), r"must look like 'module:Class'"),
     (lambda: EnvConfig("Nope-v0"), r"env.id \('Nope-v0'\) is not a registered environment"),

@@ -95,3 +95,26 @@ def test_tokenizer_round_trips_and_keeps_special_tokens_whole(tmp_path):
     assert isinstance(loaded, PreTrainedTokenizerFast) and loaded.encode(texts[0]) == tokenizer.encode(texts[0])
     with pytest.raises(ValueError, match=r"vocab_size \(100\) must be at least 262"):
         train_tokenizer(texts, vocab_size=100)
+
+
+def test_tokenizer_id_pairs_split_every_artifact_id_into_six_known_pairs(tmp_path):
+    texts = ['{"id": "img_3f2a9c01d4e7", "kind": "image"}', "Delivered: img_3f2a9c01d4e7", "tool_edit feed"] * 20
+    plain, paired = train_tokenizer(texts, vocab_size=300), train_tokenizer(texts, vocab_size=300, id_pairs=True)
+    pairs = [a + b for a in "0123456789abcdef" for b in "0123456789abcdef"]
+    vocab = paired.get_vocab()
+    assert all(p in vocab for p in pairs) and len(paired) == len(set(vocab.values())) <= 300 + 256
+    unseen = "Delivered: img_c0ffee12ab9d and vid_00ff00ff00ff."
+    tokens = paired.tokenize(unseen)
+    for body in ("c0ffee12ab9d", "00ff00ff00ff"):  # an id never seen in training: still six pair tokens
+        at = next(i for i, t in enumerate(tokens) if t.endswith("_") and "".join(tokens[i + 1:i + 7]) == body)
+        assert tokens[at + 1:at + 7] == [body[k:k + 2] for k in range(0, 12, 2)]
+    assert len(plain.tokenize(unseen)) > len(tokens)  # without pairs: single digits and a few merges
+    for text in (unseen, "no id: img_abc, img_3f2a9c01d4e7f, word_feedface", *texts):
+        assert paired.decode(paired.encode(text)) == text
+    # hex outside an id (too short, too long, no underscore) is not cut into pairs before the BPE
+    pieces = paired.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    assert [p for p, _ in pieces("img_abc img_3f2a9c01d4e7f feedface")] == ["img_abc", "Ġimg_3f2a9c01d4e7f",
+                                                                           "Ġfeedface"]
+    assert [p for p, _ in pieces("img_3f2a9c01d4e7")] == ["img_", "3f", "2a", "9c", "01", "d4", "e7"]
+    paired.save_pretrained(str(tmp_path))
+    assert load_tokenizer(str(tmp_path)).encode(unseen) == paired.encode(unseen)

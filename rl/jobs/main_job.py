@@ -241,7 +241,8 @@ def tiny_policy(config: MainJobConfig, out: Path, data_path: str, log: Log) -> t
     """
     examples = load_chat_jsonl(data_path)
     tiny = config.tiny
-    tokenizer = train_tokenizer([m["content"] for example in examples for m in example], tiny.vocab_size)
+    tokenizer = train_tokenizer([m["content"] for example in examples for m in example], tiny.vocab_size,
+                                id_pairs=tiny.id_pairs)
     tokenizer.save_pretrained(str(out / "tokenizer"))
     model = tiny_causal_lm(len(tokenizer), tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.intermediate_size,
                            seed=config.seed)
