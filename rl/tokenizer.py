@@ -72,9 +72,10 @@ def _with_hex_pairs(tokenizer: Tokenizer) -> Tokenizer:
     spec = json.loads(tokenizer.to_str())
     vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
     as_pairs = bool(merges) and isinstance(merges[0], list)
+    next_id = 1 + max([*vocab.values(), *(t["id"] for t in spec.get("added_tokens") or [])])
     for pair in (a + b for a in HEX for b in HEX):
         if pair not in vocab:
-            vocab[pair] = len(vocab)
+            vocab[pair], next_id = next_id, next_id + 1
             merges.append([pair[0], pair[1]] if as_pairs or not merges else f"{pair[0]} {pair[1]}")
     return Tokenizer.from_str(json.dumps(spec))
 
