@@ -237,6 +237,19 @@ class CausalLMPolicy:
     images_per_turn: int | None = None
     """Most images shown per environment turn; None for a text policy, which refuses images."""
 
+    shrink_at: float = 0.75
+    """:meth:`generate` drops the finished rows from its batch (and their cache rows) once the running
+    rows are at most this fraction of the batch; 0 never drops them (every row runs to the batch's
+    longest turn), 1 drops them at every step. Rows sample the same tokens either way (each row's
+    uniforms are its own); what changes is the cost of a batch whose turns differ in length."""
+
+    reuse_prefixes: bool = True
+    """:meth:`generate` keeps each row's keys and values (its prompt and sampled tokens) until the next
+    call, where a conversation that goes on (the same object, its prompt extending them, the weights
+    unchanged) prefills only its new tokens: a turn costs its observation, not the whole episode again.
+    Kept: the rows of the last call only (about the memory the batch's cache took); text policies only.
+    False prefills every prompt whole."""
+
     engine_served: ClassVar[bool] = True
     """Whether the async rollout loop serves this policy's turns with the in-process
     :class:`~rl.engine.hf.HFEngine` (continuous batching) instead of :meth:`generate`: text models do;
@@ -253,6 +266,9 @@ class CausalLMPolicy:
         self.stop_id = self._token_id(self.chat.stop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_id
         self.env_only_ids: tuple[int, ...] = ()
+        self._prefixes: tuple[tuple[int, ...], dict[int, tuple[list[int], list]]] = ((), {})
+        """(weights version, {id(conversation): (fed token ids, per-layer (keys, values))}) of the last
+        :meth:`generate`, see ``reuse_prefixes``."""
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", **options: Any) -> "CausalLMPolicy":
@@ -339,12 +355,64 @@ class CausalLMPolicy:
         banned = torch.tensor(self.env_only_ids, device=logits.device)
         return logits.index_fill(-1, banned, float("-inf"))
 
+    def _weights_version(self) -> tuple[int, ...]:
+        """Changes whenever any parameter is written in place (an optimizer step, :meth:`set_weights`)."""
+        return tuple(p._version for p in self.model.parameters())
+
+    def _prefill(self, conversations: Sequence[Conversation], prompts: list[list[int]], reuse: bool):
+        """The first forward pass of a turn: the model's output at each row's last prompt token, the attention
+        mask and the position ids. With ``reuse``, a row whose prompt extends the tokens this policy fed for
+        the same conversation in its last :meth:`generate` (same weights) prefills only the new tokens
+        against the kept keys and values: the cache is each row's kept prefix right-aligned at one column,
+        the new tokens follow, left-padded (the mask hides the gaps; positions continue each row's own)."""
+        device = self.device
+        kept = self._prefixes[1] if reuse else {}
+        prefixes = []
+        for conv, prompt in zip(conversations, prompts):
+            entry = kept.get(id(conv))
+            fits = entry is not None and len(entry[0]) < len(prompt) and prompt[: len(entry[0])] == entry[0]
+            prefixes.append(entry if fits else None)
+        if not any(prefixes):
+            batch = TokenBatch.from_segments([[Segment(ENV, "", ids)] for ids in prompts], self.pad_id)
+            if any(s.images is not None for conv in conversations for s in conv.segments):
+                batch.pixel_values = np.concatenate([s.images for conv in conversations for s in conv.segments
+                                                     if s.images is not None])
+            mask = batch.attention_mask.to(device)
+            inputs = self._model_inputs(batch)
+            positions = inputs.pop("position_ids")
+            out = self.model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **inputs)
+            return out, mask, positions
+        from transformers import DynamicCache
+
+        old = [len(entry[0]) if entry else 0 for entry in prefixes]
+        new = [prompt[n:] for prompt, n in zip(prompts, old)]
+        rows, width, span = len(prompts), max(old), max(len(ids) for ids in new)
+        mask = torch.zeros(rows, width + span, dtype=torch.long, device=device)
+        ids = torch.full((rows, span), self.pad_id, dtype=torch.long, device=device)
+        positions = torch.zeros(rows, span, dtype=torch.long, device=device)
+        like = next(entry for entry in prefixes if entry)[1]
+        layers, like = len(like), like[0][0]  # keys of the first layer: (heads, length, head_dim)
+        keys = [like.new_zeros(rows, like.shape[0], width, like.shape[2]) for _ in range(layers)]
+        values = [like.new_zeros(rows, like.shape[0], width, like.shape[2]) for _ in range(layers)]
+        for row, (entry, n, tail) in enumerate(zip(prefixes, old, new)):
+            if entry:
+                for layer, (k, v) in enumerate(entry[1]):
+                    keys[layer][row, :, width - n:] = k
+                    values[layer][row, :, width - n:] = v
+                mask[row, width - n:width] = 1
+            mask[row, width + span - len(tail):] = 1
+            ids[row, span - len(tail):] = torch.tensor(tail, dtype=torch.long)
+            positions[row, span - len(tail):] = torch.arange(n, n + len(tail))
+        cache = DynamicCache()
+        for layer in range(layers):
+            cache.update(keys[layer], values[layer], layer)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out, mask, positions
+
     def generate(self, conversations: Sequence[Conversation]) -> list[Segment]:
         prompts = [conv.token_ids for conv in conversations]
-        batch = TokenBatch.from_segments([[Segment(ENV, "", ids)] for ids in prompts], self.pad_id)
-        if any(s.images is not None for conv in conversations for s in conv.segments):
-            batch.pixel_values = np.concatenate([s.images for conv in conversations for s in conv.segments
-                                                 if s.images is not None])
         rows, device = len(conversations), self.device
         uniforms = torch.stack([torch.rand(self.max_new_tokens, generator=torch.Generator().manual_seed(c.turn_seed()))
                                 for c in conversations]).to(device)
@@ -352,25 +420,51 @@ class CausalLMPolicy:
         logprobs = torch.zeros(rows, self.max_new_tokens, device=device)
         lengths = torch.full((rows,), self.max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
-        mask = batch.attention_mask.to(device)
+        live = torch.arange(rows, device=device)  # the rows still in the model's batch, in batch order
+        keep_prefixes = (self.reuse_prefixes and type(self)._model_inputs is CausalLMPolicy._model_inputs
+                         and not any(s.images is not None for c in conversations for s in c.segments))
+        weights = self._weights_version()
+        stored: dict[int, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+        def store(batch_rows: torch.Tensor, local: torch.Tensor, cache, mask: torch.Tensor) -> None:
+            """Keep the keys and values of finished rows (global ``batch_rows``, cache rows ``local``): the
+            prompt and every sampled token fed to the model, so the next turn prefills only what follows."""
+            for row, at in zip(batch_rows.tolist(), local.tolist()):
+                columns = mask[at].nonzero().squeeze(1)
+                fed = prompts[row] + sampled[row, : int(lengths[row]) - 1].tolist()
+                if len(columns) == len(fed):
+                    stored[row] = (fed, [(layer.keys[at][:, columns], layer.values[at][:, columns])
+                                         for layer in cache.layers])
+
         with torch.inference_mode():
-            inputs = self._model_inputs(batch)
-            positions = inputs.pop("position_ids")
-            out = self.model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions,
-                             use_cache=True, logits_to_keep=1, **inputs)
+            out, mask, positions = self._prefill(conversations, prompts, keep_prefixes and weights == self._prefixes[0])
             for step in range(self.max_new_tokens):
-                tokens, token_logprobs = self._sample(self._restrict(out.logits[:, -1].float()), uniforms[:, step])
-                sampled[:, step] = torch.where(done, self.pad_id, tokens)
-                logprobs[:, step] = torch.where(done, 0.0, token_logprobs)
-                stopped = ~done & (tokens == self.stop_id)
+                tokens, token_logprobs = self._sample(self._restrict(out.logits[:, -1].float()),
+                                                      uniforms[live, step])
+                finished = done[live]
+                sampled[live, step] = torch.where(finished, self.pad_id, tokens)
+                logprobs[live, step] = torch.where(finished, 0.0, token_logprobs)
+                stopped = live[~finished & (tokens == self.stop_id)]
                 lengths[stopped] = step + 1
-                done |= stopped
+                done[stopped] = True
                 if bool(done.all()) or step + 1 == self.max_new_tokens:
                     break
-                mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], 1)
+                running = ~done[live]
+                if int(running.sum()) <= self.shrink_at * len(live):
+                    # finished rows leave the batch (their cache rows too): a step costs about its row count
+                    if keep_prefixes:
+                        store(live[~running], (~running).nonzero().squeeze(1), out.cache, mask)
+                    keep = running.nonzero().squeeze(1)
+                    out.cache.batch_select_indices(keep)
+                    live, mask, positions, running = live[keep], mask[keep], positions.index_select(-2, keep), running[keep]
+                # a finished row's fed tokens are masked out: its cache holds exactly the tokens it sampled
+                mask = torch.cat([mask, running[:, None].to(mask.dtype)], 1)
                 positions = positions[..., -1:] + 1  # (B, 1), or (3, B, 1) for multimodal RoPE
-                out = self.model(input_ids=sampled[:, step:step + 1], attention_mask=mask,
+                out = self.model(input_ids=sampled[live, step:step + 1], attention_mask=mask,
                                  position_ids=positions, cache=out.cache, use_cache=True)
+            if keep_prefixes:
+                store(live, torch.arange(len(live), device=device), out.cache, mask)
+        self._prefixes = (weights, {id(conversations[row]): entry for row, entry in stored.items()})
         sampled, logprobs, lengths = sampled.cpu(), logprobs.cpu(), lengths.tolist()
         turns = []
         for row in range(rows):

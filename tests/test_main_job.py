@@ -150,6 +150,14 @@ def test_main_job_small_end_to_end(ray_session, tmp_path, capfd):
     assert len(logged) == again["grpo"]["iterations"] and not any("stale" in row for row in logged)
     assert again["evaluations"]["sft"] == {mode: {**summary, "seconds": again["evaluations"]["sft"][mode]["seconds"]}
                                            for mode, summary in results["evaluations"]["sft"].items()}
+    # the job's GRPO honours rollout.overlap: iteration it + 1 samples while update it runs, one update behind
+    overlapped = run_main_job(small_config(tmp_path / "overlap", sft_policy=str(out / "sft" / "policy"),
+                                           report_episodes=0, grpo_seconds=None, grpo_max_iterations=3,
+                                           **{"rollout.overlap": True, "grpo.off_policy": True}, **SERIAL),
+                              log=lines.append)
+    logged = [json.loads(line) for line in (tmp_path / "overlap" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert overlapped["grpo"]["iterations"] == 3
+    assert [row["rollout/staleness_max"] for row in logged] == [0.0, 1.0, 1.0]
 
 
 @pytest.mark.slow
@@ -180,6 +188,9 @@ def test_sft_steps_make_the_sft_only_policy_the_same_on_any_machine(tmp_path):
     ({"grpo.group_size": 1}, "group_size \\(1\\) must be at least 2"),
     ({"grpo.kl_coeff": 0.1}, "kl_coeff"),
     ({"rollout.backend": "gpu"}, "rollout.backend"),
+    ({"rollout.overlap": True}, "set grpo.off_policy: true"),
+    ({"rollout.max_staleness": 1}, "set grpo.off_policy: true"),
+    ({"eval_rollout.overlap": True}, "the evaluation does not train"),
     ({"mistake_rate": 1.5}, "mistake_rate"),
     ({"tiny.hidden_size": 130}, "num_heads"),
     ({"tiny.vocab_size": 200}, "tiny.vocab_size"),
@@ -259,7 +270,7 @@ def test_main_job_defaults_fit_two_cpus():
         assert rollout.backend == "ray" and rollout.num_workers * rollout.worker_num_cpus <= config.ray_num_cpus == 2
     # machine-independent budgets: PST in steps, GRPO in iterations, no wall-clock cut
     assert [(s.max_seconds, s.max_steps) for s in config.stages] == [(None, 291), (None, 197)]
-    assert (config.grpo_seconds, config.grpo_max_iterations, config.stop_at_time_limit) == (None, 60, False)
+    assert (config.grpo_seconds, config.grpo_max_iterations, config.stop_at_time_limit) == (None, 75, False)
     assert config.eval_task_seed != config.train_task_seed and config.mistake_rate > 0
 
 

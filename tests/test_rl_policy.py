@@ -391,3 +391,84 @@ def test_policy_config_refuses_a_text_model_as_vlm(tokenizer, tmp_path):
     tiny_policy(tokenizer).save(str(tmp_path))
     with pytest.raises(ValueError, match=r"model_type 'llama'; policy.kind 'vlm' supports \['llava', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'\]"):
         PolicyConfig(model=str(tmp_path), kind="vlm", device="cpu").build()
+
+
+class ForwardLog:
+    """Wraps a policy's model forward and records each call's input width and whether it came with a cache."""
+
+    def __init__(self, policy):
+        self.calls = []
+        forward = policy.model.forward
+
+        def logged(*args, **kwargs):
+            self.calls.append((kwargs["input_ids"].shape[1], kwargs.get("cache") is not None))
+            return forward(*args, **kwargs)
+
+        policy.model.forward = logged
+
+
+@pytest.mark.parametrize("shrink_at,reuse", [(0.75, False), (0.0, True), (0.75, True), (1.0, True)])
+def test_generate_savings_sample_what_the_plain_loop_samples(tokenizer, shrink_at, reuse):
+    # dropping finished rows and keeping each row's keys and values between turns change the cost only:
+    # the same tokens with the same log-probs as every row run to the end and every prompt prefilled whole
+    def play(shrink, keep):
+        policy = tiny_policy(tokenizer, max_new_tokens=12)
+        policy.shrink_at, policy.reuse_prefixes = shrink, keep
+        log = ForwardLog(policy)
+        episodes, _ = run_episodes(policy, [LetterEnv() for _ in range(4)], make_specs(0, 0, 6, 1))
+        return episodes, log.calls
+
+    plain, plain_calls = play(0.0, False)
+    saved, saved_calls = play(shrink_at, reuse)
+    for a, b in zip(plain, saved, strict=True):
+        assert [s.token_ids for s in a.segments] == [s.token_ids for s in b.segments]
+        for x, y in zip(a.segments, b.segments):
+            if x.role == POLICY:
+                assert np.allclose(x.logprobs, y.logprobs, atol=1e-5)
+    assert any(len(s.token_ids) < 12 for e in plain for s in e.segments if s.role == POLICY)  # turns differ in length
+    prefilled = lambda calls: sum(width for width, cached in calls if width > 1)  # noqa: E731
+    if reuse:  # later turns prefill their new tokens only, against the kept ones
+        assert any(cached and width > 1 for width, cached in saved_calls)
+        assert prefilled(saved_calls) < prefilled(plain_calls) / 2
+    else:
+        assert prefilled(saved_calls) == prefilled(plain_calls)
+
+
+def test_kept_prefixes_serve_only_the_same_conversation_and_weights(tokenizer):
+    policy = tiny_policy(tokenizer, max_new_tokens=8)
+    log = ForwardLog(policy)
+    env = LetterEnv()
+
+    def opened(seed):
+        conv = Conversation(seed=seed)
+        conv.segments.append(policy.encode(env.reset(seed=seed)[0], True))
+        return conv
+
+    def went_on(conv, turn):
+        conv.segments += [turn, policy.encode({"text": "Turn 1: say violin.", "artifacts": ()}, False)]
+        return conv
+
+    convs = [opened(0), opened(1)]
+    turns = policy.generate(convs)
+    convs = [went_on(c, t) for c, t in zip(convs, turns)]
+    log.calls.clear()
+    policy.generate(convs)
+    assert log.calls[0][1] and log.calls[0][0] < len(convs[0].token_ids)  # only the new tokens
+    # a copy of a conversation is another conversation: prefilled whole
+    copies = [Conversation(seed=c.seed, segments=list(c.segments)) for c in convs]
+    log.calls.clear()
+    policy.generate(copies)
+    assert not log.calls[0][1] and log.calls[0][0] == max(len(c.token_ids) for c in copies)
+    # new weights: the kept keys and values are stale, so the next turn prefills whole and samples
+    # what a fresh policy with those weights samples
+    turns = policy.generate(copies)
+    copies = [went_on(c, t) for c, t in zip(copies, turns)]
+    weights = {name: value + 0.05 * torch.randn_like(value) for name, value in policy.get_weights().items()}
+    policy.set_weights(weights)
+    log.calls.clear()
+    after = policy.generate(copies)
+    assert not log.calls[0][1]
+    fresh = tiny_policy(tokenizer, max_new_tokens=8)
+    fresh.set_weights(weights)
+    fresh.reuse_prefixes = False
+    assert [t.token_ids for t in after] == [t.token_ids for t in fresh.generate(copies)]

@@ -39,8 +39,9 @@ MAIN_JOB_GRPO = {"warmup_steps": 10, "kl_coef": 0.05, "scale_rewards": False}
 #: for bit, on one machine; other CPUs round differently).
 PST_STEPS = (291, 197)
 
-#: GRPO's budget in iterations: about what 450 s gave on a quiet 2-core machine (55-72 in runs 10-17).
-GRPO_ITERATIONS = 60
+#: GRPO's budget in iterations: what fits the 13-minute job on the slowest of seeds 0-2 on a quiet 2-core machine
+#: (60 until generate dropped finished rows and kept each turn's keys and values, about 1.2x faster an iteration).
+GRPO_ITERATIONS = 75
 
 
 def _stages() -> list[SFTStage]:
@@ -93,7 +94,8 @@ class MainJobConfig:
             LtrReward by default). The teacher data and both evaluations keep the environment's rubric, so
             policies trained on other rewards are measured by the same one.
         rollout: where GRPO's rollouts run: "ray" (``num_workers`` actors of ``num_envs`` environments)
-            or "serial" (``num_envs`` environments in this process; no Ray needed).
+            or "serial" (``num_envs`` environments in this process; no Ray needed). Its ``overlap`` and
+            ``max_staleness`` (sampling with weights one or more updates behind) need ``grpo.off_policy``.
         eval_rollout: where the held-out evaluation runs ("ray": in Ray workers, both cores busy; "serial":
             in this process); ``num_envs`` is the generate batch size (per worker on Ray).
         grpo_seconds: wall-clock budget of GRPO (the iteration running when it runs out finishes; 0 skips
@@ -205,6 +207,13 @@ class MainJobConfig:
             if rollout.backend == "ray" and rollout.num_workers * rollout.worker_num_cpus > self.ray_num_cpus:
                 raise ConfigError(f"{name}.num_workers x {name}.worker_num_cpus ({rollout.num_workers} x "
                                   f"{rollout.worker_num_cpus}) must be at most ray_num_cpus ({self.ray_num_cpus}).")
+        if (self.rollout.overlap or self.rollout.max_staleness) and not self.grpo.off_policy:
+            raise ConfigError("rollout.overlap: true and rollout.max_staleness > 0 sample with weights older than the "
+                              "learner's, so GRPO must take the old log-probs from the sampler: set "
+                              "grpo.off_policy: true too.")
+        if self.eval_rollout.overlap or self.eval_rollout.max_staleness:
+            raise ConfigError("eval_rollout.overlap and eval_rollout.max_staleness must be off: the evaluation "
+                              "does not train (they are GRPO's settings, under rollout).")
         if self.sft_policy is not None and not (Path(self.sft_policy) / "config.json").is_file():
             raise ConfigError(f"sft_policy ({self.sft_policy!r}) is not a policy folder (no config.json); give the "
                               "sft/policy folder of an earlier main job, or null to run PST.")

@@ -313,6 +313,7 @@ def grpo(config: MainJobConfig, policy: CausalLMPolicy, sft_dir: str, env: EnvCo
         callbacks = [budget, *([keeper] if keeper else [])]
         trainer = Trainer(policy, algorithm, rollout, iterations=config.grpo_max_iterations,
                           num_groups=settings.tasks_per_iteration, group_size=settings.group_size, seed=config.seed,
+                          max_staleness=config.rollout.max_staleness, overlap=config.rollout.overlap,
                           logger=MetricsLogger(str(out / "grpo"), tensorboard=False, total=None), callbacks=callbacks)
         try:
             history = trainer.run()
