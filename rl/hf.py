@@ -240,15 +240,18 @@ class CausalLMPolicy:
     shrink_at: float = 0.75
     """:meth:`generate` drops the finished rows from its batch (and their cache rows) once the running
     rows are at most this fraction of the batch; 0 never drops them (every row runs to the batch's
-    longest turn), 1 drops them at every step. Rows sample the same tokens either way (each row's
-    uniforms are its own); what changes is the cost of a batch whose turns differ in length."""
+    longest turn), 1 drops them at every step. Each row samples with its own uniforms, so the tokens are
+    the same either way up to float rounding (a smaller matrix can round differently and, rarely, move a
+    token whose probability mass sits at its uniform); what changes is the cost of a batch whose turns
+    differ in length (``benchmarks/generate_savings.py``)."""
 
     reuse_prefixes: bool = True
     """:meth:`generate` keeps each row's keys and values (its prompt and sampled tokens) until the next
     call, where a conversation that goes on (the same object, its prompt extending them, the weights
     unchanged) prefills only its new tokens: a turn costs its observation, not the whole episode again.
-    Kept: the rows of the last call only (about the memory the batch's cache took); text policies only.
-    False prefills every prompt whole."""
+    Kept: the rows of the last call only (about the memory the batch's cache took); text policies only
+    (a subclass with its own model inputs, e.g. images, prefills whole). The same tokens up to float
+    rounding, as ``shrink_at``. False prefills every prompt whole."""
 
     engine_served: ClassVar[bool] = True
     """Whether the async rollout loop serves this policy's turns with the in-process
@@ -356,8 +359,9 @@ class CausalLMPolicy:
         return logits.index_fill(-1, banned, float("-inf"))
 
     def _weights_version(self) -> tuple[int, ...]:
-        """Changes whenever any parameter is written in place (an optimizer step, :meth:`set_weights`)."""
-        return tuple(p._version for p in self.model.parameters())
+        """Changes whenever a parameter is written in place (an optimizer step, :meth:`set_weights`) or
+        replaced by another tensor."""
+        return tuple(x for p in self.model.parameters() for x in (p.data_ptr(), p._version))
 
     def _prefill(self, conversations: Sequence[Conversation], prompts: list[list[int]], reuse: bool):
         """The first forward pass of a turn: the model's output at each row's last prompt token, the attention
