@@ -442,6 +442,12 @@ class CausalLMPolicy:
 
         with torch.inference_mode():
             out, mask, positions = self._prefill(conversations, prompts, keep_prefixes and weights == self._prefixes[0])
+            # both savings select cache rows and columns: full-attention layers only (no sliding window,
+            # no recurrent state); another cache runs every row to the end and prefills every prompt whole
+            from transformers.cache_utils import DynamicLayer
+
+            plain = all(type(layer) is DynamicLayer for layer in getattr(out.cache, "layers", [None]))
+            keep_prefixes, shrink_at = keep_prefixes and plain, self.shrink_at if plain else 0.0
             for step in range(self.max_new_tokens):
                 tokens, token_logprobs = self._sample(self._restrict(out.logits[:, -1].float()),
                                                       uniforms[live, step])
@@ -454,7 +460,7 @@ class CausalLMPolicy:
                 if bool(done.all()) or step + 1 == self.max_new_tokens:
                     break
                 running = ~done[live]
-                if int(running.sum()) <= self.shrink_at * len(live):
+                if int(running.sum()) <= shrink_at * len(live):
                     # finished rows leave the batch (their cache rows too): a step costs about its row count
                     if keep_prefixes:
                         store(live[~running], (~running).nonzero().squeeze(1), out.cache, mask)
