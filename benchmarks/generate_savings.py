@@ -85,7 +85,7 @@ def main() -> None:
         return time.perf_counter() - start, episodes
 
     run(base)  # warm-up: first-call allocations and imports out of the timings
-    rows, baseline_turns = {}, None
+    rows = {}
     for _ in range(args.repeats):  # settings interleaved, so that a load change hits them alike
         for setting in settings:
             seconds, episodes = run(setting)
