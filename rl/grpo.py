@@ -3,8 +3,8 @@
 One iteration: ``tasks_per_iteration`` tasks x ``group_size`` rollouts each (the rollout backend runs
 them) -> episode returns -> group-normalised advantages (groups with zero reward variance are
 skipped) -> every policy token of an episode gets its episode's advantage -> clipped surrogate plus
-``kl_coef`` x KL to the reference (PST) policy, with a named estimator -> aggregated per token or per
-sequence -> AdamW step(s). Environment tokens are in the sequences (the policy reads them) but never
+``kl_coef`` x KL to the reference (PST) policy, with a named estimator, minus ``entropy_coef`` x the
+token's entropy (0 by default) -> aggregated per token or per sequence -> AdamW step(s). Environment tokens are in the sequences (the policy reads them) but never
 in the loss.
 
 Turn-level credit (``credit: "turn"``, GiGPO, Feng et al. 2025): each turn's tokens get
@@ -47,6 +47,9 @@ class GRPOConfig:
         clip: PPO clip range of the probability ratio.
         kl_coef: weight of the KL penalty to the reference policy (0 turns the reference off).
         kl_estimator: "k1", "k2" or "k3" (see :func:`rl.core.kl_penalty`).
+        entropy_coef: weight of the per-token entropy in the loss, as in :class:`rl.ppo.PPOConfig`:
+            positive rewards entropy (a bonus), negative penalises it (the policy sharpens whatever the
+            rewards say; with ``kl_coef`` the reference still holds it). 0: the policy gradient alone.
         loss_aggregation: "token" (every policy token weighs the same) or "sequence" (every
             episode weighs the same, as in the original GRPO).
         scale_rewards: divide advantages by the group std (False: Dr. GRPO, mean baseline only).
@@ -78,6 +81,7 @@ class GRPOConfig:
     clip: float = 0.2
     kl_coef: float = 0.02
     kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
     loss_aggregation: str = "token"
     scale_rewards: bool = True
     epochs: int = 1
@@ -114,6 +118,9 @@ class GRPOConfig:
         if self.step_weight < 0 or not 0 <= self.step_gamma <= 1:
             raise ConfigError(f"step_weight ({self.step_weight}) must be >= 0 and step_gamma ({self.step_gamma}) in "
                               "[0, 1] (GiGPO: 1 and 0.95).")
+        if not math.isfinite(self.entropy_coef) or abs(self.entropy_coef) > 1:
+            raise ConfigError(f"entropy_coef ({self.entropy_coef}) must be a number in [-1, 1] (0: none; "
+                             "0.01 is a usual bonus, a negative weight sharpens).")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.minibatch_size < 0:
             raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0, kl_coef ({self.kl_coef}) and "
                              f"minibatch_size ({self.minibatch_size}) >= 0.")
@@ -246,6 +253,8 @@ class GRPO:
                 if cfg.credit == "turn":
                     adv = adv.gather(1, batch.turn_index.to(logprobs.device).clamp(0, adv.shape[1] - 1))
                 per_token, clipped = core.clipped_surrogate(logprobs, old_logprobs, adv, cfg.clip)
+                if cfg.entropy_coef:
+                    per_token = per_token - cfg.entropy_coef * scores.entropy
                 share = weight * float(mask.sum()) / max(tokens, 1.0)  # token-weighted means of the diagnostics
                 token_adv = adv.expand_as(logprobs)
                 step["advantage_token_mean"] += share * core.masked_mean(token_adv, mask).item()

@@ -278,6 +278,29 @@ def test_one_ppo_update_changes_every_parameter_and_the_value_head(credit):
     assert metrics["value_loss"] > 0 and "kl" in metrics
 
 
+def test_grpo_entropy_weight_sharpens_or_spreads_the_policy():
+    """A negative ``entropy_coef`` lowers the entropy on the update's own tokens, a positive one raises it,
+    against the same update without the term (same episodes, same start)."""
+    tokenizer = echo_tokenizer()
+    sampler = tiny_policy(tokenizer, max_new_tokens=8)
+    episodes, _ = SerialRollout(sampler, lambda: LetterEnv(turns=2), 16).sample(make_specs(0, 0, 4, 4))
+    entropy = {}
+    for coef in (-0.5, 0.0, 0.5):
+        policy = tiny_policy(tokenizer, max_new_tokens=8)
+        policy.set_weights(sampler.get_weights())
+        config = GRPOConfig(tasks_per_iteration=4, group_size=4, kl_coef=0.0, learning_rate=1e-2, entropy_coef=coef)
+        algorithm = GRPO(policy, None, config)
+        first = algorithm.update(episodes, 0)
+        assert first["episodes_trained"] > 0
+        entropy[coef] = (first["entropy"], algorithm.update(episodes, 1)["entropy"])  # before and after step 1
+    assert entropy[-0.5][0] == entropy[0.0][0] == entropy[0.5][0]  # the same start
+    assert entropy[-0.5][1] < entropy[0.0][1] < entropy[0.5][1]
+    with pytest.raises(ValueError, match=r"entropy_coef \(nan\) must be a number in \[-1, 1\]"):
+        GRPOConfig(entropy_coef=float("nan"))
+    with pytest.raises(ValueError, match=r"entropy_coef \(2\)"):
+        GRPOConfig(entropy_coef=2)
+
+
 def test_zero_variance_groups_are_skipped():
     policy = tiny_policy(echo_tokenizer(), max_new_tokens=8)
     algorithm = GRPO(policy, None, GRPOConfig(tasks_per_iteration=2, group_size=4, kl_coef=0.0))
