@@ -223,8 +223,8 @@ def test_command_line_overrides_reach_the_sections_on_top_of_the_job_defaults(ca
     assert isinstance(config.stages[1], type(config.stages[0])) and config.stages[1].max_steps == 7
     assert (config.stages[1].max_seconds, config.stages[0].max_steps) == (None, 291)  # the rest kept
     # overrides go on top of the main job's GRPO settings, not GRPOConfig's bare defaults
-    assert ((config.grpo.warmup_steps, config.grpo.kl_coef, config.grpo.scale_rewards) == (10, 0.05, False)
-            == tuple(MAIN_JOB_GRPO.values()))
+    assert ((config.grpo.warmup_steps, config.grpo.kl_coef, config.grpo.scale_rewards, config.grpo.entropy_coef)
+            == (10, 0.05, False, -0.1) == tuple(MAIN_JOB_GRPO.values()))
     assert MainJobConfig().grpo == GRPOConfig(**MAIN_JOB_GRPO)
     with pytest.raises(ValueError, match="expected FIELD=VALUE"):
         parse_sets(["grpo.kl_coef"])
