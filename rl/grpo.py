@@ -4,8 +4,8 @@ One iteration: ``tasks_per_iteration`` tasks x ``group_size`` rollouts each (the
 them) -> episode returns -> group-normalised advantages (groups with zero reward variance are
 skipped) -> every policy token of an episode gets its episode's advantage -> clipped surrogate plus
 ``kl_coef`` x KL to the reference (PST) policy, with a named estimator, minus ``entropy_coef`` x the
-token's entropy (0 by default) -> aggregated per token or per sequence -> AdamW step(s). Environment tokens are in the sequences (the policy reads them) but never
-in the loss.
+token's entropy (0 by default) -> aggregated per token or per sequence -> AdamW step(s). Environment
+tokens are in the sequences (the policy reads them) but never in the loss.
 
 Turn-level credit (``credit: "turn"``, GiGPO, Feng et al. 2025): each turn's tokens get
 ``A^E(episode) + step_weight x A^S(turn)``, where ``A^S`` compares the turn's discounted return from
